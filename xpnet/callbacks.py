@@ -1,0 +1,103 @@
+"""Training callbacks and the History that ``fit`` returns."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["Callback", "History", "EarlyStopping"]
+
+
+class Callback:
+    """Hooks called by ``fit``; ``self.model`` is set before ``on_train_begin``.
+
+    Setting ``self.model.stop_training = True`` ends training after the current epoch.
+    """
+
+    model = None
+
+    def on_train_begin(self, logs: dict) -> None:
+        """``logs`` holds the run's settings (epochs, batch_size, optimizer, ...)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        """``logs`` holds loss, accuracy, val_loss/val_accuracy (with validation), seconds, lr."""
+
+    def on_train_end(self, logs: dict) -> None:
+        """Called once training stops, also when it stops early or is interrupted."""
+
+
+class History(Callback):
+    """Per-epoch metrics: ``history["loss"]`` is the list of epoch train losses, and so on."""
+
+    def __init__(self):
+        self.epoch: list[int] = []
+        self.history: dict[str, list[float]] = {}
+        self.params: dict = {}
+
+    def on_train_begin(self, logs):
+        self.params = dict(logs)
+
+    def on_epoch_end(self, epoch, logs):
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __repr__(self):
+        last = {k: round(v[-1], 4) for k, v in self.history.items()}
+        return f"History(epochs={len(self.epoch)}, last={last})"
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    With ``restore_best_weights`` the model ends with the weights of its best epoch (seed 001
+    used patience 3 on the validation loss).
+    """
+
+    def __init__(self, monitor="val_loss", *, patience=3, min_delta=0.0, mode="auto", restore_best_weights=True):
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be a non-negative integer, got {patience!r}")
+        if mode == "auto":
+            mode = "max" if "accuracy" in monitor else "min"
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(float(min_delta))
+        self.mode, self.restore_best_weights = mode, restore_best_weights
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch = None
+        self.stopped_epoch = None
+        self._wait = 0
+        self._best_weights = None
+
+    def _improved(self, value):
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_train_begin(self, logs):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = self.stopped_epoch = self._best_weights = None
+        self._wait = 0
+
+    def on_epoch_end(self, epoch, logs):
+        if self.monitor not in logs:
+            raise ValueError(
+                f"EarlyStopping monitors {self.monitor!r}, which this run does not log "
+                f"(it logs {sorted(logs)}); pass validation data to monitor val_* metrics"
+            )
+        value = logs[self.monitor]
+        if self._improved(value):
+            self.best, self.best_epoch, self._wait = value, epoch, 0
+            if self.restore_best_weights:
+                self._best_weights = self.model.get_weights()
+            return
+        self._wait += 1
+        if self._wait >= self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs):
+        if self.restore_best_weights and self._best_weights is not None:
+            self.model.set_weights(self._best_weights)

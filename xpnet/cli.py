@@ -1,0 +1,151 @@
+"""The ``xpnet`` command: train and evaluate on MNIST, list runs, draw digits.
+
+    xpnet train                       # seed 002's 784-50-25-10, batch 128, 10 epochs, SGD lr 0.1
+    xpnet train --layers 784,256,128,10 --optimizer adam --lr 1e-3 --out runs/big
+    xpnet evaluate runs/big/model.safetensors
+    xpnet runs [DIR] | xpnet runs compare A B
+    xpnet draw --model runs/big/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        widths = [int(part) for part in text.replace("-", ",").split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes widths such as 784,50,25,10, got {text!r}") from None
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"--layers needs at least two positive widths, got {text!r}")
+    return widths
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="xpnet", description="A small, fast MLP library on NumPy or CuPy.")
+    parser.add_argument("--version", action="version", version=f"xpnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train an MLP on MNIST and evaluate it on the test set")
+    train.add_argument("--backend", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    train.add_argument("--layers", type=_layers, default=[784, 50, 25, 10], help="widths, e.g. 784,50,25,10")
+    train.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"])
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    train.add_argument("--lr", type=float, default=None, help="default: 0.1 for sgd, 1e-3 for adam")
+    train.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0: plain SGD)")
+    train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    train.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data", default=None, help="folder holding mnist/ (default: $XPNET_DATA, then the cache)")
+    train.add_argument("--out", default=None, help="run folder for the model, config, metrics and plots "
+                       "(default: runs/mlp-<time>)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on MNIST")
+    evaluate.add_argument("model", help="a model file written by xpnet train / MLP.save")
+    evaluate.add_argument("--backend", default="cpu")
+    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--data", default=None)
+
+    runs = sub.add_parser("runs", help="list recorded runs, or compare two")
+    runs.add_argument("dir", nargs="?", default="runs", help="folder of runs (default: runs)")
+    runs.add_argument("compare", nargs="*", help=argparse.SUPPRESS)
+
+    draw = sub.add_parser("draw", help="a local page where you draw a digit and watch the model guess")
+    draw.add_argument("--model", default=None, help="model file (default: train or reuse a quick one)")
+    draw.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    draw.add_argument("--port", type=int, default=8000)
+    draw.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    return parser
+
+
+def _mnist_root(data):
+    return None if data is None else Path(data) / "mnist"
+
+
+def cmd_train(args) -> int:
+    from . import MLP
+    from .datasets import load_mnist
+
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("mlp-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    X_train, y_train = load_mnist("train", root=_mnist_root(args.data))
+    X_test, y_test = load_mnist("test", root=_mnist_root(args.data))
+    model = MLP(args.layers, activation=args.activation, dtype=args.dtype, seed=args.seed, backend=args.backend)
+    print(f"{model}: {model.count_params():,} parameters", file=sys.stderr)
+    start = time.perf_counter()
+    model.fit(
+        X_train,
+        y_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=lr,
+        momentum=args.momentum,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        validation_data=(X_test, y_test),  # reported each epoch as val_*; no model selection uses it
+        verbose=0 if args.quiet else 1,
+        run_dir=out,
+    )
+    seconds = time.perf_counter() - start
+    scores = model.evaluate(X_test, y_test)
+    print(f"test accuracy {scores['accuracy']:.4f}, test loss {scores['loss']:.4f}, "
+          f"{seconds:.1f} s; saved in {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .datasets import load_mnist
+    from .io import load
+
+    model = load(args.model, backend=args.backend)
+    X, y = load_mnist(args.split, root=_mnist_root(args.data))
+    scores = model.evaluate(X, y)
+    print(f"{args.split} accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f} ({model})")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .runs import cli_runs
+
+    if args.dir == "compare":
+        if len(args.compare) != 2:
+            raise SystemExit("usage: xpnet runs compare RUN_A RUN_B")
+        args.dir, args.compare = None, list(args.compare)
+    elif args.compare:
+        raise SystemExit("usage: xpnet runs [DIR] | xpnet runs compare RUN_A RUN_B")
+    else:
+        args.compare = None
+    return cli_runs(args) or 0
+
+
+def cmd_draw(args) -> int:
+    from .draw.server import cli_draw
+
+    return cli_draw(args) or 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs, "draw": cmd_draw}[args.command]
+    try:
+        return command(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"xpnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xpnet {args.command}: interrupted", file=sys.stderr)
+        return 130

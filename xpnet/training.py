@@ -1,0 +1,164 @@
+"""The training loop behind ``MLP.fit``, written once against ``xp``.
+
+The data set is moved to the model's backend once; every step gathers its batch there with
+``xp.take``, so a GPU run never copies a batch from the host. The loss and the count of correct
+predictions are summed as 0-d device arrays and read once per epoch: no host synchronisation
+per step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from . import functional as F
+from .callbacks import Callback, History
+from .optim import make_optimizer
+
+__all__ = ["fit"]
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _split_validation(model, X, y, validation_data, validation_split):
+    """Device arrays for training and (optionally) validation, checked once at the boundary."""
+    X = model._prepare_X(X)
+    y = model._prepare_y(y, int(X.shape[0]))
+    if validation_data is not None and validation_split:
+        raise ValueError("give validation_data or validation_split, not both")
+    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float)) or not (
+        0.0 <= validation_split < 1.0
+    ):
+        raise ValueError(f"validation_split must be a fraction in [0, 1), got {validation_split!r}")
+    val = None
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise TypeError("validation_data must be a pair (X_val, y_val)")
+        X_val = model._prepare_X(validation_data[0])
+        val = (X_val, model._prepare_y(validation_data[1], X_val.shape[0]))
+    elif validation_split:
+        # the last fraction, as Keras does: reproducible and independent of shuffling
+        n_val = int(round(X.shape[0] * validation_split))
+        if n_val < 1 or n_val >= X.shape[0]:
+            raise ValueError(f"validation_split={validation_split} leaves no data on one side of {X.shape[0]} rows")
+        val = (X[-n_val:, ...], y[-n_val:])
+        X, y = X[:-n_val, ...], y[:-n_val]
+    return X, y, val
+
+
+def fit(
+    model,
+    X,
+    y,
+    *,
+    epochs=10,
+    batch_size=128,
+    optimizer="sgd",
+    lr=None,
+    momentum=None,
+    nesterov=False,
+    weight_decay=0.0,
+    schedule=None,
+    validation_data=None,
+    validation_split=0.0,
+    shuffle=True,
+    callbacks=(),
+    verbose=1,
+    run_dir=None,
+) -> History:
+    """Train ``model`` by mini-batch gradient descent on the mean cross-entropy.
+
+    See ``MLP.fit`` for the parameters. Returns the History of per-epoch metrics.
+    """
+    epochs = _check_int("epochs", epochs, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    opt = make_optimizer(
+        optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule
+    )
+    X, y, val = _split_validation(model, X, y, validation_data, validation_split)
+    callbacks = list(callbacks)
+    if run_dir is not None:
+        from .runs import RunRecorder
+
+        callbacks.append(RunRecorder(run_dir))
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks must be xpnet.callbacks.Callback objects, got {cb!r}")
+    history = History()
+    callbacks.insert(0, history)
+
+    xp, backend = model.backend.xp, model.backend
+    n = int(X.shape[0])
+    params = model.parameters()
+    settings = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "optimizer": repr(opt),
+        "lr": opt.base_lr,
+        "weight_decay": opt.weight_decay,
+        "schedule": repr(opt.schedule) if opt.schedule else "constant",
+        "shuffle": bool(shuffle),
+        "n_train": n,
+        "n_val": int(val[0].shape[0]) if val else 0,
+    }
+    model.stop_training = False
+    for cb in callbacks:
+        cb.model = model
+        cb.on_train_begin(dict(settings))
+
+    try:
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            opt.start_epoch(epoch, epochs)
+            order = model._rng.permutation(n) if shuffle else None
+            order = backend.asarray(order) if shuffle else None
+            loss_sum = xp.zeros((), dtype=X.dtype)
+            correct = xp.zeros((), dtype=xp.int64)
+            batches = range(0, n, batch_size)
+            if verbose:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, file=sys.stderr)
+            for lo in batches:
+                hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
+                if shuffle:
+                    idx = order[lo:hi]
+                    xb, yb = xp.take(X, idx, axis=0), xp.take(y, idx, axis=0)
+                else:
+                    xb, yb = X[lo:hi, ...], y[lo:hi]
+                logits = model.forward(xb, training=True)
+                loss, dlogits = F.softmax_cross_entropy(logits, yb)
+                model.backward(dlogits)
+                opt.step(params, model.gradients())
+                loss_sum += loss * yb.shape[0]
+                correct += xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
+            logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(
+                    f"the training loss became {logs['loss']} in epoch {epoch + 1}: lower the learning rate (lr={opt.lr})"
+                )
+            if val is not None:
+                scores = model._evaluate_prepared(*val)
+                logs.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
+            logs["seconds"] = time.perf_counter() - start
+            logs["lr"] = opt.lr
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, logs)
+            if verbose:
+                line = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k not in ("seconds", "lr"))
+                print(f"epoch {epoch + 1}/{epochs} - {logs['seconds']:.2f}s - {line}", file=sys.stderr)
+            if model.stop_training:
+                break
+    finally:
+        for cb in callbacks:
+            cb.on_train_end({"epochs_run": len(history.epoch)})
+    return history
