@@ -42,6 +42,11 @@ def _namespace(x):
     return kernels.namespace_of(x)
 
 
+def _no_kernel(impl, x):
+    """Validate ``impl`` for a function that only has the reference: a forced kernel is an error."""
+    kernels.select(None, impl, x)
+
+
 def _write(out, value):
     """Honour ``out=`` on the reference path: copy ``value`` into ``out`` and return it."""
     if out is None:
@@ -74,7 +79,7 @@ def _check_labels(logits, labels):
 
 def relu(x, /, *, impl="auto"):
     """``max(x, 0)`` elementwise; same shape and dtype as ``x``."""
-    kernels.select("relu", impl, x)  # validates impl; ReLU alone has no kernel of its own
+    _no_kernel(impl, x)
     xp = _namespace(x)
     return xp.where(x > 0, x, xp.zeros_like(x))
 
@@ -110,39 +115,45 @@ def bias_relu(x, b, /, *, out=None, impl="auto"):
     return _write(out, xp.where(z > 0, z, xp.zeros_like(z)))
 
 
-def tanh(x, /):
+def tanh(x, /, *, impl="auto"):
     """Hyperbolic tangent elementwise."""
+    _no_kernel(impl, x)
     return _namespace(x).tanh(x)
 
 
-def tanh_backward(dy, y, /):
+def tanh_backward(dy, y, /, *, impl="auto"):
     """Gradient through tanh given its output ``y``: ``dy * (1 - y**2)``."""
+    _no_kernel(impl, dy)
     return dy * (1 - y * y)
 
 
-def sigmoid(x, /):
+def sigmoid(x, /, *, impl="auto"):
     """Logistic function, as ``(1 + tanh(x / 2)) / 2`` so that no ``exp`` can overflow."""
+    _no_kernel(impl, x)
     return (1 + _namespace(x).tanh(x / 2)) / 2
 
 
-def sigmoid_backward(dy, y, /):
+def sigmoid_backward(dy, y, /, *, impl="auto"):
     """Gradient through the logistic function given its output ``y``: ``dy * y * (1 - y)``."""
+    _no_kernel(impl, dy)
     return dy * y * (1 - y)
 
 
 # --- softmax family --------------------------------------------------------------------------
 
 
-def logsumexp(x, /, *, axis=-1, keepdims=False):
+def logsumexp(x, /, *, axis=-1, keepdims=False, impl="auto"):
     """``log(sum(exp(x), axis))`` computed as ``m + log(sum(exp(x - m)))`` with ``m = max(x)``."""
+    _no_kernel(impl, x)
     xp = _namespace(x)
     m = xp.max(x, axis=axis, keepdims=True)
     s = m + xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
     return s if keepdims else xp.squeeze(s, axis=axis)
 
 
-def log_softmax(x, /, *, axis=-1):
+def log_softmax(x, /, *, axis=-1, impl="auto"):
     """``x - logsumexp(x)`` along ``axis``: finite for any finite ``x``."""
+    _no_kernel(impl, x)
     return x - logsumexp(x, axis=axis, keepdims=True)
 
 
@@ -156,7 +167,7 @@ def softmax(x, /, *, axis=-1, out=None, impl="auto"):
         if kernel is not None:
             return kernel(x, out=out)
     else:
-        kernels.select(None, impl, x)  # a forced kernel cannot serve this call: say so
+        _no_kernel(impl, x)
     xp = _namespace(x)
     e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
     return _write(out, e / xp.sum(e, axis=axis, keepdims=True))
@@ -167,13 +178,14 @@ def _onehot(labels, n_classes, dtype, xp):
     return xp.astype(labels[:, None] == classes[None, :], dtype)
 
 
-def cross_entropy(logits, labels, /, *, reduction="mean"):
+def cross_entropy(logits, labels, /, *, reduction="mean", impl="auto"):
     """Cross-entropy of integer ``labels`` under ``softmax(logits)``, from the logits.
 
     ``loss_i = logsumexp(z_i) - z_i[y_i]``; ``reduction`` is ``"mean"`` (a 0-d array),
     ``"sum"`` (0-d) or ``"none"`` (shape (N,)).
     """
     _check_labels(logits, labels)
+    _no_kernel(impl, logits)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     xp = _namespace(logits)

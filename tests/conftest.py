@@ -1,0 +1,85 @@
+"""Shared fixtures: a ``backend`` fixture over every namespace xpnet runs on, CUDA gating, MNIST."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet.backend import BackendError
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require-cuda",
+        action="store_true",
+        help="fail (instead of skip) every CUDA test when no usable GPU is found: a GPU run cannot pass by skipping",
+    )
+
+
+def cuda_unavailable() -> str | None:
+    """Why the CUDA backend cannot run here, or None when it can."""
+    try:
+        xpnet.get_backend("cuda")
+    except BackendError as exc:
+        return str(exc)
+    return None
+
+
+def skip_or_fail_without_cuda(config) -> None:
+    reason = cuda_unavailable()
+    if reason is None:
+        return
+    if config.getoption("--require-cuda"):
+        pytest.fail(f"--require-cuda: {reason}")
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is not None:
+        skip_or_fail_without_cuda(item.config)
+
+
+BACKENDS = ["numpy", "array_api_strict", "cuda"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each namespace the numerical core must run on: NumPy, array_api_strict, CuPy (GPU only)."""
+    if request.param == "cuda":
+        skip_or_fail_without_cuda(request.config)
+        return xpnet.get_backend("cuda")
+    if request.param == "array_api_strict":
+        import array_api_strict
+
+        return xpnet.get_backend(array_api_strict)
+    return xpnet.get_backend("cpu")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261123)
+
+
+def _data_root() -> Path | None:
+    root = os.environ.get("XPNET_DATA")
+    if root:
+        return Path(root)
+    sibling = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return sibling if (sibling / "mnist").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The real MNIST: ``(X_train, y_train, X_test, y_test)`` as uint8 arrays."""
+    root = _data_root()
+    if root is None:
+        pytest.skip("real MNIST not found: set XPNET_DATA to the folder holding mnist/")
+    from xpnet.datasets import load_mnist
+
+    X_train, y_train = load_mnist("train", root=root / "mnist")
+    X_test, y_test = load_mnist("test", root=root / "mnist")
+    return X_train, y_train, X_test, y_test

@@ -1,0 +1,112 @@
+"""Bad input is refused at the public boundary with a ValueError/TypeError naming the problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xpnet
+
+
+@pytest.fixture
+def model():
+    return xpnet.MLP([6, 5, 3], seed=0)
+
+
+@pytest.fixture
+def data(rng):
+    return rng.normal(size=(10, 6)).astype(np.float32), rng.integers(0, 3, size=10)
+
+
+def nan_at(X, i, j, value=np.nan):
+    X = X.copy()
+    X[i, j] = value
+    return X
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda X, y: (X[:, :5], y), ValueError, "X has 5 features per row .* expects 6"),
+        (lambda X, y: (X[0], y), ValueError, r"X must have shape \(N, 6\)"),
+        (lambda X, y: (X[None], y), ValueError, "X has 60 features"),
+        (lambda X, y: (X, np.where(np.arange(10) == 4, 3, y)), ValueError, r"labels must be in \[0, 3\); y\[4\] is 3"),
+        (lambda X, y: (X, np.where(np.arange(10) == 2, -1, y)), ValueError, r"y\[2\] is -1"),
+        (lambda X, y: (X, y + 0.5), ValueError, r"labels must be integers; y\[0\] is"),
+        (lambda X, y: (X, y.astype(str)), TypeError, "labels must be integers"),
+        (lambda X, y: (nan_at(X, 3, 2), y), ValueError, "NaN or inf .*row 3, column 2"),
+        (lambda X, y: (nan_at(X, 7, 0, np.inf), y), ValueError, "NaN or inf .*row 7"),
+        (lambda X, y: (X[:0], y[:0]), ValueError, "X is empty"),
+        (lambda X, y: (X, y[:9]), ValueError, "X has 10 rows but y has 9 labels"),
+        (lambda X, y: (X, y[:, None]), ValueError, "y must be a 1-D array"),
+        (lambda X, y: ((X * 100).astype(np.int64), y), TypeError, "integer dtype int64"),
+        (lambda X, y: (X.astype(complex), y), TypeError, "uint8 or float"),
+    ],
+)
+def test_bad_data_is_refused_by_fit_and_evaluate(model, data, make, error, message):
+    X, y = make(*data)
+    with pytest.raises(error, match=message):
+        model.fit(X, y, epochs=1, verbose=0)
+    with pytest.raises(error, match=message):
+        model.evaluate(X, y)
+
+
+def test_float_labels_with_integral_values_are_accepted(model, data):
+    X, y = data
+    model.fit(X, y.astype(np.float64), epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1, got 0"),
+        ({"batch_size": -5}, ValueError, "batch_size must be >= 1, got -5"),
+        ({"batch_size": 2.5}, TypeError, "batch_size must be an integer, got 2.5"),
+        ({"epochs": -1}, ValueError, "epochs must be >= 0, got -1"),
+        ({"epochs": True}, TypeError, "epochs must be an integer"),
+        ({"optimizer": "rmsprop"}, ValueError, "unknown optimizer 'rmsprop'"),
+        ({"lr": -0.1}, ValueError, "lr must be in"),
+        ({"lr": float("nan")}, TypeError, "lr must be a finite number"),
+        ({"momentum": 1.5}, ValueError, "momentum must be in"),
+        ({"validation_split": 1.0}, ValueError, "validation_split must be a fraction"),
+        ({"validation_data": (1, 2, 3)}, TypeError, "validation_data must be a pair"),
+        ({"callbacks": [print]}, TypeError, "callbacks must be xpnet.callbacks.Callback"),
+        ({"schedule": "warp"}, ValueError, "unknown schedule 'warp'"),
+    ],
+)
+def test_bad_settings_are_refused(model, data, kwargs, error, message):
+    X, y = data
+    with pytest.raises(error, match=message):
+        model.fit(X, y, verbose=0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"layers": [784]}, ValueError, "at least an input and an output"),
+        ({"layers": [784, 0, 10]}, ValueError, "positive integers, got 0"),
+        ({"layers": [784, 2.5, 10]}, ValueError, "positive integers, got 2.5"),
+        ({"layers": "784,10"}, TypeError, "sequence of layer widths"),
+        ({"layers": [784, 1]}, ValueError, "at least 2 classes"),
+        ({"layers": [4, 3], "activation": "swish"}, ValueError, "unknown activation 'swish'"),
+        ({"layers": [4, 3], "init": "zeros"}, ValueError, "unknown init 'zeros'"),
+        ({"layers": [4, 3], "dtype": "float16"}, ValueError, "dtype must be 'float32' or 'float64'"),
+        ({"layers": [4, 3], "seed": -1}, ValueError, "seed must be a non-negative integer"),
+        ({"layers": [4, 3], "backend": "tpu"}, ValueError, "unknown backend 'tpu'"),
+        ({"layers": [4, 3], "backend": 3}, TypeError, "backend must be"),
+    ],
+)
+def test_bad_model_settings_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        xpnet.MLP(**kwargs)
+
+
+def test_arrays_of_another_backend_are_refused(data):
+    import array_api_strict
+
+    X, y = data
+    numpy_model = xpnet.MLP([6, 3], seed=0)
+    with pytest.raises(TypeError, match="array_api_strict array .*'cpu' backend"):
+        numpy_model.predict(array_api_strict.asarray(X))
+    strict_model = xpnet.MLP([6, 3], seed=0, backend=array_api_strict)
+    assert strict_model.predict(X).shape == (10,)  # host NumPy data is uploaded explicitly at the boundary

@@ -1,0 +1,128 @@
+"""Model files: round trip, atomic writes, and refusal of truncated, corrupt or foreign files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import xpnet
+
+
+@pytest.fixture
+def trained(rng):
+    model = xpnet.MLP([8, 6, 3], seed=0)
+    X = rng.normal(size=(40, 8)).astype(np.float32)
+    model.fit(X, rng.integers(0, 3, size=40), epochs=2, verbose=0)
+    return model, X
+
+
+def test_save_load_gives_identical_predictions(tmp_path, trained):
+    model, X = trained
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    loaded = xpnet.load(path)
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+    for (W, b), (W2, b2) in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
+
+
+def test_float64_models_keep_their_dtype(tmp_path, rng):
+    model = xpnet.MLP([4, 3], dtype="float64", seed=1)
+    model.save(tmp_path / "m")
+    loaded = xpnet.load(tmp_path / "m")
+    assert loaded.dtype == "float64"
+    assert loaded.get_weights()[0][0].dtype == np.float64
+
+
+def test_a_failed_save_leaves_the_old_file_intact(tmp_path, trained, monkeypatch):
+    model, _ = trained
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        xpnet.MLP([8, 6, 3], seed=5).save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_truncated_files_are_refused(tmp_path, trained):
+    model, _ = trained
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    data = path.read_bytes()
+    for cut in (0, 5, 8, 40, len(data) // 2, len(data) - 1):
+        broken = tmp_path / f"cut{cut}"
+        broken.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a readable xpnet model file"):
+            xpnet.load(broken)
+
+
+def test_corrupt_header_is_refused(tmp_path, trained):
+    model, _ = trained
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    data = bytearray(path.read_bytes())
+    data[10:20] = b"@@@@@@@@@@"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="not a readable xpnet model file"):
+        xpnet.load(path)
+
+
+def test_a_foreign_safetensors_file_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": np.ones((2, 2), dtype=np.float32)}, str(path))
+    with pytest.raises(ValueError, match="format='xpnet.mlp'"):
+        xpnet.load(path)
+
+
+def test_tensors_that_do_not_match_the_config_are_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "lying.safetensors"
+    config = {"layers": [4, 3], "activation": "relu", "init": "he", "dtype": "float32", "seed": 0}
+    metadata = {"format": "xpnet.mlp", "format_version": "1", "xpnet_version": "0", "config": json.dumps(config)}
+    save_file({"layers.0.W": np.ones((5, 3), dtype=np.float32), "layers.0.b": np.ones(3, dtype=np.float32)},
+              str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="layer 0 needs W"):
+        xpnet.load(path)
+
+
+class _Exploit:
+    """Unpickling this would create a marker file: loading must never get that far."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(ValueError, match="not a readable xpnet model file"):
+        xpnet.load(path)
+    assert not marker.exists()
+
+
+def test_save_to_a_folder_or_missing_folder_is_a_clear_error(tmp_path, trained):
+    model, _ = trained
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        model.save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.save(tmp_path / "nope" / "m.safetensors")
