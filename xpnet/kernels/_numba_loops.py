@@ -1,0 +1,307 @@
+"""The compiled loops behind ``xpnet.kernels.numba_cpu`` (imports numba: import lazily).
+
+Every kernel here writes into arrays its caller allocated and checked; the checks, the choice
+of serial or parallel, and the public signatures live in ``numba_cpu``. Each op comes twice:
+a serial driver and a ``parallel=True`` one (``prange`` over blocks of rows), because thread
+start-up costs more than a small array's whole computation.
+
+Why an exponential of our own: numba (like NumPy here) calls a scalar ``exp`` per element, and
+that call, not memory, bounds softmax. ``exp_nonpositive`` is straight-line arithmetic that LLVM
+turns into AVX2/FMA code: ``exp(x) = 2**k * exp(r)`` with ``k = round(x / ln 2)``,
+``r = x - k ln 2`` (``|r| <= ln2 / 2``, split Cody-Waite style so ``r`` is exact), ``exp(r)`` by
+its Taylor polynomial (degree 12 in float64: truncation < 2e-16; degree 7 in float32:
+< 6e-9), and ``2**k`` built from its exponent bits. Softmax only ever needs ``exp`` of
+``x - max <= 0``, so only that half-line is handled; ``2**k`` is applied in two halves so
+results that fall into the subnormal range are still produced (gradually, as NumPy does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+# reassoc lets LLVM vectorize the row sums and maxima; contract fuses multiply-adds. No
+# nnan/ninf: NaN and inf inputs must flow through as they do in the reference.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_JIT = dict(cache=True, fastmath=FASTMATH, nogil=True)
+_INLINE = dict(cache=True, fastmath=FASTMATH, inline="always")
+
+# Rows are processed in blocks of about this many elements: small enough to stay in L1 across
+# the block's passes (max, shift, exp, sum and scale), large enough to amortise a loop.
+BLOCK_ELEMENTS = 2048
+
+
+def block_rows(n_cols: int) -> int:
+    """Rows per block for rows of ``n_cols`` elements (at least one row)."""
+    return max(1, BLOCK_ELEMENTS // max(n_cols, 1))
+
+
+# --- a vectorizable exp ----------------------------------------------------------------------
+
+
+@intrinsic
+def _pow2(typingctx, k):
+    """``2.0 ** k`` for an integer-valued float ``k`` in the normal exponent range, from bits."""
+    if not isinstance(k, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (kf,) = args
+        width, bias, mantissa_bits = (32, 127, 23) if k.bitwidth == 32 else (64, 1023, 52)
+        int_type = ir.IntType(width)
+        ki = builder.fptosi(kf, ir.IntType(32))  # cvttps2dq / cvttpd2dq: vectorizes on AVX2
+        if width == 64:
+            ki = builder.sext(ki, int_type)
+        biased = builder.add(ki, ir.Constant(int_type, bias))
+        bits = builder.shl(biased, ir.Constant(int_type, mantissa_bits))
+        return builder.bitcast(bits, kf.type)
+
+    return k(k), codegen
+
+
+def exp_nonpositive(x):
+    """``exp(x)`` for ``x <= 0`` (NaN stays NaN), as vectorizable arithmetic. Numba only."""
+    raise NotImplementedError("exp_nonpositive runs inside numba-compiled code only")
+
+
+_F32 = np.float32
+_LOG2E_32, _LN2_HI_32, _LN2_LO_32 = _F32(1.442695040888963), _F32(0.693359375), _F32(-2.12194440e-4)
+_LOWEST_32 = _F32(-104.0)  # exp(-104) < the smallest float32 subnormal / 2: rounds to 0
+_HALF_32, _ONE_32 = _F32(0.5), _F32(1.0)
+_C32 = tuple(_F32(1.0 / math.factorial(n)) for n in range(8))
+
+_LOG2E_64, _LN2_HI_64, _LN2_LO_64 = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
+_LOWEST_64 = -746.0  # exp(-746) < the smallest float64 subnormal / 2: rounds to 0
+_C64 = tuple(1.0 / math.factorial(n) for n in range(13))
+
+
+@overload(exp_nonpositive, inline="always", fastmath=FASTMATH)
+def _exp_nonpositive_impl(x):
+    if x == types.float32:
+        c0, c1, c2, c3, c4, c5, c6, c7 = _C32
+
+        def exp32(x):
+            x = _LOWEST_32 if x < _LOWEST_32 else x
+            k = np.floor(x * _LOG2E_32 + _HALF_32)
+            r = (x - k * _LN2_HI_32) - k * _LN2_LO_32
+            p = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
+            half = np.floor(k * _HALF_32)
+            return (p * _pow2(half)) * _pow2(k - half)
+
+        return exp32
+    if x == types.float64:
+        c = _C64
+
+        def exp64(x):
+            x = _LOWEST_64 if x < _LOWEST_64 else x
+            k = np.floor(x * _LOG2E_64 + 0.5)
+            r = (x - k * _LN2_HI_64) - k * _LN2_LO_64
+            p = c[12]
+            p = p * r + c[11]
+            p = p * r + c[10]
+            p = p * r + c[9]
+            p = p * r + c[8]
+            p = p * r + c[7]
+            p = p * r + c[6]
+            p = p * r + c[5]
+            p = p * r + c[4]
+            p = p * r + c[3]
+            p = p * r + c[2]
+            p = p * r + c[1]
+            p = p * r + c[0]
+            half = np.floor(k * 0.5)
+            return (p * _pow2(half)) * _pow2(k - half)
+
+        return exp64
+    return None
+
+
+# --- pieces of the softmax family, on one block of rows ----------------------------------------
+# Each piece takes the block's own slices, so every loop counts from 0: with a start of 0 numba
+# can drop its negative-index wraparound, and only then does LLVM vectorize the loop.
+
+
+@njit(cache=True, fastmath=FASTMATH | {"nnan", "ninf"})
+def _row_max(row):
+    """Maximum of a row. nnan lets LLVM vectorize it; a NaN in the row still ends as a NaN
+    softmax row, because ``x - max`` of that element is NaN and so is the row's sum."""
+    m = row[0]
+    for j in range(1, row.shape[0]):
+        v = row[j]
+        m = v if v > m else m
+    return m
+
+
+@njit(**_INLINE)
+def _shift_rows(x, out):
+    """``out[i] = x[i] - max(x[i])`` for every row (``x`` may have any strides)."""
+    for i in range(x.shape[0]):
+        m = _row_max(x[i])
+        for j in range(x.shape[1]):
+            out[i, j] = x[i, j] - m
+
+
+@njit(**_INLINE)
+def _exp_inplace(flat):
+    """``flat[k] = exp(flat[k])`` for values <= 0: one vectorized loop, whatever the row length."""
+    for k in range(flat.shape[0]):
+        flat[k] = exp_nonpositive(flat[k])
+
+
+@njit(**_INLINE)
+def _row_sum(row):
+    s = row.dtype.type(0)
+    for j in range(row.shape[0]):
+        s += row[j]
+    return s
+
+
+@njit(**_INLINE)
+def _softmax_block(x, out, flat):
+    """Softmax of the rows of ``x`` into ``out``; ``flat`` is ``out`` seen as one 1-D array."""
+    _shift_rows(x, out)
+    _exp_inplace(flat)
+    for i in range(out.shape[0]):
+        row = out[i]
+        inv = row.dtype.type(1) / _row_sum(row)
+        for j in range(row.shape[0]):
+            row[j] *= inv
+
+
+@njit(**_INLINE)
+def _softmax_xent_block(x, labels, grad, flat, inv_n):
+    """Gradient of the mean loss into ``grad``; returns the block's summed loss (float64)."""
+    _shift_rows(x, grad)
+    loss = 0.0
+    for i in range(x.shape[0]):
+        loss -= grad[i, labels[i]]  # -(z_y - max z)
+    _exp_inplace(flat)
+    one = grad.dtype.type(1)
+    for i in range(grad.shape[0]):
+        row = grad[i]
+        s = _row_sum(row)
+        loss += math.log(s)
+        inv = one / s
+        y = labels[i]
+        p_y = row[y] * inv
+        scale = inv * inv_n
+        for j in range(row.shape[0]):
+            row[j] *= scale
+        row[y] = (p_y - one) * inv_n
+    return loss
+
+
+# --- drivers: serial and parallel over blocks of rows -----------------------------------------
+
+
+@njit(**_JIT)
+def softmax_serial(x, out, flat, rows):
+    n, c = x.shape
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        _softmax_block(x[i0:i1], out[i0:i1], flat[i0 * c : i1 * c])
+
+
+@njit(parallel=True, **_JIT)
+def softmax_parallel(x, out, flat, rows):
+    n, c = x.shape
+    for b in prange((n + rows - 1) // rows):
+        i0, i1 = b * rows, min(b * rows + rows, n)
+        _softmax_block(x[i0:i1], out[i0:i1], flat[i0 * c : i1 * c])
+
+
+@njit(**_JIT)
+def softmax_xent_serial(x, labels, grad, flat, rows):
+    """Returns the summed loss (float64); ``grad`` gets the gradient of the mean loss."""
+    n, c = x.shape
+    inv_n = grad.dtype.type(1 / n)
+    total = 0.0
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        total += _softmax_xent_block(x[i0:i1], labels[i0:i1], grad[i0:i1], flat[i0 * c : i1 * c], inv_n)
+    return total
+
+
+@njit(parallel=True, **_JIT)
+def softmax_xent_parallel(x, labels, grad, flat, rows):
+    n, c = x.shape
+    n_blocks = (n + rows - 1) // rows
+    inv_n = grad.dtype.type(1 / n)
+    partial = np.empty(n_blocks, dtype=np.float64)
+    for b in prange(n_blocks):
+        i0, i1 = b * rows, min(b * rows + rows, n)
+        partial[b] = _softmax_xent_block(
+            x[i0:i1], labels[i0:i1], grad[i0:i1], flat[i0 * c : i1 * c], inv_n
+        )
+    return partial.sum()
+
+
+@njit(**_JIT)
+def labels_out_of_range(labels, n_classes):
+    """Index of the first label outside [0, n_classes), or -1."""
+    for i in range(labels.shape[0]):
+        if labels[i] < 0 or labels[i] >= n_classes:
+            return i
+    return -1
+
+
+# --- elementwise: ReLU backward and bias + ReLU ------------------------------------------------
+
+
+@njit(**_JIT)
+def relu_backward_flat_serial(dy, y, out):
+    zero = dy.dtype.type(0)
+    for k in range(dy.shape[0]):
+        out[k] = dy[k] if y[k] > 0 else zero
+
+
+@njit(parallel=True, **_JIT)
+def relu_backward_flat_parallel(dy, y, out):
+    zero = dy.dtype.type(0)
+    for k in prange(dy.shape[0]):
+        out[k] = dy[k] if y[k] > 0 else zero
+
+
+@njit(**_JIT)
+def relu_backward_2d_serial(dy, y, out):
+    zero = dy.dtype.type(0)
+    for i in range(dy.shape[0]):
+        for j in range(dy.shape[1]):
+            out[i, j] = dy[i, j] if y[i, j] > 0 else zero
+
+
+@njit(parallel=True, **_JIT)
+def relu_backward_2d_parallel(dy, y, out):
+    zero = dy.dtype.type(0)
+    for i in prange(dy.shape[0]):
+        for j in range(dy.shape[1]):
+            out[i, j] = dy[i, j] if y[i, j] > 0 else zero
+
+
+@njit(**_JIT)
+def bias_relu_serial(x, b, out):
+    zero = x.dtype.type(0)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            z = x[i, j] + b[j]
+            out[i, j] = z if z > 0 else zero
+
+
+@njit(parallel=True, **_JIT)
+def bias_relu_parallel(x, b, out):
+    zero = x.dtype.type(0)
+    for i in prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            z = x[i, j] + b[j]
+            out[i, j] = z if z > 0 else zero
+
+
+@njit(parallel=True, **_JIT)
+def copy_parallel(src, dst):
+    """``dst[:] = src`` on all threads: the memory-copy reference the benchmarks compare to."""
+    for k in prange(src.shape[0]):
+        dst[k] = src[k]
