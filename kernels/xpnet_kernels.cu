@@ -1,0 +1,436 @@
+// xpnet's CUDA kernels: the math of xpnet/functional.py, by the same names.
+//
+// Loaded by xpnet/kernels/cuda.py through cupy.RawModule(code, name_expressions=[...]), which
+// compiles it with NVRTC on first use (CuPy caches the binary on disk). It includes no CUDA
+// toolkit header, which a pip-installed CuPy does not ship: only NVRTC's built-ins are used.
+//
+// Conventions
+// - template<typename T> over float and double; results keep the input dtype (accumulate in T).
+// - Indices are 64-bit (index_t), and every loop is grid-stride, so any launch size is correct:
+//   the launch configuration only decides speed.
+// - Arrays are C-contiguous: the Python side checks it (a raw kernel ignores strides). Outputs
+//   may alias inputs of the same shape (out=x): every element is read before it is written, by
+//   the same thread, so no pointer here is declared __restrict__ where that is allowed.
+// - V is the vector width of a load (16 bytes: 4 floats, 2 doubles) where the Python side saw
+//   aligned pointers and a fitting length, else 1.
+// - ReLU's derivative at 0 is 0; softmax works from the row maximum (online max and sum in one
+//   pass); the loss comes from logits, log(sum(exp(z - m))) + m - z[y], never log(softmax).
+
+typedef long long index_t;
+
+template <typename T> struct Num;
+template <> struct Num<float> {
+    static __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+    static __device__ __forceinline__ float nan() { return __int_as_float(0x7fffffff); }
+    static __device__ __forceinline__ float exp(float x) { return expf(x); }
+    static __device__ __forceinline__ float log(float x) { return logf(x); }
+    static __device__ __forceinline__ float sqrt(float x) { return sqrtf(x); }
+};
+template <> struct Num<double> {
+    static __device__ __forceinline__ double neg_inf() { return __longlong_as_double(0xfff0000000000000ULL); }
+    static __device__ __forceinline__ double nan() { return __longlong_as_double(0x7ff8000000000000ULL); }
+    static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
+    static __device__ __forceinline__ double log(double x) { return ::log(x); }
+    static __device__ __forceinline__ double sqrt(double x) { return ::sqrt(x); }
+};
+
+// V values of T moved by one 16-byte (or narrower) load or store.
+template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
+
+__device__ __forceinline__ index_t global_thread() {
+    return (index_t)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ index_t grid_threads() { return (index_t)gridDim.x * blockDim.x; }
+
+// --- elementwise ---------------------------------------------------------------------------
+
+// dx = dy where y > 0 else 0, over n elements.
+template <typename T, int V>
+__global__ void relu_backward(const T* dy, const T* y, T* dx, index_t n) {
+    const index_t nv = n / V;
+    const Vec<T, V>* dyv = reinterpret_cast<const Vec<T, V>*>(dy);
+    const Vec<T, V>* yv = reinterpret_cast<const Vec<T, V>*>(y);
+    Vec<T, V>* dxv = reinterpret_cast<Vec<T, V>*>(dx);
+    for (index_t i = global_thread(); i < nv; i += grid_threads()) {
+        Vec<T, V> g = dyv[i], a = yv[i], r;
+#pragma unroll
+        for (int j = 0; j < V; ++j) r.v[j] = a.v[j] > T(0) ? g.v[j] : T(0);
+        dxv[i] = r;
+    }
+    for (index_t i = nv * V + global_thread(); i < n; i += grid_threads())
+        dx[i] = y[i] > T(0) ? dy[i] : T(0);
+}
+
+// out = relu(x + b) for x of shape (n / f, f) and b of shape (f,); out may be x (in place).
+// V divides f, so a vector never straddles two rows.
+template <typename T, int V>
+__global__ void bias_relu(const T* x, const T* __restrict__ b, T* out, index_t n, index_t f) {
+    const index_t nv = n / V, fv = f / V;
+    const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x);
+    const Vec<T, V>* bv = reinterpret_cast<const Vec<T, V>*>(b);
+    Vec<T, V>* ov = reinterpret_cast<Vec<T, V>*>(out);
+    for (index_t i = global_thread(); i < nv; i += grid_threads()) {
+        Vec<T, V> a = xv[i], c = bv[i % fv], r;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            T z = a.v[j] + c.v[j];
+            r.v[j] = z > T(0) ? z : T(0);
+        }
+        ov[i] = r;
+    }
+}
+
+// --- row reductions: online max and sum ----------------------------------------------------
+
+// Fold (m2, s2), a max and a sum of exp(x - m2), into (m, s). Empty parts carry m = -inf, s = 0.
+template <typename T>
+__device__ __forceinline__ void combine(T& m, T& s, T m2, T s2) {
+    if (m2 > m) {
+        s = s * Num<T>::exp(m - m2) + s2;
+        m = m2;
+    } else if (m2 > Num<T>::neg_inf()) {
+        s += s2 * Num<T>::exp(m2 - m);
+    }
+}
+
+// As combine, and keep the index of the first maximum (ties go to the smaller index).
+template <typename T>
+__device__ __forceinline__ void combine_arg(T& m, T& s, int& k, T m2, T s2, int k2) {
+    if (m2 > m || (m2 == m && k2 < k)) k = k2;
+    combine(m, s, m2, s2);
+}
+
+// Reduce over the G lanes of a group (G a power of two <= 32, groups aligned inside a warp).
+// Every lane of the warp must call it.
+template <typename T, int G>
+__device__ __forceinline__ void group_reduce(T& m, T& s, int& k) {
+#pragma unroll
+    for (int o = G / 2; o > 0; o /= 2) {
+        T m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        T s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        int k2 = __shfl_xor_sync(0xffffffffu, k, o);
+        combine_arg(m, s, k, m2, s2, k2);
+    }
+}
+
+// Reduce over the whole block (blockDim.x a multiple of 32, at most 1024); all threads get it.
+template <typename T>
+__device__ __forceinline__ void block_reduce(T& m, T& s, int& k) {
+    __shared__ T ms[32], ss[32];
+    __shared__ int ks[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    group_reduce<T, 32>(m, s, k);
+    __syncthreads();  // the shared slots may still be read from the previous row
+    if (lane == 0) { ms[warp] = m; ss[warp] = s; ks[warp] = k; }
+    __syncthreads();
+    m = lane < warps ? ms[lane] : Num<T>::neg_inf();
+    s = lane < warps ? ss[lane] : T(0);
+    k = lane < warps ? ks[lane] : 0x7fffffff;
+    group_reduce<T, 32>(m, s, k);
+}
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+    __shared__ T part[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < warps ? part[lane] : T(0);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// --- softmax -------------------------------------------------------------------------------
+//
+// Two layouts over rows of `cols` values:
+// - softmax<T, G>: a group of G lanes per row (G = 32 is a warp per row). Narrow rows, such as
+//   10 classes, use small groups so that a warp's loads cover several whole rows at once.
+// - softmax_block<T, V>: a block per row, for wide rows (V-wide loads when cols % V == 0).
+// Pass 1 reads the row once for the max and the sum (online); pass 2 reads it again (from the
+// cache) and writes exp(x - m) / s.
+
+template <typename T, int G>
+__global__ void softmax(const T* x, T* y, index_t rows, index_t cols) {
+    const int rows_per_warp = 32 / G;
+    const int lane = threadIdx.x % G;
+    const index_t warp = global_thread() / 32, warps = grid_threads() / 32;
+    for (index_t first = warp * rows_per_warp; first < rows; first += warps * rows_per_warp) {
+        const index_t r = first + (threadIdx.x % 32) / G;  // first < rows is warp-uniform
+        const bool on = r < rows;
+        const T* xr = x + r * cols;
+        T m = Num<T>::neg_inf(), s = T(0);
+        int k = 0;
+        if (on)
+            for (index_t c = lane; c < cols; c += G) combine(m, s, xr[c], T(1));
+        group_reduce<T, G>(m, s, k);
+        if (on) {
+            const T inv = T(1) / s;
+            T* yr = y + r * cols;
+            for (index_t c = lane; c < cols; c += G) yr[c] = Num<T>::exp(xr[c] - m) * inv;
+        }
+    }
+}
+
+template <typename T, int V>
+__global__ void softmax_block(const T* x, T* y, index_t rows, index_t cols) {
+    const index_t cv = cols / V;
+    for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const Vec<T, V>* xr = reinterpret_cast<const Vec<T, V>*>(x + r * cols);
+        Vec<T, V>* yr = reinterpret_cast<Vec<T, V>*>(y + r * cols);
+        T m = Num<T>::neg_inf(), s = T(0);
+        int k = 0;
+        for (index_t c = threadIdx.x; c < cv; c += blockDim.x) {
+            Vec<T, V> a = xr[c];
+#pragma unroll
+            for (int j = 0; j < V; ++j) combine(m, s, a.v[j], T(1));
+        }
+        block_reduce(m, s, k);
+        const T inv = T(1) / s;
+        for (index_t c = threadIdx.x; c < cv; c += blockDim.x) {
+            Vec<T, V> a = xr[c], b;
+#pragma unroll
+            for (int j = 0; j < V; ++j) b.v[j] = Num<T>::exp(a.v[j] - m) * inv;
+            yr[c] = b;
+        }
+    }
+}
+
+// --- softmax + cross-entropy ---------------------------------------------------------------
+//
+// For logits z of shape (rows, cols) and integer labels y (type L):
+//   grad[r, c] = (exp(z[r, c] - m_r) / s_r - [c == y_r]) * grad_scale
+//   *loss_sum += loss_scale * sum_r (m_r + log(s_r) - z[r, y_r])
+// With grad_scale = loss_scale = 1/N, that is the mean loss and its gradient (xpnet.functional);
+// a training loop passes loss_scale = 1 to sum an epoch's losses on the device. `loss_sum` must
+// hold 0 (or the running sum) before the launch. `correct`, if not null, counts the rows whose
+// first maximal logit is at the label (the accuracy, for free). A label outside [0, cols) gives a
+// NaN loss and a NaN gradient row: loud, never a silently wrong number.
+
+// The loss of row r and its gradient row. z[r, y_r] was read (as zy) before the group's or the
+// block's reduction, which every lane passes before any lane writes: so grad may alias z.
+template <typename T, typename L>
+__device__ __forceinline__ T cross_entropy_row(const T* zr, T* gr, L label, T zy, index_t cols, T m,
+                                               T s, int k, int lane, int lanes, T grad_scale,
+                                               unsigned long long* correct) {
+    const bool valid = (index_t)label >= 0 && (index_t)label < cols;
+    const T inv = T(1) / s;
+    for (index_t c = lane; c < cols; c += lanes) {
+        T p = Num<T>::exp(zr[c] - m) * inv;
+        gr[c] = valid ? (p - (c == (index_t)label ? T(1) : T(0))) * grad_scale : Num<T>::nan();
+    }
+    if (lane != 0) return T(0);
+    if (correct != nullptr && valid && k == (int)label) atomicAdd(correct, 1ULL);
+    return valid ? m + Num<T>::log(s) - zy : Num<T>::nan();
+}
+
+template <typename T, typename L>
+__device__ __forceinline__ T label_logit(const T* zr, L label, index_t cols) {
+    return (index_t)label >= 0 && (index_t)label < cols ? zr[label] : T(0);
+}
+
+template <typename T, typename L, int G>
+__global__ void softmax_cross_entropy(const T* z, const L* __restrict__ labels, T* grad, T* loss_sum, index_t rows, index_t cols,
+                                      T grad_scale, T loss_scale, unsigned long long* correct) {
+    const int rows_per_warp = 32 / G;
+    const int lane = threadIdx.x % G;
+    const index_t warp = global_thread() / 32, warps = grid_threads() / 32;
+    T loss = T(0);
+    for (index_t first = warp * rows_per_warp; first < rows; first += warps * rows_per_warp) {
+        const index_t r = first + (threadIdx.x % 32) / G;
+        const bool on = r < rows;
+        const T* zr = z + r * cols;
+        const L label = on ? labels[r] : L(0);
+        const T zy = on ? label_logit(zr, label, cols) : T(0);
+        T m = Num<T>::neg_inf(), s = T(0);
+        int k = 0x7fffffff;
+        if (on)
+            for (index_t c = lane; c < cols; c += G) combine_arg(m, s, k, zr[c], T(1), (int)c);
+        group_reduce<T, G>(m, s, k);
+        if (on) loss += cross_entropy_row(zr, grad + r * cols, label, zy, cols, m, s, k, lane, G,
+                                          grad_scale, correct);
+    }
+    loss = block_sum(loss);
+    if (threadIdx.x == 0 && loss != T(0)) atomicAdd(loss_sum, loss * loss_scale);
+}
+
+template <typename T, typename L>
+__global__ void softmax_cross_entropy_block(const T* z, const L* __restrict__ labels, T* grad, T* loss_sum, index_t rows,
+                                            index_t cols, T grad_scale, T loss_scale,
+                                            unsigned long long* correct) {
+    T loss = T(0);
+    for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* zr = z + r * cols;
+        const L label = labels[r];
+        const T zy = label_logit(zr, label, cols);
+        T m = Num<T>::neg_inf(), s = T(0);
+        int k = 0x7fffffff;
+        for (index_t c = threadIdx.x; c < cols; c += blockDim.x) combine_arg(m, s, k, zr[c], T(1), (int)c);
+        block_reduce(m, s, k);
+        loss += cross_entropy_row(zr, grad + r * cols, label, zy, cols, m, s, k, (int)threadIdx.x,
+                                  (int)blockDim.x, grad_scale, correct);
+    }
+    loss = block_sum(loss);
+    if (threadIdx.x == 0 && loss != T(0)) atomicAdd(loss_sum, loss * loss_scale);
+}
+
+// --- training on the device (xpnet/kernels/cuda_graph.py) -----------------------------------
+//
+// A step of a ReLU MLP is: gather a batch; per layer a GEMM with the bias (and ReLU) fused in;
+// softmax + cross-entropy; per layer a GEMM for the weight gradient with the bias gradient as an
+// extra output row, and a GEMM for the input gradient with the ReLU mask fused in; one update
+// of all parameters. Only these kernels (no cuBLAS), so the whole step can be captured in a CUDA
+// graph. Step counters live on the device; each has one writer kernel, which no other block
+// of that kernel reads:
+//   counters[0]: the step within the epoch, read by gather_rows, advanced by the update kernel;
+//   counters[1]: the update count t (Adam's bias correction), advanced by gather_rows, read by
+//                the update kernel.
+
+// batch_x[i, :] = x[perm[counters[0] * batch + i], :] and the same for the labels.
+template <typename T, typename L>
+__global__ void gather_rows(const T* __restrict__ x, const L* __restrict__ labels,
+                            const index_t* __restrict__ perm, long long* counters,
+                            T* __restrict__ batch_x, L* __restrict__ batch_labels, index_t batch,
+                            index_t cols, index_t full_batch) {
+    const index_t base = counters[0] * full_batch;
+    for (index_t i = global_thread(); i < batch * cols; i += grid_threads()) {
+        const index_t r = i / cols, c = i - r * cols;
+        batch_x[i] = x[perm[base + r] * cols + c];
+    }
+    for (index_t i = global_thread(); i < batch; i += grid_threads()) batch_labels[i] = labels[perm[base + i]];
+    if (global_thread() == 0) counters[1] += 1;
+}
+
+// C = A @ B over a 32 x 32 tile per block of 256 threads, each thread 2 x 2 outputs.
+//   A(m, k) = TA ? A[k * lda + m] : A[m * lda + k]        (M x K)
+//   B(k, n) = TB ? B[n * ldb + k] : B[k * ldb + n]        (K x N)
+// Epilogues: EPI 0 plain; 1 + bias[n]; 2 relu(+ bias[n]); 3 zero where aux[m, n] <= 0 (the ReLU
+// mask of a backward pass, aux laid out like C). BIAS_ROW appends a row of ones to A, so that row
+// M of the product is the column sum of B; it is written to aux[n] (the bias gradient, fused into
+// the weight-gradient GEMM). Grid: (ceil(N / 32), ceil((M + BIAS_ROW) / 32)). Sizes here are
+// small (a batch of 128 against layers of up to a few hundred): latency, not FLOPs, matters.
+template <typename T, bool TA, bool TB, int EPI, bool BIAS_ROW>
+__global__ void __launch_bounds__(256)
+gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, T* aux, int M, int N, int K,
+     int lda, int ldb, int ldc) {
+    __shared__ T As[32][33];  // As[k][m]; the pad keeps transposed stores free of bank conflicts
+    __shared__ T Bs[32][33];  // Bs[k][n]
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
+    const int rows_a = M + (BIAS_ROW ? 1 : 0);
+    T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
+    T ra[4], rb[4];
+
+    // Each thread moves 4 of the 32 x 32 values of each tile; the fast index follows memory.
+    auto load = [&](int k0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int i = tid + q * 256, fast = i % 32, slow = i / 32;
+            const int am = TA ? fast : slow, ak = TA ? slow : fast;
+            const int m = m0 + am, k = k0 + ak;
+            T a = T(0);
+            if (k < K) {
+                if (m < M) a = TA ? A[(index_t)k * lda + m] : A[(index_t)m * lda + k];
+                else if (BIAS_ROW && m == M) a = T(1);
+            }
+            ra[q] = a;
+            const int bn = TB ? slow : fast, bk = TB ? fast : slow;
+            const int n = n0 + bn, kb = k0 + bk;
+            rb[q] = (kb < K && n < N) ? (TB ? B[(index_t)n * ldb + kb] : B[(index_t)kb * ldb + n]) : T(0);
+        }
+    };
+    auto store = [&]() {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int i = tid + q * 256, fast = i % 32, slow = i / 32;
+            if (TA) As[slow][fast] = ra[q]; else As[fast][slow] = ra[q];
+            if (TB) Bs[fast][slow] = rb[q]; else Bs[slow][fast] = rb[q];
+        }
+    };
+
+    load(0);
+    store();
+    __syncthreads();
+    for (int k0 = 0; k0 < K; k0 += 32) {
+        const bool more = k0 + 32 < K;
+        if (more) load(k0 + 32);  // the next tile's loads fly while this one is multiplied
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+            const T a0 = As[k][ty], a1 = As[k][ty + 16], b0 = Bs[k][tx], b1 = Bs[k][tx + 16];
+            acc[0][0] += a0 * b0;
+            acc[0][1] += a0 * b1;
+            acc[1][0] += a1 * b0;
+            acc[1][1] += a1 * b1;
+        }
+        __syncthreads();
+        if (more) {
+            store();
+            __syncthreads();
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int m = m0 + ty + 16 * i;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int n = n0 + tx + 16 * j;
+            if (n >= N || m >= rows_a) continue;
+            T v = acc[i][j];
+            if (BIAS_ROW && m == M) { aux[n] = v; continue; }
+            if (EPI == 1 || EPI == 2) v += aux[n];
+            if (EPI == 2) v = v > T(0) ? v : T(0);
+            if (EPI == 3) v = aux[(index_t)m * ldc + n] > T(0) ? v : T(0);
+            C[(index_t)m * ldc + n] = v;
+        }
+    }
+}
+
+// One update of every parameter, all tensors in one launch (xpnet/optim.py's math). Parameter j
+// has offsets[j+1] - offsets[j] values at address params[j]; its gradient and optimizer state are
+// the same slice of the flat buffers grads, state1 (momentum, or Adam's m) and state2 (Adam's v).
+// hyper = {lr, momentum, weight_decay, beta1, beta2, eps, nesterov} lives in device memory, so a
+// learning-rate schedule needs no new graph. The L2 penalty is coupled (g += weight_decay * p).
+// ADAM 0 is SGD: v = momentum v + g; p -= lr * (nesterov ? g + momentum v : v) (plain g when
+// momentum is 0). ADAM 1 is Adam: p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps), t the
+// update count.
+template <typename T, int ADAM>
+__global__ void update_parameters(const unsigned long long* __restrict__ params,
+                                  const index_t* __restrict__ offsets, int tensors,
+                                  const T* __restrict__ grads, T* __restrict__ state1,
+                                  T* __restrict__ state2, const double* __restrict__ hyper,
+                                  long long* counters) {
+    const index_t total = offsets[tensors];
+    const T lr = T(hyper[0]), momentum = T(hyper[1]), wd = T(hyper[2]);
+    const T beta1 = T(hyper[3]), beta2 = T(hyper[4]), eps = T(hyper[5]);
+    const bool nesterov = hyper[6] != 0.0;
+    T step = lr, c2 = T(1);
+    if (ADAM) {  // the corrections in double, as xpnet.optim.Adam computes them on the host
+        const double t = (double)counters[1];
+        step = T(hyper[0] / (1.0 - ::pow(hyper[3], t)));
+        c2 = T(1.0 - ::pow(hyper[4], t));
+    }
+    int j = 0;
+    for (index_t i = global_thread(); i < total; i += grid_threads()) {
+        while (i >= offsets[j + 1]) ++j;  // i only grows, so j only moves forward
+        T* p = reinterpret_cast<T*>(params[j]) + (i - offsets[j]);
+        const T g = grads[i] + wd * *p;
+        if (ADAM) {
+            const T m = beta1 * state1[i] + (T(1) - beta1) * g;
+            const T v = beta2 * state2[i] + (T(1) - beta2) * (g * g);
+            state1[i] = m;
+            state2[i] = v;
+            *p -= step * m / (Num<T>::sqrt(v / c2) + eps);
+        } else if (momentum != T(0)) {
+            const T v = momentum * state1[i] + g;
+            state1[i] = v;
+            *p -= lr * (nesterov ? g + momentum * v : v);
+        } else {
+            *p -= lr * g;
+        }
+    }
+    if (global_thread() == 0) counters[0] += 1;
+}
