@@ -1,0 +1,345 @@
+"""The drawing page's back end: MNIST-style preprocessing and the ``/predict`` endpoint."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+import types
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet.draw.preprocess import preprocess, resize_area
+from xpnet.draw.server import QUICK_FIT, QUICK_LAYERS, DrawServer, cli_draw, quick_model, train_quick_model
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def as_drawing(img28, corner, size=280):
+    """A 28x28 MNIST digit as the page would send it: upscaled 10x to 280x280 and moved so its
+    ink sits 3 px from one corner (0: top-left, 1: top-right, 2: bottom-left, 3: bottom-right)."""
+    big = np.kron(img28.astype(np.float64), np.ones((size // 28, size // 28)))
+    rows = np.flatnonzero((big > 0).any(axis=1))
+    cols = np.flatnonzero((big > 0).any(axis=0))
+    dy = 3 - rows[0] if corner in (0, 1) else size - 4 - rows[-1]
+    dx = 3 - cols[0] if corner in (0, 2) else size - 4 - cols[-1]
+    moved = np.roll(big, (dy, dx), axis=(0, 1))
+    assert moved.sum() == big.sum()  # nothing wrapped around
+    return moved
+
+
+def centre_of_mass(img):
+    mass = img.sum()
+    return (img.sum(axis=1) @ np.arange(img.shape[0]) / mass, img.sum(axis=0) @ np.arange(img.shape[1]) / mass)
+
+
+def ink_box(img):
+    rows = np.flatnonzero((img > 0).any(axis=1))
+    cols = np.flatnonzero((img > 0).any(axis=0))
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+@pytest.fixture(scope="session")
+def drawing_model(mnist, tmp_path_factory):
+    """The model ``xpnet draw`` trains by default, trained once per test session on the real MNIST
+    (saved in the session's temp folder so test_browser.py reuses it)."""
+    path = tmp_path_factory.getbasetemp() / "draw-quick-model.safetensors"
+    if path.is_file():
+        return xpnet.load(path)
+    X_train, y_train, _, _ = mnist
+    model = train_quick_model(X_train, y_train)
+    model.save(path)
+    return model
+
+
+@pytest.fixture
+def server():
+    """A server on a free localhost port with a stand-in model; yields (server, model)."""
+
+    class Recording:
+        calls = []
+
+        def predict_proba(self, X):
+            self.calls.append(np.array(X))
+            p = np.full((len(X), 10), 0.02)
+            p[:, 7] = 0.82
+            return p
+
+    model = Recording()
+    srv = DrawServer(model, port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, model
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def post(url, body: bytes, headers=None):
+    request = urllib.request.Request(url + "predict", data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def post_image(url, image):
+    return post(url, json.dumps({"image": np.asarray(image).tolist()}).encode(), {"Content-Type": "application/json"})
+
+
+def stroke_image(shape=(280, 280)):
+    img = np.zeros(shape)
+    h, w = shape
+    img[h // 5 : h - h // 5, w * 3 // 7 : w * 4 // 7] = 255.0  # a thick "1"
+    return img
+
+
+# -- preprocessing -------------------------------------------------------------------------------
+
+
+def test_preprocess_reproduces_real_mnist_digits(mnist):
+    """MNIST digits are already in MNIST form: preprocessing them, or their 280x280 shifted
+    drawings, gives them back (measured: mean |difference| 0.02 grey levels out of 255)."""
+    _, _, X_test, _ = mnist
+    for i in range(200):
+        original = X_test[i].astype(np.float64)
+        assert np.abs(preprocess(original) - original).mean() < 1.0, i
+        assert np.abs(preprocess(as_drawing(X_test[i], i % 4)) - original).mean() < 1.0, i
+
+
+@pytest.mark.parametrize("shape, box", [((100, 50), (20, 10)), ((30, 90), (7, 20)), ((7, 7), (20, 20))])
+def test_preprocess_fits_20x20_keeping_aspect_ratio_and_centres_mass(shape, box):
+    img = np.zeros((300, 300))
+    img[40 : 40 + shape[0], 210 : 210 + shape[1]] = 200.0
+    out = preprocess(img)
+    assert out.shape == (28, 28) and out.dtype == np.float64
+    assert ink_box(out) == box
+    assert out.max() == pytest.approx(255.0) and out.min() >= 0.0
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - 14) <= 0.5 + 1e-9 and abs(cx - 14) <= 0.5 + 1e-9  # an integer shift, like MNIST
+
+
+def test_preprocess_ignores_position_and_scale():
+    rng = np.random.default_rng(5)
+    digit = np.zeros((40, 30))
+    digit[5:35, 12:18] = rng.uniform(100, 255, size=(30, 6))
+    digit[5:10, 4:26] = rng.uniform(100, 255, size=(5, 22))
+    placed = np.zeros((200, 200))
+    placed[10:50, 150:180] = digit
+    elsewhere = np.zeros((200, 200))
+    elsewhere[130:170, 20:50] = digit
+    np.testing.assert_allclose(preprocess(placed), preprocess(elsewhere), atol=1e-9)
+    twice = np.zeros((200, 200))
+    twice[30:110, 40:100] = np.kron(digit, np.ones((2, 2)))
+    np.testing.assert_allclose(preprocess(twice), preprocess(placed), atol=1e-9)
+
+
+def test_preprocess_keeps_ink_inside_when_the_mass_is_lopsided():
+    img = np.zeros((100, 100))
+    img[10:90, 10:14] = 255.0  # a long bar on the left...
+    img[10:14, 10:90] = 1.0  # ...and a faint roof: the centre of mass sits near the left edge
+    out = preprocess(img)
+    digit = resize_area(img[10:90, 10:90], (20, 20))
+    assert centre_of_mass(digit)[1] < 2  # centring it on column 14 would push ink off the field
+    assert ink_box(out) == (20, 20)
+    assert out.sum() == pytest.approx(digit.sum() * 255.0 / digit.max())  # no ink lost
+
+
+def test_preprocess_of_a_blank_drawing_is_blank():
+    assert not preprocess(np.zeros((28, 28))).any()
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((27, 28)), "between 28x28 and 512x512"),
+        (np.zeros((28, 513)), "between 28x28 and 512x512"),
+        (np.zeros((28, 28, 1)), "2-D"),
+        (np.full((28, 28), 255.5), r"\[0, 255\]"),
+        (np.full((28, 28), -1.0), r"\[0, 255\]"),
+        (np.full((28, 28), np.nan), "finite"),
+        (np.full((28, 28), "1"), "numbers"),
+        ([[1, 2], [3]], "rectangular"),
+    ],
+)
+def test_preprocess_names_what_is_wrong_with_bad_input(image, message):
+    with pytest.raises(ValueError, match=message):
+        preprocess(image)
+
+
+def test_resize_area_averages_blocks_and_repeats_pixels():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, size=(12, 18))
+    down = resize_area(img, (3, 6))
+    np.testing.assert_allclose(down, img.reshape(3, 4, 6, 3).mean(axis=(1, 3)), rtol=1e-12)
+    np.testing.assert_allclose(resize_area(img, (36, 54)), np.kron(img, np.ones((3, 3))), rtol=1e-12)
+
+
+def test_resize_area_keeps_the_mean_at_any_ratio():
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0, 255, size=(37, 23))
+    for shape in [(20, 13), (5, 29), (1, 1), (41, 7)]:
+        assert resize_area(img, shape).mean() == pytest.approx(img.mean(), rel=1e-12)
+
+
+# -- the endpoint with the real model --------------------------------------------------------------
+
+
+def test_predict_reads_real_mnist_test_digits_drawn_large_and_off_centre(drawing_model, mnist):
+    """300 real test digits (never trained on), upscaled to 280x280 and pushed into a corner."""
+    _, _, X_test, y_test = mnist
+    srv = DrawServer(drawing_model, port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        answers = [post_image(srv.url, as_drawing(X_test[i], i % 4)) for i in range(300)]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert all(status == 200 for status, _ in answers)
+    digits = np.array([a["digit"] for _, a in answers])
+    probabilities = np.array([a["probabilities"] for _, a in answers])
+    assert probabilities.shape == (300, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(digits, probabilities.argmax(axis=1))
+    accuracy = (digits == y_test[:300]).mean()
+    assert accuracy >= 0.95, f"{accuracy:.1%} of 300 drawn digits read correctly"
+
+
+def test_quick_model_is_trained_then_reused_from_its_cache(drawing_model, tmp_path):
+    path = tmp_path / "cache" / "quick.safetensors"
+    path.parent.mkdir()
+    drawing_model.save(path)
+    said = []
+    model = quick_model(path, log=said.append)
+    assert "cached" in said[0] and str(path) in said[0]
+    assert model.config["layers"] == QUICK_LAYERS
+    assert QUICK_FIT["optimizer"] == "adam"
+
+
+# -- the endpoint's contract, with a stand-in model ------------------------------------------------
+
+
+def test_predict_sends_the_model_an_mnist_style_uint8_digit(server):
+    srv, model = server
+    status, answer = post_image(srv.url, stroke_image())
+    assert status == 200
+    assert answer == {"digit": 7, "probabilities": pytest.approx([0.02] * 7 + [0.82] + [0.02] * 2)}
+    (X,) = model.calls
+    assert X.shape == (1, 28, 28) and X.dtype == np.uint8
+    np.testing.assert_array_equal(X[0], np.rint(preprocess(stroke_image())).astype(np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (512, 512), (28, 512), (300, 41)])
+def test_predict_accepts_every_size_in_range(server, shape):
+    srv, _ = server
+    img = np.zeros(shape)
+    img[3 : shape[0] - 3, shape[1] // 2 - 2 : shape[1] // 2 + 2] = 255
+    assert post_image(srv.url, img)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2, 3]", "JSON object"),
+        (b'{"picture": [[0]]}', "JSON object"),
+        (b'{"image": "abc"}', "list of rows"),
+        (b'{"image": [1, 2, 3]}', "list of rows"),
+        (b'{"image": [[NaN]]}', "finite"),
+        (b'{"image": [[Infinity]]}', "finite"),
+        (b"[" * 100_000, "nested too deeply"),
+        (json.dumps({"image": np.zeros((27, 28)).tolist()}).encode(), "got 27x28"),
+        (json.dumps({"image": np.zeros((28, 600)).tolist()}).encode(), "got 28x600"),
+        (json.dumps({"image": np.zeros((28, 28, 2)).tolist()}).encode(), "numbers|2-D"),
+        (json.dumps({"image": [[0] * 28] * 27 + [[0] * 27]}).encode(), "same length"),
+        (json.dumps({"image": [[True] * 28] * 28}).encode(), "not true/false"),
+        (json.dumps({"image": [["1"] * 28] * 28}).encode(), "numbers"),
+        (json.dumps({"image": [[None] * 28] * 28}).encode(), "numbers"),
+        (json.dumps({"image": [[300] * 28] * 28}).encode(), r"\[0, 255\]"),
+        (json.dumps({"image": [[-3] * 28] * 28}).encode(), r"\[0, 255\]"),
+        (json.dumps({"image": [[10**400] * 28] * 28}).encode(), "numbers"),
+        (json.dumps({"image": [[0] * 28] * 28}).encode(), "empty"),
+    ],
+)
+def test_predict_answers_400_with_a_message_on_bad_input(server, body, message):
+    srv, model = server
+    status, answer = post(srv.url, body)
+    assert status == 400
+    assert answer["error"]
+    assert re.search(message, answer["error"]), answer["error"]
+    assert model.calls == []
+
+
+def test_predict_refuses_an_oversized_body(server):
+    srv, model = server
+    srv.max_body_bytes = 50_000
+    status, answer = post(srv.url, b" " * 50_001)
+    assert status == 400 and "limit is 50000" in answer["error"]
+    assert model.calls == []
+    # The server still works afterwards.
+    assert post_image(srv.url, stroke_image((28, 28)))[0] == 200
+
+
+def test_predict_refuses_a_post_without_content_length(server):
+    srv, _ = server
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"5\r\nhello\r\n0\r\n\r\n")
+    response = conn.getresponse()
+    assert response.status == 400 and "Content-Length" in json.loads(response.read())["error"]
+    conn.close()
+
+
+def test_routes(server):
+    srv, _ = server
+    with urllib.request.urlopen(srv.url + "health", timeout=10) as response:
+        assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+    with urllib.request.urlopen(srv.url, timeout=10) as response:
+        page = response.read().decode()
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/html")
+    assert "<canvas" in page and 'fetch("predict"' in page
+    for path, code in [("nothing", 404), ("predict", 405)]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(srv.url + path, timeout=10)
+        assert e.value.code == code
+    assert post(srv.url.rstrip("/") + "/elsewhere/", b"{}")[0] == 404
+
+
+def test_serves_requests_side_by_side(server):
+    srv, model = server
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(post_image(srv.url, stroke_image()))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [status for status, _ in results] == [200] * 8
+    assert len(model.calls) == 8
+
+
+def test_listens_on_localhost_only_by_default():
+    srv = DrawServer(object(), port=0)
+    try:
+        assert srv.server_address[0] == "127.0.0.1"
+        assert srv.url.startswith("http://127.0.0.1:")
+    finally:
+        srv.server_close()
+
+
+def test_cli_draw_reports_a_port_it_cannot_use(server, tmp_path, capsys, drawing_model):
+    srv, _ = server
+    path = tmp_path / "m.safetensors"
+    drawing_model.save(path)
+    args = types.SimpleNamespace(model=str(path), host="127.0.0.1", port=srv.server_address[1], no_browser=True)
+    assert cli_draw(args) == 1
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
