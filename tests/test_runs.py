@@ -1,0 +1,246 @@
+"""Run records: config.json, metrics.jsonl written as training goes, Ctrl-C safety, listing, comparing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet.callbacks import Callback
+from xpnet.runs import (
+    RunRecorder,
+    cli_runs,
+    compare_runs,
+    format_comparison,
+    format_runs_table,
+    list_runs,
+    read_metrics,
+    read_run,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CheckMetricsFile(Callback):
+    """Runs after the recorder: the file must be valid JSON, line by line, after every epoch."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs):
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert [r["epoch"] for r in records] == list(range(epoch + 1))
+        assert records[-1]["loss"] == pytest.approx(logs["loss"])
+        assert (self.run_dir / "model.safetensors").is_file()
+        self.seen.append(len(records))
+
+
+def small_data(mnist, n=3000):
+    X_train, y_train, X_test, y_test = mnist
+    return X_train[:n], y_train[:n], X_test[:1000], y_test[:1000]
+
+
+def test_a_recorded_run_holds_config_metrics_model_and_plots(mnist, tmp_path):
+    X, y, X_val, y_val = small_data(mnist)
+    run = tmp_path / "runs" / "first"
+    checker = CheckMetricsFile(run)
+    model = xpnet.MLP([784, 32, 10], seed=3)
+    history = model.fit(
+        X, y, epochs=3, batch_size=64, optimizer="adam", lr=2e-3, validation_data=(X_val, y_val), verbose=0,
+        callbacks=[RunRecorder(run, config={"data": {"sha256": "abc"}, "model": {"note": "merged"}},
+                               eval_data=(X_val, y_val)), checker],
+    )
+    assert checker.seen == [1, 2, 3]
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == {**model.config, "note": "merged"}
+    assert config["fit"]["epochs"] == 3 and config["fit"]["batch_size"] == 64
+    assert config["fit"]["lr"] == pytest.approx(2e-3) and config["fit"]["optimizer"].startswith("Adam")
+    assert config["backend"] == "cpu" and config["data"] == {"sha256": "abc"}
+    assert config["versions"]["xpnet"] == xpnet.__version__ and config["versions"]["numpy"] == np.__version__
+    assert config["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+    metrics = read_metrics(run)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert [m[key] for m in metrics] == pytest.approx(history.history[key])
+
+    saved = xpnet.load(run / "model.safetensors")
+    np.testing.assert_array_equal(saved.predict_proba(X_val), model.predict_proba(X_val))
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_run"] == 3
+    assert summary["eval_accuracy"] == pytest.approx(model.score(X_val, y_val))
+    if summary["plots"] != "not drawn: matplotlib is not installed (pip install 'xpnet[plot]')":
+        for name in summary["plots"]:
+            assert (run / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_run_dir_records_a_run(mnist, tmp_path):
+    X, y, _, _ = small_data(mnist, 1000)
+    xpnet.MLP([784, 16, 10], seed=0).fit(X, y, epochs=2, verbose=0, run_dir=tmp_path / "r")
+    assert len(read_metrics(tmp_path / "r")) == 2
+    assert read_run(tmp_path / "r")["status"] == "completed"
+
+
+def test_a_folder_that_holds_a_run_is_not_overwritten_by_accident(mnist, tmp_path):
+    X, y, _, _ = small_data(mnist, 500)
+    xpnet.MLP([784, 8, 10], seed=0).fit(X, y, epochs=1, verbose=0, run_dir=tmp_path / "r")
+    with pytest.raises(FileExistsError, match="already holds a recorded run"):
+        xpnet.MLP([784, 8, 10], seed=0).fit(X, y, epochs=1, verbose=0, run_dir=tmp_path / "r")
+    xpnet.MLP([784, 8, 10], seed=1).fit(X, y, epochs=2, verbose=0,
+                                        callbacks=[RunRecorder(tmp_path / "r", overwrite=True)])
+    assert len(read_metrics(tmp_path / "r")) == 2 and read_run(tmp_path / "r")["config"]["model"]["seed"] == 1
+
+
+def test_an_exception_mid_run_keeps_the_finished_epochs(mnist, tmp_path):
+    X, y, _, _ = small_data(mnist, 1000)
+
+    class Boom(Callback):
+        def on_epoch_end(self, epoch, logs):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        xpnet.MLP([784, 16, 10], seed=0).fit(X, y, epochs=5, verbose=0,
+                                             callbacks=[RunRecorder(tmp_path / "r"), Boom()])
+    assert [m["epoch"] for m in read_metrics(tmp_path / "r")] == [0, 1]
+    assert read_run(tmp_path / "r")["status"] == "interrupted"
+
+
+INTERRUPTED_TRAINING = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    import numpy as np
+    import xpnet
+    from xpnet.callbacks import Callback
+    from xpnet.runs import RunRecorder
+
+    run = sys.argv[1]
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, size=(20000, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, size=20000)
+
+    class Fingerprint(Callback):  # after the recorder: which weights each epoch saved
+        def on_epoch_end(self, epoch, logs):
+            digest = hashlib.sha256(b"".join(w.tobytes() + b.tobytes() for w, b in self.model.get_weights()))
+            with open(run + "-fingerprints.txt", "a") as f:
+                f.write(digest.hexdigest() + "\\n")
+
+    xpnet.MLP([784, 128, 10], seed=0).fit(X, y, epochs=10_000, batch_size=32, optimizer="adam", lr=1e-4,
+                                          verbose=0, callbacks=[RunRecorder(run), Fingerprint()])
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_leaves_the_last_finished_epochs_model_and_metrics(tmp_path):
+    """A real process, a real SIGINT while it trains: what is on disk stays consistent."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_TRAINING, str(run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fingerprints = Path(f"{run}-fingerprints.txt")
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if fingerprints.exists() and len(fingerprints.read_text().splitlines()) >= 2:
+                break
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("training did not finish two epochs in 120 s")
+        time.sleep(0.3)  # land somewhere inside the next epoch
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and b"KeyboardInterrupt" in err
+
+    metrics = read_metrics(run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(metrics) >= 2  # every line complete and valid JSON
+    assert [m["epoch"] for m in metrics] == list(range(len(metrics)))
+    saved = xpnet.load(run / "model.safetensors")
+    import hashlib
+
+    digest = hashlib.sha256(b"".join(w.tobytes() + b.tobytes() for w, b in saved.get_weights())).hexdigest()
+    epochs_fingerprinted = fingerprints.read_text().splitlines()
+    # The model on disk is the one of the last epoch in metrics.jsonl.
+    assert digest == epochs_fingerprinted[len(metrics) - 1]
+    assert read_run(run)["status"] == "interrupted"
+    assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
+
+
+def test_read_metrics_ignores_only_a_cut_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "loss": 1.0}\n{"epoch": 1, "lo')
+    assert read_metrics(tmp_path) == [{"epoch": 0, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "lo\n{"epoch": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        read_metrics(tmp_path)
+
+
+def two_runs(mnist, root):
+    X, y, X_val, y_val = small_data(mnist, 1500)
+    for name, lr, epochs in (("slow", 1e-3, 2), ("fast", 5e-3, 3)):
+        xpnet.MLP([784, 24, 10], seed=0).fit(X, y, epochs=epochs, optimizer="adam", lr=lr,
+                                             validation_data=(X_val, y_val), verbose=0, run_dir=root / name)
+    return root / "slow", root / "fast"
+
+
+def test_list_and_compare_runs(mnist, tmp_path, capsys):
+    slow, fast = two_runs(mnist, tmp_path / "runs")
+    (tmp_path / "runs" / "not-a-run").mkdir()
+    runs = list_runs(tmp_path / "runs")
+    assert [r["name"] for r in runs] == ["slow", "fast"]
+    best = max(m["val_accuracy"] for m in read_metrics(fast))
+    assert runs[1]["best_val_accuracy"] == best and runs[1]["epochs"] == "3/3"
+    assert runs[1]["layers"] == "784-24-10" and runs[1]["optimizer"] == "Adam"
+
+    table = format_runs_table(runs)
+    assert table.splitlines()[0].split()[:3] == ["name", "layers", "optimizer"]
+    assert f"{best:.2%}" in table and "completed" in table
+
+    comparison = compare_runs(slow, fast)
+    differing = {key for key, a, b in comparison["config"] if a != b}
+    assert {"fit.lr", "fit.epochs", "fit.optimizer"} <= differing
+    assert "model.layers" not in differing
+    assert [e for e, _, _ in comparison["metrics"]] == [0, 1, 2]
+    assert comparison["metrics"][2][1] is None and comparison["metrics"][2][2]["epoch"] == 2
+    text = format_comparison(comparison)
+    assert "* fit.lr" in " ".join(text.split()) or "*  fit.lr" in text
+
+    assert cli_runs(types.SimpleNamespace(dir=str(tmp_path / "runs"), compare=None)) == 0
+    assert capsys.readouterr().out.strip() == table
+    assert cli_runs(types.SimpleNamespace(dir=None, compare=[str(slow), str(fast)])) == 0
+    assert capsys.readouterr().out.strip() == text.strip()
+    assert cli_runs(types.SimpleNamespace(dir=str(tmp_path / "none"), compare=None)) == 1
+    assert "no runs folder" in capsys.readouterr().err
+    assert cli_runs(types.SimpleNamespace(dir=None, compare=[str(slow), str(tmp_path)])) == 1
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_the_xpnet_runs_command(mnist, tmp_path):
+    two_runs(mnist, tmp_path / "runs")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    listing = subprocess.run([sys.executable, "-m", "xpnet", "runs", str(tmp_path / "runs")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "slow" in listing.stdout and "fast" in listing.stdout
+    compared = subprocess.run([sys.executable, "-m", "xpnet", "runs", "compare", str(tmp_path / "runs" / "slow"),
+                               str(tmp_path / "runs" / "fast")], capture_output=True, text=True, env=env, timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    assert "fit.lr" in compared.stdout and "val_accuracy A" in compared.stdout

@@ -1,0 +1,422 @@
+"""Run records: every training run leaves a folder that says what it was and how it went.
+
+A run folder holds
+
+- ``config.json``: everything needed to reproduce the run: the model's layers, activation, init,
+  dtype and seed, the fit settings (optimizer, lr, batch size, epochs, ...), the backend, the
+  versions of xpnet, NumPy and Python, and whatever the caller adds (dataset hashes, the command);
+- ``metrics.jsonl``: one JSON object per finished epoch, flushed and fsynced as it is written, so
+  an interrupted run keeps every epoch it finished;
+- ``model.safetensors``: the model after the last finished epoch (replaced atomically each epoch);
+- ``summary.json``: written when training ends (completed, stopped early or interrupted);
+- the plots (PNG), when matplotlib is installed.
+
+``RunRecorder`` is the callback that writes it (``fit(..., run_dir=DIR)`` adds one);
+``list_runs`` and ``compare_runs`` read them back for ``xpnet runs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .callbacks import Callback
+
+__all__ = [
+    "RunRecorder",
+    "read_run",
+    "read_metrics",
+    "list_runs",
+    "compare_runs",
+    "format_runs_table",
+    "format_comparison",
+    "cli_runs",
+]
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+MODEL = "model.safetensors"
+SUMMARY = "summary.json"
+
+
+class RunRecorder(Callback):
+    """Record a training run in ``run_dir`` (see the module docstring for what is written).
+
+    Parameters
+    ----------
+    run_dir : str or path-like
+        The run's folder; created if missing. Refused if it already holds a run, unless
+        ``overwrite``.
+    config : dict, optional
+        Added to config.json (nested dicts are merged), e.g. ``{"data": dataset_hashes()}``.
+    eval_data : (X, y), optional
+        Images and labels to draw the confusion matrix, per-class accuracy and worst mistakes of
+        the final model from (the training curves are drawn in any case).
+    plots : bool
+        Draw the plots at the end of training (skipped, and said so, without matplotlib).
+    overwrite : bool
+        Replace a run already recorded in ``run_dir``.
+    """
+
+    def __init__(self, run_dir, config=None, *, eval_data=None, plots=True, overwrite=False):
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        if eval_data is not None and len(eval_data) != 2:
+            raise ValueError("eval_data must be a pair (X, y)")
+        self.run_dir = Path(run_dir)
+        self.extra_config = dict(config or {})
+        self.eval_data = eval_data
+        self.plots = plots
+        self.overwrite = overwrite
+        self._planned_epochs = None
+        self._epochs_done = 0
+        self._start = None
+
+    # -- the hooks ---------------------------------------------------------------------------
+
+    def on_train_begin(self, logs):
+        run = self.run_dir
+        if (run / CONFIG).exists() or (run / METRICS).exists():
+            if not self.overwrite:
+                raise FileExistsError(
+                    f"{run} already holds a recorded run; choose another folder or pass overwrite=True"
+                )
+            for name in (SUMMARY, MODEL):
+                (run / name).unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        self._start = time.time()
+        self._planned_epochs = logs.get("epochs")
+        self._epochs_done = 0
+        model = self.model
+        config = {
+            "name": run.name,
+            "started": _now(),
+            "model": dict(model.config),
+            "n_params": int(model.count_params()),
+            "backend": model.backend.name,
+            "fit": _jsonable(dict(logs)),
+            "versions": versions(),
+            "platform": {"machine": platform.machine(), "system": platform.system(), "processor": platform.processor()},
+        }
+        config = _merge(config, _jsonable(self.extra_config))
+        _write_text_atomic(run / CONFIG, json.dumps(config, indent=2) + "\n")
+        with open(run / METRICS, "w", encoding="utf-8") as f:  # start the run's metrics afresh
+            _sync(f)
+
+    def on_epoch_end(self, epoch, logs):
+        line = {"epoch": int(epoch), **_jsonable(dict(logs)), "elapsed": round(time.time() - self._start, 3)}
+        # A Ctrl-C waits until the model and its metrics line are both on disk, so the last line
+        # of metrics.jsonl always describes the model file beside it.
+        with _sigint_deferred():
+            self.model.save(self.run_dir / MODEL)
+            with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, allow_nan=False) + "\n")
+                _sync(f)
+        self._epochs_done += 1
+
+    def on_train_end(self, logs):
+        done = self._epochs_done
+        if getattr(self.model, "stop_training", False):
+            status = "stopped early"
+        elif self._planned_epochs is not None and done < self._planned_epochs:
+            status = "interrupted"
+        else:
+            status = "completed"
+        summary = {"status": status, "epochs_run": done, "finished": _now(),
+                   "seconds": round(time.time() - self._start, 3)}
+        if self.eval_data is not None and done:
+            X, y = self.eval_data
+            proba = np.asarray(self.model.predict_proba(X))
+            summary["eval_accuracy"] = float((proba.argmax(axis=1) == np.asarray(y)).mean())
+            summary["eval_size"] = int(len(y))
+        else:
+            proba = None
+        if self.plots and done:
+            summary["plots"] = self._draw_plots(proba)
+        _write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    def _draw_plots(self, proba):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "not drawn: matplotlib is not installed (pip install 'xpnet[plot]')"
+        from . import plots
+
+        run, drawn = self.run_dir, []
+        plots.training_curves(read_metrics(run), path=run / "curves.png")
+        drawn.append("curves.png")
+        if proba is not None:
+            X, y = self.eval_data
+            y_pred = proba.argmax(axis=1)
+            plots.confusion_matrix(y, y_pred, path=run / "confusion.png")
+            plots.per_class_accuracy(y, y_pred, path=run / "per_class_accuracy.png")
+            plots.worst_misclassified(X, y, proba, path=run / "worst_misclassified.png")
+            drawn += ["confusion.png", "per_class_accuracy.png", "worst_misclassified.png"]
+        return drawn
+
+
+def versions() -> dict:
+    """Versions of Python and of the libraries a result can depend on (without importing them)."""
+    from . import __version__
+
+    out = {"python": platform.python_version(), "xpnet": __version__, "numpy": np.__version__}
+    for package in ("numba", "cupy-cuda12x", "cupy-cuda13x", "array-api-compat", "safetensors"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# -- reading runs back ---------------------------------------------------------------------------
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The epochs recorded in ``run_dir/metrics.jsonl``, in order.
+
+    A last line cut short (the process died while writing it) is ignored; a bad line anywhere
+    else raises ValueError naming it.
+    """
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({e})") from None
+    return out
+
+
+def read_run(run_dir) -> dict:
+    """One run as a dict: ``name``, ``path``, ``config``, ``metrics`` (list), ``summary`` (or None)
+    and the figures ``list_runs`` shows (``layers``, ``optimizer``, ``best_val_accuracy``, ...).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``run_dir`` holds no config.json.
+    """
+    run = Path(run_dir)
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run} is not a run folder: it has no {CONFIG}")
+    config = json.loads((run / CONFIG).read_text(encoding="utf-8"))
+    metrics = read_metrics(run)
+    summary = json.loads((run / SUMMARY).read_text(encoding="utf-8")) if (run / SUMMARY).is_file() else None
+    fit = config.get("fit", {})
+    val = [m["val_accuracy"] for m in metrics if m.get("val_accuracy") is not None]
+    return {
+        "name": run.name,
+        "path": str(run),
+        "config": config,
+        "metrics": metrics,
+        "summary": summary,
+        "started": config.get("started", ""),
+        "layers": "-".join(map(str, config.get("model", {}).get("layers", []))),
+        "optimizer": str(fit.get("optimizer", "?")).split("(")[0],
+        "lr": fit.get("lr"),
+        "batch_size": fit.get("batch_size"),
+        "epochs": f"{len(metrics)}/{fit.get('epochs', '?')}",
+        "best_val_accuracy": max(val) if val else None,
+        "final_accuracy": metrics[-1].get("accuracy") if metrics else None,
+        "seconds": sum(m.get("seconds", 0.0) for m in metrics),
+        "status": summary["status"] if summary else ("running or killed" if metrics else "no epoch finished"),
+    }
+
+
+def list_runs(runs_dir="runs") -> list[dict]:
+    """Every run folder directly inside ``runs_dir`` (see ``read_run``), oldest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no runs folder at {root}")
+    runs = [read_run(p) for p in sorted(root.iterdir()) if (p / CONFIG).is_file()]
+    return sorted(runs, key=lambda r: (r["started"], r["name"]))
+
+
+def compare_runs(a, b) -> dict:
+    """Two runs side by side.
+
+    Returns
+    -------
+    dict
+        ``runs``: the two ``read_run`` dicts; ``config``: ``[(key, value_a, value_b), ...]`` over
+        the union of their flattened config keys (``fit.lr``, ``model.layers``, ...), differing
+        keys first; ``metrics``: ``[(epoch, metrics_a or None, metrics_b or None), ...]``.
+    """
+    run_a, run_b = read_run(a), read_run(b)
+    flat_a, flat_b = _flatten(run_a["config"]), _flatten(run_b["config"])
+    keys = sorted(set(flat_a) | set(flat_b))
+    rows = [(k, flat_a.get(k), flat_b.get(k)) for k in keys]
+    rows.sort(key=lambda r: (r[1] == r[2], r[0]))  # differences first
+    n = max(len(run_a["metrics"]), len(run_b["metrics"]))
+    by_epoch = [
+        (i, run_a["metrics"][i] if i < len(run_a["metrics"]) else None,
+         run_b["metrics"][i] if i < len(run_b["metrics"]) else None)
+        for i in range(n)
+    ]
+    return {"runs": (run_a, run_b), "config": rows, "metrics": by_epoch}
+
+
+# -- text for the terminal -----------------------------------------------------------------------
+
+
+def format_runs_table(runs) -> str:
+    """``list_runs``'s result as an aligned text table."""
+    if not runs:
+        return "no runs recorded"
+    header = ["name", "layers", "optimizer", "lr", "batch", "epochs", "best val acc", "train time", "started", "status"]
+    rows = [
+        [r["name"], r["layers"], r["optimizer"], _num(r["lr"]), _num(r["batch_size"]), r["epochs"],
+         _pct(r["best_val_accuracy"]), f"{r['seconds']:.1f} s", r["started"][:19].replace("T", " "), r["status"]]
+        for r in runs
+    ]
+    return _table(header, rows)
+
+
+def format_comparison(comparison) -> str:
+    """``compare_runs``'s result as text: configs (differences marked ``*``), then metrics per epoch."""
+    run_a, run_b = comparison["runs"]
+    a, b = run_a["name"], run_b["name"]
+    config_rows = [
+        ["*" if va != vb else "", key, _value(va), _value(vb)] for key, va, vb in comparison["config"]
+        if key not in ("name", "started")
+    ]
+    out = ["config (* = differs)", _table(["", "key", a, b], config_rows), ""]
+    names = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+             if any(m and k in m for _, ma, mb in comparison["metrics"] for m in (ma, mb))]
+    header = ["epoch"] + [f"{k} {side}" for k in names for side in ("A", "B")]
+    metric_rows = [
+        [str(epoch + 1)] + [_num(m.get(k)) if m else "" for k in names for m in (ma, mb)]
+        for epoch, ma, mb in comparison["metrics"]
+    ]
+    out += [f"metrics per epoch (A = {a}, B = {b})", _table(header, metric_rows), ""]
+    out.append(f"best val accuracy: A {_pct(run_a['best_val_accuracy'])}, B {_pct(run_b['best_val_accuracy'])}; "
+               f"status: A {run_a['status']}, B {run_b['status']}")
+    return "\n".join(out)
+
+
+def cli_runs(args) -> int:
+    """``xpnet runs [DIR]`` lists runs; ``xpnet runs compare A B`` compares two."""
+    try:
+        if getattr(args, "compare", None):
+            print(format_comparison(compare_runs(*args.compare)))
+        else:
+            print(format_runs_table(list_runs(args.dir or "runs")))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"xpnet runs: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold back SIGINT (Ctrl-C) for the duration of the block, then deliver it.
+
+    Only the main thread can set signal handlers; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        signal.raise_signal(signal.SIGINT)  # now, to whatever handled it before
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        _sync(f)
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    """``obj`` with NumPy scalars/arrays as Python values and non-finite floats as None."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _value(v) -> str:
+    text = "-" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else _num(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _table(header, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line("-" * w for w in widths), *map(line, rows)])
