@@ -1,0 +1,357 @@
+"""Every hand-written kernel equals the ``xp`` reference, and the dispatcher runs what it says.
+
+The kernel tests run over ``impl`` in ("numba", "cuda"); the ``kernel_arrays`` fixture builds
+arrays of that implementation's kind (NumPy for numba, CuPy for cuda) and is the only place
+that converts, so this same file checks the CUDA kernels on a GPU machine.
+
+Tolerances (float64 1e-12, float32 1e-5, relative) are measured against the terms each formula
+combines: a softmax is compared value by value; where the formula subtracts (the loss
+``logsumexp(z) - z_y``, the gradient ``p - onehot``) the bound is relative to the size of the
+terms subtracted, since that is where either implementation's rounding lives. Results below the
+smallest normal number have no relative precision in any implementation: ``atol = tiny``.
+Every output is pre-filled with NaN, so an element a kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import xpnet.functional as F
+from xpnet import kernels
+
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+KERNEL_IMPLS = ("numba", "cuda")
+
+
+class KernelArrays:
+    """Moves host (NumPy) test data to an implementation's kind of array and back."""
+
+    def __init__(self, impl):
+        self.impl = impl
+        self.module = kernels.kernel_module(impl)
+        if impl == "cuda":
+            import cupy
+
+            self._to, self._back = cupy.asarray, lambda a: a.get()
+        else:
+            self._to, self._back = np.asarray, np.asarray
+
+    def to(self, host, layout="C"):
+        """``host`` on the device, laid out as asked: "C", "F" (a transpose) or "strided"."""
+        if layout == "F":
+            return self._to(np.ascontiguousarray(host.T)).T
+        if layout == "strided":  # every other row and column of a larger array
+            big = np.full((2 * host.shape[0], 2 * host.shape[1]) if host.ndim == 2 else 2 * host.shape[0], np.nan, host.dtype)
+            big[(slice(None, None, 2),) * host.ndim] = host
+            return self._to(big)[(slice(None, None, 2),) * host.ndim]
+        return self._to(np.ascontiguousarray(host))
+
+    def poisoned(self, shape, dtype):
+        return self._to(np.full(shape, np.nan, dtype))
+
+    def host(self, a):
+        return self._back(a)
+
+
+@pytest.fixture(params=KERNEL_IMPLS)
+def kernel_arrays(request):
+    reason = kernels.kernel_module(request.param).unavailable()
+    if reason:
+        if request.param == "cuda" and request.config.getoption("--require-cuda", default=False):
+            pytest.fail(f"--require-cuda: {reason}")
+        pytest.skip(f"{request.param} kernels unavailable: {reason}")
+    return KernelArrays(request.param)
+
+
+def _run_or_refuse(ka, op, call, *device_arrays):
+    """Run a forced kernel, or check that it refuses arrays its module says it cannot run.
+
+    Returns the kernel's result, or None when the module declared the arrays unsupported (then
+    the forced call must raise ValueError, and ``impl="auto"`` must still give the reference).
+    """
+    reason = ka.module.unsupported(op, *device_arrays)
+    if reason is None:
+        return call(ka.impl)
+    with pytest.raises(ValueError, match="cannot run"):
+        call(ka.impl)
+    return None
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+dtypes = st.sampled_from([np.float32, np.float64])
+layouts = st.sampled_from(["C", "F", "strided"])
+shapes = st.tuples(st.integers(1, 37), st.integers(1, 45))
+KINDS = ("normal", "wide", "extreme", "equal_rows")
+
+
+@st.composite
+def logits_cases(draw):
+    """(host logits, dtype, layout): normal and wide-range values, +-1e4 extremes, equal rows."""
+    dtype, layout, (n, c) = draw(dtypes), draw(layouts), draw(shapes)
+    kind = draw(st.sampled_from(KINDS))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        x = rng.standard_normal((n, c)) * 3
+    elif kind == "wide":
+        x = rng.uniform(-300, 300, (n, c))
+    elif kind == "extreme":
+        x = rng.choice([-1e4, 1e4, -1e4 + 1, 0.5, 1e4 - 3], size=(n, c))
+    else:
+        x = np.repeat(rng.uniform(-1e4, 1e4, (n, 1)), c, axis=1)
+    return x.astype(dtype), dtype, layout
+
+
+def _assert_close(got, want, rtol, scale=None):
+    """``|got - want| <= rtol * scale + tiny`` elementwise (``scale`` defaults to ``|want|``)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert not np.isnan(got).any(), "NaN in the result: an element was not written"
+    scale = np.abs(want) if scale is None else scale
+    tiny = np.finfo(want.dtype).tiny
+    bad = np.abs(got.astype(np.float64) - want) > rtol * scale + tiny
+    assert not bad.any(), f"{bad.sum()} of {bad.size} differ; first at {np.argwhere(bad)[0]}: {got[bad][:3]} vs {want[bad][:3]}"
+
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# --- each kernel equals the reference -------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=logits_cases())
+def test_softmax_equals_reference(kernel_arrays, case):
+    x, dtype, layout = case
+    ka = kernel_arrays
+    want = F.softmax(x, impl="xp")
+    xd = ka.to(x, layout)
+    out = ka.poisoned(x.shape, dtype)
+    got = _run_or_refuse(ka, "softmax", lambda impl: F.softmax(xd, out=out, impl=impl), xd)
+    if got is None:
+        got = F.softmax(xd, impl="auto")
+    else:
+        assert got is out
+    _assert_close(ka.host(got), want, RTOL[dtype])
+
+
+@SETTINGS
+@given(case=logits_cases(), label_seed=st.integers(0, 2**32 - 1))
+def test_softmax_cross_entropy_equals_reference(kernel_arrays, case, label_seed):
+    x, dtype, layout = case
+    ka = kernel_arrays
+    n, c = x.shape
+    labels = np.random.default_rng(label_seed).integers(0, c, n)
+    want_loss, want_grad = F.softmax_cross_entropy(x, labels, impl="xp")
+    xd, yd = ka.to(x, layout), ka.to(labels)
+    grad_out = ka.poisoned(x.shape, dtype)
+    got = _run_or_refuse(
+        ka, "softmax_cross_entropy", lambda impl: F.softmax_cross_entropy(xd, yd, grad_out=grad_out, impl=impl), xd, yd
+    )
+    if got is None:
+        got = F.softmax_cross_entropy(xd, yd, impl="auto")
+    else:
+        assert got[1] is grad_out
+    loss, grad = ka.host(got[0]), ka.host(got[1])
+    assert loss.shape == () and loss.dtype == dtype
+
+    # the loss subtracts z_y from logsumexp(z) = max + log(sum): rounding is relative to those
+    lse = F.logsumexp(x.astype(np.float64), axis=1)
+    picked = x[np.arange(n), labels].astype(np.float64)
+    loss_scale = np.mean(np.abs(x.max(axis=1)) + np.abs(lse) + np.abs(picked))
+    _assert_close(loss, want_loss, RTOL[dtype], scale=loss_scale)
+    # the gradient subtracts onehot from p, then divides by N
+    onehot = np.eye(c, dtype=np.float64)[labels]
+    p = F.softmax(x, impl="xp").astype(np.float64)
+    _assert_close(grad, want_grad, RTOL[dtype], scale=(p + onehot) / n)
+
+
+
+
+@SETTINGS
+@given(dtype=dtypes, layout=layouts, shape=shapes, seed=st.integers(0, 2**32 - 1), in_place=st.booleans())
+def test_relu_backward_equals_reference(kernel_arrays, dtype, layout, shape, seed, in_place):
+    """Exact: a select has no rounding. ``y`` holds exact zeros (derivative 0 there) and -0.0."""
+    ka = kernel_arrays
+    rng = np.random.default_rng(seed)
+    dy = (rng.standard_normal(shape) * 10).astype(dtype)
+    y = rng.choice([0.0, -0.0, 1.5, -2.25, 1e-30, -1e-30, 3e4], size=shape).astype(dtype)
+    want = F.relu_backward(dy, y, impl="xp")
+    dyd, yd = ka.to(dy, layout), ka.to(y, layout)
+    out = dyd if in_place else ka.poisoned(shape, dtype)
+    got = _run_or_refuse(ka, "relu_backward", lambda impl: F.relu_backward(dyd, yd, out=out, impl=impl), dyd, yd)
+    if got is None:
+        return
+    assert got is out
+    np.testing.assert_array_equal(ka.host(got), want)
+    assert not np.signbit(ka.host(got)[want == 0]).any(), "zeros must be +0.0, as the reference gives"
+
+
+@SETTINGS
+@given(dtype=dtypes, layout=layouts, shape=shapes, seed=st.integers(0, 2**32 - 1), in_place=st.booleans())
+def test_bias_relu_equals_reference(kernel_arrays, dtype, layout, shape, seed, in_place):
+    """Exact: one addition, rounded the same way. ``out=x`` runs in place."""
+    ka = kernel_arrays
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 5).astype(dtype)
+    b = (rng.standard_normal(shape[1]) * 5).astype(dtype)
+    x[0, 0] = -b[0]  # an exact zero after the bias
+    want = F.bias_relu(x, b, impl="xp")
+    xd, bd = ka.to(x, layout), ka.to(b)
+    out = xd if in_place else ka.poisoned(shape, dtype)
+    got = _run_or_refuse(ka, "bias_relu", lambda impl: F.bias_relu(xd, bd, out=out, impl=impl), xd, bd)
+    if got is None:
+        return
+    assert got is out
+    np.testing.assert_array_equal(ka.host(got), want)
+
+
+def test_kernels_without_out_return_fresh_arrays(kernel_arrays, rng):
+    ka = kernel_arrays
+    x = rng.standard_normal((9, 7))
+    xd = ka.to(x)
+    got = F.softmax(xd, impl=ka.impl)
+    assert got is not xd and got.shape == x.shape
+    _assert_close(ka.host(got), F.softmax(x, impl="xp"), RTOL[np.float64])
+    np.testing.assert_array_equal(ka.host(xd), x)  # input untouched
+
+
+def test_large_rows_and_many_rows_use_every_path(kernel_arrays, rng):
+    """Sizes past the parallel thresholds and rows wider than one block."""
+    ka = kernel_arrays
+    for shape in [(3, 20000), (40000, 10)]:
+        x = (rng.standard_normal(shape) * 4).astype(np.float32)
+        labels = rng.integers(0, shape[1], shape[0])
+        xd, yd = ka.to(x), ka.to(labels)
+        _assert_close(ka.host(F.softmax(xd, impl=ka.impl)), F.softmax(x, impl="xp"), 1e-5)
+        loss, grad = F.softmax_cross_entropy(xd, yd, impl=ka.impl)
+        want_loss, want_grad = F.softmax_cross_entropy(x, labels, impl="xp")
+        _assert_close(ka.host(loss), want_loss, 1e-5)
+        p = F.softmax(x, impl="xp")
+        _assert_close(ka.host(grad), want_grad, 1e-5, scale=(p + np.eye(shape[1])[labels]) / shape[0])
+        dy = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(ka.host(F.relu_backward(ka.to(dy), xd, impl=ka.impl)), F.relu_backward(dy, x, impl="xp"))
+
+
+def test_labels_out_of_range_are_refused(kernel_arrays):
+    ka = kernel_arrays
+    x = ka.to(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="outside"):
+        F.softmax_cross_entropy(x, ka.to(np.array([0, 4, 1])), impl=ka.impl)
+
+
+def test_wrong_out_is_refused(kernel_arrays):
+    ka = kernel_arrays
+    x = ka.to(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="shape"):
+        F.softmax(x, out=ka.poisoned((4, 3), np.float64), impl=ka.impl)
+    with pytest.raises(ValueError, match="dtype"):
+        F.relu_backward(x, x, out=ka.poisoned((3, 4), np.float32), impl=ka.impl)
+
+
+def test_mixed_dtypes_are_refused(kernel_arrays):
+    ka = kernel_arrays
+    x64, b32 = ka.to(np.ones((3, 4))), ka.to(np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="cannot run"):
+        F.bias_relu(x64, b32, impl=ka.impl)
+
+
+# --- dispatch ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def numba_spy(monkeypatch):
+    """Counts calls into the numba softmax kernel."""
+    module = kernels.kernel_module("numba")
+    if module.unavailable():
+        pytest.skip(module.unavailable())
+    calls = []
+    real = module.softmax
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "softmax", spy)
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    return calls
+
+
+def test_forced_numba_runs_the_numba_kernel(numba_spy, rng):
+    F.softmax(rng.standard_normal((5, 3)), impl="numba")
+    assert numba_spy == [(5, 3)]
+
+
+def test_auto_picks_numba_at_the_mlp_sizes(numba_spy, rng):
+    for shape in [(128, 10), (60000, 10)]:
+        F.softmax(rng.standard_normal(shape).astype(np.float32))
+    assert numba_spy == [(128, 10), (60000, 10)]
+
+
+def test_xpnet_kernels_xp_forces_the_reference(numba_spy, rng, monkeypatch):
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    F.softmax(rng.standard_normal((128, 10)))
+    assert numba_spy == []
+    F.softmax(rng.standard_normal((4, 3)), impl="numba")  # an explicit impl still wins
+    assert numba_spy == [(4, 3)]
+
+
+def test_unavailable_kernels_are_a_clear_error_and_auto_falls_back(numba_spy, rng, monkeypatch):
+    module = kernels.kernel_module("numba")
+    monkeypatch.setattr(module, "unavailable", lambda: "numba is not installed (pip install numba)")
+    x = rng.standard_normal((6, 4))
+    with pytest.raises(RuntimeError, match="not available: numba is not installed"):
+        F.softmax(x, impl="numba")
+    np.testing.assert_allclose(F.softmax(x), F.softmax(x, impl="xp"))
+    assert numba_spy == []
+
+
+def test_unknown_impl_is_a_clear_error(rng):
+    with pytest.raises(ValueError, match="impl must be one of"):
+        F.softmax(rng.standard_normal((2, 2)), impl="fortran")
+
+
+def test_unsupported_arrays_are_a_clear_error_for_a_forced_kernel():
+    module = kernels.kernel_module("numba")
+    if module.unavailable():
+        pytest.skip(module.unavailable())
+    with pytest.raises(ValueError, match="float32 or float64"):
+        F.softmax(np.ones((2, 3), np.float16), impl="numba")
+    with pytest.raises(ValueError, match="integers"):
+        F.softmax_cross_entropy(np.ones((2, 3)), np.array([0.0, 1.0]), impl="numba")
+    assert F.softmax(np.ones((2, 3), np.float16)).dtype == np.float16  # auto: the reference
+
+
+def test_numba_is_imported_lazily():
+    code = "import sys, xpnet, xpnet.functional, xpnet.kernels; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_numba_cache_goes_to_a_writable_user_dir_when_unset(tmp_path):
+    """A read-only site-packages must not matter: numba gets a user cache dir before compiling."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    code = (
+        "import os, numba; from xpnet.kernels import numba_cpu; numba_cpu._get_loops(); "
+        "print(os.environ['NUMBA_CACHE_DIR']); print(numba.config.CACHE_DIR)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    expected = str(tmp_path / "xpnet" / "numba")
+    assert out.stdout.split() == [expected, expected]
+
+
+def test_warmup_compiles_both_dtypes():
+    module = kernels.kernel_module("numba")
+    if module.unavailable():
+        pytest.skip(module.unavailable())
+    seconds = module.warmup()
+    assert set(seconds) == {"float32", "float64"} and all(s >= 0 for s in seconds.values())
