@@ -330,7 +330,7 @@ def cli_runs(args) -> int:
 
 
 def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
 @contextlib.contextmanager
