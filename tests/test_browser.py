@@ -173,3 +173,25 @@ def test_screenshot(page, tmp_path):
     if os.environ.get("XPNET_UPDATE_DOCS"):
         DOCS.mkdir(exist_ok=True)
         shutil.copyfile(path, DOCS / "draw.png")
+
+
+def test_drawing_with_a_finger(browser, server):
+    """Touch input (a phone or tablet): real touch events through the DevTools protocol."""
+    context = browser.new_context(viewport={"width": 400, "height": 800}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    try:
+        page.goto(server.url)
+        box = page.locator("#canvas").bounding_box()
+        cdp = context.new_cdp_session(page)
+        x = box["x"] + box["width"] / 2
+        points = [(x, box["y"] + box["height"] * t) for t in np.linspace(0.15, 0.85, 25)]
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": points[0][0], "y": points[0][1]}]})
+        for px, py in points[1:]:
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": px, "y": py}]})
+            page.wait_for_timeout(10)
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        settle(page)
+        assert shown(page)[0] == "1"
+        assert page.evaluate("window.scrollY") == 0  # the stroke drew instead of scrolling the page
+    finally:
+        context.close()
