@@ -44,39 +44,72 @@ __device__ __forceinline__ index_t grid_threads() { return (index_t)gridDim.x * 
 
 // --- elementwise ---------------------------------------------------------------------------
 
+// Each thread issues U independent vector loads before it uses any (memory-level parallelism:
+// without it a thread waits out one load's latency per vector), then a grid-stride remainder.
+constexpr int U = 4;
+
 // dx = dy where y > 0 else 0, over n elements.
 template <typename T, int V>
 __global__ void relu_backward(const T* dy, const T* y, T* dx, index_t n) {
-    const index_t nv = n / V;
+    const index_t nv = n / V, stride = grid_threads();
     const Vec<T, V>* dyv = reinterpret_cast<const Vec<T, V>*>(dy);
     const Vec<T, V>* yv = reinterpret_cast<const Vec<T, V>*>(y);
     Vec<T, V>* dxv = reinterpret_cast<Vec<T, V>*>(dx);
-    for (index_t i = global_thread(); i < nv; i += grid_threads()) {
-        Vec<T, V> g = dyv[i], a = yv[i], r;
+    index_t i = global_thread();
+    for (; i + (U - 1) * stride < nv; i += U * stride) {
+        Vec<T, V> g[U], a[U];
 #pragma unroll
-        for (int j = 0; j < V; ++j) r.v[j] = a.v[j] > T(0) ? g.v[j] : T(0);
-        dxv[i] = r;
+        for (int u = 0; u < U; ++u) { g[u] = dyv[i + u * stride]; a[u] = yv[i + u * stride]; }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) g[u].v[j] = a[u].v[j] > T(0) ? g[u].v[j] : T(0);
+            dxv[i + u * stride] = g[u];
+        }
     }
-    for (index_t i = nv * V + global_thread(); i < n; i += grid_threads())
-        dx[i] = y[i] > T(0) ? dy[i] : T(0);
+    for (; i < nv; i += stride) {
+        Vec<T, V> g = dyv[i], a = yv[i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) g.v[j] = a.v[j] > T(0) ? g.v[j] : T(0);
+        dxv[i] = g;
+    }
+    for (index_t t = nv * V + global_thread(); t < n; t += stride) dx[t] = y[t] > T(0) ? dy[t] : T(0);
 }
 
 // out = relu(x + b) for x of shape (n / f, f) and b of shape (f,); out may be x (in place).
-// V divides f, so a vector never straddles two rows.
+// V divides f, so a vector never straddles two rows. The column is i % (f / V): in 32 bits where
+// the index fits, since a 64-bit division costs several times more.
 template <typename T, int V>
 __global__ void bias_relu(const T* x, const T* __restrict__ b, T* out, index_t n, index_t f) {
-    const index_t nv = n / V, fv = f / V;
+    const index_t nv = n / V, fv = f / V, stride = grid_threads();
+    const bool narrow = nv < 0x7fffffff;
     const Vec<T, V>* xv = reinterpret_cast<const Vec<T, V>*>(x);
     const Vec<T, V>* bv = reinterpret_cast<const Vec<T, V>*>(b);
     Vec<T, V>* ov = reinterpret_cast<Vec<T, V>*>(out);
-    for (index_t i = global_thread(); i < nv; i += grid_threads()) {
-        Vec<T, V> a = xv[i], c = bv[i % fv], r;
+    index_t i = global_thread();
+    auto col = [&](index_t k) { return narrow ? (index_t)((unsigned)k % (unsigned)fv) : k % fv; };
+    for (; i + (U - 1) * stride < nv; i += U * stride) {
+        Vec<T, V> a[U], c[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) { a[u] = xv[i + u * stride]; c[u] = bv[col(i + u * stride)]; }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const T z = a[u].v[j] + c[u].v[j];
+                a[u].v[j] = z > T(0) ? z : T(0);
+            }
+            ov[i + u * stride] = a[u];
+        }
+    }
+    for (; i < nv; i += stride) {
+        Vec<T, V> a = xv[i], c = bv[col(i)];
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-            T z = a.v[j] + c.v[j];
-            r.v[j] = z > T(0) ? z : T(0);
+            const T z = a.v[j] + c.v[j];
+            a.v[j] = z > T(0) ? z : T(0);
         }
-        ov[i] = r;
+        ov[i] = a;
     }
 }
 
@@ -144,137 +177,273 @@ __device__ __forceinline__ T block_sum(T v) {
     return v;
 }
 
-// --- softmax -------------------------------------------------------------------------------
+// --- softmax and softmax + cross-entropy ---------------------------------------------------
 //
-// Two layouts over rows of `cols` values:
-// - softmax<T, G>: a group of G lanes per row (G = 32 is a warp per row). Narrow rows, such as
-//   10 classes, use small groups so that a warp's loads cover several whole rows at once.
-// - softmax_block<T, V>: a block per row, for wide rows (V-wide loads when cols % V == 0).
-// Pass 1 reads the row once for the max and the sum (online); pass 2 reads it again (from the
-// cache) and writes exp(x - m) / s.
+// Rows of `cols` values, three layouts by width:
+// - *_narrow (cols <= 16, e.g. 10 classes): a block stages blockDim.x whole rows through shared
+//   memory with coalesced loads and stores; each thread then works one row there. (Lanes reading
+//   40-byte rows straight from memory would touch each sector many times.)
+// - softmax<T, G> / softmax_cross_entropy<T, L, G> (up to 1024): a group of G lanes per row,
+//   G = 32 being a warp per row; online max and sum, reduced by shuffles.
+// - *_block (wider): a block per row, V-wide loads; a row of up to R * V * blockDim.x values is
+//   held in registers and read from memory once, a longer one is read twice (online pass, then
+//   the writing pass from the cache).
+//
+// Cross-entropy, for logits z and integer labels y (type L):
+//   grad[r, c] = (exp(z[r, c] - m_r) / s_r - [c == y_r]) * grad_scale
+//   *loss_sum += loss_scale * sum_r (m_r + log(s_r) - z[r, y_r])
+// With grad_scale = loss_scale = 1/N that is the mean loss and its gradient (xpnet.functional); a
+// training loop passes loss_scale = 1 to sum an epoch's losses on the device. `loss_sum` must hold
+// 0 (or the running sum) before the launch. `correct`, if not null, gains the number of rows whose
+// first maximal logit is at the label (the accuracy, for free). A label outside [0, cols) gives a
+// NaN loss and a NaN gradient row: loud, never a silently wrong number. z[r, y_r] is read before
+// anything of the row is written, so grad may alias z (in place), as softmax's y may alias x.
 
-template <typename T, int G>
-__global__ void softmax(const T* x, T* y, index_t rows, index_t cols) {
+constexpr int R = 8;  // vectors per thread a block-per-row kernel keeps in registers
+
+// What a row operation writes for the value x in column c, given the row's max m and sum s.
+template <typename T, bool CE>
+struct RowOut {
+    T m, inv, grad_scale;
+    index_t label;
+    bool valid;
+    __device__ __forceinline__ RowOut(T m_, T s, T grad_scale_, index_t label_, index_t cols)
+        : m(m_), inv(T(1) / s), grad_scale(grad_scale_), label(label_),
+          valid(label_ >= 0 && label_ < cols) {}
+    __device__ __forceinline__ T operator()(T x, index_t c) const { return from_prob(Num<T>::exp(x - m) * inv, c); }
+    // The output for a probability p = exp(x - m) / s computed by the caller.
+    __device__ __forceinline__ T from_prob(T p, index_t c) const {
+        if (!CE) return p;
+        return valid ? (p - (c == label ? T(1) : T(0))) * grad_scale : Num<T>::nan();
+    }
+    __device__ __forceinline__ T loss(T s, T zy) const {
+        return valid ? m + Num<T>::log(s) - zy : Num<T>::nan();
+    }
+};
+
+template <typename T, typename L>
+__device__ __forceinline__ index_t label_of(const L* labels, index_t r) {
+    return labels == nullptr ? -1 : (index_t)labels[r];
+}
+
+template <typename T>
+__device__ __forceinline__ T logit_at(const T* zr, index_t label, index_t cols) {
+    return label >= 0 && label < cols ? zr[label] : T(0);
+}
+
+// Add the block's loss and hit count to the device totals (one atomic each per block).
+template <typename T>
+__device__ __forceinline__ void add_totals(T loss, unsigned long long hits, T* loss_sum, T loss_scale,
+                                           unsigned long long* correct) {
+    loss = block_sum(loss);
+    if (correct != nullptr) hits = block_sum(hits);
+    if (threadIdx.x == 0) {
+        if (loss != T(0)) atomicAdd(loss_sum, loss * loss_scale);
+        if (correct != nullptr && hits) atomicAdd(correct, hits);
+    }
+}
+
+// Copy count values between global and shared memory by the whole block, coalesced.
+template <typename T>
+__device__ __forceinline__ void copy_tile(T* dst, const T* src, index_t count, bool vectors) {
+    index_t done = 0;
+    if (vectors) {
+        constexpr int V = 16 / sizeof(T);
+        const index_t nv = count / V;
+        const Vec<T, V>* sv = reinterpret_cast<const Vec<T, V>*>(src);
+        Vec<T, V>* dv = reinterpret_cast<Vec<T, V>*>(dst);
+        for (index_t i = threadIdx.x; i < nv; i += blockDim.x) dv[i] = sv[i];
+        done = nv * V;
+    }
+    for (index_t i = done + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+}
+
+template <typename T, typename L, bool CE>
+__device__ __forceinline__ void rows_narrow(const T* x, const L* labels, T* y, T* loss_sum,
+                                            index_t rows, index_t cols, T grad_scale, T loss_scale,
+                                            unsigned long long* correct) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    T* tile = reinterpret_cast<T*>(shared_bytes);  // blockDim.x rows of cols values
+    // 16-byte copies when both ends allow them (a tile starts at a multiple of blockDim.x rows)
+    const bool vectors = ((unsigned long long)x % 16 == 0) && ((unsigned long long)y % 16 == 0) &&
+                         (blockDim.x * cols * sizeof(T)) % 16 == 0;
+    T loss = T(0);
+    unsigned long long hits = 0;
+    for (index_t r0 = (index_t)blockIdx.x * blockDim.x; r0 < rows; r0 += (index_t)gridDim.x * blockDim.x) {
+        const index_t n = rows - r0 < blockDim.x ? rows - r0 : blockDim.x;
+        const index_t base = r0 * cols, count = n * cols;
+        copy_tile(tile, x + base, count, vectors);
+        __syncthreads();
+        if (threadIdx.x < n) {
+            T* row = tile + threadIdx.x * cols;
+            T m = Num<T>::neg_inf(), s = T(0);
+            index_t k = 0;
+            for (index_t c = 0; c < cols; ++c)
+                if (row[c] > m) { m = row[c]; k = c; }
+            const index_t label = CE ? label_of<T>(labels, r0 + threadIdx.x) : 0;
+            const T zy = CE ? logit_at(row, label, cols) : T(0);
+            for (index_t c = 0; c < cols; ++c) {  // keep exp(x - m): one exp per value
+                const T e = Num<T>::exp(row[c] - m);
+                row[c] = e;
+                s += e;
+            }
+            const RowOut<T, CE> out(m, s, grad_scale, label, cols);
+            for (index_t c = 0; c < cols; ++c) row[c] = out.from_prob(row[c] * out.inv, c);
+            if (CE) {
+                loss += out.loss(s, zy);
+                hits += out.valid && k == label;
+            }
+        }
+        __syncthreads();
+        copy_tile(y + base, tile, count, vectors);
+        __syncthreads();
+    }
+    if (CE) add_totals(loss, hits, loss_sum, loss_scale, correct);
+}
+
+template <typename T, typename L, int G, bool CE>
+__device__ __forceinline__ void rows_grouped(const T* x, const L* labels, T* y, T* loss_sum,
+                                             index_t rows, index_t cols, T grad_scale, T loss_scale,
+                                             unsigned long long* correct) {
     const int rows_per_warp = 32 / G;
     const int lane = threadIdx.x % G;
     const index_t warp = global_thread() / 32, warps = grid_threads() / 32;
+    T loss = T(0);
+    unsigned long long hits = 0;
     for (index_t first = warp * rows_per_warp; first < rows; first += warps * rows_per_warp) {
         const index_t r = first + (threadIdx.x % 32) / G;  // first < rows is warp-uniform
         const bool on = r < rows;
         const T* xr = x + r * cols;
+        const index_t label = CE && on ? label_of<T>(labels, r) : 0;
+        const T zy = CE && on ? logit_at(xr, label, cols) : T(0);
         T m = Num<T>::neg_inf(), s = T(0);
-        int k = 0;
+        int k = 0x7fffffff;
         if (on)
-            for (index_t c = lane; c < cols; c += G) combine(m, s, xr[c], T(1));
-        group_reduce<T, G>(m, s, k);
+            for (index_t c = lane; c < cols; c += G) combine_arg(m, s, k, xr[c], T(1), (int)c);
+        group_reduce<T, G>(m, s, k);  // every lane has passed its reads: writing may begin
         if (on) {
-            const T inv = T(1) / s;
+            const RowOut<T, CE> out(m, s, grad_scale, label, cols);
             T* yr = y + r * cols;
-            for (index_t c = lane; c < cols; c += G) yr[c] = Num<T>::exp(xr[c] - m) * inv;
+            for (index_t c = lane; c < cols; c += G) yr[c] = out(xr[c], c);
+            if (CE && lane == 0) {
+                loss += out.loss(s, zy);
+                hits += out.valid && k == label;
+            }
         }
     }
+    if (CE) add_totals(loss, hits, loss_sum, loss_scale, correct);
 }
 
-template <typename T, int V>
-__global__ void softmax_block(const T* x, T* y, index_t rows, index_t cols) {
+template <typename T, typename L, int V, bool CE>
+__device__ __forceinline__ void rows_blocked(const T* x, const L* labels, T* y, T* loss_sum,
+                                             index_t rows, index_t cols, T grad_scale, T loss_scale,
+                                             unsigned long long* correct) {
     const index_t cv = cols / V;
+    const bool in_registers = cv <= (index_t)R * blockDim.x;
+    T loss = T(0);
+    unsigned long long hits = 0;
     for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const Vec<T, V>* xr = reinterpret_cast<const Vec<T, V>*>(x + r * cols);
         Vec<T, V>* yr = reinterpret_cast<Vec<T, V>*>(y + r * cols);
+        const index_t label = CE ? label_of<T>(labels, r) : 0;
+        const T zy = CE ? logit_at(x + r * cols, label, cols) : T(0);
         T m = Num<T>::neg_inf(), s = T(0);
-        int k = 0;
-        for (index_t c = threadIdx.x; c < cv; c += blockDim.x) {
-            Vec<T, V> a = xr[c];
+        int k = 0x7fffffff;
+        Vec<T, V> a[R];
+        if (in_registers) {
 #pragma unroll
-            for (int j = 0; j < V; ++j) combine(m, s, a.v[j], T(1));
-        }
-        block_reduce(m, s, k);
-        const T inv = T(1) / s;
-        for (index_t c = threadIdx.x; c < cv; c += blockDim.x) {
-            Vec<T, V> a = xr[c], b;
+            for (int j = 0; j < R; ++j) {
+                const index_t c = threadIdx.x + (index_t)j * blockDim.x;
+                if (c < cv) a[j] = xr[c];
+            }
 #pragma unroll
-            for (int j = 0; j < V; ++j) b.v[j] = Num<T>::exp(a.v[j] - m) * inv;
-            yr[c] = b;
+            for (int j = 0; j < R; ++j) {
+                const index_t c = threadIdx.x + (index_t)j * blockDim.x;
+#pragma unroll
+                for (int e = 0; e < V; ++e)
+                    if (c < cv && a[j].v[e] > m) { m = a[j].v[e]; k = (int)(c * V + e); }
+            }
+            if (m > Num<T>::neg_inf()) {  // keep exp(x - thread max): one exp per value
+#pragma unroll
+                for (int j = 0; j < R; ++j) {
+                    const index_t c = threadIdx.x + (index_t)j * blockDim.x;
+#pragma unroll
+                    for (int e = 0; e < V; ++e)
+                        if (c < cv) {
+                            a[j].v[e] = Num<T>::exp(a[j].v[e] - m);
+                            s += a[j].v[e];
+                        }
+                }
+            }
+        } else {
+            for (index_t c = threadIdx.x; c < cv; c += blockDim.x) {
+                const Vec<T, V> b = xr[c];
+#pragma unroll
+                for (int e = 0; e < V; ++e) combine_arg(m, s, k, b.v[e], T(1), (int)(c * V + e));
+            }
         }
+        const T thread_max = m;
+        block_reduce(m, s, k);  // all reads of the row happen before this barrier
+        const RowOut<T, CE> out(m, s, grad_scale, label, cols);
+        if (in_registers) {
+            // a holds exp(x - thread_max); rescale to exp(x - m) / s
+            const T scale = thread_max > Num<T>::neg_inf() ? Num<T>::exp(thread_max - m) * out.inv : T(0);
+#pragma unroll
+            for (int j = 0; j < R; ++j) {
+                const index_t c = threadIdx.x + (index_t)j * blockDim.x;
+                if (c < cv) {
+#pragma unroll
+                    for (int e = 0; e < V; ++e) a[j].v[e] = out.from_prob(a[j].v[e] * scale, c * V + e);
+                    yr[c] = a[j];
+                }
+            }
+        } else {
+            for (index_t c = threadIdx.x; c < cv; c += blockDim.x) {
+                Vec<T, V> b = xr[c];
+#pragma unroll
+                for (int e = 0; e < V; ++e) b.v[e] = out(b.v[e], c * V + e);
+                yr[c] = b;
+            }
+        }
+        if (CE && threadIdx.x == 0) {
+            loss += out.loss(s, zy);
+            hits += out.valid && k == label;
+        }
+        __syncthreads();  // a streamed row is re-read above: finish it before the next row's writes
     }
+    if (CE) add_totals(loss, hits, loss_sum, loss_scale, correct);
 }
 
-// --- softmax + cross-entropy ---------------------------------------------------------------
-//
-// For logits z of shape (rows, cols) and integer labels y (type L):
-//   grad[r, c] = (exp(z[r, c] - m_r) / s_r - [c == y_r]) * grad_scale
-//   *loss_sum += loss_scale * sum_r (m_r + log(s_r) - z[r, y_r])
-// With grad_scale = loss_scale = 1/N, that is the mean loss and its gradient (xpnet.functional);
-// a training loop passes loss_scale = 1 to sum an epoch's losses on the device. `loss_sum` must
-// hold 0 (or the running sum) before the launch. `correct`, if not null, counts the rows whose
-// first maximal logit is at the label (the accuracy, for free). A label outside [0, cols) gives a
-// NaN loss and a NaN gradient row: loud, never a silently wrong number.
-
-// The loss of row r and its gradient row. z[r, y_r] was read (as zy) before the group's or the
-// block's reduction, which every lane passes before any lane writes: so grad may alias z.
-template <typename T, typename L>
-__device__ __forceinline__ T cross_entropy_row(const T* zr, T* gr, L label, T zy, index_t cols, T m,
-                                               T s, int k, int lane, int lanes, T grad_scale,
-                                               unsigned long long* correct) {
-    const bool valid = (index_t)label >= 0 && (index_t)label < cols;
-    const T inv = T(1) / s;
-    for (index_t c = lane; c < cols; c += lanes) {
-        T p = Num<T>::exp(zr[c] - m) * inv;
-        gr[c] = valid ? (p - (c == (index_t)label ? T(1) : T(0))) * grad_scale : Num<T>::nan();
-    }
-    if (lane != 0) return T(0);
-    if (correct != nullptr && valid && k == (int)label) atomicAdd(correct, 1ULL);
-    return valid ? m + Num<T>::log(s) - zy : Num<T>::nan();
+template <typename T>
+__global__ void softmax_narrow(const T* x, T* y, index_t rows, index_t cols) {
+    rows_narrow<T, int, false>(x, nullptr, y, nullptr, rows, cols, T(0), T(0), nullptr);
+}
+template <typename T, int G>
+__global__ void softmax(const T* x, T* y, index_t rows, index_t cols) {
+    rows_grouped<T, int, G, false>(x, nullptr, y, nullptr, rows, cols, T(0), T(0), nullptr);
+}
+template <typename T, int V>
+__global__ void softmax_block(const T* x, T* y, index_t rows, index_t cols) {
+    rows_blocked<T, int, V, false>(x, nullptr, y, nullptr, rows, cols, T(0), T(0), nullptr);
 }
 
 template <typename T, typename L>
-__device__ __forceinline__ T label_logit(const T* zr, L label, index_t cols) {
-    return (index_t)label >= 0 && (index_t)label < cols ? zr[label] : T(0);
+__global__ void softmax_cross_entropy_narrow(const T* z, const L* labels, T* grad, T* loss_sum,
+                                             index_t rows, index_t cols, T grad_scale, T loss_scale,
+                                             unsigned long long* correct) {
+    rows_narrow<T, L, true>(z, labels, grad, loss_sum, rows, cols, grad_scale, loss_scale, correct);
 }
-
 template <typename T, typename L, int G>
-__global__ void softmax_cross_entropy(const T* z, const L* __restrict__ labels, T* grad, T* loss_sum, index_t rows, index_t cols,
-                                      T grad_scale, T loss_scale, unsigned long long* correct) {
-    const int rows_per_warp = 32 / G;
-    const int lane = threadIdx.x % G;
-    const index_t warp = global_thread() / 32, warps = grid_threads() / 32;
-    T loss = T(0);
-    for (index_t first = warp * rows_per_warp; first < rows; first += warps * rows_per_warp) {
-        const index_t r = first + (threadIdx.x % 32) / G;
-        const bool on = r < rows;
-        const T* zr = z + r * cols;
-        const L label = on ? labels[r] : L(0);
-        const T zy = on ? label_logit(zr, label, cols) : T(0);
-        T m = Num<T>::neg_inf(), s = T(0);
-        int k = 0x7fffffff;
-        if (on)
-            for (index_t c = lane; c < cols; c += G) combine_arg(m, s, k, zr[c], T(1), (int)c);
-        group_reduce<T, G>(m, s, k);
-        if (on) loss += cross_entropy_row(zr, grad + r * cols, label, zy, cols, m, s, k, lane, G,
-                                          grad_scale, correct);
-    }
-    loss = block_sum(loss);
-    if (threadIdx.x == 0 && loss != T(0)) atomicAdd(loss_sum, loss * loss_scale);
+__global__ void softmax_cross_entropy(const T* z, const L* labels, T* grad, T* loss_sum, index_t rows,
+                                      index_t cols, T grad_scale, T loss_scale,
+                                      unsigned long long* correct) {
+    rows_grouped<T, L, G, true>(z, labels, grad, loss_sum, rows, cols, grad_scale, loss_scale, correct);
 }
-
-template <typename T, typename L>
-__global__ void softmax_cross_entropy_block(const T* z, const L* __restrict__ labels, T* grad, T* loss_sum, index_t rows,
-                                            index_t cols, T grad_scale, T loss_scale,
+template <typename T, typename L, int V>
+__global__ void softmax_cross_entropy_block(const T* z, const L* labels, T* grad, T* loss_sum,
+                                            index_t rows, index_t cols, T grad_scale, T loss_scale,
                                             unsigned long long* correct) {
-    T loss = T(0);
-    for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T* zr = z + r * cols;
-        const L label = labels[r];
-        const T zy = label_logit(zr, label, cols);
-        T m = Num<T>::neg_inf(), s = T(0);
-        int k = 0x7fffffff;
-        for (index_t c = threadIdx.x; c < cols; c += blockDim.x) combine_arg(m, s, k, zr[c], T(1), (int)c);
-        block_reduce(m, s, k);
-        loss += cross_entropy_row(zr, grad + r * cols, label, zy, cols, m, s, k, (int)threadIdx.x,
-                                  (int)blockDim.x, grad_scale, correct);
-    }
-    loss = block_sum(loss);
-    if (threadIdx.x == 0 && loss != T(0)) atomicAdd(loss_sum, loss * loss_scale);
+    rows_blocked<T, L, V, true>(z, labels, grad, loss_sum, rows, cols, grad_scale, loss_scale, correct);
 }
 
 // --- training on the device (xpnet/kernels/cuda_graph.py) -----------------------------------

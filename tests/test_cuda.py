@@ -84,7 +84,8 @@ def test_kernel_functions_mirror_the_reference_signatures():
 def test_import_xpnet_never_imports_cupy():
     code = "import sys, xpnet, xpnet.functional, xpnet.kernels.cuda; print('cupy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(KERNEL_DIR.parent)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             filter(None, [str(KERNEL_DIR.parent), os.environ.get("PYTHONPATH")]))})
     assert out.stdout.strip() == "False"
 
 
@@ -158,7 +159,7 @@ def test_bias_relu_equals_reference(cp, rng, dtype, shape, misaligned):
     np.testing.assert_array_equal(cp.asnumpy(xd), expected)
 
 
-COLS = [1, 2, 3, 10, 17, 33, 100, 257, 1000, 1024, 1025, 3000, 4099]
+COLS = [1, 2, 3, 10, 16, 17, 33, 100, 257, 1000, 1024, 1025, 3000, 4099, 12288]
 
 
 @pytest.mark.cuda
@@ -196,7 +197,8 @@ def test_softmax_in_place(cp, rng, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("label_dtype", ["int32", "int64", "uint8"])
-@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 2), (7, 10), (128, 10), (129, 33), (50, 257), (13, 1025), (5, 4099)])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 2), (7, 10), (128, 10), (300, 16), (129, 17), (129, 33),
+                                       (50, 257), (13, 1025), (9, 3000), (5, 4099), (3, 12288)])
 def test_softmax_cross_entropy_equals_reference(cp, rng, dtype, label_dtype, rows, cols):
     z = _random(rng, (rows, cols), dtype, scale=4.0)
     y = rng.integers(0, cols, rows).astype(label_dtype)
@@ -205,7 +207,8 @@ def test_softmax_cross_entropy_equals_reference(cp, rng, dtype, label_dtype, row
     assert got is grad and loss.shape == () and loss.dtype == np.dtype(dtype)
     onehot = np.eye(cols)[y]
     np.testing.assert_allclose(cp.asnumpy(got), (_softmax64(z) - onehot) / rows, **TOL[dtype])
-    np.testing.assert_allclose(float(loss), _xent64(z, y), rtol=1e-5 if dtype == "float32" else 1e-12)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(float(loss), _xent64(z, y), **tol)
 
 
 @pytest.mark.cuda
@@ -308,10 +311,12 @@ def test_dispatch_picks_the_cuda_kernels(cp, rng, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (128, 50, 784), (33, 65, 31), (96, 10, 25), (7, 300, 129)])
 def test_gemm_forms_equal_matmul(cp, rng, dtype, M, N, K):
-    import numpy.testing as npt
-
     i32 = np.int32
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-12, atol=1e-12)
+    eps = np.finfo(dtype).eps
+
+    def close(got, expected, bound):
+        """Within the rounding bound of a length-k dot product: |err| <= k eps sum|a_i b_i|."""
+        assert np.all(np.abs(got - expected) <= bound), np.max(np.abs(got - expected) / (bound + 1e-300))
     t = cuda.FLOATS[dtype]
     a, w, b = _random(rng, (M, K), dtype), _random(rng, (K, N), dtype), _random(rng, (N,), dtype)
     A, W, Bv = cp.asarray(a), cp.asarray(w), cp.asarray(b)
@@ -322,32 +327,36 @@ def test_gemm_forms_equal_matmul(cp, rng, dtype, M, N, K):
             grid(m + extra, n), (256,), (A_, B_, C, aux, i32(m), i32(n), i32(k), i32(lda), i32(ldb), i32(ldc)))
         return cp.asnumpy(C)
 
-    ref = a.astype(np.float64) @ w
-    npt.assert_allclose(run("forward", A, W, _poisoned(cp, (M, N), dtype), Bv, M, N, K, K, N, N), ref + b, **tol)
-    npt.assert_allclose(run("forward_relu", A, W, _poisoned(cp, (M, N), dtype), Bv, M, N, K, K, N, N),
-                        np.maximum(ref + b, 0), **tol)
-    dy = _random(rng, (M, N), dtype)
-    h = _random(rng, (M, K), dtype)
-    dx = dy.astype(np.float64) @ w.T
-    npt.assert_allclose(run("input_grad", cp.asarray(dy), W, _poisoned(cp, (M, K), dtype), Bv, M, K, N, N, N, K), dx, **tol)
-    npt.assert_allclose(run("input_grad_relu", cp.asarray(dy), W, _poisoned(cp, (M, K), dtype), cp.asarray(h),
-                            M, K, N, N, N, K), np.where(h > 0, dx, 0), **tol)
+    a64, w64 = a.astype(np.float64), w.astype(np.float64)
+    ref, bound = a64 @ w64, (K + 1) * eps * (np.abs(a64) @ np.abs(w64) + np.abs(b))
+    close(run("forward", A, W, _poisoned(cp, (M, N), dtype), Bv, M, N, K, K, N, N), ref + b, bound)
+    close(run("forward_relu", A, W, _poisoned(cp, (M, N), dtype), Bv, M, N, K, K, N, N), np.maximum(ref + b, 0), bound)
+    dy, h = _random(rng, (M, N), dtype).astype(np.float64), _random(rng, (M, K), dtype).astype(np.float64)
+    dx, bound = dy @ w64.T, N * eps * (np.abs(dy) @ np.abs(w64.T))
+    dyd = cp.asarray(dy.astype(dtype))
+    close(run("input_grad", dyd, W, _poisoned(cp, (M, K), dtype), Bv, M, K, N, N, N, K), dx, bound)
+    close(run("input_grad_relu", dyd, W, _poisoned(cp, (M, K), dtype), cp.asarray(h.astype(dtype)),
+              M, K, N, N, N, K), np.where(h > 0, dx, 0), bound)
     db = _poisoned(cp, (N,), dtype)
-    dW = run("weight_grad", cp.asarray(h), cp.asarray(dy), _poisoned(cp, (K, N), dtype), db, K, N, M, K, N, N, extra=1)
-    npt.assert_allclose(dW, h.astype(np.float64).T @ dy, **tol)
-    npt.assert_allclose(cp.asnumpy(db), dy.astype(np.float64).sum(axis=0), **tol)
+    dW = run("weight_grad", cp.asarray(h.astype(dtype)), dyd, _poisoned(cp, (K, N), dtype), db, K, N, M, K, N, N, extra=1)
+    close(dW, h.T @ dy, M * eps * (np.abs(h.T) @ np.abs(dy)))
+    close(cp.asnumpy(db), dy.sum(axis=0), M * eps * np.abs(dy).sum(axis=0))
 
 
 def _eager_epoch(model, opt, X, y, order, batch):
     xp = model.backend.xp
     params = model.parameters()
+    loss_sum, correct = 0.0, 0
     for lo in range(0, X.shape[0], batch):
         idx = order[lo: lo + batch]
         xb, yb = xp.take(X, idx, axis=0), xp.take(y, idx, axis=0)
         logits = model.forward(xb, training=True)
-        _, dlogits = F.softmax_cross_entropy(logits, yb, impl="xp")
+        loss, dlogits = F.softmax_cross_entropy(logits, yb, impl="xp")
         model.backward(dlogits)
         opt.step(params, model.gradients())
+        loss_sum += float(loss) * int(yb.shape[0])
+        correct += int(xp.sum(xp.argmax(logits, axis=1) == yb))
+    return loss_sum, correct
 
 
 @pytest.mark.cuda
@@ -376,8 +385,9 @@ def test_graph_trainer_equals_the_eager_loop(cp, rng, optimizer):
         for opt in opts:
             opt.start_epoch(epoch, 2)
         loss_sum, correct = trainer.run_epoch(order)
-        _eager_epoch(models[1], opts[1], X, y, order, 32)
-        assert np.isfinite(float(loss_sum)) and 0 <= int(correct) <= 103
+        eager_loss, eager_correct = _eager_epoch(models[1], opts[1], X, y, order, 32)
+        assert float(loss_sum) == pytest.approx(eager_loss, rel=1e-12)
+        assert int(correct) == eager_correct
     for (W0, b0), (W1, b1) in zip(models[0].get_weights(), models[1].get_weights()):
         np.testing.assert_allclose(W0, W1, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(b0, b1, rtol=1e-10, atol=1e-12)
@@ -395,5 +405,5 @@ def test_training_on_cuda_matches_cpu_accuracy(mnist):
         model = xpnet.MLP([784, 50, 25, 10], seed=0, backend=backend)
         model.fit(X_train, y_train, epochs=2, batch_size=128, lr=0.1, verbose=0)
         scores[backend] = model.score(X_test, y_test)
-    assert scores["cuda"] > 0.93
+    assert scores["cuda"] > 0.9
     assert abs(scores["cuda"] - scores["cpu"]) < 0.005, scores

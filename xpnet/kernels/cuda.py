@@ -34,8 +34,11 @@ __all__ = [
 
 FLOATS = {"float32": "float", "float64": "double"}
 LABELS = {"int32": "int", "int64": "long long", "uint8": "unsigned char"}
+# the same, keyed by dtype object: a dtype's .name is a slow property, and checks run per call
+_C_TYPE = {np.dtype(k): v for k, v in {**FLOATS, **LABELS}.items()}
 THREADS = 256
-WIDE_ROW = 1024  # above this many columns, a block per row; at or below, a group of lanes
+NARROW_ROW = 16  # at most this many columns: rows staged through shared memory, a thread each
+WIDE_ROW = 1024  # above this many columns, a block per row; in between, a group of lanes per row
 GROUP_WIDTHS = (1, 2, 4, 8, 16, 32)
 
 
@@ -60,10 +63,12 @@ def _name_expressions() -> list[str]:
     for t in FLOATS.values():
         for v in _vec_widths(t):
             names += [f"relu_backward<{t}, {v}>", f"bias_relu<{t}, {v}>", f"softmax_block<{t}, {v}>"]
+        names.append(f"softmax_narrow<{t}>")
         names += [f"softmax<{t}, {g}>" for g in GROUP_WIDTHS]
         for lab in LABELS.values():
+            names.append(f"softmax_cross_entropy_narrow<{t}, {lab}>")
             names += [f"softmax_cross_entropy<{t}, {lab}, {g}>" for g in GROUP_WIDTHS]
-            names.append(f"softmax_cross_entropy_block<{t}, {lab}>")
+            names += [f"softmax_cross_entropy_block<{t}, {lab}, {v}>" for v in _vec_widths(t)]
             names.append(f"gather_rows<{t}, {lab}>")
         names += [f"gemm<{t}, {form}>" for form in GEMM_FORMS.values()]
         names += [f"update_parameters<{t}, {adam}>" for adam in (0, 1)]
@@ -127,7 +132,8 @@ def _module():
                     options=("-std=c++17",),
                     name_expressions=NAME_EXPRESSIONS,
                 )
-                module.compile()
+                if hasattr(module, "compile"):  # compile now, so errors surface here
+                    module.compile()
                 _modules[device] = module
     return module
 
@@ -157,14 +163,17 @@ def _multiprocessors(device: int) -> int:
     return cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
 
 
-def blocks_for(work_items: int, threads: int = THREADS, *, per_sm: int = 16) -> int:
+BLOCKS_PER_SM = 16  # grid cap per multiprocessor for grid-stride loops (two waves of 256 threads)
+
+
+def blocks_for(work_items: int, threads: int = THREADS, *, per_sm: int | None = None) -> int:
     """Blocks for a grid-stride loop over ``work_items``: enough to fill the GPU, never zero.
 
     Any count is correct (the loops stride over the rest), so the cap only bounds the launch.
     """
     import cupy
 
-    cap = per_sm * _multiprocessors(cupy.cuda.runtime.getDevice())
+    cap = (per_sm or BLOCKS_PER_SM) * _multiprocessors(cupy.cuda.runtime.getDevice())
     return int(max(1, min(cap, -(-work_items // threads))))
 
 
@@ -181,7 +190,7 @@ def _problem_with_array(name, a, kinds) -> tuple[type, str] | None:
 
     if not isinstance(a, cupy.ndarray):
         return TypeError, f"{name} must be a cupy.ndarray, got {_describe(a)}"
-    if a.dtype.name not in kinds:
+    if _C_TYPE.get(a.dtype) not in kinds.values():
         return TypeError, f"{name} has dtype {a.dtype.name}; these kernels take {' or '.join(kinds)}"
     if not a.flags.c_contiguous:
         return ValueError, (
@@ -189,8 +198,8 @@ def _problem_with_array(name, a, kinds) -> tuple[type, str] | None:
             f"pass cupy.ascontiguousarray({name})"
         )
     device = cupy.cuda.runtime.getDevice()
-    if a.device.id != device:
-        return ValueError, f"{name} is on GPU {a.device.id} but the current device is GPU {device}"
+    if a.data.device_id != device:
+        return ValueError, f"{name} is on GPU {a.data.device_id} but the current device is GPU {device}"
     return None
 
 
@@ -258,7 +267,7 @@ def _vector_width(*arrays) -> int:
 
 
 def _c_type(a) -> str:
-    return FLOATS[a.dtype.name]
+    return _C_TYPE[a.dtype]
 
 
 # --- the kernels -----------------------------------------------------------------------------
@@ -322,33 +331,38 @@ def group_width(cols: int) -> int:
 def softmax(x, out=None, *, group=None):
     """Softmax of each row of a 2-D array; ``out=x`` works in place.
 
-    ``exp(x - m) / sum(exp(x - m))`` with ``m`` the row maximum. Rows of up to ``WIDE_ROW``
-    values go to groups of ``group_width(cols)`` lanes (``group`` overrides it, for benchmarks),
+    ``exp(x - m) / sum(exp(x - m))`` with ``m`` the row maximum. Rows of up to ``NARROW_ROW``
+    values are staged through shared memory, rows of up to ``WIDE_ROW`` go to groups of
+    ``group_width(cols)`` lanes (``group`` forces a group width, for tests and benchmarks), and
     wider ones to a block per row.
     """
     _require("softmax", x)
     if x.ndim != 2:
         raise ValueError(f"softmax expects a 2-D array (rows, classes), got shape {x.shape}")
     out = _output(out, x)
+    if x.size:
+        name, grid, shared = _row_kernel("softmax", _c_type(x), None, x, out, group)
+        _function(name)((grid,), (THREADS,), (x, out, np.int64(x.shape[0]), np.int64(x.shape[1])),
+                        shared_mem=shared)
+    return out
+
+
+def _row_kernel(op, c_type, label_type, x, out, group):
+    """(kernel name, grid, dynamic shared bytes) for a row operation on ``x`` into ``out``."""
     rows, cols = x.shape
-    if x.size == 0:
-        return out
-    t = _c_type(x)
+    prefix = f"{op}<{c_type}" if label_type is None else f"{op}<{c_type}, {label_type}"
+    suffix = "" if label_type is None else f", {label_type}"
+    if group is None and cols <= NARROW_ROW:
+        return f"{op}_narrow<{c_type}{suffix}>", blocks_for(rows), THREADS * cols * x.dtype.itemsize
     if group is None and cols > WIDE_ROW:
         v = _vector_width(x, out)
         if cols % v:
             v = 1
-        _function(f"softmax_block<{t}, {v}>")(
-            (blocks_for(rows, 1),), (THREADS,), (x, out, np.int64(rows), np.int64(cols))
-        )
-        return out
-    g = group or group_width(cols)
-    if g not in GROUP_WIDTHS:
-        raise ValueError(f"group must be one of {GROUP_WIDTHS}, got {g}")
-    _function(f"softmax<{t}, {g}>")(
-        (blocks_for(rows * g),), (THREADS,), (x, out, np.int64(rows), np.int64(cols))
-    )
-    return out
+        return f"{op}_block<{c_type}{suffix}, {v}>", blocks_for(rows, 1), 0
+    lanes = group or group_width(cols)
+    if lanes not in GROUP_WIDTHS:
+        raise ValueError(f"group must be one of {GROUP_WIDTHS}, got {lanes}")
+    return f"{prefix}, {lanes}>", blocks_for(rows * lanes), 0
 
 
 def softmax_cross_entropy(logits, labels, grad_out=None, *, group=None):
@@ -391,24 +405,8 @@ def accumulate_cross_entropy(logits, labels, grad, loss_sum, grad_scale, loss_sc
     """
     rows, cols = logits.shape
     f = np.float32 if logits.dtype == np.float32 else np.float64
-    name, lanes = cross_entropy_kernel(_c_type(logits), LABELS[labels.dtype.name], cols, group)
+    name, grid, shared = _row_kernel("softmax_cross_entropy", _c_type(logits), _C_TYPE[labels.dtype],
+                                     logits, grad, group)
     args = (logits, labels, grad, loss_sum, np.int64(rows), np.int64(cols), f(grad_scale),
             f(loss_scale), correct if correct is not None else np.uint64(0))
-    grid = blocks_for(rows, 1) if lanes is None else blocks_for(rows * lanes)
-    _function(name)((grid,), (THREADS,), args)
-
-
-def cross_entropy_kernel(c_type, label_type, cols, group=None):
-    """(kernel name, lanes per row or ``None`` for a block per row) for rows of ``cols`` logits.
-
-    Resolving it also loads the kernel, so a CUDA-graph capture can call this first.
-    """
-    if group is None and cols > WIDE_ROW:
-        name, lanes = f"softmax_cross_entropy_block<{c_type}, {label_type}>", None
-    else:
-        lanes = group or group_width(cols)
-        if lanes not in GROUP_WIDTHS:
-            raise ValueError(f"group must be one of {GROUP_WIDTHS}, got {lanes}")
-        name = f"softmax_cross_entropy<{c_type}, {label_type}, {lanes}>"
-    _function(name)
-    return name, lanes
+    _function(name)((grid,), (THREADS,), args, shared_mem=shared)

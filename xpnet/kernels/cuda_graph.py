@@ -127,7 +127,8 @@ class GraphTrainer:
         self.k_gather = cuda.kernel(f"gather_rows<{t}, {lab}>")
         self.k_gemm = {form: cuda.kernel(f"gemm<{t}, {args}>") for form, args in cuda.GEMM_FORMS.items()}
         self.k_update = cuda.kernel(f"update_parameters<{t}, {int(self.adam)}>")
-        cuda.cross_entropy_kernel(t, lab, widths[-1])  # loaded now: no module load mid-capture
+        cuda.warmup()  # every kernel loaded now: no module load in the middle of a capture
+        cuda.blocks_for(1)  # and the device properties read
 
         self.launches_per_step = 0
         self.graphs = {}
