@@ -1,0 +1,46 @@
+"""The ``xpnet`` command on the real MNIST: train, evaluate, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from xpnet.cli import main
+
+
+def test_train_then_evaluate(tmp_path, mnist, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--layers", "784,16,10", "--epochs", "1", "--seed", "1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed
+    accuracy = float(printed.split("test accuracy ")[1].split(",")[0])
+    assert accuracy > 0.85
+    model_file = out / "model.safetensors"
+    assert model_file.is_file()
+    assert main(["evaluate", str(model_file)]) == 0
+    assert f"test accuracy {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_train_reports_bad_settings_clearly(tmp_path, mnist, capsys):
+    assert main(["train", "--epochs", "1", "--batch-size", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bad_layers_are_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--layers", "784,x,10"])
+    assert "--layers takes widths" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a model at all")
+    assert main(["evaluate", str(bogus)]) == 2
+    assert "not a readable xpnet model file" in capsys.readouterr().err
+
+
+def test_python_dash_m_works():
+    result = subprocess.run([sys.executable, "-m", "xpnet", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout and "evaluate" in result.stdout
