@@ -55,6 +55,19 @@ def _split_validation(model, X, y, validation_data, validation_split):
     return X, y, val
 
 
+def _cpu_fast_step(model, batch_size):
+    """The NumPy fast path for this model's training step, or None to run the reference.
+
+    Only for the "cpu" backend; the kernels module decides the rest (layers, dtype, numba,
+    ``XPNET_KERNELS``).
+    """
+    if model.backend.name != "cpu":
+        return None
+    from .kernels.cpu_step import training_step_for
+
+    return training_step_for(model.layers, batch_size)
+
+
 def fit(
     model,
     X,
@@ -110,6 +123,7 @@ def fit(
         "n_train": n,
         "n_val": int(val[0].shape[0]) if val else 0,
     }
+    fast_step = _cpu_fast_step(model, batch_size)
     model.stop_training = False
     for cb in callbacks:
         cb.model = model
@@ -135,6 +149,12 @@ def fit(
                     xb, yb = xp.take(X, idx, axis=0), xp.take(y, idx, axis=0)
                 else:
                     xb, yb = X[lo:hi, ...], y[lo:hi]
+                if fast_step is not None:  # NumPy fast path: the same math, buffers + fused kernels
+                    batch_loss, batch_correct = fast_step(xb, yb)
+                    opt.step(params, model.gradients())
+                    loss_sum += batch_loss
+                    correct += batch_correct
+                    continue
                 logits = model.forward(xb, training=True)
                 loss, dlogits = F.softmax_cross_entropy(logits, yb)
                 model.backward(dlogits)

@@ -305,3 +305,49 @@ def copy_parallel(src, dst):
     """``dst[:] = src`` on all threads: the memory-copy reference the benchmarks compare to."""
     for k in prange(src.shape[0]):
         dst[k] = src[k]
+
+
+# --- fused pieces of a NumPy training step (used by ``cpu_step``) ------------------------------
+
+
+@njit(**_JIT)
+def bias_add_serial(x, b, out):
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = x[i, j] + b[j]
+
+
+@njit(**_JIT)
+def column_sums(a, out):
+    """``out[j] = sum_i a[i, j]`` (rows accumulated in order, in ``a``'s dtype)."""
+    for j in range(a.shape[1]):
+        out[j] = 0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            out[j] += a[i, j]
+
+
+@njit(**_JIT)
+def relu_backward_colsum(dy, y, out, col_sum):
+    """``out = dy where y > 0 else 0`` and ``col_sum = out.sum(axis=0)`` in one pass."""
+    zero = dy.dtype.type(0)
+    for j in range(dy.shape[1]):
+        col_sum[j] = 0
+    for i in range(dy.shape[0]):
+        for j in range(dy.shape[1]):
+            v = dy[i, j] if y[i, j] > 0 else zero
+            out[i, j] = v
+            col_sum[j] += v
+
+
+@njit(**_JIT)
+def count_argmax_hits(x, labels):
+    """How many rows have their first maximum at ``labels[i]`` (``np.argmax`` ties: first wins)."""
+    hits = 0
+    for i in range(x.shape[0]):
+        best = 0
+        for j in range(1, x.shape[1]):
+            if x[i, j] > x[i, best]:
+                best = j
+        hits += best == labels[i]
+    return hits

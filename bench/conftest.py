@@ -1,0 +1,82 @@
+"""pytest-benchmark helpers: bytes -> GB/s, machine facts, quick mode.
+
+Run:  python -m pytest bench/ --benchmark-only --benchmark-json=bench/results/<name>.json
+CI:   XPNET_BENCH_QUICK=1 python -m pytest bench/ --benchmark-disable -q   (small shapes, < 60 s)
+
+Each benchmark records the bytes it must move in ``extra_info["bytes"]``; the
+``pytest_benchmark_update_json`` hook below turns that into GB/s (from the fastest round and from
+the median), since pytest-benchmark cannot show custom columns. ``bench/report.py`` turns the
+JSON into the tables of bench/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+
+QUICK = os.environ.get("XPNET_BENCH_QUICK", "") not in ("", "0")
+
+
+def _cpu_model() -> str:
+    try:
+        import cpuinfo  # py-cpuinfo
+
+        return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor()
+    except Exception:  # py-cpuinfo is optional: fall back to /proc/cpuinfo
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "unknown"
+
+
+def _versions() -> dict:
+    versions = {}
+    for name in ("numpy", "numba", "llvmlite", "torch", "xpnet"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["cpu_model"] = _cpu_model()
+    machine_info["cpu_count"] = os.cpu_count()
+    machine_info["versions"] = _versions()
+    machine_info["loadavg_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    machine_info["quick_mode"] = QUICK
+    try:
+        import numba
+
+        machine_info["numba_threads"] = numba.get_num_threads()
+        machine_info["numba_threading_layer_env"] = numba.config.THREADING_LAYER
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        machine_info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Derive GB/s from ``extra_info["bytes"]``: from the fastest round and from the median."""
+    for bench in output_json["benchmarks"]:
+        info, stats = bench.get("extra_info", {}), bench.get("stats", {})
+        if info.get("bytes") and stats.get("min"):
+            info["GB/s"] = info["bytes"] / stats["min"] / 1e9
+            info["GB/s median"] = info["bytes"] / stats["median"] / 1e9
+    output_json["machine_info"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+@pytest.fixture
+def quick():
+    return QUICK

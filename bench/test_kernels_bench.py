@@ -1,0 +1,147 @@
+"""Kernel benchmarks: each hot op x implementation x shape, beside a memory copy of the same size.
+
+Groups are ``"<op> <rows>x<cols>"``; implementations:
+
+- ``xp``: the reference in ``xpnet.functional`` on NumPy (``impl="xp"``);
+- ``numba``: the kernel as ``impl="auto"`` runs it (serial or parallel by its threshold);
+- ``numba-serial`` / ``numba-parallel``: the same kernel with its threshold forced one way,
+  the measurements behind ``numba_cpu.PARALLEL_MIN_ELEMENTS``;
+- ``torch``: PyTorch CPU eager on the same memory (``torch.from_numpy``), skipped without torch.
+
+Every call writes into a preallocated output where the implementation allows one (torch's
+cross-entropy gradient cannot take one: it is autograd's). ``extra_info["bytes"]`` is what the
+op must read and write at least; conftest.py turns it into GB/s. The ``copy`` group is the
+machine's limit measured in the same run: one NumPy thread and all numba threads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import xpnet.functional as F
+from xpnet import kernels
+
+from conftest import QUICK
+
+if QUICK:
+    SHAPES = [(128, 10), (1000, 10), (64, 2048)]
+    COPY_SHAPES = [(64, 2048)]
+    IMPLS = ["xp", "numba", "torch"]
+else:
+    SHAPES = [(128, 10), (128, 50), (60000, 10), (8192, 1024), (1024, 32768), (4096, 4096)]
+    COPY_SHAPES = [(8192, 1024), (1024, 32768), (4096, 4096)]
+    IMPLS = ["xp", "numba", "numba-serial", "numba-parallel", "torch"]
+OPS = ["softmax", "softmax_xent", "relu_backward", "bias_relu"]
+DTYPE = np.float32  # the MLP's dtype
+
+
+@functools.lru_cache(maxsize=4)
+def _arrays(shape):
+    """Logits-like data, labels and a bias for ``shape`` (drawn once per shape)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32) * 4
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    labels = rng.integers(0, shape[1], shape[0])
+    b = rng.standard_normal(shape[1], dtype=np.float32)
+    return x, dy, labels, b
+
+
+def _bytes(op, shape):
+    n = shape[0] * shape[1] * np.dtype(DTYPE).itemsize
+    return {
+        "softmax": 2 * n,
+        "softmax_xent": 2 * n + shape[0] * 8,
+        "relu_backward": 3 * n,
+        "bias_relu": 2 * n + shape[1] * 4,
+    }[op]
+
+
+def _numba_kernels_or_skip():
+    module = kernels.kernel_module("numba")
+    if module.unavailable():
+        pytest.skip(module.unavailable())
+    return module
+
+
+def _xpnet_call(op, impl, shape):
+    x, dy, labels, b = _arrays(shape)
+    out = np.empty_like(x)
+    y = np.maximum(x, 0)
+    return {
+        "softmax": lambda: F.softmax(x, out=out, impl=impl),
+        "softmax_xent": lambda: F.softmax_cross_entropy(x, labels, grad_out=out, impl=impl),
+        "relu_backward": lambda: F.relu_backward(dy, y, out=out, impl=impl),
+        "bias_relu": lambda: F.bias_relu(x, b, out=out, impl=impl),
+    }[op]
+
+
+def _torch_call(op, shape):
+    torch = pytest.importorskip("torch")
+    x, dy, labels, b = (torch.from_numpy(a) for a in _arrays(shape))
+    out = torch.empty_like(x)
+    y = torch.clamp_min(x, 0)
+
+    def xent():
+        logits = x.detach().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        (grad,) = torch.autograd.grad(loss, logits)
+        return loss, grad
+
+    def bias_relu():
+        return torch.add(x, b, out=out).relu_()
+
+    return {
+        "softmax": lambda: torch.ops.aten._softmax.out(x, 1, False, out=out),
+        "softmax_xent": xent,
+        "relu_backward": lambda: torch.ops.aten.threshold_backward.grad_input(dy, y, 0, grad_input=out),
+        "bias_relu": bias_relu,
+    }[op]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_kernel(benchmark, op, impl, shape, monkeypatch):
+    benchmark.group = f"{op} {shape[0]}x{shape[1]}"
+    benchmark.extra_info.update(op=op, impl=impl, shape=list(shape), dtype="float32", bytes=_bytes(op, shape))
+    if impl == "torch":
+        call = _torch_call(op, shape)
+    elif impl == "xp":
+        call = _xpnet_call(op, "xp", shape)
+    else:
+        module = _numba_kernels_or_skip()
+        kernel_op = "softmax_cross_entropy" if op == "softmax_xent" else op
+        if impl != "numba":  # force the serial or the parallel driver
+            forced = 0 if impl == "numba-parallel" else 1 << 62
+            monkeypatch.setitem(module.PARALLEL_MIN_ELEMENTS, kernel_op, forced)
+        monkeypatch.delenv("XPNET_KERNELS", raising=False)
+        call = _xpnet_call(op, "auto" if impl == "numba" else "numba", shape)
+    call()  # compile / warm caches outside the timing
+    benchmark(call)
+
+
+def _copy_numpy(src, dst):
+    np.copyto(dst, src)
+
+
+@pytest.mark.parametrize("shape", COPY_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", ["numpy-1-thread", "numba-all-threads"])
+def test_memory_copy(benchmark, impl, shape):
+    """The physical limit: read ``src`` and write ``dst`` once (bytes = 2 x size)."""
+    src = _arrays(shape)[0]
+    dst = np.empty_like(src)
+    benchmark.group = f"copy {shape[0]}x{shape[1]}"
+    benchmark.extra_info.update(op="copy", impl=impl, shape=list(shape), dtype="float32", bytes=2 * src.nbytes)
+    if impl == "numpy-1-thread":
+        call = functools.partial(_copy_numpy, src, dst)
+    else:
+        _numba_kernels_or_skip()
+        from xpnet.kernels import _numba_loops
+
+        call = functools.partial(_numba_loops.copy_parallel, src.reshape(-1), dst.reshape(-1))
+    call()
+    benchmark(call)
+    np.testing.assert_array_equal(dst, src)

@@ -1,0 +1,114 @@
+"""The NumPy fast path of a training step: preallocated buffers and fused Numba kernels.
+
+The math is the reference's (``Dense.forward``/``Dense.backward`` in ``xpnet.layers`` and
+``softmax_cross_entropy`` in ``xpnet.functional``); this module only removes what a step of a
+small MLP spends outside its matrix products on NumPy: an allocation per intermediate, a
+dispatch per op, separate passes for ``db = dz.sum(0)`` and for the accuracy count. Per step:
+
+- forward: ``np.matmul(h, W, out=z)``, then bias + ReLU in place (one kernel);
+- loss: the fused softmax + cross-entropy kernel writes the gradient into a buffer, and one
+  more tiny kernel counts the correct predictions (``argmax`` ties resolve as in NumPy);
+- backward: ``dW = h.T @ dz`` and ``dh = dz @ W.T`` into buffers, then one kernel applies
+  ReLU's derivative and sums the columns for ``db``.
+
+It runs only for what it covers (NumPy arrays, float32/float64, Dense layers with ReLU hidden
+activations and a linear output, numba importable, ``XPNET_KERNELS`` not ``xp``); otherwise
+``training_step_for`` returns ``None`` and the training loop runs the reference. The layers
+are read at every call (their ``W``/``b`` may be replaced), never imported: kernels sit below
+layers. tests/test_kernels.py checks a step against the reference step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import numba_cpu
+
+__all__ = ["CpuTrainingStep", "training_step_for"]
+
+
+def training_step_for(layers, batch_size: int):
+    """A ``CpuTrainingStep`` for these layers, or ``None`` where the reference must run."""
+    if os.environ.get("XPNET_KERNELS", "auto") not in ("auto", "numba"):
+        return None
+    if not layers or numba_cpu.unavailable():
+        return None
+    dtype = layers[0].W.dtype
+    for i, layer in enumerate(layers):
+        hidden_relu = layer.activation == "relu" and i < len(layers) - 1
+        linear_output = layer.activation is None and i == len(layers) - 1
+        arrays_fit = all(type(a) is np.ndarray and a.dtype == dtype for a in (layer.W, layer.b))
+        if not (arrays_fit and (hidden_relu or linear_output)):
+            return None
+    if dtype not in (np.float32, np.float64):
+        return None
+    return CpuTrainingStep(layers, batch_size)
+
+
+class CpuTrainingStep:
+    """One forward + backward pass of a ReLU MLP on NumPy, into preallocated buffers.
+
+    Parameters
+    ----------
+    layers : list of Dense
+        Hidden layers with ReLU, a linear output layer, float32 or float64 NumPy parameters.
+    batch_size : int
+        The largest batch a call will get (smaller ones use the front of each buffer).
+
+    After a call each layer's ``dW``/``db`` refer to this object's gradient buffers (valid until
+    the next call), so ``model.gradients()`` and any optimizer work unchanged.
+    """
+
+    def __init__(self, layers, batch_size: int):
+        self.layers = list(layers)
+        self.batch_size = int(batch_size)
+        self._loops = numba_cpu._get_loops()
+        dtype = self.layers[0].W.dtype
+        widths = [int(self.layers[0].W.shape[0])] + [int(layer.W.shape[1]) for layer in self.layers]
+        n = self.batch_size
+        self._z = [np.empty((n, w), dtype) for w in widths[1:]]  # each layer's output
+        self._dz = [np.empty((n, w), dtype) for w in widths[1:]]  # dL/d(pre-activation)
+        self.dW = [np.empty((a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
+        self.db = [np.empty(w, dtype) for w in widths[1:]]
+        self._rows = self._loops.block_rows(widths[-1])
+
+    def __call__(self, xb, yb):
+        """Gradients of the mean cross-entropy on the batch ``(xb, yb)`` into ``dW``/``db``.
+
+        Returns ``(loss_sum, correct)``: the summed (not mean) loss as a float and the number of
+        rows whose arg-max logit is the label, both for the training loop's epoch metrics.
+        """
+        loops, layers = self._loops, self.layers
+        n = xb.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"a batch of {n} rows does not fit buffers for {self.batch_size}")
+        h = xb
+        outputs = []
+        for layer, z_buffer in zip(layers, self._z):
+            z = z_buffer[:n]
+            np.matmul(h, layer.W, out=z)
+            if layer.activation == "relu":
+                loops.bias_relu_serial(z, layer.b, z)
+            else:
+                loops.bias_add_serial(z, layer.b, z)
+            outputs.append(z)
+            h = z
+        logits = h
+        if loops.labels_out_of_range(yb, logits.shape[1]) >= 0:
+            raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
+        correct = loops.count_argmax_hits(logits, yb)
+        dz = self._dz[-1][:n]
+        loss_sum = loops.softmax_xent_serial(logits, yb, dz, dz.reshape(-1), self._rows)
+        loops.column_sums(dz, self.db[-1])
+        for i in range(len(layers) - 1, -1, -1):
+            inputs = outputs[i - 1] if i > 0 else xb
+            np.matmul(inputs.T, dz, out=self.dW[i])
+            layers[i].dW, layers[i].db = self.dW[i], self.db[i]
+            if i > 0:
+                dh = self._dz[i - 1][:n]
+                np.matmul(dz, layers[i].W.T, out=dh)
+                loops.relu_backward_colsum(dh, outputs[i - 1], dh, self.db[i - 1])
+                dz = dh
+        return loss_sum, int(correct)
