@@ -355,3 +355,73 @@ def test_warmup_compiles_both_dtypes():
         pytest.skip(module.unavailable())
     seconds = module.warmup()
     assert set(seconds) == {"float32", "float64"} and all(s >= 0 for s in seconds.values())
+
+
+# --- the NumPy fast path of a training step -------------------------------------------------------
+
+
+def _reference_step(model, xb, yb, monkeypatch):
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    logits = model.forward(xb, training=True)
+    loss, dlogits = F.softmax_cross_entropy(logits, yb)
+    model.backward(dlogits)
+    correct = int(np.sum(np.argmax(logits, axis=1) == yb))
+    grads = [np.array(g) for g in model.gradients()]
+    monkeypatch.delenv("XPNET_KERNELS")
+    return float(loss) * yb.shape[0], correct, grads
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cpu_fast_step_equals_the_reference_step(dtype, rng, monkeypatch):
+    import xpnet
+    from xpnet.kernels.cpu_step import training_step_for
+
+    if kernels.kernel_module("numba").unavailable():
+        pytest.skip(kernels.kernel_module("numba").unavailable())
+    model = xpnet.MLP([13, 17, 9, 5], dtype=dtype, seed=3)
+    xb = rng.standard_normal((23, 13)).astype(dtype)
+    yb = rng.integers(0, 5, 23)
+    want_loss, want_correct, want_grads = _reference_step(model, xb, yb, monkeypatch)
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    step = training_step_for(model.layers, 32)
+    assert step is not None
+    for layer in model.layers:  # poison: the fast step must write every gradient element
+        layer.dW = layer.db = None
+    for buffer in step.dW + step.db:
+        buffer.fill(np.nan)
+    loss, correct = step(xb, yb)
+    rtol = RTOL[np.dtype(dtype).type]
+    assert correct == want_correct
+    assert abs(loss - want_loss) <= rtol * abs(want_loss)
+    got = model.gradients()
+    assert all(g is b for g, b in zip(got, [a for pair in zip(step.dW, step.db) for a in pair]))
+    # norm-wise: the fast step sums db in another order than NumPy's pairwise sum, so an entry
+    # that cancels to near 0 can differ relative to itself, never relative to the gradient
+    for g, w in zip(got, want_grads):
+        _assert_close(g, w, rtol, scale=np.max(np.abs(w)))
+
+
+def test_cpu_fast_step_steps_aside_where_it_does_not_apply(monkeypatch):
+    import xpnet
+    from xpnet.kernels.cpu_step import training_step_for
+
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    assert training_step_for(xpnet.MLP([4, 3, 2], activation="tanh", seed=0).layers, 8) is None
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    assert training_step_for(xpnet.MLP([4, 3, 2], seed=0).layers, 8) is None
+
+
+@pytest.mark.slow
+def test_training_with_and_without_kernels_reaches_the_same_accuracy(mnist, monkeypatch):
+    """Seed 002's config (784-50-25-10, batch 128, SGD lr 0.1) on the real MNIST, 3 epochs."""
+    import xpnet
+
+    X, y, X_test, y_test = mnist
+    accuracy = {}
+    for mode in ("xp", "auto"):
+        monkeypatch.setenv("XPNET_KERNELS", mode)
+        model = xpnet.MLP([784, 50, 25, 10], seed=2)
+        model.fit(X, y, epochs=3, batch_size=128, optimizer="sgd", lr=0.1, verbose=0)
+        accuracy[mode] = model.score(X_test, y_test)
+    assert accuracy["xp"] > 0.93
+    assert abs(accuracy["xp"] - accuracy["auto"]) <= 0.002, accuracy
