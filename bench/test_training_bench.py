@@ -1,0 +1,247 @@
+"""Training benchmarks on the real MNIST: one step, one epoch and a full 10-epoch run.
+
+For each configuration (seed 002's 784-50-25-10, and 784-256-128-10; batch 128, plain SGD
+lr 0.1, float32) and each implementation:
+
+- ``xpnet``: ``MLP.fit`` as users run it (kernels and the NumPy fast path, ``XPNET_KERNELS``
+  unset);
+- ``xpnet-xp``: the same with ``XPNET_KERNELS=xp``: the reference path, no kernels;
+- ``torch``: the same model in PyTorch CPU eager (float32, same batches and epochs, its default
+  threads), skipped when torch is not installed;
+- ``gemm-floor``: only the step's matrix products (3 forward, 3 ``dW``, 2 ``dx``), same shapes
+  and dtype, the same number of steps: what a step can never beat.
+
+All run in one process, side by side. Inputs are scaled to float32 once, outside the timing, for
+every implementation. The full runs record test accuracy in ``extra_info`` ("equal accuracy").
+Quick mode (XPNET_BENCH_QUICK=1) trains on 2,048 images for 1-2 epochs so CI stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xpnet
+import xpnet.functional as F
+from xpnet.optim import make_optimizer
+
+from conftest import QUICK
+
+CONFIGS = {"784-50-25-10": [784, 50, 25, 10], "784-256-128-10": [784, 256, 128, 10]}
+if QUICK:
+    CONFIGS = {"784-50-25-10": CONFIGS["784-50-25-10"]}
+BATCH, LR, SEED = 128, 0.1, 2
+RUN_EPOCHS = 2 if QUICK else 10
+IMPLS = ["xpnet", "xpnet-xp", "torch", "gemm-floor"]
+
+
+def _data_root():
+    root = os.environ.get("XPNET_DATA")
+    if root:
+        return Path(root) / "mnist"
+    sibling = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    return sibling if sibling.is_dir() else None
+
+
+@functools.lru_cache(maxsize=1)
+def mnist():
+    """(X_train float32 in [0, 1], y_train int64, X_test, y_test), or skip without the data."""
+    from xpnet.datasets import load_mnist
+
+    root = _data_root()
+    if root is None:
+        pytest.skip("real MNIST not found: set XPNET_DATA to the folder holding mnist/")
+    X, y = load_mnist("train", root=root, download=False, progressbar=False)
+    Xt, yt = load_mnist("test", root=root, download=False, progressbar=False)
+    scale = lambda a: a.reshape(len(a), -1).astype(np.float32) / np.float32(255)  # as MLP does
+    X, y, Xt, yt = scale(X), y.astype(np.int64), scale(Xt), yt.astype(np.int64)
+    if QUICK:
+        X, y = X[:2048], y[:2048]
+    return X, y, Xt, yt
+
+
+def _steps_per_epoch(n):
+    return -(-n // BATCH)
+
+
+# --- xpnet -----------------------------------------------------------------------------------------
+
+
+def _xpnet_model(widths):
+    return xpnet.MLP(widths, seed=SEED, dtype="float32", backend="cpu")
+
+
+def _xpnet_step_fn(model, X, y):
+    """One training step exactly as ``fit`` runs it (fast path when it applies)."""
+    from xpnet.training import _cpu_fast_step
+
+    opt = make_optimizer("sgd", lr=LR)
+    params = model.parameters()
+    fast = _cpu_fast_step(model, BATCH)
+    order = np.random.default_rng(0).permutation(X.shape[0])
+    position = [0]
+
+    def step():
+        lo = position[0]
+        position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
+        idx = order[lo : lo + BATCH]
+        xb, yb = np.take(X, idx, axis=0), np.take(y, idx, axis=0)
+        if fast is not None:
+            fast(xb, yb)
+        else:
+            logits = model.forward(xb, training=True)
+            _, dlogits = F.softmax_cross_entropy(logits, yb)
+            model.backward(dlogits)
+            np.sum(np.argmax(logits, axis=1) == yb)  # the accuracy count fit keeps
+        opt.step(params, model.gradients())
+
+    return step
+
+
+# --- torch -----------------------------------------------------------------------------------------
+
+
+def _torch_setup(widths, X, y):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(SEED)
+    layers = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers[:-1])
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    return torch, net, opt, torch.from_numpy(X), torch.from_numpy(y)
+
+
+def _torch_epoch(torch, net, opt, Xt, yt):
+    order = torch.randperm(Xt.shape[0])
+    for lo in range(0, Xt.shape[0], BATCH):
+        idx = order[lo : lo + BATCH]
+        xb, yb = Xt[idx], yt[idx]
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(xb), yb)
+        loss.backward()
+        opt.step()
+
+
+def _torch_accuracy(torch, net, X, y):
+    with torch.no_grad():
+        return float((net(torch.from_numpy(X)).argmax(1).numpy() == y).mean())
+
+
+# --- the GEMM floor --------------------------------------------------------------------------------
+
+
+def _gemm_floor_step_fn(widths, X):
+    """Only the step's matrix products, on arrays of the step's shapes and dtype."""
+    rng = np.random.default_rng(0)
+    Ws = [rng.standard_normal((a, b), dtype=np.float32) * 0.05 for a, b in zip(widths[:-1], widths[1:])]
+    xb = np.ascontiguousarray(X[:BATCH])
+    acts = [xb] + [np.ones((BATCH, w), np.float32) for w in widths[1:]]
+    grads = [np.ones((BATCH, w), np.float32) * 0.01 for w in widths[1:]]
+
+    def step():
+        h = xb
+        for W in Ws:  # forward
+            h = h @ W
+        for i in range(len(Ws) - 1, -1, -1):  # backward: dW, and dx below the first layer
+            acts[i].T @ grads[i]
+            if i > 0:
+                grads[i] @ Ws[i].T
+
+    return step
+
+
+# --- benchmarks ------------------------------------------------------------------------------------
+
+
+def _prepare(impl, monkeypatch):
+    if impl == "xpnet-xp":
+        monkeypatch.setenv("XPNET_KERNELS", "xp")
+    else:
+        monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    if impl == "xpnet":
+        module = xpnet.kernels.kernel_module("numba")
+        if not module.unavailable():
+            module.warmup(("float32",), ("int64",))  # compile outside the timing
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_step(benchmark, config, impl, monkeypatch):
+    widths = CONFIGS[config]
+    X, y, _, _ = mnist()
+    benchmark.group = f"train step {config}"
+    benchmark.extra_info.update(config=config, impl=impl, scope="step", steps=1)
+    _prepare(impl, monkeypatch)
+    if impl.startswith("xpnet"):
+        step = _xpnet_step_fn(_xpnet_model(widths), X, y)
+    elif impl == "gemm-floor":
+        step = _gemm_floor_step_fn(widths, X)
+    else:
+        torch, net, opt, Xt, yt = _torch_setup(widths, X, y)
+        order = torch.randperm(Xt.shape[0])
+
+        def step():
+            idx = order[:BATCH]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
+            opt.step()
+
+    for _ in range(5):
+        step()  # warm caches and allocators
+    benchmark(step)
+
+
+def _run(impl, widths, X, y, epochs, monkeypatch):
+    """Set up one training of ``epochs`` epochs; returns (train, accuracy_after)."""
+    _prepare(impl, monkeypatch)
+    _, _, Xt, yt = mnist()
+    if impl.startswith("xpnet"):
+        model = _xpnet_model(widths)
+        train = lambda: model.fit(X, y, epochs=epochs, batch_size=BATCH, optimizer="sgd", lr=LR, verbose=0)
+        return train, lambda: model.score(Xt, yt)
+    if impl == "gemm-floor":
+        step = _gemm_floor_step_fn(widths, X)
+        n_steps = epochs * _steps_per_epoch(X.shape[0])
+
+        def train():
+            for _ in range(n_steps):
+                step()
+
+        return train, None
+    torch, net, opt, Xtt, ytt = _torch_setup(widths, X, y)
+
+    def train():
+        for _ in range(epochs):
+            _torch_epoch(torch, net, opt, Xtt, ytt)
+
+    return train, lambda: _torch_accuracy(torch, net, Xt, yt)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_epoch(benchmark, config, impl, monkeypatch):
+    X, y, _, _ = mnist()
+    benchmark.group = f"train epoch {config}"
+    benchmark.extra_info.update(config=config, impl=impl, scope="epoch", steps=_steps_per_epoch(X.shape[0]))
+    train, _ = _run(impl, CONFIGS[config], X, y, 1, monkeypatch)
+    benchmark.pedantic(train, rounds=1 if QUICK else 3, iterations=1, warmup_rounds=0 if QUICK else 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_full_run(benchmark, config, impl, monkeypatch):
+    """A fresh model trained for 10 epochs (2 in quick mode), timed once; accuracy recorded."""
+    X, y, _, _ = mnist()
+    benchmark.group = f"train {RUN_EPOCHS} epochs {config}"
+    benchmark.extra_info.update(
+        config=config, impl=impl, scope="run", epochs=RUN_EPOCHS, steps=RUN_EPOCHS * _steps_per_epoch(X.shape[0])
+    )
+    train, accuracy = _run(impl, CONFIGS[config], X, y, RUN_EPOCHS, monkeypatch)
+    benchmark.pedantic(train, rounds=1, iterations=1)
+    if accuracy is not None:
+        benchmark.extra_info["test_accuracy"] = accuracy()
