@@ -62,7 +62,8 @@ def server():
     """A server on a free localhost port with a stand-in model; yields (server, model)."""
 
     class Recording:
-        calls = []
+        def __init__(self):
+            self.calls = []
 
         def predict_proba(self, X):
             self.calls.append(np.array(X))

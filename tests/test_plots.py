@@ -64,7 +64,7 @@ def test_training_curves_from_a_history_or_its_records(trained, tmp_path):
 
 
 def test_confusion_matrix_and_per_class_accuracy_of_a_trained_model(trained, tmp_path):
-    _, _, X, y, proba = trained
+    _, _, _, y, proba = trained
     y_pred = proba.argmax(axis=1)
     fig = plots.confusion_matrix(y, y_pred, path=tmp_path / "confusion.png")
     assert_png(tmp_path / "confusion.png")

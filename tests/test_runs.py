@@ -249,9 +249,8 @@ def test_the_xpnet_runs_command(mnist, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
-def test_a_ctrl_c_while_saving_waits_until_the_epoch_is_on_disk(mnist, tmp_path):
+def test_a_ctrl_c_while_saving_waits_until_the_epoch_is_on_disk(tmp_path):
     """Deterministic: the Ctrl-C arrives in the middle of saving the model."""
-    X, y, _, _ = small_data(mnist, 500)
     model = xpnet.MLP([784, 8, 10], seed=0)
     recorder = RunRecorder(tmp_path / "r")
     recorder.model = model
