@@ -199,7 +199,7 @@ __device__ __forceinline__ T block_sum(T v) {
 // NaN loss and a NaN gradient row: loud, never a silently wrong number. z[r, y_r] is read before
 // anything of the row is written, so grad may alias z (in place), as softmax's y may alias x.
 
-constexpr int R = 8;  // vectors per thread a block-per-row kernel keeps in registers
+constexpr int R = 4;  // vectors per thread a block-per-row kernel keeps in registers (4096 floats)
 
 // What a row operation writes for the value x in column c, given the row's max m and sum s.
 template <typename T, bool CE>
