@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -19,6 +20,9 @@ def test_train_then_evaluate(tmp_path, mnist, capsys):
     assert accuracy > 0.85
     model_file = out / "model.safetensors"
     assert model_file.is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"][:2] == ["xpnet", "train"] and "--seed" in config["command"]
+    assert len(config["data"]) == 4 and all(len(h) == 64 for h in config["data"].values())
     assert main(["evaluate", str(model_file)]) == 0
     assert f"test accuracy {accuracy:.4f}" in capsys.readouterr().out
 

@@ -75,7 +75,8 @@ def _mnist_root(data):
 
 def cmd_train(args) -> int:
     from . import MLP
-    from .datasets import load_mnist
+    from .datasets import dataset_hashes, load_mnist
+    from .runs import RunRecorder
 
     lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("mlp-%Y%m%d-%H%M%S")
@@ -98,7 +99,13 @@ def cmd_train(args) -> int:
         schedule=args.schedule,
         validation_data=(X_test, y_test),  # reported each epoch as val_*; no model selection uses it
         verbose=0 if args.quiet else 1,
-        run_dir=out,
+        callbacks=[
+            RunRecorder(
+                out,
+                config={"command": ["xpnet", *args.argv], "data": dataset_hashes()},
+                eval_data=(X_test, y_test),
+            )
+        ],
     )
     seconds = time.perf_counter() - start
     scores = model.evaluate(X_test, y_test)
@@ -139,7 +146,9 @@ def cmd_draw(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # recorded in a run's config.json
     command = {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs, "draw": cmd_draw}[args.command]
     try:
         return command(args)

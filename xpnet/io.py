@@ -25,6 +25,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved model is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
