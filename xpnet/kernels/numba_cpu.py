@@ -107,23 +107,26 @@ def _is_numpy(a) -> bool:
 
 def unsupported(op: str, *arrays) -> str | None:
     """Why the kernel for ``op`` cannot run on these arrays, or ``None`` when it can."""
+    first = arrays[0]
     for a in arrays:
-        if not _is_numpy(a):
+        if type(a) is not np.ndarray:
             return f"the numba kernels take NumPy arrays, got {type(a).__module__}.{type(a).__name__}"
-    floats = arrays[:1] if op == "softmax_cross_entropy" else arrays
-    dtype = floats[0].dtype
+    dtype = first.dtype
     if dtype not in _FLOATS:
         return f"the numba kernels take float32 or float64, got {dtype}"
-    if any(a.dtype != dtype for a in floats):
-        return "operands of different dtypes: " + ", ".join(str(a.dtype) for a in floats)
-    if any(a.size == 0 for a in arrays):
-        return "empty arrays"
+    floats = arrays[:1] if op == "softmax_cross_entropy" else arrays
+    for a in floats:
+        if a.dtype != dtype:
+            return "operands of different dtypes: " + ", ".join(str(a.dtype) for a in floats)
+    for a in arrays:
+        if a.size == 0:
+            return "empty arrays"
     if op == "softmax_cross_entropy":
         if arrays[1].dtype.kind not in "iu":
             return f"labels must be integers, got {arrays[1].dtype}"
-    elif op == "relu_backward":
-        if arrays[0].ndim != 2 and not all(a.flags.c_contiguous for a in arrays):
-            return f"non-contiguous arrays of {arrays[0].ndim} dimensions (2 are supported)"
+    elif op == "relu_backward" and first.ndim != 2:
+        if not (first.flags.c_contiguous and arrays[1].flags.c_contiguous):
+            return f"non-contiguous arrays of {first.ndim} dimensions (2 are supported)"
     return None
 
 
@@ -167,7 +170,9 @@ def _target(out, shape, dtype, inputs, *, contiguous=False):
     if out is None:
         return np.empty(shape, dtype)
     _check_out(out, shape, dtype)
-    overlaps = any(out is not a and np.may_share_memory(out, a) for a in inputs)
+    overlaps = False
+    for a in inputs:
+        overlaps = overlaps or (out is not a and np.may_share_memory(out, a))
     if overlaps or (contiguous and not out.flags.c_contiguous):
         return np.empty(shape, dtype)
     return out
@@ -182,16 +187,16 @@ def _finish(result, out):
 
 def relu_backward(dy, y, /, out=None):
     """``dy`` where ``y > 0``, else 0 (one pass, no mask array); see ``xpnet.functional``."""
-    loops = _get_loops()
+    loops = _loops or _get_loops()
     target = _target(out, dy.shape, dy.dtype, (dy, y))
-    parallel = _parallel("relu_backward", dy.size)
+    parallel = dy.size >= PARALLEL_MIN_ELEMENTS["relu_backward"]
     if dy.flags.c_contiguous and y.flags.c_contiguous and target.flags.c_contiguous:
         kernel = loops.relu_backward_flat_parallel if parallel else loops.relu_backward_flat_serial
         kernel(dy.reshape(-1), y.reshape(-1), target.reshape(-1))
     else:
         kernel = loops.relu_backward_2d_parallel if parallel else loops.relu_backward_2d_serial
         kernel(dy, y, target)
-    return _finish(target, out)
+    return target if out is None or target is out else _finish(target, out)
 
 
 def bias_relu(x, b, /, out=None):
