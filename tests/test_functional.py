@@ -156,3 +156,12 @@ def test_xpnet_kernels_env_forces_reference(monkeypatch):
     monkeypatch.setenv("XPNET_KERNELS", "turbo")
     with pytest.raises(ValueError, match="XPNET_KERNELS"):
         kernels.select("softmax", "auto", np.ones((4, 4)))
+
+
+def test_out_of_range_labels_are_refused_by_the_reference(backend):
+    z = backend.asarray(np.ones((3, 4)))
+    for bad in ([0, 4, 1], [0, -1, 1]):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+            F.cross_entropy(z, backend.asarray(np.array(bad)))
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+            F.softmax_cross_entropy(z, backend.asarray(np.array(bad)), impl="xp")

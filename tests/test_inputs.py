@@ -110,3 +110,16 @@ def test_arrays_of_another_backend_are_refused(data):
         numpy_model.predict(array_api_strict.asarray(X))
     strict_model = xpnet.MLP([6, 3], seed=0, backend=array_api_strict)
     assert strict_model.predict(X).shape == (10,)  # host NumPy data is uploaded explicitly at the boundary
+
+
+@pytest.mark.cuda
+def test_cupy_arrays_work_on_cuda_models_and_are_refused_by_cpu_models(data):
+    import cupy
+
+    X, y = data
+    cuda_model = xpnet.MLP([6, 3], seed=0, backend="cuda")
+    Xd, yd = cupy.asarray(X), cupy.asarray(y)
+    cuda_model.fit(Xd, yd, epochs=1, verbose=0)
+    assert cuda_model.score(Xd, yd) == pytest.approx(cuda_model.score(X, y))
+    with pytest.raises(TypeError, match="CuPy .*'cpu' backend"):
+        xpnet.MLP([6, 3], seed=0).predict(Xd)

@@ -178,6 +178,12 @@ def _onehot(labels, n_classes, dtype, xp):
     return xp.astype(labels[:, None] == classes[None, :], dtype)
 
 
+def _check_label_range(labels, n_classes, xp):
+    """Out-of-range labels would silently select nothing from the one-hot: refuse them."""
+    if labels.shape[0] and bool(xp.any((labels < 0) | (labels >= n_classes))):
+        raise ValueError(f"labels must lie in [0, {n_classes}); some are outside")
+
+
 def cross_entropy(logits, labels, /, *, reduction="mean", impl="auto"):
     """Cross-entropy of integer ``labels`` under ``softmax(logits)``, from the logits.
 
@@ -189,6 +195,7 @@ def cross_entropy(logits, labels, /, *, reduction="mean", impl="auto"):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     xp = _namespace(logits)
+    _check_label_range(labels, logits.shape[1], xp)
     picked = xp.sum(logits * _onehot(labels, logits.shape[1], logits.dtype, xp), axis=1)
     losses = logsumexp(logits, axis=1) - picked
     if reduction == "none":
@@ -214,6 +221,7 @@ def softmax_cross_entropy(logits, labels, /, *, grad_out=None, impl="auto"):
     if kernel is not None:
         return kernel(logits, labels, grad_out=grad_out)
     xp = _namespace(logits)
+    loss = cross_entropy(logits, labels)  # checks the labels' range too
     onehot = _onehot(labels, logits.shape[1], logits.dtype, xp)
     grad = (softmax(logits, impl="xp") - onehot) / logits.shape[0]
-    return cross_entropy(logits, labels), _write(grad_out, grad)
+    return loss, _write(grad_out, grad)

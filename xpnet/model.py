@@ -182,6 +182,13 @@ class MLP:
         """A NumPy view of host data; an array of another backend is refused, never copied."""
         if isinstance(data, np.ndarray):
             return data
+        if type(data).__module__.startswith("cupy"):  # CuPy arrays lack __array_namespace__
+            if self.backend.name == "cuda":
+                return data.get()
+            raise TypeError(
+                f"{name} is a CuPy (cuda) array but this model runs on the {self.backend.name!r} backend; "
+                "pass a NumPy array (cupy.asnumpy), or build the model with backend='cuda'"
+            )
         if hasattr(data, "__array_namespace__"):
             if self.backend.owns(data):
                 return np.asarray(self.backend.to_numpy(data))
