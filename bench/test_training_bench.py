@@ -89,10 +89,10 @@ def _xpnet_step_fn(model, X, y):
         lo = position[0]
         position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
         idx = order[lo : lo + BATCH]
-        xb, yb = np.take(X, idx, axis=0), np.take(y, idx, axis=0)
         if fast is not None:
-            fast(xb, yb)
+            fast(fast.take_rows(X, idx), np.take(y, idx, axis=0))
         else:
+            xb, yb = np.take(X, idx, axis=0), np.take(y, idx, axis=0)
             logits = model.forward(xb, training=True)
             _, dlogits = F.softmax_cross_entropy(logits, yb)
             model.backward(dlogits)

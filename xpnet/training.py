@@ -146,7 +146,8 @@ def fit(
                 hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
                 if shuffle:
                     idx = order[lo:hi]
-                    xb, yb = xp.take(X, idx, axis=0), xp.take(y, idx, axis=0)
+                    xb = fast_step.take_rows(X, idx) if fast_step else xp.take(X, idx, axis=0)
+                    yb = xp.take(y, idx, axis=0)
                 else:
                     xb, yb = X[lo:hi, ...], y[lo:hi]
                 if fast_step is not None:  # NumPy fast path: the same math, buffers + fused kernels
@@ -154,13 +155,13 @@ def fit(
                     opt.step(params, model.gradients())
                     loss_sum += batch_loss
                     correct += batch_correct
-                    continue
-                logits = model.forward(xb, training=True)
-                loss, dlogits = F.softmax_cross_entropy(logits, yb)
-                model.backward(dlogits)
-                opt.step(params, model.gradients())
-                loss_sum += loss * yb.shape[0]
-                correct += xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
+                else:
+                    logits = model.forward(xb, training=True)
+                    loss, dlogits = F.softmax_cross_entropy(logits, yb)
+                    model.backward(dlogits)
+                    opt.step(params, model.gradients())
+                    loss_sum += loss * yb.shape[0]
+                    correct += xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
             logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(

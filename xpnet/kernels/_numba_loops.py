@@ -329,15 +329,20 @@ def column_sums(a, out):
 
 @njit(**_JIT)
 def relu_backward_colsum(dy, y, out, col_sum):
-    """``out = dy where y > 0 else 0`` and ``col_sum = out.sum(axis=0)`` in one pass."""
+    """``out = dy where y > 0 else 0`` and ``col_sum = out.sum(axis=0)``, row by row.
+
+    Two short loops per row (select, then accumulate) so each one vectorizes; the row is still
+    in L1 for the second.
+    """
     zero = dy.dtype.type(0)
     for j in range(dy.shape[1]):
         col_sum[j] = 0
     for i in range(dy.shape[0]):
-        for j in range(dy.shape[1]):
-            v = dy[i, j] if y[i, j] > 0 else zero
-            out[i, j] = v
-            col_sum[j] += v
+        dy_row, y_row, out_row = dy[i], y[i], out[i]
+        for j in range(dy_row.shape[0]):
+            out_row[j] = dy_row[j] if y_row[j] > 0 else zero
+        for j in range(out_row.shape[0]):
+            col_sum[j] += out_row[j]
 
 
 @njit(**_JIT)

@@ -68,11 +68,21 @@ class CpuTrainingStep:
         dtype = self.layers[0].W.dtype
         widths = [int(self.layers[0].W.shape[0])] + [int(layer.W.shape[1]) for layer in self.layers]
         n = self.batch_size
+        self._x = np.empty((n, widths[0]), dtype)
         self._z = [np.empty((n, w), dtype) for w in widths[1:]]  # each layer's output
         self._dz = [np.empty((n, w), dtype) for w in widths[1:]]  # dL/d(pre-activation)
         self.dW = [np.empty((a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
         self.db = [np.empty(w, dtype) for w in widths[1:]]
         self._rows = self._loops.block_rows(widths[-1])
+
+    def take_rows(self, X, idx):
+        """``X[idx]`` gathered into the step's input buffer (valid indices, e.g. a permutation).
+
+        ``mode="clip"`` is what makes ``out=`` fast: with the default ``"raise"`` NumPy gathers
+        into a temporary first (measured 170 us against 14 us for 128 MNIST rows).
+        """
+        out = self._x[: idx.shape[0]]
+        return np.take(X, idx, axis=0, out=out, mode="clip")
 
     def __call__(self, xb, yb):
         """Gradients of the mean cross-entropy on the batch ``(xb, yb)`` into ``dW``/``db``.
