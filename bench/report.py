@@ -113,7 +113,7 @@ def training_tables(benches):
             if not row:
                 continue
             ref = {k: row.get(k, {}).get("stats", {}).get("min") for k in ("torch", "gemm-floor", "xpnet-xp")}
-            for impl in ("xpnet", "xpnet-xp", "torch", "gemm-floor"):
+            for impl in ("xpnet", "xpnet-xp", "torch", "gemm-floor", "gemm-floor+gather"):
                 if impl not in row:
                     continue
                 info, t = row[impl]["extra_info"], row[impl]["stats"]["min"]

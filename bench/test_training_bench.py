@@ -9,7 +9,9 @@ lr 0.1, float32) and each implementation:
 - ``torch``: the same model in PyTorch CPU eager (float32, same batches and epochs, its default
   threads), skipped when torch is not installed;
 - ``gemm-floor``: only the step's matrix products (3 forward, 3 ``dW``, 2 ``dx``), same shapes
-  and dtype, the same number of steps: what a step can never beat.
+  and dtype, the same number of steps: what a step can never beat;
+- ``gemm-floor+gather`` (step only): the same products plus gathering a random batch of 128
+  rows from the 188 MB training set, which every implementation must also do.
 
 All run in one process, side by side. Inputs are scaled to float32 once, outside the timing, for
 every implementation. The full runs record test accuracy in ``extra_info`` ("equal accuracy").
@@ -37,6 +39,7 @@ if QUICK:
 BATCH, LR, SEED = 128, 0.1, 2
 RUN_EPOCHS = 2 if QUICK else 10
 IMPLS = ["xpnet", "xpnet-xp", "torch", "gemm-floor"]
+STEP_IMPLS = IMPLS + ["gemm-floor+gather"]
 
 
 def _data_root():
@@ -135,9 +138,15 @@ def _torch_accuracy(torch, net, X, y):
 # --- the GEMM floor --------------------------------------------------------------------------------
 
 
-def _gemm_floor_step_fn(widths, X):
-    """Only the step's matrix products, on arrays of the step's shapes and dtype."""
+def _gemm_floor_step_fn(widths, X, gather=False):
+    """Only the step's matrix products, on arrays of the step's shapes and dtype.
+
+    ``gather=True`` adds the batch gather ``X[random rows]`` (into a buffer) to each step.
+    """
     rng = np.random.default_rng(0)
+    order = rng.permutation(X.shape[0])
+    batch = np.empty((BATCH, X.shape[1]), np.float32)
+    position = [0]
     Ws = [rng.standard_normal((a, b), dtype=np.float32) * 0.05 for a, b in zip(widths[:-1], widths[1:])]
     xb = np.ascontiguousarray(X[:BATCH])
     acts = [xb] + [np.ones((BATCH, w), np.float32) for w in widths[1:]]
@@ -145,6 +154,10 @@ def _gemm_floor_step_fn(widths, X):
 
     def step():
         h = xb
+        if gather:
+            lo = position[0]
+            position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
+            h = np.take(X, order[lo : lo + BATCH], axis=0, out=batch, mode="clip")
         for W in Ws:  # forward
             h = h @ W
         for i in range(len(Ws) - 1, -1, -1):  # backward: dW, and dx below the first layer
@@ -169,7 +182,7 @@ def _prepare(impl, monkeypatch):
             module.warmup(("float32",), ("int64",))  # compile outside the timing
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STEP_IMPLS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_step(benchmark, config, impl, monkeypatch):
     widths = CONFIGS[config]
@@ -179,8 +192,8 @@ def test_step(benchmark, config, impl, monkeypatch):
     _prepare(impl, monkeypatch)
     if impl.startswith("xpnet"):
         step = _xpnet_step_fn(_xpnet_model(widths), X, y)
-    elif impl == "gemm-floor":
-        step = _gemm_floor_step_fn(widths, X)
+    elif impl.startswith("gemm-floor"):
+        step = _gemm_floor_step_fn(widths, X, gather=impl.endswith("gather"))
     else:
         torch, net, opt, Xt, yt = _torch_setup(widths, X, y)
         order = torch.randperm(Xt.shape[0])
