@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 
 import xpnet
-import xpnet.functional as F
 from xpnet.optim import make_optimizer
 
 from conftest import QUICK
@@ -80,11 +79,11 @@ def _xpnet_model(widths):
 
 def _xpnet_step_fn(model, X, y):
     """One training step exactly as ``fit`` runs it (fast path when it applies)."""
-    from xpnet.training import _cpu_fast_step
+    from xpnet.training import _training_step
 
     opt = make_optimizer("sgd", lr=LR)
     params = model.parameters()
-    fast = _cpu_fast_step(model, BATCH)
+    train_step = _training_step(model, BATCH)  # the Numba step where it applies, else the reference
     order = np.random.default_rng(0).permutation(X.shape[0])
     position = [0]
 
@@ -92,14 +91,7 @@ def _xpnet_step_fn(model, X, y):
         lo = position[0]
         position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
         idx = order[lo : lo + BATCH]
-        if fast is not None:
-            fast(fast.take_rows(X, idx), np.take(y, idx, axis=0))
-        else:
-            xb, yb = np.take(X, idx, axis=0), np.take(y, idx, axis=0)
-            logits = model.forward(xb, training=True)
-            _, dlogits = F.softmax_cross_entropy(logits, yb)
-            model.backward(dlogits)
-            np.sum(np.argmax(logits, axis=1) == yb)  # the accuracy count fit keeps
+        train_step(train_step.take_rows(X, idx), np.take(y, idx, axis=0))
         opt.step(params, model.gradients())
 
     return step

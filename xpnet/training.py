@@ -1,9 +1,13 @@
 """The training loop behind ``MLP.fit``, written once against ``xp``.
 
-The data set is moved to the model's backend once; every step gathers its batch there with
-``xp.take``, so a GPU run never copies a batch from the host. The loss and the count of correct
-predictions are summed as 0-d device arrays and read once per epoch: no host synchronisation
-per step.
+The data set is moved to the model's backend once; every step gathers its batch there, so a GPU
+run never copies a batch from the host. The loss and the count of correct predictions are summed
+on the device and read once per epoch: no host synchronisation per step.
+
+A step runs one of three ways, all computing the same math: ``ReferenceStep`` (the layers and
+``xpnet.functional``, on any namespace), the buffered Numba step on NumPy
+(``kernels.cpu_step``), or, on CUDA, whole epochs replayed from one captured graph of xpnet's
+own kernels (``kernels.cuda_graph``). Each fast path is tested against the reference.
 """
 
 from __future__ import annotations
@@ -55,17 +59,73 @@ def _split_validation(model, X, y, validation_data, validation_split):
     return X, y, val
 
 
-def _cpu_fast_step(model, batch_size):
-    """The NumPy fast path for this model's training step, or None to run the reference.
+class ReferenceStep:
+    """One training step through the layers and ``xpnet.functional``: the reference that every
+    fast path (``kernels.cpu_step``, ``kernels.cuda_graph``) is tested against.
 
-    Only for the "cpu" backend; the kernels module decides the rest (layers, dtype, numba,
-    ``XPNET_KERNELS``).
+    ``step(xb, yb)`` leaves the gradients in the layers and returns the batch's summed loss and
+    number of correct predictions, as 0-d arrays on the model's device.
     """
-    if model.backend.name != "cpu":
-        return None
-    from .kernels.cpu_step import training_step_for
 
-    return training_step_for(model.layers, batch_size)
+    def __init__(self, model):
+        self.model = model
+        self.xp = model.backend.xp
+
+    def take_rows(self, X, idx):
+        return self.xp.take(X, idx, axis=0)
+
+    def __call__(self, xb, yb):
+        xp = self.xp
+        logits = self.model.forward(xb, training=True)
+        loss, dlogits = F.softmax_cross_entropy(logits, yb)
+        self.model.backward(dlogits)
+        return loss * yb.shape[0], xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
+
+
+def _training_step(model, batch_size):
+    """The fastest step that applies: on NumPy the buffered Numba step where it covers the model
+    (``kernels.cpu_step`` decides, ``XPNET_KERNELS=xp`` included), else the reference."""
+    if model.backend.name == "cpu":
+        from .kernels.cpu_step import training_step_for
+
+        step = training_step_for(model.layers, batch_size)
+        if step is not None:
+            return step
+    return ReferenceStep(model)
+
+
+def _graph_trainer(model, opt, X, y, batch_size):
+    """On CUDA, whole epochs as replays of one captured graph of xpnet's kernels, or None where
+    that does not apply (``kernels.cuda_graph.why_not`` says why; ``XPNET_CUDA_GRAPHS=0`` too)."""
+    if model.backend.name != "cuda":
+        return None
+    from .kernels import cuda_graph
+
+    return cuda_graph.trainer_for(model, opt, X, y, batch_size)
+
+
+def _run_epoch(xp, step, opt, params, gradients, X, y, order, batch_size, progress):
+    """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count."""
+    n = int(X.shape[0])
+    loss_sum = correct = 0
+    for lo in progress(range(0, n, batch_size)):
+        hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
+        if order is not None:
+            idx = order[lo:hi]
+            xb, yb = step.take_rows(X, idx), xp.take(y, idx, axis=0)
+        else:
+            xb, yb = X[lo:hi, ...], y[lo:hi]
+        batch_loss, batch_correct = step(xb, yb)
+        opt.step(params, gradients())
+        loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
+        correct = correct + batch_correct
+    return loss_sum, correct
+
+
+def _progress_bar(description):
+    from tqdm.auto import tqdm
+
+    return lambda batches: tqdm(batches, desc=description, unit="batch", leave=False, file=sys.stderr)
 
 
 def fit(
@@ -123,7 +183,8 @@ def fit(
         "n_train": n,
         "n_val": int(val[0].shape[0]) if val else 0,
     }
-    fast_step = _cpu_fast_step(model, batch_size)
+    graphs = _graph_trainer(model, opt, X, y, batch_size)
+    step = None if graphs is not None else _training_step(model, batch_size)
     model.stop_training = False
     for cb in callbacks:
         cb.model = model
@@ -133,35 +194,14 @@ def fit(
         for epoch in range(epochs):
             start = time.perf_counter()
             opt.start_epoch(epoch, epochs)
-            order = model._rng.permutation(n) if shuffle else None
-            order = backend.asarray(order) if shuffle else None
-            loss_sum = xp.zeros((), dtype=X.dtype)
-            correct = xp.zeros((), dtype=xp.int64)
-            batches = range(0, n, batch_size)
-            if verbose:
-                from tqdm.auto import tqdm
-
-                batches = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, file=sys.stderr)
-            for lo in batches:
-                hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
-                if shuffle:
-                    idx = order[lo:hi]
-                    xb = fast_step.take_rows(X, idx) if fast_step else xp.take(X, idx, axis=0)
-                    yb = xp.take(y, idx, axis=0)
-                else:
-                    xb, yb = X[lo:hi, ...], y[lo:hi]
-                if fast_step is not None:  # NumPy fast path: the same math, buffers + fused kernels
-                    batch_loss, batch_correct = fast_step(xb, yb)
-                    opt.step(params, model.gradients())
-                    loss_sum += batch_loss
-                    correct += batch_correct
-                else:
-                    logits = model.forward(xb, training=True)
-                    loss, dlogits = F.softmax_cross_entropy(logits, yb)
-                    model.backward(dlogits)
-                    opt.step(params, model.gradients())
-                    loss_sum += loss * yb.shape[0]
-                    correct += xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
+            order = backend.asarray(model._rng.permutation(n)) if shuffle else None
+            if graphs is not None:
+                loss_sum, correct = graphs.run_epoch(order)
+            else:
+                progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
+                loss_sum, correct = _run_epoch(
+                    xp, step, opt, params, model.gradients, X, y, order, batch_size, progress
+                )
             logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(
