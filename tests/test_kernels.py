@@ -433,3 +433,15 @@ def test_training_with_and_without_kernels_reaches_the_same_accuracy(mnist, monk
         accuracy[mode] = model.score(X_test, y_test)
     assert accuracy["xp"] > 0.93
     assert abs(accuracy["xp"] - accuracy["auto"]) <= 0.002, accuracy
+
+
+def test_nan_logits_give_nan_rows_as_in_the_reference(kernel_arrays, rng):
+    """A NaN in a row makes that row NaN (softmax and gradient), and leaves the other rows alone."""
+    ka = kernel_arrays
+    for width in (7, 300):  # the narrow-row and the wide-row code paths
+        x = rng.standard_normal((5, width))
+        x[2, 3] = np.nan
+        got = ka.host(F.softmax(ka.to(x), impl=ka.impl))
+        want = F.softmax(x, impl="xp")
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        _assert_close(got[[0, 1, 3, 4]], want[[0, 1, 3, 4]], RTOL[np.float64])

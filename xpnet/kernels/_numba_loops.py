@@ -85,9 +85,9 @@ def _exp_nonpositive_impl(x):
         c0, c1, c2, c3, c4, c5, c6, c7 = _C32
 
         def exp32(x):
-            x = _LOWEST_32 if x < _LOWEST_32 else x
-            k = np.floor(x * _LOG2E_32 + _HALF_32)
-            r = (x - k * _LN2_HI_32) - k * _LN2_LO_32
+            xc = np.maximum(x, _LOWEST_32)  # NaN-propagating, and no branch for the inliner
+            k = np.floor(xc * _LOG2E_32 + _HALF_32)
+            r = (xc - k * _LN2_HI_32) - k * _LN2_LO_32
             p = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
             half = np.floor(k * _HALF_32)
             return (p * _pow2(half)) * _pow2(k - half)
@@ -97,9 +97,9 @@ def _exp_nonpositive_impl(x):
         c = _C64
 
         def exp64(x):
-            x = _LOWEST_64 if x < _LOWEST_64 else x
-            k = np.floor(x * _LOG2E_64 + 0.5)
-            r = (x - k * _LN2_HI_64) - k * _LN2_LO_64
+            xc = np.maximum(x, _LOWEST_64)
+            k = np.floor(xc * _LOG2E_64 + 0.5)
+            r = (xc - k * _LN2_HI_64) - k * _LN2_LO_64
             p = c[12]
             p = p * r + c[11]
             p = p * r + c[10]
@@ -160,14 +160,39 @@ def _row_sum(row):
     return s
 
 
+# Rows at least this wide are long enough for one vectorized loop per row; narrower rows go
+# through the block-wide flat exp instead (a 10-wide row would leave most vector lanes idle).
+WIDE_ROW = 64
+
+
+@njit(**_INLINE)
+def _exp_shifted_row_sum(x_row, out_row):
+    """``out_row = exp(x_row - max)``; returns ``(sum, max)``. One read of x, one write of out."""
+    m = _row_max(x_row)
+    s = out_row.dtype.type(0)
+    for j in range(x_row.shape[0]):
+        e = exp_nonpositive(x_row[j] - m)
+        out_row[j] = e
+        s += e
+    return s, m
+
+
 @njit(**_INLINE)
 def _softmax_block(x, out, flat):
     """Softmax of the rows of ``x`` into ``out``; ``flat`` is ``out`` seen as one 1-D array."""
+    one = out.dtype.type(1)
+    if x.shape[1] >= WIDE_ROW:
+        for i in range(x.shape[0]):
+            row = out[i]
+            inv = one / _exp_shifted_row_sum(x[i], row)[0]
+            for j in range(row.shape[0]):
+                row[j] *= inv
+        return
     _shift_rows(x, out)
     _exp_inplace(flat)
     for i in range(out.shape[0]):
         row = out[i]
-        inv = row.dtype.type(1) / _row_sum(row)
+        inv = one / _row_sum(row)
         for j in range(row.shape[0]):
             row[j] *= inv
 
@@ -175,12 +200,25 @@ def _softmax_block(x, out, flat):
 @njit(**_INLINE)
 def _softmax_xent_block(x, labels, grad, flat, inv_n):
     """Gradient of the mean loss into ``grad``; returns the block's summed loss (float64)."""
-    _shift_rows(x, grad)
+    one = grad.dtype.type(1)
     loss = 0.0
+    if x.shape[1] >= WIDE_ROW:
+        for i in range(x.shape[0]):
+            row = grad[i]
+            s, m = _exp_shifted_row_sum(x[i], row)
+            y = labels[i]
+            loss += math.log(s) - (x[i, y] - m)
+            inv = one / s
+            p_y = row[y] * inv
+            scale = inv * inv_n
+            for j in range(row.shape[0]):
+                row[j] *= scale
+            row[y] = (p_y - one) * inv_n
+        return loss
+    _shift_rows(x, grad)
     for i in range(x.shape[0]):
         loss -= grad[i, labels[i]]  # -(z_y - max z)
     _exp_inplace(flat)
-    one = grad.dtype.type(1)
     for i in range(grad.shape[0]):
         row = grad[i]
         s = _row_sum(row)
