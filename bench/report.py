@@ -4,7 +4,8 @@
         --markdown bench/results/report.md --png bench/results/report.png
 
 Kernel tables: per op and shape, each implementation's fastest time, GB/s, its share of the
-memory-copy bandwidth measured in the same run (the best copy of the run), and its speed-up over
+memory-copy bandwidth measured in the same run (the best copy of the run, and the copy of the
+same shape where one was measured), and its speed-up over
 the ``xp`` reference and over PyTorch (``> 1`` means faster). Training tables: per config and
 scope (step, epoch, full run), time and the ratios to PyTorch, to the GEMM floor and to the
 ``xp`` path (``< 1`` means faster than the other), plus test accuracy for full runs.
@@ -60,6 +61,10 @@ def machine_lines(machine):
 def kernel_tables(benches):
     copies = [b for b in benches if b.get("extra_info", {}).get("op") == "copy"]
     limit = max((b["extra_info"].get("GB/s", 0) for b in copies), default=None)
+    same_shape = defaultdict(float)  # the best copy of each shape: the limit at that size
+    for b in copies:
+        key = tuple(b["extra_info"]["shape"])
+        same_shape[key] = max(same_shape[key], b["extra_info"].get("GB/s", 0))
     lines = []
     if copies:
         lines.append("### Memory copy (the limit every kernel is compared to)\n")
@@ -78,8 +83,8 @@ def kernel_tables(benches):
     ops = sorted({op for op, _ in groups}, key=["softmax", "softmax_xent", "relu_backward", "bias_relu"].index)
     for op in ops:
         lines.append(f"### {op}\n")
-        lines.append("| shape | impl | time (min) | GB/s | % of copy | vs xp | vs torch |")
-        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        lines.append("| shape | impl | time (min) | GB/s | % of best copy | % of copy, same shape | vs xp | vs torch |")
+        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for shape in sorted(s for o, s in groups if o == op):
             row = groups[(op, shape)]
             t_xp = row.get("xp", {}).get("stats", {}).get("min")
@@ -90,8 +95,9 @@ def kernel_tables(benches):
                 t = row[impl]["stats"]["min"]
                 gbs = row[impl]["extra_info"].get("GB/s", 0)
                 share = f"{100 * gbs / limit:.0f}%" if limit else "-"
+                local = f"{100 * gbs / same_shape[shape]:.0f}%" if same_shape.get(shape) else "-"
                 lines.append(
-                    f"| {shape} | {impl} | {_time(t)} | {gbs:.2f} | {share} | {_ratio(t_xp, t)} | {_ratio(t_torch, t)} |"
+                    f"| {shape} | {impl} | {_time(t)} | {gbs:.2f} | {share} | {local} | {_ratio(t_xp, t)} | {_ratio(t_torch, t)} |"
                 )
         lines.append("")
     return lines

@@ -274,8 +274,13 @@ def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> di
             getattr(loops, f"bias_relu_{tag}")(x, x[0], out)
             getattr(loops, f"relu_backward_2d_{tag}")(x, x, out)
             getattr(loops, f"relu_backward_flat_{tag}")(x.reshape(-1), x.reshape(-1), out.reshape(-1))
-        for label_dtype in label_dtypes:
-            loops.labels_out_of_range(np.zeros(2, label_dtype), 3)
+        for label_dtype in label_dtypes:  # and the training step's fused pieces (cpu_step)
+            labels = np.zeros(2, label_dtype)
+            loops.labels_out_of_range(labels, 3)
+            loops.count_argmax_hits(x, labels)
+        loops.bias_add_serial(x, x[0], out)
+        loops.column_sums(x, out[0])
+        loops.relu_backward_colsum(x, x, out, out[0].copy())
         seconds[name] = time.perf_counter() - start
     return seconds
 
