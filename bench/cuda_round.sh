@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU round on a lent machine (see bench/README_cuda.md): environment, the CUDA tests with
+# One GPU round on a lent machine (see bench/README.md, GPU section): environment, the CUDA tests with
 # skips turned into failures, the whole test suite, and the benchmark report. Logs go to $OUT.
 # Usage: bash bench/cuda_round.sh [tests|suite|bench ...]   (default: all three)
 set -u

@@ -34,11 +34,21 @@ CONFIGS = [
 ]
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     X_train, y_train = load_mnist("train")
     X_test, y_test = load_mnist("test")
     backend = os.environ.get("XPNET_BACKEND", "cpu")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, "
           f"backend {backend}, xpnet {xpnet.__version__}, numpy {np.__version__}\n")
     print("| configuration | published | xpnet test accuracy | test loss | training time |")
     print("| --- | --- | --- | --- | --- |")

@@ -163,7 +163,7 @@ def _multiprocessors(device: int) -> int:
     return cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
 
 
-# Grid cap per multiprocessor for grid-stride loops. Measured on an H100 (bench/README_cuda.md):
+# Grid cap per multiprocessor for grid-stride loops. Measured on an H100 (bench/README.md, GPU section):
 # relu_backward and bias_relu gain ~5% of copy bandwidth from 16 to 128 blocks per SM.
 BLOCKS_PER_SM = 128
 
