@@ -83,3 +83,13 @@ def mnist():
     X_train, y_train = load_mnist("train", root=root / "mnist")
     X_test, y_test = load_mnist("test", root=root / "mnist")
     return X_train, y_train, X_test, y_test
+
+
+@pytest.fixture(scope="session")
+def drawing_model(mnist):
+    """The model ``xpnet draw`` trains by default, trained once per test session on the real MNIST
+    (shared by the drawing server's tests and the browser tests)."""
+    from xpnet.draw.server import train_quick_model
+
+    X_train, y_train, _, _ = mnist
+    return train_quick_model(X_train, y_train)

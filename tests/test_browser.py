@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet.draw.server import DrawServer, train_quick_model
+from xpnet.draw.server import DrawServer
 
 CHROMIUM = os.environ.get("XPNET_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -53,19 +53,6 @@ DIGITS = {
     7: [[(70, 50), (210, 50), (120, 245)]],
     0: [[(140, 40), (85, 70), (70, 140), (85, 210), (140, 240), (195, 210), (210, 140), (195, 70), (140, 40)]],
 }
-
-
-@pytest.fixture(scope="module")
-def drawing_model(mnist, tmp_path_factory):
-    """The model ``xpnet draw`` trains by default (shared with test_draw.py through the session's
-    temp folder, so it is trained once)."""
-    path = tmp_path_factory.getbasetemp() / "draw-quick-model.safetensors"
-    if path.is_file():
-        return xpnet.load(path)
-    X_train, y_train, _, _ = mnist
-    model = train_quick_model(X_train, y_train)
-    model.save(path)
-    return model
 
 
 @pytest.fixture(scope="module")

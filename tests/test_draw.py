@@ -15,7 +15,7 @@ import pytest
 
 import xpnet
 from xpnet.draw.preprocess import preprocess, resize_area
-from xpnet.draw.server import QUICK_FIT, QUICK_LAYERS, DrawServer, cli_draw, quick_model, train_quick_model
+from xpnet.draw.server import QUICK_FIT, QUICK_LAYERS, DrawServer, cli_draw, quick_model
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -42,19 +42,6 @@ def ink_box(img):
     rows = np.flatnonzero((img > 0).any(axis=1))
     cols = np.flatnonzero((img > 0).any(axis=0))
     return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
-
-
-@pytest.fixture(scope="session")
-def drawing_model(mnist, tmp_path_factory):
-    """The model ``xpnet draw`` trains by default, trained once per test session on the real MNIST
-    (saved in the session's temp folder so test_browser.py reuses it)."""
-    path = tmp_path_factory.getbasetemp() / "draw-quick-model.safetensors"
-    if path.is_file():
-        return xpnet.load(path)
-    X_train, y_train, _, _ = mnist
-    model = train_quick_model(X_train, y_train)
-    model.save(path)
-    return model
 
 
 @pytest.fixture
