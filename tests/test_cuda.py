@@ -64,8 +64,8 @@ def test_every_cu_file_compiles_with_nvcc(path, arch, tmp_path):
 
 def test_every_name_expression_is_a_kernel_of_the_source():
     source = cuda.source_path().read_text()
-    defined = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\)\s*)?(\w+)\(", source))
-    defined |= set(re.findall(r"__launch_bounds__\(\d+\)\s*\n(\w+)\(", source))
+    defined = set(re.findall(r"__global__ void (?:__launch_bounds__\([\d, ]+\)\s*)?(\w+)\(", source))
+    defined |= set(re.findall(r"__launch_bounds__\([\d, ]+\)\s*\n(\w+)\(", source))
     used = {name.split("<")[0] for name in cuda.NAME_EXPRESSIONS}
     assert used <= defined, used - defined
     assert not re.search(r"#include\s*<", source), "no CUDA toolkit header: pip-installed CuPy lacks them"
