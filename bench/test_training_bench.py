@@ -84,6 +84,7 @@ def _xpnet_step_fn(model, X, y):
     opt = make_optimizer("sgd", lr=LR)
     params = model.parameters()
     train_step = _training_step(model, BATCH)  # the Numba step where it applies, else the reference
+    update = train_step.update_for(opt)  # opt.step, or the fast step's fused version of it
     order = np.random.default_rng(0).permutation(X.shape[0])
     position = [0]
 
@@ -92,7 +93,7 @@ def _xpnet_step_fn(model, X, y):
         position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
         idx = order[lo : lo + BATCH]
         train_step(train_step.take_rows(X, idx), np.take(y, idx, axis=0))
-        opt.step(params, model.gradients())
+        update(params, model.gradients())
 
     return step
 

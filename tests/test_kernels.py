@@ -409,6 +409,90 @@ def test_cpu_fast_step_equals_the_reference_step(dtype, rng, monkeypatch):
         _assert_close(g, w, rtol, scale=np.max(np.abs(w)))
 
 
+def _skip_without_numba():
+    reason = kernels.kernel_module("numba").unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+OPTIMIZER_SETTINGS = [
+    ("sgd", {}),
+    ("sgd", {"momentum": 0.9}),
+    ("sgd", {"momentum": 0.8, "nesterov": True}),
+    ("adam", {"lr": 0.01}),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name, settings_", OPTIMIZER_SETTINGS)
+def test_cpu_fused_update_equals_the_optimizer_bit_for_bit(name, settings_, dtype, rng):
+    """The fast step's in-place update is ``xpnet.optim``'s formula, rounded the same way."""
+    import xpnet
+    from xpnet.kernels.cpu_step import training_step_for
+    from xpnet.optim import make_optimizer
+
+    _skip_without_numba()
+    model = xpnet.MLP([13, 17, 9, 5], dtype=dtype, seed=3)
+    step = training_step_for(model.layers, 8)
+    want_opt, got_opt = make_optimizer(name, **settings_), make_optimizer(name, **settings_)
+    update = step.update_for(got_opt)
+    assert update != got_opt.step  # the fused path really runs
+    want = [np.array(p) for p in model.parameters()]
+    got = model.parameters()
+    for _ in range(3):  # state (velocity, moments, t) carries over between steps
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in want]
+        want_opt.step(want, [g.copy() for g in grads])
+        update(got, grads)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w)
+    for sg, sw in zip(got_opt.state, want_opt.state):
+        assert sg.keys() == sw.keys()
+        assert all(np.array_equal(sg[k], sw[k]) for k in sg)
+
+
+def test_cpu_fused_update_steps_aside_where_it_does_not_apply(rng):
+    import xpnet
+    from xpnet.kernels.cpu_step import training_step_for
+    from xpnet.optim import SGD
+
+    _skip_without_numba()
+    model = xpnet.MLP([4, 3, 2], seed=0)
+    step = training_step_for(model.layers, 8)
+    decayed = SGD(0.1, weight_decay=1e-4)
+    assert step.update_for(decayed) == decayed.step
+
+    class MySGD(SGD):
+        pass
+
+    mine = MySGD(0.1)
+    assert step.update_for(mine) == mine.step
+    # per call: a strided parameter goes through opt.step, with the same result
+    opt = SGD(0.1)
+    update = step.update_for(opt)
+    p = np.ones((3, 4))[:, ::2]
+    g = rng.standard_normal((3, 2))
+    update([p], [g])
+    np.testing.assert_array_equal(p, 1 - 0.1 * g)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 32])
+def test_cpu_take_rows_equals_np_take(n, dtype, rng):
+    import xpnet
+    from xpnet.kernels.cpu_step import training_step_for
+
+    _skip_without_numba()
+    X = rng.standard_normal((50, 13)).astype(dtype)
+    step = training_step_for(xpnet.MLP([13, 4, 2], dtype=dtype, seed=0).layers, 32)
+    idx = rng.integers(-3, 53, n)  # out-of-range indices clip, as np.take(mode="clip")
+    step._x.fill(np.nan)
+    got = step.take_rows(X, idx)
+    assert got.shape == (n, 13)
+    np.testing.assert_array_equal(got, np.take(X, idx, axis=0, mode="clip"))
+    got = step.take_rows(np.asfortranarray(X), idx)  # the np.take fallback
+    np.testing.assert_array_equal(got, np.take(X, idx, axis=0, mode="clip"))
+
+
 def test_cpu_fast_step_steps_aside_where_it_does_not_apply(monkeypatch):
     import xpnet
     from xpnet.kernels.cpu_step import training_step_for

@@ -74,6 +74,10 @@ class ReferenceStep:
     def take_rows(self, X, idx):
         return self.xp.take(X, idx, axis=0)
 
+    def update_for(self, opt):
+        """The callable ``(params, grads)`` that applies ``opt``'s update: its own ``step``."""
+        return opt.step
+
     def __call__(self, xb, yb):
         xp = self.xp
         logits = self.model.forward(xb, training=True)
@@ -104,7 +108,7 @@ def _graph_trainer(model, opt, X, y, batch_size):
     return cuda_graph.trainer_for(model, opt, X, y, batch_size)
 
 
-def _run_epoch(xp, step, opt, params, gradients, X, y, order, batch_size, progress):
+def _run_epoch(xp, step, update, params, gradients, X, y, order, batch_size, progress):
     """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count."""
     n = int(X.shape[0])
     loss_sum = correct = 0
@@ -116,7 +120,7 @@ def _run_epoch(xp, step, opt, params, gradients, X, y, order, batch_size, progre
         else:
             xb, yb = X[lo:hi, ...], y[lo:hi]
         batch_loss, batch_correct = step(xb, yb)
-        opt.step(params, gradients())
+        update(params, gradients())  # opt.step, or the step's fused version of it
         loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
         correct = correct + batch_correct
     return loss_sum, correct
@@ -185,6 +189,7 @@ def fit(
     }
     graphs = _graph_trainer(model, opt, X, y, batch_size)
     step = None if graphs is not None else _training_step(model, batch_size)
+    update = None if step is None else step.update_for(opt)
     model.stop_training = False
     for cb in callbacks:
         cb.model = model
@@ -200,7 +205,7 @@ def fit(
             else:
                 progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
                 loss_sum, correct = _run_epoch(
-                    xp, step, opt, params, model.gradients, X, y, order, batch_size, progress
+                    xp, step, update, params, model.gradients, X, y, order, batch_size, progress
                 )
             logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
             if not math.isfinite(logs["loss"]):

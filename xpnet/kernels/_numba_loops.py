@@ -394,3 +394,84 @@ def count_argmax_hits(x, labels):
                 best = j
         hits += best == labels[i]
     return hits
+
+
+@njit(**_INLINE)
+def _clip_row(idx, i, last):
+    return min(max(idx[i], 0), last)
+
+
+@njit(**_JIT)
+def take_rows(X, idx, out):
+    """``out[i] = X[idx[i]]``, indices clipped to ``[0, len(X))`` as ``np.take(..., mode="clip")``.
+
+    Four rows are copied side by side: random rows of a large training set are bound by memory
+    latency, and four streams in flight gather 128 MNIST rows in ~32 us against ~48 us for
+    ``np.take`` (and ~44 us one row at a time) on the 2-core machine. Serial on purpose: a
+    ``parallel=True`` gather alone was faster still, but numba's OpenMP workers then spin beside
+    OpenBLAS's threads and a whole training step took 8.6 ms instead of 0.33 ms.
+    """
+    n, last = idx.shape[0], X.shape[0] - 1
+    i = 0
+    while i + 4 <= n:
+        a, b = X[_clip_row(idx, i, last)], X[_clip_row(idx, i + 1, last)]
+        c, d = X[_clip_row(idx, i + 2, last)], X[_clip_row(idx, i + 3, last)]
+        oa, ob, oc, od = out[i], out[i + 1], out[i + 2], out[i + 3]
+        for j in range(a.shape[0]):
+            oa[j] = a[j]
+            ob[j] = b[j]
+            oc[j] = c[j]
+            od[j] = d[j]
+        i += 4
+    while i < n:
+        src, dst = X[_clip_row(idx, i, last)], out[i]
+        for j in range(src.shape[0]):
+            dst[j] = src[j]
+        i += 1
+
+
+# --- optimizer updates in place, one pass, no temporaries (used by ``cpu_step``) ---------------
+# The formulas are ``xpnet.optim``'s, operation by operation in the same order and precision,
+# and compiled without fastmath: no fused multiply-add, so each intermediate rounds as NumPy's
+# ``p -= lr * g`` does and the result is bit for bit the reference update (tests check it).
+# Scalars come in already in the parameters' dtype, as NumPy casts a Python float operand.
+
+_EXACT = dict(cache=True, nogil=True)
+
+
+@njit(**_EXACT)
+def sgd_update(p, g, lr):
+    """``p -= lr * g`` (plain SGD)."""
+    pf, gf = p.reshape(-1), g.reshape(-1)
+    for k in range(pf.shape[0]):
+        pf[k] -= lr * gf[k]
+
+
+@njit(**_EXACT)
+def sgd_momentum_update(p, g, v, lr, momentum, nesterov):
+    """``v = momentum * v + g``; ``p -= lr * (g + momentum * v if nesterov else v)``."""
+    pf, gf, vf = p.reshape(-1), g.reshape(-1), v.reshape(-1)
+    for k in range(pf.shape[0]):
+        vk = vf[k] * momentum
+        vk += gf[k]
+        vf[k] = vk
+        if nesterov:
+            pf[k] -= lr * (gf[k] + momentum * vk)
+        else:
+            pf[k] -= lr * vk
+
+
+@njit(**_EXACT)
+def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step, bias2, eps):
+    """``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g**2``, ``p -= step m / (sqrt(v / bias2) + eps)``
+    with ``step = lr / (1 - b1**t)`` and ``bias2 = 1 - b2**t``."""
+    pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
+    for k in range(pf.shape[0]):
+        gk = gf[k]
+        mk = mf[k] * beta1
+        mk += one_minus_beta1 * gk
+        mf[k] = mk
+        vk = vf[k] * beta2
+        vk += one_minus_beta2 * (gk * gk)
+        vf[k] = vk
+        pf[k] -= step * mk / (np.sqrt(vk / bias2) + eps)

@@ -281,6 +281,12 @@ def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> di
         loops.bias_add_serial(x, x[0], out)
         loops.column_sums(x, out[0])
         loops.relu_backward_colsum(x, x, out, out[0].copy())
+        loops.take_rows(x, np.zeros(2, np.int64), out)
+        s = dtype.type(0.5)
+        for p in (x.copy(), x[0].copy()):  # weights (2-D) and biases (1-D)
+            loops.sgd_update(p, p.copy(), s)
+            loops.sgd_momentum_update(p, p.copy(), p.copy(), s, s, False)
+            loops.adam_update(p, p.copy(), p.copy(), p.copy(), s, s, s, s, s, s, s)
         seconds[name] = time.perf_counter() - start
     return seconds
 
