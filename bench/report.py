@@ -183,7 +183,19 @@ def main(argv=None):
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
     parser.add_argument("--markdown", help="write the tables here (default: stdout)")
     parser.add_argument("--png", help="write the plot here")
+    parser.add_argument("--strip-samples", action="store_true",
+                        help="rewrite the JSON files without the per-round timings (stats.data), "
+                             "which are 99%% of their size and unused here: the form kept in bench/results/")
     args = parser.parse_args(argv)
+    if args.strip_samples:
+        for path in args.json:
+            with open(path) as f:
+                report = json.load(f)
+            for bench in report["benchmarks"]:
+                bench["stats"].pop("data", None)
+            with open(path + ".tmp", "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(path + ".tmp", path)
     benches, machine = load(args.json)
     lines = ["## Machine\n", *machine_lines(machine), "", "## Kernels (float32)\n", *kernel_tables(benches)]
     training = training_tables(benches)
