@@ -58,7 +58,8 @@ def kernel_module(impl: str):
     return _modules[impl]
 
 
-def _default_impl() -> str:
+def default_impl() -> str:
+    """What ``impl="auto"`` means here: ``$XPNET_KERNELS`` (``"auto"`` when unset), validated."""
     forced = os.environ.get("XPNET_KERNELS", "auto")
     if forced not in IMPLS:
         raise ValueError(f"XPNET_KERNELS must be one of {IMPLS}, got {forced!r}")
@@ -75,7 +76,7 @@ def select(op: str | None, impl: str, *arrays):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = _default_impl()
+        impl = default_impl()
         if op is None:  # XPNET_KERNELS names a default, not a demand on ops without kernels
             return None
     if impl == "xp":

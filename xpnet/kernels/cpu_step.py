@@ -23,18 +23,16 @@ layers. tests/test_kernels.py checks a step against the reference step.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from . import numba_cpu
+from . import default_impl, numba_cpu
 
 __all__ = ["CpuTrainingStep", "training_step_for"]
 
 
 def training_step_for(layers, batch_size: int):
     """A ``CpuTrainingStep`` for these layers, or ``None`` where the reference must run."""
-    if os.environ.get("XPNET_KERNELS", "auto") not in ("auto", "numba"):
+    if default_impl() not in ("auto", "numba"):  # XPNET_KERNELS=xp asks for the reference
         return None
     if not layers or numba_cpu.unavailable():
         return None

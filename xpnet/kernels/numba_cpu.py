@@ -187,16 +187,16 @@ def _finish(result, out):
 
 def relu_backward(dy, y, /, out=None):
     """``dy`` where ``y > 0``, else 0 (one pass, no mask array); see ``xpnet.functional``."""
-    loops = _loops or _get_loops()
+    loops = _get_loops()
     target = _target(out, dy.shape, dy.dtype, (dy, y))
-    parallel = dy.size >= PARALLEL_MIN_ELEMENTS["relu_backward"]
+    parallel = _parallel("relu_backward", dy.size)
     if dy.flags.c_contiguous and y.flags.c_contiguous and target.flags.c_contiguous:
         kernel = loops.relu_backward_flat_parallel if parallel else loops.relu_backward_flat_serial
         kernel(dy.reshape(-1), y.reshape(-1), target.reshape(-1))
     else:
         kernel = loops.relu_backward_2d_parallel if parallel else loops.relu_backward_2d_serial
         kernel(dy, y, target)
-    return target if out is None or target is out else _finish(target, out)
+    return _finish(target, out)
 
 
 def bias_relu(x, b, /, out=None):
