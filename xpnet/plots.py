@@ -11,11 +11,12 @@ label arrays, usable without matplotlib.
 
 from __future__ import annotations
 
-import os
-import secrets
+import io
 from pathlib import Path
 
 import numpy as np
+
+from .io import atomic_write_bytes
 
 __all__ = [
     "examples_per_class",
@@ -287,12 +288,7 @@ def save_png(fig, path, dpi=100) -> Path:
     """Write ``fig`` to ``path`` as a PNG, atomically (a temp file, then ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # "x": never clobber; permissions follow the umask
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .callbacks import Callback
+from .io import atomic_write_bytes
 
 __all__ = [
     "RunRecorder",
@@ -358,11 +359,7 @@ def _sync(f) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        _sync(f)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _jsonable(obj):
