@@ -119,7 +119,7 @@ def training_tables(benches):
             if not row:
                 continue
             ref = {k: row.get(k, {}).get("stats", {}).get("min") for k in ("torch", "gemm-floor", "xpnet-xp")}
-            for impl in ("xpnet", "xpnet-xp", "torch", "gemm-floor", "gemm-floor+gather"):
+            for impl in ("xpnet", "xpnet-float32", "xpnet-xp", "torch", "gemm-floor", "gemm-floor+gather"):
                 if impl not in row:
                     continue
                 info, t = row[impl]["extra_info"], row[impl]["stats"]["min"]
@@ -161,13 +161,15 @@ def plot(benches, path):
     axes[0].set_title(f"kernels at {big[0] if big else '?'} float32")
     axes[0].legend(fontsize=8)
     configs = sorted({b["extra_info"]["config"] for b in training}, key=len)
-    names = ["xpnet", "xpnet-xp", "torch", "gemm-floor"]
+    names = ["xpnet", "xpnet-float32", "xpnet-xp", "torch", "gemm-floor"]
+    bar = 0.8 / len(names)
     for k, impl in enumerate(names):
         values = []
         for config in configs:
             match = [b for b in training if b["extra_info"]["config"] == config and b["extra_info"]["impl"] == impl]
             values.append(match[0]["stats"]["min"] if match else 0)
-        axes[1].bar([i + (k - 1.5) * 0.2 for i in range(len(configs))], values, 0.2, label=impl)
+        offset = (k - (len(names) - 1) / 2) * bar
+        axes[1].bar([i + offset for i in range(len(configs))], values, bar, label=impl)
     axes[1].set_xticks(range(len(configs)), configs)
     axes[1].set_ylabel("seconds for the full run (lower is better)")
     axes[1].set_title("training on MNIST, batch 128, SGD")

@@ -477,20 +477,66 @@ def test_cpu_fused_update_steps_aside_where_it_does_not_apply(rng):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("n", [1, 3, 4, 7, 32])
-def test_cpu_take_rows_equals_np_take(n, dtype, rng):
+def test_cpu_take_batch_equals_np_take(n, dtype, rng):
     import xpnet
     from xpnet.kernels.cpu_step import training_step_for
 
     _skip_without_numba()
     X = rng.standard_normal((50, 13)).astype(dtype)
+    y = rng.integers(0, 2, 50)
     step = training_step_for(xpnet.MLP([13, 4, 2], dtype=dtype, seed=0).layers, 32)
     idx = rng.integers(-3, 53, n)  # out-of-range indices clip, as np.take(mode="clip")
     step._x.fill(np.nan)
-    got = step.take_rows(X, idx)
-    assert got.shape == (n, 13)
-    np.testing.assert_array_equal(got, np.take(X, idx, axis=0, mode="clip"))
-    got = step.take_rows(np.asfortranarray(X), idx)  # the np.take fallback
-    np.testing.assert_array_equal(got, np.take(X, idx, axis=0, mode="clip"))
+    step._y.fill(-1)
+    xb, yb = step.take_batch(X, y, idx)
+    assert xb.shape == (n, 13) and yb.shape == (n,)
+    np.testing.assert_array_equal(xb, np.take(X, idx, axis=0, mode="clip"))
+    np.testing.assert_array_equal(yb, np.take(y, idx, mode="clip"))
+    xb, yb = step.take_batch(np.asfortranarray(X), y[::-1], idx)  # the np.take fallback
+    np.testing.assert_array_equal(xb, np.take(X, idx, axis=0, mode="clip"))
+    np.testing.assert_array_equal(yb, np.take(y[::-1], idx, mode="clip"))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cpu_take_batch_scales_every_byte_as_scale_pixels(dtype, rng):
+    import xpnet
+    from xpnet.kernels.cpu_step import training_step_for
+
+    _skip_without_numba()
+    X = rng.permutation(np.arange(256 * 7) % 256).astype(np.uint8).reshape(256, 7)  # each byte 7x
+    y = rng.integers(0, 2, 256)
+    step = training_step_for(xpnet.MLP([7, 4, 2], dtype=dtype, seed=0).layers, 256)
+    assert step.takes_pixels
+    idx = rng.permutation(256)
+    step._x.fill(np.nan)
+    xb, yb = step.take_batch(X, y, idx)
+    want = F.scale_pixels(X[idx], np.dtype(dtype))
+    assert xb.dtype == want.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(xb, want)  # bit for bit, all 256 values
+    np.testing.assert_array_equal(yb, y[idx])
+    xb, _ = step.take_batch(X[:, ::-1], y, idx[:5])  # a strided uint8 array: the np.take fallback
+    np.testing.assert_array_equal(xb, F.scale_pixels(X[idx[:5], ::-1], np.dtype(dtype)))
+
+
+def test_fit_on_uint8_pixels_equals_fit_on_scaled_floats(rng):
+    """fit keeps uint8 data as uint8 on the fast CPU path and scales each batch: the same
+    training, bit for bit, as on the floats ``X / 255`` (validation split included)."""
+    import xpnet
+
+    _skip_without_numba()
+    X = rng.integers(0, 256, (300, 12)).astype(np.uint8)
+    y = rng.integers(0, 3, 300)
+    runs = []
+    for data in (X, X.astype(np.float32) / np.float32(255)):
+        model = xpnet.MLP([12, 8, 3], seed=5)
+        history = model.fit(data, y, epochs=2, batch_size=32, lr=0.1, validation_split=0.2, verbose=0)
+        runs.append((model, history))
+    (a, ha), (b, hb) = runs
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(pa, pb)
+    assert ha.history.keys() == hb.history.keys()
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert ha.history[key] == hb.history[key]
 
 
 def test_cpu_fast_step_steps_aside_where_it_does_not_apply(monkeypatch):

@@ -35,6 +35,7 @@ __all__ = [
     "cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_backward",
+    "scale_pixels",
 ]
 
 
@@ -225,3 +226,17 @@ def softmax_cross_entropy(logits, labels, /, *, grad_out=None, impl="auto"):
     onehot = _onehot(labels, logits.shape[1], logits.dtype, xp)
     grad = (softmax(logits, impl="xp") - onehot) / logits.shape[0]
     return loss, _write(grad_out, grad)
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def scale_pixels(x, dtype, /):
+    """uint8 pixels as floats in [0, 1]: ``x / 255``, correctly rounded in ``dtype``.
+
+    The one formula behind every place xpnet turns images into inputs (``MLP`` given uint8
+    data, and the CPU training step's gather kernel, which is tested equal to it on all 256
+    byte values).
+    """
+    xp = _namespace(x)
+    return xp.astype(x, dtype) / 255

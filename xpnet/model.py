@@ -130,10 +130,12 @@ class MLP:
     def _to_device(self, array):
         return self.backend.asarray(array)
 
-    def _prepare_X(self, X):
+    def _prepare_X(self, X, *, keep_pixels=False):
         """Check ``X`` and return it as a (N, n_features) array of the model's dtype on its backend.
 
-        Accepts (N, features) or (N, 28, 28)-like images (flattened); uint8 is scaled by 1/255.
+        Accepts (N, features) or (N, 28, 28)-like images (flattened); uint8 is scaled by 1/255
+        (``F.scale_pixels``), or with ``keep_pixels`` (host uint8 data on the CPU backend) kept
+        as a C-contiguous (N, n_features) uint8 array for a training step that scales each batch.
         """
         on_device = self.backend.name == "cuda" and self.backend.owns(X)
         arr = X if on_device else self._host_array(X, "X")
@@ -151,7 +153,10 @@ class MLP:
         host = arr
         kind = host.dtype.kind
         if host.dtype == np.uint8:
-            out = host.reshape(host.shape[0], -1).astype(self.dtype) / np.asarray(255, dtype=self.dtype)
+            pixels = host.reshape(host.shape[0], -1)
+            if keep_pixels and self.backend.name == "cpu":
+                return np.ascontiguousarray(pixels)
+            out = F.scale_pixels(pixels, np.dtype(self.dtype))
         elif kind == "f":
             out = host.reshape(host.shape[0], -1).astype(self.dtype, copy=False)
             if not np.isfinite(out).all():
@@ -170,7 +175,7 @@ class MLP:
         xp = self.backend.xp
         X = xp.reshape(X, (X.shape[0], self.n_features))
         if X.dtype == xp.uint8:
-            return xp.astype(X, self._xp_dtype) / 255
+            return F.scale_pixels(X, self._xp_dtype)
         if not xp.isdtype(X.dtype, "real floating"):
             raise TypeError(f"X must hold uint8 or floats, got dtype {X.dtype}")
         X = xp.astype(X, self._xp_dtype)

@@ -33,9 +33,12 @@ def _check_int(name, value, minimum):
     return int(value)
 
 
-def _split_validation(model, X, y, validation_data, validation_split):
-    """Device arrays for training and (optionally) validation, checked once at the boundary."""
-    X = model._prepare_X(X)
+def _split_validation(model, X, y, validation_data, validation_split, keep_pixels=False):
+    """Device arrays for training and (optionally) validation, checked once at the boundary.
+
+    ``keep_pixels``: uint8 training images stay uint8 (the step scales each batch itself).
+    """
+    X = model._prepare_X(X, keep_pixels=keep_pixels)
     y = model._prepare_y(y, int(X.shape[0]))
     if validation_data is not None and validation_split:
         raise ValueError("give validation_data or validation_split, not both")
@@ -54,7 +57,10 @@ def _split_validation(model, X, y, validation_data, validation_split):
         n_val = int(round(X.shape[0] * validation_split))
         if n_val < 1 or n_val >= X.shape[0]:
             raise ValueError(f"validation_split={validation_split} leaves no data on one side of {X.shape[0]} rows")
-        val = (X[-n_val:, ...], y[-n_val:])
+        X_val = X[-n_val:, ...]
+        if keep_pixels and X_val.dtype == np.uint8:  # evaluation takes scaled inputs
+            X_val = model._prepare_X(X_val)
+        val = (X_val, y[-n_val:])
         X, y = X[:-n_val, ...], y[:-n_val]
     return X, y, val
 
@@ -71,8 +77,9 @@ class ReferenceStep:
         self.model = model
         self.xp = model.backend.xp
 
-    def take_rows(self, X, idx):
-        return self.xp.take(X, idx, axis=0)
+    def take_batch(self, X, y, idx):
+        """The mini-batch ``(X[idx], y[idx])``."""
+        return self.xp.take(X, idx, axis=0), self.xp.take(y, idx, axis=0)
 
     def update_for(self, opt):
         """The callable ``(params, grads)`` that applies ``opt``'s update: its own ``step``."""
@@ -115,8 +122,7 @@ def _run_epoch(xp, step, update, params, gradients, X, y, order, batch_size, pro
     for lo in progress(range(0, n, batch_size)):
         hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
         if order is not None:
-            idx = order[lo:hi]
-            xb, yb = step.take_rows(X, idx), xp.take(y, idx, axis=0)
+            xb, yb = step.take_batch(X, y, order[lo:hi])
         else:
             xb, yb = X[lo:hi, ...], y[lo:hi]
         batch_loss, batch_correct = step(xb, yb)
@@ -161,7 +167,10 @@ def fit(
     opt = make_optimizer(
         optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule
     )
-    X, y, val = _split_validation(model, X, y, validation_data, validation_split)
+    step = _training_step(model, batch_size)
+    X, y, val = _split_validation(
+        model, X, y, validation_data, validation_split, keep_pixels=getattr(step, "takes_pixels", False)
+    )
     callbacks = list(callbacks)
     if run_dir is not None:
         from .runs import RunRecorder
@@ -188,8 +197,7 @@ def fit(
         "n_val": int(val[0].shape[0]) if val else 0,
     }
     graphs = _graph_trainer(model, opt, X, y, batch_size)
-    step = None if graphs is not None else _training_step(model, batch_size)
-    update = None if step is None else step.update_for(opt)
+    update = None if graphs is not None else step.update_for(opt)
     model.stop_training = False
     for cb in callbacks:
         cb.model = model
