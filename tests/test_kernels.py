@@ -518,7 +518,8 @@ def test_cpu_take_batch_scales_every_byte_as_scale_pixels(dtype, rng):
     np.testing.assert_array_equal(xb, F.scale_pixels(X[idx[:5], ::-1], np.dtype(dtype)))
 
 
-def test_fit_on_uint8_pixels_equals_fit_on_scaled_floats(rng):
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fit_on_uint8_pixels_equals_fit_on_scaled_floats(shuffle, rng):
     """fit keeps uint8 data as uint8 on the fast CPU path and scales each batch: the same
     training, bit for bit, as on the floats ``X / 255`` (validation split included)."""
     import xpnet
@@ -529,7 +530,9 @@ def test_fit_on_uint8_pixels_equals_fit_on_scaled_floats(rng):
     runs = []
     for data in (X, X.astype(np.float32) / np.float32(255)):
         model = xpnet.MLP([12, 8, 3], seed=5)
-        history = model.fit(data, y, epochs=2, batch_size=32, lr=0.1, validation_split=0.2, verbose=0)
+        history = model.fit(
+            data, y, epochs=2, batch_size=32, lr=0.1, validation_split=0.2, shuffle=shuffle, verbose=0
+        )
         runs.append((model, history))
     (a, ha), (b, hb) = runs
     for pa, pb in zip(a.parameters(), b.parameters()):

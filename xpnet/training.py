@@ -196,6 +196,8 @@ def fit(
         "n_train": n,
         "n_val": int(val[0].shape[0]) if val else 0,
     }
+    # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
+    in_sequence = np.arange(n) if X.dtype == np.uint8 else None
     graphs = _graph_trainer(model, opt, X, y, batch_size)
     update = None if graphs is not None else step.update_for(opt)
     model.stop_training = False
@@ -207,7 +209,7 @@ def fit(
         for epoch in range(epochs):
             start = time.perf_counter()
             opt.start_epoch(epoch, epochs)
-            order = backend.asarray(model._rng.permutation(n)) if shuffle else None
+            order = backend.asarray(model._rng.permutation(n)) if shuffle else in_sequence
             if graphs is not None:
                 loss_sum, correct = graphs.run_epoch(order)
             else:

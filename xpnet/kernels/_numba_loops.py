@@ -296,9 +296,9 @@ def _same_array(a, b):
     return a.ctypes.data == b.ctypes.data and a.strides == b.strides
 
 
-# In place, a kernel runs a loop that names the array once. Given ``out`` identical to ``x``,
-# LLVM's runtime overlap check would send the vectorized loop to its scalar fallback: bias +
-# ReLU at (128, 50) took 2.7 us in place against 1.3 us out of place.
+# In place (``out`` is ``x``), a kernel runs a loop that names the array once: given two names
+# for one array, LLVM's runtime overlap check sends the vectorized loop to its scalar fallback
+# (bias + ReLU at (128, 50): 2.7 us in place against 1.3 us; ReLU backward 6.5 us against 1.8).
 
 
 @njit(**_INLINE)
@@ -404,7 +404,7 @@ def relu_backward_colsum_inplace(dh, y, col_sum):
     """``dh = dh where y > 0 else 0`` in place, and ``col_sum = dh.sum(axis=0)``, row by row.
 
     Two short loops per row (select, then accumulate) so each one vectorizes; the row is still
-    in L1 for the second. One array for input and output, for the reason given above bias + ReLU.
+    in L1 for the second. One array for input and output, so the loops vectorize (see ``_same_array``).
     """
     zero = dh.dtype.type(0)
     for j in range(dh.shape[1]):
@@ -490,11 +490,12 @@ def take_pixel_batch(X, y, idx, raw, x_out, y_out):
     bit ``xpnet.functional.scale_pixels`` (tests check all 256 byte values, in both dtypes).
 
     Two passes: the rows' bytes into ``raw`` (a quarter of the bytes float rows would fetch from
-    random places), then one contiguous conversion that vectorizes: measured 25 us for 128
-    MNIST rows against 37 us for gathering them as float32. A division does not vectorize
-    cheaply, so ``u / 255`` is ``q = u * (1/255)`` plus one correction step
-    ``q + (u - 255 q) * (1/255)``, which rounds to the correctly rounded quotient for every
-    byte (``q`` alone misses 126 of 256 in float32).
+    random places), then one contiguous conversion that vectorizes. 128 MNIST rows, in a loop
+    of gathers on the 2-core machine: 25 us, against 37 us for float32 rows and 33 us for a
+    single pass that converts while it gathers. A division does not vectorize cheaply, so
+    ``u / 255`` is ``q = u * (1/255)`` plus one correction step ``q + (u - 255 q) * (1/255)``,
+    which gives the correctly rounded quotient for every byte (``q`` alone misses 126 of the
+    256 in float32).
     """
     take_batch(X, y, idx, raw, y_out)
     one, c = x_out.dtype.type(1), x_out.dtype.type(255)
