@@ -197,7 +197,7 @@ def fit(
         "n_val": int(val[0].shape[0]) if val else 0,
     }
     # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
-    in_sequence = np.arange(n) if X.dtype == np.uint8 else None
+    in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
     graphs = _graph_trainer(model, opt, X, y, batch_size)
     update = None if graphs is not None else step.update_for(opt)
     model.stop_training = False
