@@ -20,6 +20,18 @@ def pytest_addoption(parser):
     )
 
 
+def central_differences(loss, z, h=1e-6):
+    """``d loss / d z`` by central differences, one element at a time (``z`` a float64 host
+    array, ``loss`` a function of such an array returning a float)."""
+    numeric = np.empty_like(z)
+    for i in np.ndindex(z.shape):
+        plus, minus = z.copy(), z.copy()
+        plus[i] += h
+        minus[i] -= h
+        numeric[i] = (loss(plus) - loss(minus)) / (2 * h)
+    return numeric
+
+
 def cuda_unavailable() -> str | None:
     """Why the CUDA backend cannot run here, or None when it can."""
     try:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import xpnet
+from conftest import central_differences
 from xpnet import functional as F
 from xpnet import kernels
 from xpnet.kernels import cuda
@@ -235,14 +236,7 @@ def test_softmax_cross_entropy_gradient_by_finite_differences(cp, rng):
     z = _random(rng, (6, 10), "float64")
     y = cp.asarray(rng.integers(0, 10, 6))
     _, grad = cuda.softmax_cross_entropy(cp.asarray(z), y)
-    h = 1e-6
-    numeric = np.empty_like(z)
-    for idx in np.ndindex(z.shape):
-        plus, minus = z.copy(), z.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = (float(cuda.softmax_cross_entropy(cp.asarray(plus), y)[0])
-                        - float(cuda.softmax_cross_entropy(cp.asarray(minus), y)[0])) / (2 * h)
+    numeric = central_differences(lambda a: float(cuda.softmax_cross_entropy(cp.asarray(a), y)[0]), z)
     np.testing.assert_allclose(cp.asnumpy(grad), numeric, rtol=1e-6, atol=1e-9)
 
 
