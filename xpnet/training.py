@@ -77,6 +77,8 @@ class ReferenceStep:
         self.model = model
         self.xp = model.backend.xp
 
+    takes_pixels = False  # fit scales uint8 data once, up front, for this step
+
     def take_batch(self, X, y, idx):
         """The mini-batch ``(X[idx], y[idx])``."""
         return self.xp.take(X, idx, axis=0), self.xp.take(y, idx, axis=0)
@@ -169,7 +171,7 @@ def fit(
     )
     step = _training_step(model, batch_size)
     X, y, val = _split_validation(
-        model, X, y, validation_data, validation_split, keep_pixels=getattr(step, "takes_pixels", False)
+        model, X, y, validation_data, validation_split, keep_pixels=step.takes_pixels
     )
     callbacks = list(callbacks)
     if run_dir is not None:
