@@ -11,8 +11,9 @@ turns into AVX2/FMA code: ``exp(x) = 2**k * exp(r)`` with ``k = round(x / ln 2)`
 ``r = x - k ln 2`` (``|r| <= ln2 / 2``, split Cody-Waite style so ``r`` is exact), ``exp(r)`` by
 its Taylor polynomial (degree 12 in float64: truncation < 2e-16; degree 7 in float32:
 < 6e-9), and ``2**k`` built from its exponent bits. Softmax only ever needs ``exp`` of
-``x - max <= 0``, so only that half-line is handled; ``2**k`` is applied in two halves so
-results that fall into the subnormal range are still produced (gradually, as NumPy does).
+``x - max <= 0``, so only that half-line is handled. Results that fall into the subnormal
+range are still produced (gradually, as NumPy does): ``exp(r) * 2**(k + 64)`` is a normal
+number, so that product is exact, and the one rounding happens in the final ``* 2**-64``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,25 @@ def _pow2(typingctx, k):
     return k(k), codegen
 
 
+@intrinsic
+def _reduce_ln2(typingctx, x, k, ln2_hi, ln2_lo):
+    """``x - k * ln2_hi - k * ln2_lo`` as two fused multiply-adds: the first is exact (``ln2_hi``
+    has trailing zero bits), the second rounds once. Written as ``llvm.fma`` calls because numba's
+    fastmath puts reassoc on every float operation, and with plain operations LLVM folds the
+    two steps into ``x - k * ln2``, losing what splitting ln 2 is for (float64 ``exp(-700)``
+    then errs by ~100 ulp instead of ~2)."""
+    if not all(isinstance(t, types.Float) and t == x for t in (k, ln2_hi, ln2_lo)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x, k, hi, lo = args
+        fma = builder.module.declare_intrinsic("llvm.fma", [x.type], ir.FunctionType(x.type, [x.type] * 3))
+        minus_k = builder.fneg(k)
+        return builder.call(fma, [minus_k, lo, builder.call(fma, [minus_k, hi, x])])
+
+    return x(x, k, ln2_hi, ln2_lo), codegen
+
+
 def exp_nonpositive(x):
     """``exp(x)`` for ``x <= 0`` (NaN stays NaN), as vectorizable arithmetic. Numba only."""
     raise NotImplementedError("exp_nonpositive runs inside numba-compiled code only")
@@ -73,10 +93,12 @@ _LOG2E_32, _LN2_HI_32, _LN2_LO_32 = _F32(1.442695040888963), _F32(0.693359375), 
 _LOWEST_32 = _F32(-104.0)  # exp(-104) < the smallest float32 subnormal / 2: rounds to 0
 _HALF_32, _ONE_32 = _F32(0.5), _F32(1.0)
 _C32 = tuple(_F32(1.0 / math.factorial(n)) for n in range(8))
+_SHIFT_32, _UNSHIFT_32 = _F32(64.0), _F32(2.0**-64)  # k >= -150 here, so 2**(k + 64) is normal
 
 _LOG2E_64, _LN2_HI_64, _LN2_LO_64 = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
 _LOWEST_64 = -746.0  # exp(-746) < the smallest float64 subnormal / 2: rounds to 0
 _C64 = tuple(1.0 / math.factorial(n) for n in range(13))
+_SHIFT_64, _UNSHIFT_64 = 64.0, 2.0**-64  # k >= -1077 here, so 2**(k + 64) is normal
 
 
 @overload(exp_nonpositive, inline="always", fastmath=FASTMATH)
@@ -87,10 +109,9 @@ def _exp_nonpositive_impl(x):
         def exp32(x):
             xc = np.maximum(x, _LOWEST_32)  # NaN-propagating, and no branch for the inliner
             k = np.floor(xc * _LOG2E_32 + _HALF_32)
-            r = (xc - k * _LN2_HI_32) - k * _LN2_LO_32
+            r = _reduce_ln2(xc, k, _LN2_HI_32, _LN2_LO_32)
             p = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
-            half = np.floor(k * _HALF_32)
-            return (p * _pow2(half)) * _pow2(k - half)
+            return (p * _pow2(k + _SHIFT_32)) * _UNSHIFT_32
 
         return exp32
     if x == types.float64:
@@ -99,7 +120,7 @@ def _exp_nonpositive_impl(x):
         def exp64(x):
             xc = np.maximum(x, _LOWEST_64)
             k = np.floor(xc * _LOG2E_64 + 0.5)
-            r = (xc - k * _LN2_HI_64) - k * _LN2_LO_64
+            r = _reduce_ln2(xc, k, _LN2_HI_64, _LN2_LO_64)
             p = c[12]
             p = p * r + c[11]
             p = p * r + c[10]
@@ -113,8 +134,7 @@ def _exp_nonpositive_impl(x):
             p = p * r + c[2]
             p = p * r + c[1]
             p = p * r + c[0]
-            half = np.floor(k * 0.5)
-            return (p * _pow2(half)) * _pow2(k - half)
+            return (p * _pow2(k + _SHIFT_64)) * _UNSHIFT_64
 
         return exp64
     return None
