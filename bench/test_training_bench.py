@@ -109,7 +109,7 @@ def _xpnet_step_fn(model, X, y):
         lo = position[0]
         position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
         train_step(*train_step.take_batch(X, y, order[lo : lo + BATCH]))
-        update(params, model.gradients())
+        update(params, train_step.gradients())
 
     return step
 

@@ -87,6 +87,10 @@ class ReferenceStep:
         """The callable ``(params, grads)`` that applies ``opt``'s update: its own ``step``."""
         return opt.step
 
+    def gradients(self):
+        """The gradients the last call left, in ``model.parameters()`` order."""
+        return self.model.gradients()
+
     def __call__(self, xb, yb):
         xp = self.xp
         logits = self.model.forward(xb, training=True)
@@ -117,7 +121,7 @@ def _graph_trainer(model, opt, X, y, batch_size):
     return cuda_graph.trainer_for(model, opt, X, y, batch_size)
 
 
-def _run_epoch(xp, step, update, params, gradients, X, y, order, batch_size, progress):
+def _run_epoch(xp, step, update, params, X, y, order, batch_size, progress):
     """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count."""
     n = int(X.shape[0])
     loss_sum = correct = 0
@@ -128,7 +132,7 @@ def _run_epoch(xp, step, update, params, gradients, X, y, order, batch_size, pro
         else:
             xb, yb = X[lo:hi, ...], y[lo:hi]
         batch_loss, batch_correct = step(xb, yb)
-        update(params, gradients())  # opt.step, or the step's fused version of it
+        update(params, step.gradients())  # opt.step, or the step's fused version of it
         loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
         correct = correct + batch_correct
     return loss_sum, correct
@@ -217,7 +221,7 @@ def fit(
             else:
                 progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
                 loss_sum, correct = _run_epoch(
-                    xp, step, update, params, model.gradients, X, y, order, batch_size, progress
+                    xp, step, update, params, X, y, order, batch_size, progress
                 )
             logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
             if not math.isfinite(logs["loss"]):

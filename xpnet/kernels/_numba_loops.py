@@ -8,9 +8,9 @@ start-up costs more than a small array's whole computation.
 Why an exponential of our own: numba (like NumPy here) calls a scalar ``exp`` per element, and
 that call, not memory, bounds softmax. ``exp_nonpositive`` is straight-line arithmetic that LLVM
 turns into AVX2/FMA code: ``exp(x) = 2**k * exp(r)`` with ``k = round(x / ln 2)``,
-``r = x - k ln 2`` (``|r| <= ln2 / 2``, split Cody-Waite style so ``r`` is exact), ``exp(r)`` by
-its Taylor polynomial (degree 12 in float64: truncation < 2e-16; degree 7 in float32:
-< 6e-9), and ``2**k`` built from its exponent bits. Softmax only ever needs ``exp`` of
+``r = x - k ln 2`` (``|r| <= ln2 / 2``; ln 2 split Cody-Waite style, so ``r`` is rounded once),
+``exp(r)`` by its Taylor polynomial (degree 12 in float64: truncation < 2e-16; degree 7 in
+float32: < 6e-9), and ``2**k`` built from its exponent bits. Softmax only ever needs ``exp`` of
 ``x - max <= 0``, so only that half-line is handled. Results that fall into the subnormal
 range are still produced (gradually, as NumPy does): ``exp(r) * 2**(k + 64)`` is a normal
 number, so that product is exact, and the one rounding happens in the final ``* 2**-64``.

@@ -81,6 +81,7 @@ class CpuTrainingStep:
         self.dW = [np.empty((a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
         self.db = [np.empty(w, dtype) for w in widths[1:]]
         self._rows = self._loops.block_rows(widths[-1])
+        self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
 
     # take_batch scales uint8 rows itself, so fit can keep a uint8 data set as it is (a quarter
     # of the memory, and no float copy of the whole set before the first step)
@@ -117,6 +118,11 @@ class CpuTrainingStep:
             and y.flags.c_contiguous and type(idx) is np.ndarray and idx.dtype == np.int64
             and idx.ndim == 1 and idx.flags.c_contiguous
         )
+
+    def gradients(self):
+        """The gradient buffers in ``model.parameters()`` order: after a call, the same arrays
+        as ``model.gradients()``, without walking the layers on every step."""
+        return self._grads
 
     def update_for(self, opt):
         """A callable ``(params, grads)`` doing ``opt.step(params, grads)``, fused where it can.
