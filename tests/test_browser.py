@@ -32,7 +32,6 @@ CHROMIUM_ARGS = [
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-
 def _cannot_run(reason):
     """Skip without a browser; on CI (``CI`` set), where .ci/run installs one, fail instead."""
     if os.environ.get("CI"):

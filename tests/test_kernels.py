@@ -174,8 +174,6 @@ def test_softmax_cross_entropy_equals_reference(kernel_arrays, case, label_seed)
     _assert_close(grad, want_grad, RTOL[dtype], scale=(p + onehot) / n)
 
 
-
-
 @SETTINGS
 @given(dtype=dtypes, layout=layouts, shape=shapes, seed=st.integers(0, 2**32 - 1), in_place=st.booleans())
 def test_relu_backward_equals_reference(kernel_arrays, dtype, layout, shape, seed, in_place):

@@ -91,7 +91,7 @@ def exp_nonpositive(x):
 _F32 = np.float32
 _LOG2E_32, _LN2_HI_32, _LN2_LO_32 = _F32(1.442695040888963), _F32(0.693359375), _F32(-2.12194440e-4)
 _LOWEST_32 = _F32(-104.0)  # exp(-104) < the smallest float32 subnormal / 2: rounds to 0
-_HALF_32, _ONE_32 = _F32(0.5), _F32(1.0)
+_HALF_32 = _F32(0.5)
 _C32 = tuple(_F32(1.0 / math.factorial(n)) for n in range(8))
 _SHIFT_32, _UNSHIFT_32 = _F32(64.0), _F32(2.0**-64)  # k >= -150 here, so 2**(k + 64) is normal
 
