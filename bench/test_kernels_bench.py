@@ -11,7 +11,8 @@ Groups are ``"<op> <rows>x<cols>"``; implementations:
 Every call writes into a preallocated output where the implementation allows one (torch's
 cross-entropy gradient cannot take one: it is autograd's). ``extra_info["bytes"]`` is what the
 op must read and write at least; conftest.py turns it into GB/s. The ``copy`` group is the
-machine's limit measured in the same run: one NumPy thread and all numba threads.
+machine's limit measured in the same run: one NumPy thread, all numba threads, and all numba
+threads with streaming (non-temporal) stores.
 """
 
 from __future__ import annotations
@@ -128,9 +129,11 @@ def _copy_numpy(src, dst):
 
 
 @pytest.mark.parametrize("shape", COPY_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("impl", ["numpy-1-thread", "numba-all-threads"])
+@pytest.mark.parametrize("impl", ["numpy-1-thread", "numba-all-threads", "numba-streaming"])
 def test_memory_copy(benchmark, impl, shape):
-    """The physical limit: read ``src`` and write ``dst`` once (bytes = 2 x size)."""
+    """The physical limit: read ``src`` and write ``dst`` once (bytes = 2 x size). A plain store
+    also reads each destination line first; ``numba-streaming`` writes with non-temporal stores,
+    as ReLU backward does past ``numba_cpu.STREAM_MIN_BYTES``, and moves only the bytes it counts."""
     src = _arrays(shape)[0]
     dst = np.empty_like(src)
     benchmark.group = f"copy {shape[0]}x{shape[1]}"
@@ -141,7 +144,8 @@ def test_memory_copy(benchmark, impl, shape):
         _numba_kernels_or_skip()
         from xpnet.kernels import _numba_loops
 
-        call = functools.partial(_numba_loops.copy_parallel, src.reshape(-1), dst.reshape(-1))
+        copy = _numba_loops.copy_streaming if impl == "numba-streaming" else _numba_loops.copy_parallel
+        call = functools.partial(copy, src.reshape(-1), dst.reshape(-1))
     call()
     benchmark(call)
     np.testing.assert_array_equal(dst, src)

@@ -239,6 +239,35 @@ def test_large_rows_and_many_rows_use_every_path(kernel_arrays, rng):
         np.testing.assert_array_equal(ka.host(F.relu_backward(ka.to(dy), xd, impl=ka.impl)), F.relu_backward(dy, x, impl="xp"))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_relu_backward_and_copy_write_every_element(dtype, rng, monkeypatch):
+    """The streaming-store path (outputs past the cache) on outputs that start off the vector
+    boundary, shorter than a vector, across chunk boundaries, and in place."""
+    numba_cpu = kernels.kernel_module("numba")
+    if numba_cpu.unavailable():
+        pytest.skip(numba_cpu.unavailable())
+    loops = numba_cpu._get_loops()
+    monkeypatch.setattr(numba_cpu, "STREAM_MIN_BYTES", 1)
+    for n in (1, 3, 9, 40_003):
+        for offset in range(5):  # output starts 0-4 elements past a 32-byte boundary
+            dy = (rng.standard_normal(n + offset) * 10).astype(dtype)[offset:]
+            y = rng.choice([0.0, -0.0, 1.5, -2.25, 1e-30, -1e-30, np.nan], size=n + offset).astype(dtype)[offset:]
+            want = F.relu_backward(dy, y, impl="xp")
+            out = np.full(n + offset, np.nan, dtype)[offset:]
+            np.testing.assert_array_equal(F.relu_backward(dy, y, out=out, impl="numba"), want)
+            in_place = dy.copy()
+            F.relu_backward(in_place, y, out=in_place, impl="numba")
+            np.testing.assert_array_equal(in_place, want)
+            copied = np.full(n + offset, np.nan, dtype)[offset:]
+            loops.copy_streaming(dy, copied)
+            np.testing.assert_array_equal(copied, dy)
+    monkeypatch.undo()  # and once at the real threshold, as the dispatcher picks it
+    size = numba_cpu.STREAM_MIN_BYTES // np.dtype(dtype).itemsize + 7
+    dy, y = rng.standard_normal(size).astype(dtype), rng.standard_normal(size).astype(dtype)
+    out = np.full(size, np.nan, dtype)
+    np.testing.assert_array_equal(F.relu_backward(dy, y, out=out, impl="numba"), F.relu_backward(dy, y, impl="xp"))
+
+
 def test_labels_out_of_range_are_refused(kernel_arrays):
     """The CPU kernel raises; the CUDA kernel cannot without a host synchronisation per call, so it
     poisons the bad row's loss and gradient with NaN instead (fit checks labels once, up front)."""

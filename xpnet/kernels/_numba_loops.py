@@ -363,6 +363,109 @@ def relu_backward_2d_parallel(dy, y, out):
         _relu_backward_row(dy[i], y[i], out[i], in_place)
 
 
+# Streaming stores, for outputs too large for the cache: a plain store first reads the line it
+# writes into the cache (a fourth stream for ReLU backward's three), and the result evicts data
+# that is reused. A non-temporal store writes whole lines to memory, but only as one aligned
+# 32-byte vector, which LLVM's vectorizer will not emit from a loop (it cannot prove the
+# alignment); these intrinsics emit that vector store themselves.
+
+STREAM_BYTES = 32
+
+
+def _vector_pointer(context, builder, array_type, array, index):
+    """``&array[index]`` as a pointer to a vector of ``STREAM_BYTES`` (1-D C-contiguous array)."""
+    element = context.get_data_type(array_type.dtype)
+    vector = ir.VectorType(element, STREAM_BYTES * 8 // array_type.dtype.bitwidth)
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), vector.as_pointer()), vector
+
+
+def _store_streaming(builder, value, pointer):
+    store = builder.store(value, pointer, align=STREAM_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
+@intrinsic
+def _relu_backward_vector_streaming(typingctx, dy, y, out, i):
+    """``out[i:i+L] = dy[i:i+L] where y[i:i+L] > 0 else 0`` for one vector of ``L`` elements,
+    stored non-temporally; ``out[i]`` must lie on a ``STREAM_BYTES`` boundary."""
+    if not (isinstance(dy, types.Array) and dy.dtype in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dy_type, y_type, out_type, _ = signature.args
+        dy_v, y_v, out_v, index = args
+        dy_ptr, vector = _vector_pointer(context, builder, dy_type, dy_v, index)
+        y_ptr, _ = _vector_pointer(context, builder, y_type, y_v, index)
+        out_ptr, _ = _vector_pointer(context, builder, out_type, out_v, index)
+        itemsize = dy_type.dtype.bitwidth // 8
+        zero = ir.Constant(vector, [ir.Constant(vector.element, 0.0)] * vector.count)
+        positive = builder.fcmp_ordered(">", builder.load(y_ptr, align=itemsize), zero)
+        _store_streaming(builder, builder.select(positive, builder.load(dy_ptr, align=itemsize), zero), out_ptr)
+        return context.get_dummy_value()
+
+    return types.void(dy, y, out, i), codegen
+
+
+@intrinsic
+def _copy_vector_streaming(typingctx, src, dst, i):
+    """``dst[i:i+L] = src[i:i+L]`` for one vector, stored non-temporally (as above)."""
+    if not isinstance(src, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_type, dst_type, _ = signature.args
+        src_v, dst_v, index = args
+        src_ptr, _ = _vector_pointer(context, builder, src_type, src_v, index)
+        dst_ptr, _ = _vector_pointer(context, builder, dst_type, dst_v, index)
+        _store_streaming(builder, builder.load(src_ptr, align=src_type.dtype.bitwidth // 8), dst_ptr)
+        return context.get_dummy_value()
+
+    return types.void(src, dst, i), codegen
+
+
+@intrinsic
+def _fence(typingctx):
+    """A full memory fence: streaming stores are weakly ordered, and another thread (or the
+    caller after a parallel loop) must see them all."""
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@njit(**_INLINE)
+def _streaming_span(out):
+    """``(head, body_end)``: ``out[:head]`` runs up to the first ``STREAM_BYTES`` boundary and
+    ``out[head:body_end]`` is whole vectors from there."""
+    n, itemsize = out.shape[0], out.itemsize
+    head = min(n, (-out.ctypes.data) % STREAM_BYTES // itemsize)
+    lanes = STREAM_BYTES // itemsize
+    return head, head + (n - head) // lanes * lanes
+
+
+@njit(**_INLINE)
+def _relu_backward_row_streaming(dy, y, out):
+    head, body_end = _streaming_span(out)
+    _relu_backward_row(dy[:head], y[:head], out[:head], False)
+    for i in range(head, body_end, STREAM_BYTES // out.itemsize):
+        _relu_backward_vector_streaming(dy, y, out, i)
+    _relu_backward_row(dy[body_end:], y[body_end:], out[body_end:], False)
+    _fence()
+
+
+@njit(parallel=True, **_JIT)
+def relu_backward_flat_streaming(dy, y, out):
+    """``relu_backward_flat_parallel`` with streaming stores, for outputs larger than the cache
+    (an element is read before its vector is written, so ``out`` may be ``dy``)."""
+    n = dy.shape[0]
+    for c in prange((n + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        k0, k1 = c * FLAT_CHUNK, min(c * FLAT_CHUNK + FLAT_CHUNK, n)
+        _relu_backward_row_streaming(dy[k0:k1], y[k0:k1], out[k0:k1])
+
+
 @njit(**_INLINE)
 def _bias_relu_row(x_row, b, out_row, in_place):
     zero = x_row.dtype.type(0)
@@ -395,6 +498,22 @@ def copy_parallel(src, dst):
     """``dst[:] = src`` on all threads: the memory-copy reference the benchmarks compare to."""
     for k in prange(src.shape[0]):
         dst[k] = src[k]
+
+
+@njit(parallel=True, **_JIT)
+def copy_streaming(src, dst):
+    """``dst[:] = src`` on all threads with streaming stores: the copy that moves no more bytes
+    than it counts (a plain store reads each destination line first)."""
+    n = src.shape[0]
+    for c in prange((n + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        k0, k1 = c * FLAT_CHUNK, min(c * FLAT_CHUNK + FLAT_CHUNK, n)
+        s, d = src[k0:k1], dst[k0:k1]
+        head, body_end = _streaming_span(d)
+        d[:head] = s[:head]
+        for i in range(head, body_end, STREAM_BYTES // d.itemsize):
+            _copy_vector_streaming(s, d, i)
+        d[body_end:] = s[body_end:]
+        _fence()
 
 
 # --- fused pieces of a NumPy training step (used by ``cpu_step``) ------------------------------
