@@ -248,6 +248,7 @@ def test_streaming_relu_backward_and_copy_write_every_element(dtype, rng, monkey
         pytest.skip(numba_cpu.unavailable())
     loops = numba_cpu._get_loops()
     monkeypatch.setattr(numba_cpu, "STREAM_MIN_BYTES", 1)
+    monkeypatch.setitem(numba_cpu.PARALLEL_MIN_ELEMENTS, "relu_backward", 1)  # streaming is parallel
     for n in (1, 3, 9, 40_003):
         for offset in range(5):  # output starts 0-4 elements past a 32-byte boundary
             dy = (rng.standard_normal(n + offset) * 10).astype(dtype)[offset:]

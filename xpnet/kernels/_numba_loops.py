@@ -389,7 +389,10 @@ def _store_streaming(builder, value, pointer):
 def _relu_backward_vector_streaming(typingctx, dy, y, out, i):
     """``out[i:i+L] = dy[i:i+L] where y[i:i+L] > 0 else 0`` for one vector of ``L`` elements,
     stored non-temporally; ``out[i]`` must lie on a ``STREAM_BYTES`` boundary."""
-    if not (isinstance(dy, types.Array) and dy.dtype in (types.float32, types.float64)):
+    arrays = (dy, y, out)
+    if not all(isinstance(a, types.Array) and a.dtype == dy.dtype for a in arrays):
+        return None
+    if dy.dtype not in (types.float32, types.float64):
         return None
 
     def codegen(context, builder, signature, args):
@@ -410,7 +413,7 @@ def _relu_backward_vector_streaming(typingctx, dy, y, out, i):
 @intrinsic
 def _copy_vector_streaming(typingctx, src, dst, i):
     """``dst[i:i+L] = src[i:i+L]`` for one vector, stored non-temporally (as above)."""
-    if not isinstance(src, types.Array):
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype):
         return None
 
     def codegen(context, builder, signature, args):
