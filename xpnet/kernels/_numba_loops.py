@@ -218,22 +218,28 @@ def _softmax_block(x, out, flat):
 
 
 @njit(**_INLINE)
+def _xent_row_gradient(row, y, s, inv_n):
+    """``row`` holds a row's shifted exponentials summing to ``s``: turn it into that row's part
+    of the mean loss's gradient, ``(softmax - onehot(y)) * inv_n``."""
+    one = row.dtype.type(1)
+    inv = one / s
+    p_y = row[y] * inv
+    scale = inv * inv_n
+    for j in range(row.shape[0]):
+        row[j] *= scale
+    row[y] = (p_y - one) * inv_n
+
+
+@njit(**_INLINE)
 def _softmax_xent_block(x, labels, grad, flat, inv_n):
     """Gradient of the mean loss into ``grad``; returns the block's summed loss (float64)."""
-    one = grad.dtype.type(1)
     loss = 0.0
     if x.shape[1] >= WIDE_ROW:
         for i in range(x.shape[0]):
             row = grad[i]
             s, m = _exp_shifted_row_sum(x[i], row)
-            y = labels[i]
-            loss += math.log(s) - (x[i, y] - m)
-            inv = one / s
-            p_y = row[y] * inv
-            scale = inv * inv_n
-            for j in range(row.shape[0]):
-                row[j] *= scale
-            row[y] = (p_y - one) * inv_n
+            loss += math.log(s) - (x[i, labels[i]] - m)
+            _xent_row_gradient(row, labels[i], s, inv_n)
         return loss
     _shift_rows(x, grad)
     for i in range(x.shape[0]):
@@ -243,13 +249,7 @@ def _softmax_xent_block(x, labels, grad, flat, inv_n):
         row = grad[i]
         s = _row_sum(row)
         loss += math.log(s)
-        inv = one / s
-        y = labels[i]
-        p_y = row[y] * inv
-        scale = inv * inv_n
-        for j in range(row.shape[0]):
-            row[j] *= scale
-        row[y] = (p_y - one) * inv_n
+        _xent_row_gradient(row, labels[i], s, inv_n)
     return loss
 
 
