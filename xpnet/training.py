@@ -121,7 +121,7 @@ def _graph_trainer(model, opt, X, y, batch_size):
     return cuda_graph.trainer_for(model, opt, X, y, batch_size)
 
 
-def _run_epoch(xp, step, update, params, X, y, order, batch_size, progress):
+def _run_epoch(step, update, params, X, y, order, batch_size, progress):
     """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count."""
     n = int(X.shape[0])
     loss_sum = correct = 0
@@ -188,7 +188,7 @@ def fit(
     history = History()
     callbacks.insert(0, history)
 
-    xp, backend = model.backend.xp, model.backend
+    backend = model.backend
     n = int(X.shape[0])
     params = model.parameters()
     settings = {
@@ -220,9 +220,7 @@ def fit(
                 loss_sum, correct = graphs.run_epoch(order)
             else:
                 progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
-                loss_sum, correct = _run_epoch(
-                    xp, step, update, params, X, y, order, batch_size, progress
-                )
+                loss_sum, correct = _run_epoch(step, update, params, X, y, order, batch_size, progress)
             logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(
