@@ -85,7 +85,7 @@ def test_a_foreign_safetensors_file_is_refused(tmp_path):
 
     path = tmp_path / "other.safetensors"
     save_file({"weight": np.ones((2, 2), dtype=np.float32)}, str(path))
-    with pytest.raises(ValueError, match="format='xpnet.mlp'"):
+    with pytest.raises(ValueError, match="format='xpnet.model'"):
         xpnet.load(path)
 
 

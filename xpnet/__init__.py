@@ -3,6 +3,8 @@
     >>> import xpnet
     >>> model = xpnet.MLP([784, 50, 25, 10], seed=0)            # doctest: +SKIP
     >>> model.fit(X, y, epochs=10, batch_size=128, lr=0.1)       # doctest: +SKIP
+    >>> from xpnet.layers import Conv2D, AvgPool2D, Flatten, Dense
+    >>> cnn = xpnet.Sequential([Conv2D(6, 3, activation="relu"), AvgPool2D(2), Flatten(), Dense(10)])
 
 ``import xpnet`` is light: NumPy only. Numba, CuPy, safetensors, pooch and matplotlib are
 imported on first use.
@@ -19,13 +21,14 @@ from .backend import Backend, BackendError, current_backend, get_backend, set_ba
 # name -> module that defines it; imported on first access (PEP 562)
 _LAZY = {
     "MLP": "model",
-    "load": "io",
+    "Sequential": "model",
+    "load": "model",
     "Dense": "layers",
     "EarlyStopping": "callbacks",
     "History": "callbacks",
     "Callback": "callbacks",
 }
-_SUBMODULES = ("functional", "kernels", "layers", "model", "optim", "callbacks", "training", "datasets",
+_SUBMODULES = ("files", "functional", "kernels", "layers", "model", "optim", "callbacks", "training", "datasets",
                "baselines", "io", "plots", "runs", "draw", "cli")
 
 __all__ = ["Backend", "BackendError", "current_backend", "get_backend", "set_backend", "use_backend",

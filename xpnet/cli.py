@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .datasets import load_mnist
-    from .io import load
+    from .model import load
 
     model = load(args.model, backend=args.backend)
     X, y = load_mnist(args.split, root=_mnist_root(args.data))

@@ -36,6 +36,15 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_backward",
     "scale_pixels",
+    "ACTIVATIONS",
+    "DERIVATIVES",
+    "conv_output_size",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
 ]
 
 
@@ -140,6 +149,12 @@ def sigmoid_backward(dy, y, /, *, impl="auto"):
     return dy * y * (1 - y)
 
 
+#: Activations by name, and their derivatives given the activation's *output* ``y`` (one place
+#: for each: layers, the CPU training step and the CUDA graph path all read these).
+ACTIVATIONS = {"relu": relu, "tanh": tanh, "sigmoid": sigmoid}
+DERIVATIVES = {"relu": relu_backward, "tanh": tanh_backward, "sigmoid": sigmoid_backward}
+
+
 # --- softmax family --------------------------------------------------------------------------
 
 
@@ -240,3 +255,210 @@ def scale_pixels(x, dtype, /):
     """
     xp = _namespace(x)
     return xp.astype(x, dtype) / 255
+
+
+# --- convolution and pooling (channels-last: images are (N, H, W, C)) ---------------------------
+
+
+def _pair(name, value):
+    """``k`` or ``(kh, kw)`` as a pair of positive ints."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (tuple, list)) or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)
+    ):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return tuple(pair)
+
+
+def conv_output_size(size: int, window: int, stride: int, padding: str) -> tuple[int, int, int]:
+    """``(output size, padding before, padding after)`` along one axis.
+
+    ``"valid"``: no padding, ``(size - window) // stride + 1`` outputs. ``"same"``:
+    ``ceil(size / stride)`` outputs, zero padding split as Keras does (the odd one after).
+    """
+    if padding == "valid":
+        out = (size - window) // stride + 1
+        if out < 1:
+            raise ValueError(f"a window of {window} does not fit an input of size {size} without padding")
+        return out, 0, 0
+    if padding == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + window - size, 0)
+        return out, total // 2, total - total // 2
+    raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+
+
+def _check_images(name, x):
+    if x.ndim != 4:
+        raise ValueError(f"{name} expects images of shape (N, H, W, C), got shape {tuple(x.shape)}")
+
+
+def _windows(x, window, strides, out):
+    """For each offset ``(i, j)`` of a window, in row-major order, the (N, OH, OW, C) slice of
+    ``x`` that the offset reads at every output position."""
+    (kh, kw), (sh, sw), (oh, ow) = window, strides, out
+    return [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _conv_geometry(x, kernel, strides, padding):
+    _check_images("conv2d", x)
+    if kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
+        raise ValueError(
+            f"kernel of shape {tuple(kernel.shape)} does not fit images of shape {tuple(x.shape)}: "
+            "expected (kh, kw, in_channels, filters)"
+        )
+    strides = _pair("strides", strides)
+    rows = conv_output_size(x.shape[1], kernel.shape[0], strides[0], padding)
+    cols = conv_output_size(x.shape[2], kernel.shape[1], strides[1], padding)
+    return strides, rows, cols
+
+
+def _padded(x, rows, cols):
+    (_, top, bottom), (_, left, right) = rows, cols
+    if not (top or bottom or left or right):
+        return x
+    xp = _namespace(x)
+    n, h, w, c = x.shape
+    out = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=x.dtype)
+    out[:, top : top + h, left : left + w, :] = x
+    return out
+
+
+def _columns(x, kernel, strides, rows, cols):
+    """im2col: the (N * OH * OW, kh * kw * C) matrix of every window's pixels, in the order of
+    ``kernel.reshape(kh * kw * C, filters)``'s rows."""
+    xp = _namespace(x)
+    kh, kw, c, _ = kernel.shape
+    windows = _windows(_padded(x, rows, cols), (kh, kw), strides, (rows[0], cols[0]))
+    stacked = xp.stack(windows, axis=3)  # (N, OH, OW, kh * kw, C)
+    return xp.reshape(stacked, (x.shape[0] * rows[0] * cols[0], kh * kw * c))
+
+
+def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid", impl="auto"):
+    """2-D convolution (cross-correlation, as in Keras and PyTorch) of channels-last images.
+
+    ``y[n, p, q, f] = bias[f] + sum_{i, j, c} xpad[n, p*sh + i, q*sw + j, c] * kernel[i, j, c, f]``
+
+    Parameters
+    ----------
+    x : (N, H, W, C) images; kernel : (kh, kw, C, F); bias : (F,) or None
+    strides : int or (sh, sw); padding : "valid" or "same" (zeros; see ``conv_output_size``)
+
+    Returns (N, OH, OW, F), computed as one matrix product of the im2col matrix and the kernel.
+    """
+    strides, rows, cols = _conv_geometry(x, kernel, strides, padding)
+    _no_kernel(impl, x)
+    xp = _namespace(x)
+    kh, kw, c, f = kernel.shape
+    y = _columns(x, kernel, strides, rows, cols) @ xp.reshape(kernel, (kh * kw * c, f))
+    if bias is not None:
+        y = y + bias
+    return xp.reshape(y, (x.shape[0], rows[0], cols[0], f))
+
+
+def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=True, impl="auto"):
+    """Gradients of ``conv2d(x, kernel, bias)`` given ``dy = dL/dy``: ``(dx, dkernel, dbias)``.
+
+    ``dkernel = columns(x).T @ dy``, ``dbias = sum(dy)`` over N, OH, OW, and ``dx`` scatters
+    ``dy @ kernel.T`` back onto the pixels each window read (col2im); ``dx`` is ``None`` when
+    ``need_dx`` is false (a first layer needs no input gradient).
+    """
+    strides, rows, cols = _conv_geometry(x, kernel, strides, padding)
+    _no_kernel(impl, x)
+    xp = _namespace(x)
+    kh, kw, c, f = kernel.shape
+    n, oh, ow = x.shape[0], rows[0], cols[0]
+    if tuple(dy.shape) != (n, oh, ow, f):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}; conv2d's output here is {(n, oh, ow, f)}")
+    dy2 = xp.reshape(dy, (n * oh * ow, f))
+    dkernel = xp.reshape(_columns(x, kernel, strides, rows, cols).T @ dy2, kernel.shape)
+    dbias = xp.sum(dy2, axis=0)
+    if not need_dx:
+        return None, dkernel, dbias
+    dcols = xp.reshape(dy2 @ xp.reshape(kernel, (kh * kw * c, f)).T, (n, oh, ow, kh * kw, c))
+    (_, top, bottom), (_, left, right) = rows, cols
+    h, w = x.shape[1], x.shape[2]
+    dpad = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=dy.dtype)
+    _scatter_windows(dpad, [dcols[:, :, :, k, :] for k in range(kh * kw)], (kh, kw), strides, (oh, ow))
+    return dpad[:, top : top + h, left : left + w, :], dkernel, dbias
+
+
+def _scatter_windows(target, parts, window, strides, out):
+    """``target``'s window slices (as ``_windows`` cuts them) += ``parts``, in place: the
+    adjoint of ``_windows`` (overlapping windows add up)."""
+    (kh, kw), (sh, sw), (oh, ow) = window, strides, out
+    for k, part in enumerate(parts):
+        i, j = divmod(k, kw)
+        rows, cols = slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
+        target[:, rows, cols, :] = target[:, rows, cols, :] + part
+
+
+def _pool_geometry(x, pool_size, strides):
+    _check_images("pooling", x)
+    window = _pair("pool_size", pool_size)
+    strides = window if strides is None else _pair("strides", strides)
+    out = tuple(conv_output_size(x.shape[1 + a], window[a], strides[a], "valid")[0] for a in (0, 1))
+    return window, strides, out
+
+
+def max_pool2d(x, /, *, pool_size=2, strides=None, impl="auto"):
+    """Maximum over each ``pool_size`` window (stride ``strides``, default ``pool_size``; no
+    padding) of (N, H, W, C) images; NaN propagates."""
+    window, strides, out = _pool_geometry(x, pool_size, strides)
+    _no_kernel(impl, x)
+    xp = _namespace(x)
+    windows = _windows(x, window, strides, out)
+    y = windows[0]
+    for part in windows[1:]:
+        y = xp.maximum(y, part)
+    return y
+
+
+def max_pool2d_backward(dy, x, y, /, *, pool_size=2, strides=None, impl="auto"):
+    """Gradient of ``max_pool2d`` given its input ``x`` and output ``y``: each window's ``dy``
+    goes to the first of its maxima in row-major order (as PyTorch's kernels pick them);
+    windows that overlap add up."""
+    window, strides, out = _pool_geometry(x, pool_size, strides)
+    _no_kernel(impl, x)
+    xp = _namespace(x)
+    if tuple(dy.shape) != tuple(y.shape):
+        raise ValueError(f"dy {tuple(dy.shape)} and y {tuple(y.shape)} must have the same shape")
+    dx = xp.zeros_like(x)
+    zero = xp.zeros_like(dy)
+    taken = xp.zeros(dy.shape, dtype=xp.bool)
+    parts = []
+    for part in _windows(x, window, strides, out):
+        hit = (part == y) & ~taken
+        parts.append(xp.where(hit, dy, zero))
+        taken = taken | hit
+    _scatter_windows(dx, parts, window, strides, out)
+    return dx
+
+
+def avg_pool2d(x, /, *, pool_size=2, strides=None, impl="auto"):
+    """Mean over each ``pool_size`` window (stride ``strides``, default ``pool_size``; no
+    padding) of (N, H, W, C) images."""
+    window, strides, out = _pool_geometry(x, pool_size, strides)
+    _no_kernel(impl, x)
+    windows = _windows(x, window, strides, out)
+    total = windows[0]
+    for part in windows[1:]:
+        total = total + part
+    return total / (window[0] * window[1])
+
+
+def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None, impl="auto"):
+    """Gradient of ``avg_pool2d`` given its input ``x``: each window's ``dy`` spread evenly
+    over its pixels; pixels no window reads get 0."""
+    window, strides, out = _pool_geometry(x, pool_size, strides)
+    _no_kernel(impl, x)
+    xp = _namespace(x)
+    share = dy / (window[0] * window[1])
+    dx = xp.zeros_like(x)
+    _scatter_windows(dx, [share] * (window[0] * window[1]), window, strides, out)
+    return dx

@@ -1,118 +1,119 @@
-"""Model files: weights in safetensors, the model's config as JSON in its metadata.
+"""Model files: tensors in safetensors, the model's description as JSON in its metadata.
 
-Loading parses a fixed binary layout (a JSON header, then raw little-endian arrays) and never
-runs code from the file: no pickle anywhere. Saving writes a temporary file beside the target
-and renames it into place, so an interrupted save never leaves a half-written model.
+This module knows the file, not the model: ``write_model_file`` and ``read_model_file`` move a
+dict of named NumPy arrays and a dict of metadata strings to and from disk. ``xpnet.load``
+(in ``xpnet.model``) turns them back into a model through the registry of layer classes.
+
+Reading parses a fixed binary layout (8 bytes of header length, a JSON header, then raw
+little-endian arrays) and never runs code from the file: no pickle anywhere. The header is
+checked (size, structure, dtypes, offsets) before anything proportional to what it claims is
+read or allocated, and only the bytes it describes are read. Writing goes through a temporary
+file and a rename (``xpnet.files``), so an interrupted save never leaves a half-written model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+import stat
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save", "load", "atomic_write_bytes"]
+from .files import atomic_write_bytes
 
-FORMAT = "xpnet.mlp"
-FORMAT_VERSION = "1"
+__all__ = ["write_model_file", "read_model_file", "FORMATS"]
 
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved model is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save(model, path) -> None:
-    """Save ``model``'s weights and config to ``path`` (a safetensors file), atomically."""
-    from safetensors.numpy import save as to_bytes
-
-    from . import __version__
-
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}")
-    if not path.parent.exists():
-        raise FileNotFoundError(f"folder {path.parent} does not exist")
-    tensors = {}
-    for i, (W, b) in enumerate(model.get_weights()):
-        tensors[f"layers.{i}.W"] = np.ascontiguousarray(W)
-        tensors[f"layers.{i}.b"] = np.ascontiguousarray(b)
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "xpnet_version": __version__,
-        "config": json.dumps(model.config),
-    }
-    atomic_write_bytes(path, to_bytes(tensors, metadata=metadata))
+#: format name -> the version this xpnet writes or still reads
+FORMATS = {"xpnet.model": "2", "xpnet.mlp": "1"}
+MAX_HEADER_BYTES = 1 << 20  # a model's header is a few KB; more is not a model file
+_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 
 
 def _not_a_model(path, why):
     return ValueError(f"{path} is not a readable xpnet model file: {why}")
 
 
-def load(path, *, backend=None):
-    """Load a model saved by ``MLP.save``; ``backend`` picks where it runs (default: current).
+def write_model_file(path, tensors: dict, metadata: dict) -> None:
+    """Write named float arrays and string metadata to ``path`` (safetensors), atomically."""
+    from safetensors.numpy import save as to_bytes
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists and is not a regular file: a model is saved only as a regular file")
+    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    atomic_write_bytes(path, to_bytes(arrays, metadata=metadata))
+
+
+def _check_header(path, header, data_bytes):
+    """Validate the parsed JSON header against the bytes the file has; return the data length."""
+    if not isinstance(header, dict):
+        raise _not_a_model(path, "its header is not a JSON object")
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        metadata = {}
+    if FORMATS.get(metadata.get("format")) is None:
+        raise _not_a_model(path, "its metadata does not say format='xpnet.model'")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _not_a_model(path, f"tensor {name!r} is not described by dtype, shape and data_offsets")
+        if entry["dtype"] not in _DTYPES:
+            raise _not_a_model(path, f"tensor {name!r} has dtype {entry['dtype']!r}; xpnet writes F32 or F64 only")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise _not_a_model(path, f"tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _not_a_model(path, f"tensor {name!r} has data_offsets {offsets!r}")
+        size = math.prod(shape) * _DTYPES[entry["dtype"]].itemsize
+        if offsets[0] < 0 or offsets[1] - offsets[0] != size or offsets[1] > data_bytes:
+            raise _not_a_model(path, f"tensor {name!r} claims bytes {offsets} that the file does not hold")
+        end = max(end, offsets[1])
+    return end
+
+
+def read_model_file(path) -> tuple[dict, dict]:
+    """Read ``(tensors, metadata)`` from a model file written by ``write_model_file``.
 
     Raises
     ------
     FileNotFoundError
         No such file.
     ValueError
-        A truncated, corrupt or foreign file (a pickle, another program's safetensors, ...).
+        Not a regular file, or a truncated, corrupt or foreign file (a pickle, another
+        program's safetensors, ...); the message names the file and what is wrong.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load as from_bytes
 
-    from .model import MLP
-
     path = Path(path)
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise _not_a_model(path, f"only {len(data)} bytes")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise _not_a_model(path, "its header runs past the end of the file (truncated, or not safetensors)")
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_a_model(path, "it is not a regular file")
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _not_a_model(path, f"only {len(prefix)} bytes")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(info.st_size - 8, MAX_HEADER_BYTES):
+            raise _not_a_model(path, "its header length runs past the end of the file or over 1 MB "
+                                     "(truncated, or not safetensors)")
+        header_bytes = f.read(header_len)
+        try:
+            header = json.loads(header_bytes)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise _not_a_model(path, f"its header is not JSON ({type(exc).__name__})") from None
+        data_len = _check_header(path, header, info.st_size - 8 - header_len)
+        data = f.read(data_len)
     try:
-        header = json.loads(data[8 : 8 + header_len])
-        tensors = from_bytes(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        tensors = from_bytes(prefix + header_bytes + data)
+    except (SafetensorError, ValueError) as exc:
         raise _not_a_model(path, f"{type(exc).__name__}: {exc}") from None
-    metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
-    if metadata.get("format") != FORMAT:
-        raise _not_a_model(path, f"its metadata does not say format={FORMAT!r}")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise _not_a_model(path, f"format version {metadata.get('format_version')!r}, this xpnet reads {FORMAT_VERSION!r}")
-    try:
-        config = json.loads(metadata["config"])
-        model = MLP(
-            config["layers"],
-            activation=config["activation"],
-            init=config["init"],
-            dtype=config["dtype"],
-            seed=config["seed"],
-            backend=backend,
-        )
-        n_layers = len(model.layers)
-        expected = {f"layers.{i}.{p}" for i in range(n_layers) for p in "Wb"}
-        if set(tensors) != expected:
-            raise ValueError(f"tensors {sorted(tensors)} do not match the config's {n_layers} layers")
-        model.set_weights([(tensors[f"layers.{i}.W"], tensors[f"layers.{i}.b"]) for i in range(n_layers)])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _not_a_model(path, f"{type(exc).__name__}: {exc}") from None
-    return model
+    return tensors, header["__metadata__"]

@@ -1,14 +1,18 @@
-"""``MLP``: a multi-layer perceptron over ``Dense`` layers, with fit/predict/evaluate/save."""
+"""Models: ``Sequential`` (a stack of layers that infers its shapes) and ``MLP`` (a factory of
+``Dense`` layers from widths), with fit/predict/evaluate/save; ``load`` reads a saved model."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import numpy as np
 
 from . import functional as F
 from .backend import get_backend
-from .layers import INITS, Dense, check_activation, init_weights
+from .layers import INITS, LAYERS, Dense, Layer, check_activation
 
-__all__ = ["MLP"]
+__all__ = ["Sequential", "MLP", "load", "MODELS"]
 
 _DTYPES = ("float32", "float64")
 _PREDICT_CHUNK = 8192  # rows per forward pass when predicting: bounds the memory of big inputs
@@ -23,87 +27,158 @@ def _dtype_name(dtype) -> str:
     return name
 
 
-class MLP:
-    """A fully connected network ``layers[0] -> ... -> layers[-1]`` trained on cross-entropy.
+def _check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return None if seed is None else int(seed)
+
+
+def _check_shape(input_shape):
+    if isinstance(input_shape, (int, np.integer)) and not isinstance(input_shape, bool):
+        input_shape = (input_shape,)
+    if not isinstance(input_shape, (tuple, list)) or not input_shape or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in input_shape
+    ):
+        raise ValueError(f"input_shape must be a tuple of positive ints without the batch axis, got {input_shape!r}")
+    return tuple(int(d) for d in input_shape)
+
+
+class Sequential:
+    """A stack of layers trained on cross-entropy: the last layer outputs the class logits.
 
     Parameters
     ----------
-    layers : sequence of int
-        Widths from the input features to the number of classes, e.g. ``[784, 50, 25, 10]``.
-    activation : {"relu", "tanh", "sigmoid"}
-        Activation of every hidden layer; the last layer outputs logits.
-    init : {"he", "glorot"}
-        Weight initialisation (biases start at zero). Weights are drawn on the host from one
-        seeded generator, so every backend starts from identical weights.
+    layers : sequence of ``xpnet.layers.Layer``
+        E.g. ``[Conv2D(6, 3, activation="relu"), AvgPool2D(2), Flatten(), Dense(10)]``.
+    input_shape : tuple, optional
+        One example's shape without the batch axis: ``(784,)``, or ``(28, 28, 1)`` for images
+        (channels-last). If omitted, the first ``fit`` takes it from the data (an ``(N, H, W)``
+        array is read as one channel).
     dtype : {"float32", "float64"}
     seed : int or None
-        Seeds the initial weights and the shuffling: the same seed on the same data gives
-        bit-identical weights on a re-run.
+        Seeds the initial weights, dropout and the shuffling: the same seed on the same data
+        gives bit-identical weights on a re-run.
     backend : "cpu", "cuda", "auto", a Backend, a namespace module, or None (the current default).
     """
 
-    def __init__(self, layers, activation="relu", init="he", dtype="float32", seed=None, backend=None):
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise TypeError(f"layers must be a sequence of layer widths such as [784, 50, 10], got {layers!r}")
-        widths = list(layers)
-        if len(widths) < 2:
-            raise ValueError(f"layers needs at least an input and an output width, got {widths!r}")
-        for w in widths:
-            if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
-                raise ValueError(f"layer widths must be positive integers, got {w!r} in {widths!r}")
-        if widths[-1] < 2:
-            raise ValueError(f"the output layer needs at least 2 classes, got {widths[-1]}")
-        check_activation(activation)
-        if activation is None:
-            raise ValueError("activation must be one of 'relu', 'tanh', 'sigmoid'")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}: expected one of {INITS}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-
+    def __init__(self, layers, input_shape=None, dtype="float32", seed=None, backend=None):
+        if isinstance(layers, (str, bytes, Layer)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be a sequence of xpnet.layers objects, got {layers!r}")
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a Sequential model needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}] is a {type(layer).__name__}, not an xpnet.layers.Layer")
+        if len({id(layer) for layer in layers}) != len(layers):
+            raise ValueError("the same layer object appears twice: create one layer per position")
         self.backend = get_backend(backend)
         self.dtype = _dtype_name(dtype)
-        self.widths = [int(w) for w in widths]
-        self.activation, self.init, self.seed = activation, init, seed
+        self.seed = _check_seed(seed)
+        self.layers = layers
         self.stop_training = False
-        self._rng = np.random.default_rng(seed)
-        xp = self.backend.xp
-        self._xp_dtype = getattr(xp, self.dtype)
-        self.layers = []
-        for i, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:])):
-            W = init_weights(self._rng, fan_in, fan_out, init).astype(self.dtype)
-            b = np.zeros(fan_out, dtype=self.dtype)
-            act = activation if i < len(self.widths) - 2 else None
-            self.layers.append(Dense(self._to_device(W), self._to_device(b), activation=act))
+        self._rng = np.random.default_rng(self.seed)
+        self._xp_dtype = getattr(self.backend.xp, self.dtype)
+        self._input_shape = None
+        if input_shape is not None:
+            self.build(input_shape)
 
-    # -- description ------------------------------------------------------------------------
+    # -- building and description --------------------------------------------------------------
+
+    def build(self, input_shape) -> None:
+        """Create every layer's parameters for inputs of ``input_shape`` (no batch axis)."""
+        shape = _check_shape(input_shape)
+        if self.built:
+            if shape != self._input_shape:
+                raise ValueError(f"the model is built for inputs of shape {self._input_shape}, not {shape}")
+            return
+        for i, layer in enumerate(self.layers):
+            if layer.built:
+                raise ValueError(f"layers[{i}] ({layer!r}) is already built: a layer belongs to one model")
+        first = shape
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = layer.setup(shape, rng=self._rng, dtype=self.dtype, backend=self.backend)
+            except ValueError as exc:
+                raise ValueError(f"layers[{i}] {type(layer).__name__}: {exc}") from None
+        if len(shape) != 1 or shape[0] < 2:
+            raise ValueError(
+                f"the last layer must output class scores of shape (n_classes,) with n_classes >= 2, got {shape}"
+            )
+        self._input_shape = first
+
+    @property
+    def built(self) -> bool:
+        return self._input_shape is not None
+
+    def _require_built(self):
+        if not self.built:
+            raise RuntimeError("the model is not built yet: give input_shape=..., call build(), or fit first")
+
+    @property
+    def input_shape(self) -> tuple | None:
+        return self._input_shape
 
     @property
     def n_features(self) -> int:
-        return self.widths[0]
+        self._require_built()
+        return math.prod(self._input_shape)
 
     @property
     def n_classes(self) -> int:
-        return self.widths[-1]
+        self._require_built()
+        return self.layers[-1].output_shape[0]
 
     @property
     def config(self) -> dict:
-        """What it takes to rebuild this model (weights aside)."""
+        """What it takes to rebuild this model (weights aside); JSON-able."""
         return {
-            "layers": list(self.widths),
-            "activation": self.activation,
-            "init": self.init,
+            "class": "Sequential",
+            "input_shape": list(self._input_shape) if self.built else None,
             "dtype": self.dtype,
             "seed": self.seed,
+            "layers": [{"type": type(layer).__name__, **layer.get_config()} for layer in self.layers],
         }
 
+    @classmethod
+    def from_config(cls, config: dict, *, backend=None):
+        """A model from ``config`` (as ``model.config`` gives it), with fresh weights."""
+        layers = []
+        for i, entry in enumerate(config["layers"]):
+            entry = dict(entry)
+            kind = entry.pop("type", None)
+            if kind not in LAYERS:
+                raise ValueError(
+                    f"layer {i} has unknown type {kind!r} (known: {', '.join(sorted(LAYERS))}); "
+                    "a layer class of your own must be defined before loading"
+                )
+            layers.append(LAYERS[kind].from_config(entry))
+        return cls(layers, input_shape=config["input_shape"], dtype=config["dtype"], seed=config["seed"],
+                   backend=backend)
+
     def count_params(self) -> int:
-        """Number of trainable parameters (784-50-25-10 has 40,785)."""
-        return sum(a * b + b for a, b in zip(self.widths[:-1], self.widths[1:]))
+        """Number of trainable parameters (the write-up's LeNet-5 has 60,074)."""
+        self._require_built()
+        return sum(layer.count_params() for layer in self.layers)
+
+    def summary(self, print_fn=print) -> None:
+        """Print each layer's type, output shape and parameter count, as Keras does."""
+        self._require_built()
+        rows = [(f"{type(layer).__name__}", str((None, *layer.output_shape)), f"{layer.count_params():,}")
+                for layer in self.layers]
+        head = ("Layer (type)", "Output shape", "Param #")
+        widths = [max(len(r[k]) for r in [head, *rows]) + 2 for k in range(3)]
+        line = lambda r: "".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        rule = "-" * sum(widths)
+        print_fn(f'Model: "{type(self).__name__}" (input {(None, *self._input_shape)}, {self.dtype}, '
+                 f"backend {self.backend.name!r})")
+        for text in (rule, line(head), rule, *map(line, rows), rule):
+            print_fn(text)
+        print_fn(f"Total params: {self.count_params():,}")
 
     def __repr__(self):
-        widths = "-".join(map(str, self.widths))
-        return f"MLP({widths}, activation={self.activation!r}, dtype={self.dtype!r}, backend={self.backend.name!r})"
+        inner = ", ".join(map(repr, self.layers))
+        return f"Sequential([{inner}], input_shape={self._input_shape}, dtype={self.dtype!r}, backend={self.backend.name!r})"
 
     # -- forward / backward -----------------------------------------------------------------
 
@@ -114,7 +189,7 @@ class MLP:
         return [g for layer in self.layers for g in layer.grads]
 
     def forward(self, x, *, training=False):
-        """Logits for a batch ``x`` of shape (N, n_features) already on this model's backend."""
+        """Logits for a batch ``x`` of shape (N, *input_shape) already on this model's backend."""
         for layer in self.layers:
             x = layer.forward(x, training=training)
         return x
@@ -130,38 +205,50 @@ class MLP:
     def _to_device(self, array):
         return self.backend.asarray(array)
 
-    def _prepare_X(self, X, *, keep_pixels=False):
-        """Check ``X`` and return it as a (N, n_features) array of the model's dtype on its backend.
+    def _shape_from_data(self, X) -> tuple:
+        """The input shape the first ``fit`` reads off the data: (N, H, W) is one channel."""
+        shape = tuple(int(d) for d in getattr(X, "shape", np.shape(X))[1:])
+        return (*shape, 1) if len(shape) == 2 else shape
 
-        Accepts (N, features) or (N, 28, 28)-like images (flattened); uint8 is scaled by 1/255
-        (``F.scale_pixels``), or with ``keep_pixels`` (host uint8 data on the CPU backend) kept
-        as a C-contiguous (N, n_features) uint8 array for a training step that scales each batch.
+    def _prepare_X(self, X, *, keep_pixels=False):
+        """Check ``X`` and return it as a (N, *input_shape) array of the model's dtype on its backend.
+
+        Rows of another shape with the same number of values are reshaped (so ``(N, 28, 28)``
+        images fit a 784-input MLP and flat rows fit a ``(28, 28, 1)`` CNN). uint8 is scaled by
+        1/255 (``F.scale_pixels``), or with ``keep_pixels`` (host uint8 data on the CPU backend)
+        kept as a C-contiguous (N, n_features) uint8 array for a training step that scales each batch.
         """
+        self._require_built()
         on_device = self.backend.name == "cuda" and self.backend.owns(X)
         arr = X if on_device else self._host_array(X, "X")
-        if arr.ndim not in (2, 3):
-            raise ValueError(f"X must have shape (N, {self.n_features}) or (N, H, W); got shape {tuple(arr.shape)}")
+        if arr.ndim < 2:
+            shape = ", ".join(map(str, ("N", *self._input_shape)))
+            raise ValueError(f"X must have shape ({shape}) (a batch of rows); got shape {tuple(arr.shape)}")
         if arr.shape[0] == 0:
             raise ValueError("X is empty (0 rows)")
-        features = int(np.prod(arr.shape[1:]))
+        features = math.prod(arr.shape[1:])
         if features != self.n_features:
+            rows = f" (rows of shape {self._input_shape})" if len(self._input_shape) > 1 else ""
             raise ValueError(
-                f"X has {features} features per row (shape {tuple(arr.shape)}), but the model expects {self.n_features}"
+                f"X has {features} features per row (shape {tuple(arr.shape)}), but the model expects "
+                f"{self.n_features}{rows}"
             )
         if on_device:  # checked where it lives: no copy to the host
             return self._prepare_device_X(arr)
         host = arr
         kind = host.dtype.kind
+        rows = (host.shape[0], *self._input_shape)
         if host.dtype == np.uint8:
-            pixels = host.reshape(host.shape[0], -1)
             if keep_pixels and self.backend.name == "cpu":
-                return np.ascontiguousarray(pixels)
-            out = F.scale_pixels(pixels, np.dtype(self.dtype))
+                return np.ascontiguousarray(host.reshape(host.shape[0], -1))
+            out = F.scale_pixels(host.reshape(rows), np.dtype(self.dtype))
         elif kind == "f":
-            out = host.reshape(host.shape[0], -1).astype(self.dtype, copy=False)
-            if not np.isfinite(out).all():
-                bad = np.argwhere(~np.isfinite(out))[0]
-                raise ValueError(f"X contains NaN or inf (first at row {bad[0]}, column {bad[1]}: {out[tuple(bad)]})")
+            out = host.reshape(rows).astype(self.dtype, copy=False)
+            finite = np.isfinite(out)
+            if not finite.all():
+                bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+                where = f"column {bad[1]}" if len(bad) == 2 else f"index {bad[1:]}"
+                raise ValueError(f"X contains NaN or inf (first at row {bad[0]}, {where}: {out[bad]})")
         elif kind in "iu":
             raise TypeError(
                 f"X has integer dtype {host.dtype}: pass uint8 pixels (scaled by 1/255 for you) or floats "
@@ -173,7 +260,7 @@ class MLP:
 
     def _prepare_device_X(self, X):
         xp = self.backend.xp
-        X = xp.reshape(X, (X.shape[0], self.n_features))
+        X = xp.reshape(X, (X.shape[0], *self._input_shape))
         if X.dtype == xp.uint8:
             return F.scale_pixels(X, self._xp_dtype)
         if not xp.isdtype(X.dtype, "real floating"):
@@ -182,7 +269,6 @@ class MLP:
         if not bool(xp.all(xp.isfinite(X))):
             raise ValueError("X contains NaN or inf")
         return X
-
     def _host_array(self, data, name):
         """A NumPy view of host data; an array of another backend is refused, never copied."""
         if isinstance(data, np.ndarray):
@@ -270,6 +356,7 @@ class MLP:
         """Accuracy on ``(X, y)`` (scikit-learn's convention for classifiers)."""
         return self.evaluate(X, y)["accuracy"]
 
+
     # -- training -------------------------------------------------------------------------------
 
     def fit(self, X, y, **kwargs):
@@ -277,14 +364,15 @@ class MLP:
 
         Parameters
         ----------
-        X : array (N, n_features) or (N, 28, 28); uint8 (scaled by 1/255) or float
+        X : array (N, *input_shape), or rows of the same size (e.g. (N, 28, 28)); uint8
+            (scaled by 1/255) or float. An unbuilt model is built for X's row shape first.
         y : array (N,) of integer labels in ``[0, n_classes)``
         epochs : int, default 10
         batch_size : int, default 128 (the last batch of an epoch may be smaller)
-        optimizer : "sgd", "adam" or an ``xpnet.optim.Optimizer``; "sgd" is plain SGD
-        lr : float, default 0.01 for SGD, 1e-3 for Adam
+        optimizer : "sgd", "adam", "adamw" or an ``xpnet.optim.Optimizer``
+        lr : float, default 0.01 for SGD, 1e-3 for Adam and AdamW
         momentum : float, SGD only (default 0); nesterov : bool
-        weight_decay : float, L2 penalty added to the gradients
+        weight_decay : float, L2 penalty added to the gradients (decoupled for AdamW)
         schedule : None, "cosine", or a callable ``(epoch, epochs) -> factor``
         validation_data : (X_val, y_val), or validation_split : fraction held out from the end
         shuffle : bool, reshuffle every epoch (seeded by the model's seed)
@@ -298,34 +386,181 @@ class MLP:
 
     # -- weights and files -------------------------------------------------------------------
 
-    def get_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A copy of every layer's ``(W, b)`` as NumPy arrays, W shaped (fan_in, fan_out)."""
-        return [(np.array(self.backend.to_numpy(l.W)), np.array(self.backend.to_numpy(l.b))) for l in self.layers]
+    def get_weights(self) -> list[np.ndarray]:
+        """A copy of every parameter as NumPy arrays, in Keras's order and layouts: for each
+        layer its kernel, then its bias (Dense ``(fan_in, units)``, Conv2D ``(kh, kw, C, F)``)."""
+        self._require_built()
+        return [np.array(self.backend.to_numpy(p)) for p in self.parameters()]
 
     def set_weights(self, weights) -> None:
-        """Replace every layer's ``(W, b)``; shapes must match, values must be finite."""
+        """Replace every parameter (a list as ``get_weights`` returns it); shapes must match,
+        values must be finite. The arrays are written in place, so optimizers keep theirs."""
+        self._require_built()
+        params = self.parameters()
+        owners = [(i, type(layer).__name__, name) for i, layer in enumerate(self.layers) for name in layer.param_names]
         weights = list(weights)
-        if len(weights) != len(self.layers):
-            raise ValueError(f"expected {len(self.layers)} (W, b) pairs, got {len(weights)}")
+        if len(weights) != len(params):
+            raise ValueError(f"expected {len(params)} arrays (kernel and bias per layer), got {len(weights)}")
         new = []
-        for i, (pair, layer) in enumerate(zip(weights, self.layers)):
-            if len(pair) != 2:
-                raise ValueError(f"weights[{i}] must be a pair (W, b)")
-            W, b = (np.asarray(a) for a in pair)
-            if W.shape != layer.shape or b.shape != (layer.shape[1],):
+        for i, (w, p, (layer, kind, name)) in enumerate(zip(weights, params, owners)):
+            w = np.asarray(w)
+            if w.shape != tuple(p.shape):
                 raise ValueError(
-                    f"weights[{i}] has W {W.shape} and b {b.shape}; layer {i} needs W {layer.shape} and b ({layer.shape[1]},)"
+                    f"weights[{i}] has shape {w.shape}; layer {layer} needs {name} of shape {tuple(p.shape)} ({kind})"
                 )
-            if not (np.isfinite(W).all() and np.isfinite(b).all()):
+            if w.dtype.kind not in "fiu":
+                raise TypeError(f"weights[{i}] must hold numbers, got dtype {w.dtype}")
+            if not np.isfinite(w).all():
                 raise ValueError(f"weights[{i}] contains NaN or inf")
-            new.append((W.astype(self.dtype), b.astype(self.dtype)))
-        for layer, (W, b) in zip(self.layers, new):
-            # in place: optimizers and buffers keep holding the same arrays
-            layer.W[...] = self._to_device(W)
-            layer.b[...] = self._to_device(b)
+            new.append(w.astype(self.dtype))
+        for p, w in zip(params, new):
+            p[...] = self._to_device(w)
 
     def save(self, path) -> None:
         """Write weights (safetensors) and config (JSON metadata) to ``path``, atomically."""
-        from .io import save
+        from . import __version__
+        from .io import FORMATS, write_model_file
 
-        save(self, path)
+        self._require_built()
+        tensors = {
+            f"layers.{i}.{name}": self.backend.to_numpy(getattr(layer, name))
+            for i, layer in enumerate(self.layers)
+            for name in layer.param_names
+        }
+        metadata = {
+            "format": "xpnet.model",
+            "format_version": FORMATS["xpnet.model"],
+            "xpnet_version": __version__,
+            "config": json.dumps(self.config),
+        }
+        write_model_file(path, tensors, metadata)
+
+
+class MLP(Sequential):
+    """A fully connected network ``layers[0] -> ... -> layers[-1]``: a ``Sequential`` of
+    ``Dense`` layers built from widths.
+
+    Parameters
+    ----------
+    layers : sequence of int
+        Widths from the input features to the number of classes, e.g. ``[784, 50, 25, 10]``.
+    activation : {"relu", "tanh", "sigmoid"}
+        Activation of every hidden layer; the last layer outputs logits.
+    init : {"he", "glorot"}
+        Weight initialisation (biases start at zero). Weights are drawn on the host from one
+        seeded generator, so every backend starts from identical weights.
+    dtype, seed, backend : as for ``Sequential``.
+
+    ``get_weights`` gives ``(W, b)`` pairs, W shaped (fan_in, fan_out); ``set_weights`` takes
+    pairs or the flat list.
+    """
+
+    def __init__(self, layers, activation="relu", init="he", dtype="float32", seed=None, backend=None):
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be a sequence of layer widths such as [784, 50, 10], got {layers!r}")
+        widths = list(layers)
+        if len(widths) < 2:
+            raise ValueError(f"layers needs at least an input and an output width, got {widths!r}")
+        for w in widths:
+            if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
+                raise ValueError(f"layer widths must be positive integers, got {w!r} in {widths!r}")
+        if widths[-1] < 2:
+            raise ValueError(f"the output layer needs at least 2 classes, got {widths[-1]}")
+        check_activation(activation)
+        if activation is None:
+            raise ValueError(f"activation must be one of {tuple(F.ACTIVATIONS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}: expected one of {INITS}")
+        self.widths = [int(w) for w in widths]
+        self.activation, self.init = activation, init
+        last = len(self.widths) - 2
+        dense = [Dense(w, activation=activation if i < last else None, init=init) for i, w in enumerate(self.widths[1:])]
+        super().__init__(dense, input_shape=(self.widths[0],), dtype=dtype, seed=seed, backend=backend)
+
+    @property
+    def config(self) -> dict:
+        """The factory's arguments (its layers follow from them), as xpnet 0.1 wrote them."""
+        return {"class": "MLP", "layers": list(self.widths), "activation": self.activation, "init": self.init,
+                "dtype": self.dtype, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config: dict, *, backend=None):
+        return cls(config["layers"], activation=config["activation"], init=config["init"], dtype=config["dtype"],
+                   seed=config["seed"], backend=backend)
+
+    def count_params(self) -> int:
+        """Number of trainable parameters (784-50-25-10 has 40,785)."""
+        return super().count_params()
+
+    def __repr__(self):
+        widths = "-".join(map(str, self.widths))
+        return f"MLP({widths}, activation={self.activation!r}, dtype={self.dtype!r}, backend={self.backend.name!r})"
+
+    def get_weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A copy of every layer's ``(W, b)`` as NumPy arrays, W shaped (fan_in, fan_out)."""
+        flat = super().get_weights()
+        return list(zip(flat[0::2], flat[1::2]))
+
+    def set_weights(self, weights) -> None:
+        """Replace every layer's ``(W, b)`` (pairs, or the flat list); shapes must match."""
+        weights = list(weights)
+        if weights and all(isinstance(w, (tuple, list)) for w in weights):
+            if len(weights) != len(self.layers):
+                raise ValueError(f"expected {len(self.layers)} (W, b) pairs, got {len(weights)}")
+            for i, pair in enumerate(weights):
+                if len(pair) != 2:
+                    raise ValueError(f"weights[{i}] must be a pair (W, b)")
+            weights = [a for pair in weights for a in pair]
+        super().set_weights(weights)
+
+
+#: model class name -> class, for model files
+MODELS = {"Sequential": Sequential, "MLP": MLP}
+
+
+def _not_a_model(path, why):
+    return ValueError(f"{path} is not a readable xpnet model file: {why}")
+
+
+def load(path, *, backend=None):
+    """Load a model saved by ``save``; ``backend`` picks where it runs (default: current).
+
+    Files written by xpnet 0.1 (``MLP`` only) load too. Layers are found by their class name in
+    ``xpnet.layers.LAYERS``; loading never runs code from the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        A truncated, corrupt or foreign file, an unknown layer type, or tensors that do not
+        match the model the file describes.
+    """
+    from .io import FORMATS, read_model_file
+
+    tensors, metadata = read_model_file(path)
+    try:
+        kind, version = metadata["format"], metadata.get("format_version")
+        if version != FORMATS[kind]:
+            raise ValueError(f"{kind} version {version!r}; this xpnet reads {FORMATS[kind]!r}")
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict):
+            raise ValueError("its config is not a JSON object")
+        if kind == "xpnet.mlp":  # xpnet 0.1 wrote MLPs only, with the same config less "class"
+            cls = MLP
+        elif config.get("class") in MODELS:
+            cls = MODELS[config["class"]]
+        else:
+            raise ValueError(f"unknown model class {config.get('class')!r}")
+        dtype = _dtype_name(config["dtype"])
+        for name, array in tensors.items():
+            if array.dtype != np.dtype(dtype):
+                raise ValueError(f"tensor {name!r} is {array.dtype}, the model is {dtype}")
+        model = cls.from_config(config, backend=backend)
+        names = [f"layers.{i}.{n}" for i, layer in enumerate(model.layers) for n in layer.param_names]
+        if set(tensors) != set(names):
+            raise ValueError(f"tensors {sorted(tensors)} do not match the layers' parameters {names}")
+        Sequential.set_weights(model, [tensors[name] for name in names])
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise _not_a_model(path, f"{type(exc).__name__}: {exc}") from None
+    return model

@@ -2,15 +2,26 @@
 
 An optimizer updates parameters in place (``p -= ...``), so the arrays a model holds stay the
 same objects on the same device. Learning-rate schedules are per-epoch factors on the base rate.
+
+Each optimizer owns its state (``state``: one dict of arrays per parameter, named by the class)
+and its hyperparameters, and applies its own update: the ``xp`` formula (the reference) or, for
+NumPy arrays, its fused Numba kernel (one in-place pass per parameter, the same formula in the
+same order and precision, bit for bit; ``XPNET_KERNELS=xp`` turns the kernels off). A new
+optimizer is one subclass: ``_update`` (and ``_fused_update`` if it has a kernel).
 """
 
 from __future__ import annotations
 
 import math
 
+import operator
+
+import numpy as np
+
+from . import kernels
 from .kernels import namespace_of
 
-__all__ = ["Optimizer", "SGD", "Adam", "StepLR", "CosineLR", "make_optimizer", "make_schedule"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "StepLR", "CosineLR", "make_optimizer", "make_schedule"]
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -68,10 +79,16 @@ def _check_rate(name, value, *, upper=None):
     return float(value)
 
 
+def _defined_in(cls, name):
+    return next(c for c in cls.__mro__ if name in c.__dict__)
+
+
 class Optimizer:
     """Base class. ``step(params, grads)`` updates each parameter in place.
 
     ``lr`` is the current rate: ``base_lr * schedule(epoch, epochs)`` once ``start_epoch`` ran.
+    ``weight_decay`` is an L2 penalty added to the gradient (coupled, as in ``torch.optim``);
+    ``AdamW`` decouples it.
     """
 
     def __init__(self, lr: float, *, weight_decay: float = 0.0, schedule=None):
@@ -82,27 +99,67 @@ class Optimizer:
         self.weight_decay = _check_rate("weight_decay", weight_decay)
         self.schedule = make_schedule(schedule)
         self.state: list[dict] | None = None
+        self._fusable = ([], [])  # the arrays the last fused step took: the same objects need no check
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        self.lr = self.base_lr * (self.schedule(epoch, epochs) if self.schedule else 1.0)
+        factor = self.schedule(epoch, epochs) if self.schedule else 1.0
+        self.lr = self.base_lr * factor
+
+    def hyperparameters(self) -> dict:
+        """The settings a fused update reads, by name (the CUDA graph path reads these)."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay}
 
     def step(self, params, grads) -> None:
         if self.state is None:
             self.state = [{} for _ in params]
+        loops = self._loops_for(params, grads)
         for p, g, state in zip(params, grads, self.state):
-            if self.weight_decay:
-                g = g + self.weight_decay * p  # L2 penalty (coupled), as in torch.optim
-            self._update(p, g, state)
+            g = self._decay(p, g)
+            if loops is None:
+                self._update(p, g, state)
+            else:
+                self._fused_update(loops, p, g, state)
+
+    def _decay(self, p, g):
+        """The gradient with weight decay applied (coupled L2: ``g + weight_decay * p``)."""
+        return g + self.weight_decay * p if self.weight_decay else g
 
     def _update(self, p, g, state) -> None:
+        """The reference update of one parameter, against ``xp``."""
         raise NotImplementedError
+
+    _fused_update = None  # (loops, p, g, state) -> None: the same update as a Numba kernel
+
+    def _loops_for(self, params, grads):
+        """The Numba loops where this optimizer has a fused kernel and every parameter and
+        gradient is a C-contiguous NumPy array of one float dtype; else ``None``."""
+        if self._fused_update is None or kernels.default_impl() not in ("auto", "numba"):
+            return None
+        if _defined_in(type(self), "_update") is not _defined_in(type(self), "_fused_update"):
+            return None  # a subclass changed the formula but not the kernel: the formula wins
+        known_p, known_g = self._fusable
+        same = (len(params) == len(known_p) and all(map(operator.is_, params, known_p))
+                and len(grads) == len(known_g) and all(map(operator.is_, grads, known_g)))
+        if not same:
+            if not params or type(params[0]) is not np.ndarray or params[0].dtype not in (np.float32, np.float64):
+                return None
+            dtype = params[0].dtype
+            for p, g in zip(params, grads):
+                for a in (p, g):
+                    if not (type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous):
+                        return None
+                if g.shape != p.shape:
+                    return None
+            self._fusable = (list(params), list(grads))
+        numba_cpu = kernels.kernel_module("numba")
+        return None if numba_cpu.unavailable() else numba_cpu._get_loops()
 
 
 class SGD(Optimizer):
     """Stochastic gradient descent, with optional (Nesterov) momentum.
 
     ``v = momentum * v + g``; the step is ``v`` (or ``g + momentum * v`` with Nesterov);
-    ``p -= lr * step``. ``momentum=0`` is plain SGD.
+    ``p -= lr * step``. ``momentum=0`` is plain SGD. State: ``v`` (with momentum).
     """
 
     def __init__(self, lr=0.01, *, momentum=0.0, nesterov=False, weight_decay=0.0, schedule=None):
@@ -111,6 +168,9 @@ class SGD(Optimizer):
         if nesterov and not self.momentum:
             raise ValueError("nesterov=True needs momentum > 0")
         self.nesterov = bool(nesterov)
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "momentum": self.momentum, "nesterov": self.nesterov}
 
     def _update(self, p, g, state):
         if self.momentum:
@@ -122,6 +182,15 @@ class SGD(Optimizer):
             g = g + self.momentum * v if self.nesterov else v
         p -= self.lr * g
 
+    def _fused_update(self, loops, p, g, state):
+        scalar = p.dtype.type
+        if not self.momentum:
+            loops.sgd_update(p, g, scalar(self.lr))
+            return
+        if "v" not in state:
+            state["v"] = np.zeros_like(p)
+        loops.sgd_momentum_update(p, g, state["v"], scalar(self.lr), scalar(self.momentum), self.nesterov)
+
     def __repr__(self):
         return f"SGD(lr={self.base_lr}, momentum={self.momentum}, nesterov={self.nesterov})"
 
@@ -130,7 +199,7 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba): bias-corrected first and second moment estimates.
 
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g**2``,
-    ``p -= lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)``.
+    ``p -= lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)``. State: ``m``, ``v``, ``t``.
     """
 
     def __init__(self, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, schedule=None):
@@ -139,45 +208,79 @@ class Adam(Optimizer):
         self.beta2 = _check_rate("betas[1]", betas[1], upper=1.0)
         self.eps = _check_rate("eps", eps)
 
-    def _update(self, p, g, state):
-        xp = namespace_of(p)
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+    def _moments(self, p, state):
         if "m" not in state:
+            xp = namespace_of(p)
             state.update(m=xp.zeros_like(p), v=xp.zeros_like(p), t=0)
         state["t"] += 1
-        m, v, t = state["m"], state["v"], state["t"]
+        return state["m"], state["v"], state["t"]
+
+    def _update(self, p, g, state):
+        m, v, t = self._moments(p, state)
         m *= self.beta1
         m += (1 - self.beta1) * g
         v *= self.beta2
         v += (1 - self.beta2) * (g * g)
         step = self.lr / (1 - self.beta1**t)
-        p -= step * m / (xp.sqrt(v / (1 - self.beta2**t)) + self.eps)
+        p -= step * m / (namespace_of(p).sqrt(v / (1 - self.beta2**t)) + self.eps)
+
+    def _fused_update(self, loops, p, g, state):
+        m, v, t = self._moments(p, state)
+        b1, b2, scalar = self.beta1, self.beta2, p.dtype.type
+        loops.adam_update(
+            p, g, m, v, scalar(b1), scalar(1 - b1), scalar(b2), scalar(1 - b2),
+            scalar(self.lr / (1 - b1**t)), scalar(1 - b2**t), scalar(self.eps),
+        )
 
     def __repr__(self):
-        return f"Adam(lr={self.base_lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps})"
+        return f"{type(self).__name__}(lr={self.base_lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps})"
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam}
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, as ``torch.optim.AdamW``):
+    ``p *= 1 - lr * weight_decay``, then Adam's step on the plain gradient."""
+
+    def __init__(self, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, schedule=None):
+        super().__init__(lr, betas=betas, eps=eps, weight_decay=weight_decay, schedule=schedule)
+
+    def _decay(self, p, g):
+        if self.weight_decay:
+            p *= 1 - self.lr * self.weight_decay
+        return g
+
+    def __repr__(self):
+        return f"{super().__repr__()[:-1]}, weight_decay={self.weight_decay})"
 
 
-def make_optimizer(optimizer="sgd", *, lr=None, momentum=None, nesterov=False, weight_decay=0.0, schedule=None):
-    """An Optimizer from a name (``"sgd"``, ``"adam"``) and settings, or one given as is.
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
-    Settings given beside an Optimizer instance are refused rather than silently ignored.
+
+def make_optimizer(optimizer="sgd", *, lr=None, momentum=None, nesterov=False, weight_decay=None, schedule=None):
+    """An Optimizer from a name (``"sgd"``, ``"adam"``, ``"adamw"``) and settings, or one given as is.
+
+    Settings left as ``None`` take the optimizer's defaults (``DEFAULT_LR``; weight decay 0,
+    0.01 for AdamW). Settings given beside an Optimizer instance are refused rather than
+    silently ignored.
     """
     if isinstance(optimizer, Optimizer):
-        given = {"lr": lr, "momentum": momentum, "schedule": schedule}
-        clash = [k for k, v in given.items() if v is not None] + (["weight_decay"] if weight_decay else [])
+        given = {"lr": lr, "momentum": momentum, "schedule": schedule, "weight_decay": weight_decay or None}
+        clash = [k for k, v in given.items() if v is not None]
         if clash:
             raise ValueError(f"set {', '.join(clash)} on the optimizer object, not beside it")
         return optimizer
     if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {sorted(OPTIMIZERS)} or an Optimizer")
     name = optimizer.lower()
-    kwargs = {"weight_decay": weight_decay, "schedule": schedule}
+    kwargs = {"schedule": schedule}
     if lr is not None:
         kwargs["lr"] = lr
+    if weight_decay is not None:
+        kwargs["weight_decay"] = weight_decay
     if name == "sgd":
         return SGD(momentum=momentum or 0.0, nesterov=nesterov, **kwargs)
     if momentum is not None or nesterov:
-        raise ValueError("momentum/nesterov apply to 'sgd' only; Adam has betas")
-    return Adam(**kwargs)
+        raise ValueError(f"momentum/nesterov apply to 'sgd' only; {name} has betas")
+    return OPTIMIZERS[name](**kwargs)

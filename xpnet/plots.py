@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = [
     "examples_per_class",

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .callbacks import Callback
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 __all__ = [
     "RunRecorder",

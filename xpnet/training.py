@@ -1,13 +1,15 @@
-"""The training loop behind ``MLP.fit``, written once against ``xp``.
+"""The training loop behind ``Sequential.fit`` (and so ``MLP.fit``), written once against ``xp``.
 
 The data set is moved to the model's backend once; every step gathers its batch there, so a GPU
 run never copies a batch from the host. The loss and the count of correct predictions are summed
 on the device and read once per epoch: no host synchronisation per step.
 
 A step runs one of three ways, all computing the same math: ``ReferenceStep`` (the layers and
-``xpnet.functional``, on any namespace), the buffered Numba step on NumPy
+``xpnet.functional``, on any namespace, any model), the buffered Numba step on NumPy
 (``kernels.cpu_step``), or, on CUDA, whole epochs replayed from one captured graph of xpnet's
-own kernels (``kernels.cuda_graph``). Each fast path is tested against the reference.
+own kernels (``kernels.cuda_graph``). The two fast paths cover exactly one kind of model, a
+ReLU MLP of ``Dense`` layers (``relu_mlp``, checked by exact type, so a subclass or a layer
+they have never seen gets the reference); each is tested against the reference.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import numpy as np
 
 from . import functional as F
 from .callbacks import Callback, History
+from .layers import Dense
 from .optim import make_optimizer
 
-__all__ = ["fit"]
+__all__ = ["fit", "relu_mlp", "training_step_for", "ReferenceStep"]
 
 
 def _check_int(name, value, minimum):
@@ -83,10 +86,6 @@ class ReferenceStep:
         """The mini-batch ``(X[idx], y[idx])``."""
         return self.xp.take(X, idx, axis=0), self.xp.take(y, idx, axis=0)
 
-    def update_for(self, opt):
-        """The callable ``(params, grads)`` that applies ``opt``'s update: its own ``step``."""
-        return opt.step
-
     def gradients(self):
         """The gradients the last call left, in ``model.parameters()`` order."""
         return self.model.gradients()
@@ -99,12 +98,39 @@ class ReferenceStep:
         return loss * yb.shape[0], xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
 
 
-def _training_step(model, batch_size):
-    """The fastest step that applies: on NumPy the buffered Numba step where it covers the model
-    (``kernels.cpu_step`` decides, ``XPNET_KERNELS=xp`` included), else the reference."""
-    if model.backend.name == "cpu":
-        from .kernels.cpu_step import training_step_for
+def relu_mlp(layers) -> bool:
+    """Whether ``layers`` are what the fast paths cover: exactly ``Dense`` layers (no subclass),
+    ReLU on the hidden ones, a linear output."""
+    return (
+        bool(layers)
+        and all(type(layer) is Dense for layer in layers)
+        and all(layer.activation == "relu" for layer in layers[:-1])
+        and layers[-1].activation is None
+    )
 
+
+def training_step_for(layers, batch_size: int):
+    """The buffered Numba step (``kernels.cpu_step``) for these layers, or ``None`` where the
+    reference must run: not a ReLU MLP, not float32/float64 NumPy parameters, numba missing,
+    or ``XPNET_KERNELS=xp``."""
+    from .kernels import default_impl, numba_cpu
+
+    if default_impl() not in ("auto", "numba") or not relu_mlp(layers) or numba_cpu.unavailable():
+        return None
+    dtype = layers[0].W.dtype
+    if dtype not in (np.float32, np.float64):
+        return None
+    if not all(type(a) is np.ndarray and a.dtype == dtype for layer in layers for a in (layer.W, layer.b)):
+        return None
+    from .kernels.cpu_step import CpuTrainingStep
+
+    return CpuTrainingStep(layers, batch_size)
+
+
+def _training_step(model, batch_size):
+    """The fastest step that applies: on NumPy the buffered Numba step where it covers the
+    model, else the reference."""
+    if model.backend.name == "cpu":
         step = training_step_for(model.layers, batch_size)
         if step is not None:
             return step
@@ -114,14 +140,14 @@ def _training_step(model, batch_size):
 def _graph_trainer(model, opt, X, y, batch_size):
     """On CUDA, whole epochs as replays of one captured graph of xpnet's kernels, or None where
     that does not apply (``kernels.cuda_graph.why_not`` says why; ``XPNET_CUDA_GRAPHS=0`` too)."""
-    if model.backend.name != "cuda":
+    if model.backend.name != "cuda" or not relu_mlp(model.layers):
         return None
     from .kernels import cuda_graph
 
     return cuda_graph.trainer_for(model, opt, X, y, batch_size)
 
 
-def _run_epoch(step, update, params, X, y, order, batch_size, progress):
+def _run_epoch(step, opt, params, X, y, order, batch_size, progress):
     """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count."""
     n = int(X.shape[0])
     loss_sum = correct = 0
@@ -132,7 +158,7 @@ def _run_epoch(step, update, params, X, y, order, batch_size, progress):
         else:
             xb, yb = X[lo:hi, ...], y[lo:hi]
         batch_loss, batch_correct = step(xb, yb)
-        update(params, step.gradients())  # opt.step, or the step's fused version of it
+        opt.step(params, step.gradients())
         loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
         correct = correct + batch_correct
     return loss_sum, correct
@@ -155,7 +181,7 @@ def fit(
     lr=None,
     momentum=None,
     nesterov=False,
-    weight_decay=0.0,
+    weight_decay=None,
     schedule=None,
     validation_data=None,
     validation_split=0.0,
@@ -166,14 +192,17 @@ def fit(
 ) -> History:
     """Train ``model`` by mini-batch gradient descent on the mean cross-entropy.
 
-    See ``MLP.fit`` for the parameters. Returns the History of per-epoch metrics.
+    See ``Sequential.fit`` for the parameters. Returns the History of per-epoch metrics.
     """
     epochs = _check_int("epochs", epochs, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
     opt = make_optimizer(
         optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule
     )
-    step = _training_step(model, batch_size)
+    if not model.built:
+        model.build(model._shape_from_data(X))
+    rows = getattr(X, "shape", (None,))[0]
+    step = _training_step(model, min(batch_size, rows) if isinstance(rows, int) and rows > 0 else batch_size)
     X, y, val = _split_validation(
         model, X, y, validation_data, validation_split, keep_pixels=step.takes_pixels
     )
@@ -205,7 +234,6 @@ def fit(
     # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
     in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
     graphs = _graph_trainer(model, opt, X, y, batch_size)
-    update = None if graphs is not None else step.update_for(opt)
     model.stop_training = False
     for cb in callbacks:
         cb.model = model
@@ -220,7 +248,7 @@ def fit(
                 loss_sum, correct = graphs.run_epoch(order)
             else:
                 progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
-                loss_sum, correct = _run_epoch(step, update, params, X, y, order, batch_size, progress)
+                loss_sum, correct = _run_epoch(step, opt, params, X, y, order, batch_size, progress)
             logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(

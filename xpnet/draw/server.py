@@ -251,12 +251,13 @@ def quick_model(path=None, *, log=print):
     Trains ``QUICK_LAYERS`` with ``QUICK_FIT`` on the MNIST training set (about 97.5% test
     accuracy; under a minute on a laptop CPU) and reports what it is doing through ``log``.
     """
-    from .. import datasets, io
+    from .. import datasets
+    from ..model import load
 
     path = Path(path) if path is not None else quick_model_path()
     if path.is_file():
         log(f"no --model given: using the model cached at {path}")
-        return io.load(path)
+        return load(path)
     log(f"no --model given: training a quick {'-'.join(map(str, QUICK_LAYERS))} model on MNIST "
         f"({QUICK_FIT['epochs']} epochs of {QUICK_FIT['optimizer']}), then caching it at {path}")
     model = train_quick_model(*datasets.load_mnist("train"))
@@ -268,10 +269,10 @@ def quick_model(path=None, *, log=print):
 
 def cli_draw(args) -> int:
     """``xpnet draw [--model PATH] [--host H] [--port P] [--no-browser]``: serve until Ctrl-C."""
-    from .. import io
+    from ..model import load
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    model = io.load(args.model) if args.model else quick_model(log=say)
+    model = load(args.model) if args.model else quick_model(log=say)
     try:
         server = DrawServer(model, args.host, args.port)
     except OSError as e:

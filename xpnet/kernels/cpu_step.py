@@ -11,45 +11,23 @@ dispatch per op, separate passes for ``db = dz.sum(0)`` and for the accuracy cou
   columns for the last ``db``;
 - backward: ``dW = h.T @ dz`` and ``dh = dz @ W.T`` into buffers, then one kernel applies
   ReLU's derivative in place and sums the columns for ``db``;
-- around it: the batch's rows and labels gathered by one kernel (``take_batch``), and the
-  optimizer's update applied in place by one kernel per parameter (``update_for``: plain or
-  momentum SGD and Adam, ``xpnet.optim``'s formulas in the same order and precision, no
-  temporaries).
+- around it: the batch's rows and labels gathered by one kernel (``take_batch``); the
+  optimizers apply their own fused updates (``xpnet.optim``).
 
-It runs only for what it covers (NumPy arrays, float32/float64, Dense layers with ReLU hidden
-activations and a linear output, numba importable, ``XPNET_KERNELS`` not ``xp``); otherwise
-``training_step_for`` returns ``None`` and the training loop runs the reference. The layers
-are read at every call (their ``W``/``b`` may be replaced), never imported: kernels sit below
-layers. tests/test_kernels.py checks a step against the reference step.
+It runs only for what it covers (NumPy arrays, float32/float64, exactly ``Dense`` layers with
+ReLU hidden activations and a linear output, numba importable, ``XPNET_KERNELS`` not ``xp``):
+``xpnet.training.training_step_for`` decides, and runs the reference for anything else. The
+layers are read at every call (their ``W``/``b`` may be replaced), never imported: kernels sit
+below layers. tests/test_training.py checks a step against the reference step.
 """
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
-from . import default_impl, numba_cpu
+from . import numba_cpu
 
-__all__ = ["CpuTrainingStep", "training_step_for"]
-
-
-def training_step_for(layers, batch_size: int):
-    """A ``CpuTrainingStep`` for these layers, or ``None`` where the reference must run."""
-    if default_impl() not in ("auto", "numba"):  # XPNET_KERNELS=xp asks for the reference
-        return None
-    if not layers or numba_cpu.unavailable():
-        return None
-    dtype = layers[0].W.dtype
-    for i, layer in enumerate(layers):
-        hidden_relu = layer.activation == "relu" and i < len(layers) - 1
-        linear_output = layer.activation is None and i == len(layers) - 1
-        arrays_fit = all(type(a) is np.ndarray and a.dtype == dtype for a in (layer.W, layer.b))
-        if not (arrays_fit and (hidden_relu or linear_output)):
-            return None
-    if dtype not in (np.float32, np.float64):
-        return None
-    return CpuTrainingStep(layers, batch_size)
+__all__ = ["CpuTrainingStep"]
 
 
 class CpuTrainingStep:
@@ -123,66 +101,6 @@ class CpuTrainingStep:
         """The gradient buffers in ``model.parameters()`` order: after a call, the same arrays
         as ``model.gradients()``, without walking the layers on every step."""
         return self._grads
-
-    def update_for(self, opt):
-        """A callable ``(params, grads)`` doing ``opt.step(params, grads)``, fused where it can.
-
-        Plain and momentum SGD and Adam without weight decay (exactly those classes, not
-        subclasses, whose ``_update`` may differ) get one in-place kernel per parameter; any
-        other optimizer gets its own ``step``. Per call, parameters that are not C-contiguous
-        NumPy arrays of the step's dtype also go through ``opt.step``.
-        """
-        from ..optim import SGD, Adam
-
-        if type(opt) not in (SGD, Adam) or opt.weight_decay:
-            return opt.step
-        loops, dtype = self._loops, self._x.dtype
-        scalar = dtype.type
-
-        last_fit = ([], [])  # the arrays that passed last time: the same objects need no check
-
-        def fits(params, grads):
-            nonlocal last_fit
-            known_p, known_g = last_fit
-            if len(params) == len(known_p) and all(map(operator.is_, params, known_p)):
-                if len(grads) == len(known_g) and all(map(operator.is_, grads, known_g)):
-                    return True
-            for p, g in zip(params, grads):
-                if not (type(p) is np.ndarray and p.dtype == dtype and p.flags.c_contiguous):
-                    return False
-                if not (type(g) is np.ndarray and g.dtype == dtype and g.flags.c_contiguous and g.shape == p.shape):
-                    return False
-            last_fit = (list(params), list(grads))
-            return True
-
-        def update(params, grads):
-            if not fits(params, grads):
-                return opt.step(params, grads)
-            if opt.state is None:
-                opt.state = [{} for _ in params]
-            lr = scalar(opt.lr)
-            if type(opt) is SGD and not opt.momentum:
-                for p, g in zip(params, grads):
-                    loops.sgd_update(p, g, lr)
-            elif type(opt) is SGD:
-                momentum = scalar(opt.momentum)
-                for p, g, state in zip(params, grads, opt.state):
-                    if "v" not in state:
-                        state["v"] = np.zeros_like(p)
-                    loops.sgd_momentum_update(p, g, state["v"], lr, momentum, opt.nesterov)
-            else:
-                b1, b2 = opt.beta1, opt.beta2
-                for p, g, state in zip(params, grads, opt.state):
-                    if "m" not in state:
-                        state.update(m=np.zeros_like(p), v=np.zeros_like(p), t=0)
-                    state["t"] += 1
-                    t = state["t"]
-                    loops.adam_update(
-                        p, g, state["m"], state["v"], scalar(b1), scalar(1 - b1), scalar(b2), scalar(1 - b2),
-                        scalar(opt.lr / (1 - b1**t)), scalar(1 - b2**t), scalar(opt.eps),
-                    )
-
-        return update
 
     def __call__(self, xb, yb):
         """Gradients of the mean cross-entropy on the batch ``(xb, yb)`` into ``dW``/``db``.

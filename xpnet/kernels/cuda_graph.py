@@ -47,18 +47,22 @@ def why_not(model, optimizer, X, batch_size) -> str | None:
         return reason
     if type(optimizer) not in (SGD, Adam):
         return f"optimizer {type(optimizer).__name__} has no fused update kernel"
+    widths = layer_widths(model.layers)
     if model.dtype not in cuda.FLOATS:
         return f"dtype {model.dtype} has no kernels"
     layers = model.layers
-    if any(layer.activation != "relu" for layer in layers[:-1]) or layers[-1].activation is not None:
-        return "only ReLU hidden layers and a linear output layer are fused"
     for layer in layers:
         for p in layer.params:
             if not p.flags.c_contiguous or p.dtype.name != model.dtype:
                 return "parameters must be C-contiguous arrays of the model's dtype"
-    if max(model.widths) > 65535 * 32 or batch_size > 65535 * 32:
+    if max(widths) > 65535 * 32 or batch_size > 65535 * 32:
         return "layer or batch too wide for the GEMM grid"
     return None
+
+
+def layer_widths(layers) -> list[int]:
+    """``[fan_in, units_1, ..., units_L]`` of a stack of dense layers (``W`` of (fan_in, units))."""
+    return [int(layers[0].W.shape[0])] + [int(layer.W.shape[1]) for layer in layers]
 
 
 def trainer_for(model, optimizer, X, y, batch_size):
@@ -73,7 +77,8 @@ class GraphTrainer:
 
     Parameters
     ----------
-    model : xpnet.MLP on the ``"cuda"`` backend, ReLU hidden layers
+    model : a model of Dense layers on the ``"cuda"`` backend, ReLU hidden layers and a linear
+        output (``xpnet.training`` checks that before it asks)
     optimizer : xpnet.optim.SGD or xpnet.optim.Adam (its ``lr`` is read every epoch)
     X : cupy.ndarray (N, features) of the model's dtype; y : cupy.ndarray (N,) integer labels
     batch_size : int
@@ -95,7 +100,7 @@ class GraphTrainer:
         self.dtype = np.dtype(model.dtype)
         t = cuda.FLOATS[model.dtype]
         lab = cuda.LABELS[self.y.dtype.name]
-        widths = model.widths
+        self.widths = widths = layer_widths(model.layers)
         B = self.batch
 
         # every buffer a step touches, allocated before capture (a graph bakes addresses in)
@@ -165,7 +170,7 @@ class GraphTrainer:
 
     def _launch_step(self, rows):
         """Issue one training step over ``rows`` rows (captured, never run directly)."""
-        B, widths = self.batch, self.model.widths
+        B, widths = self.batch, self.widths
         L = len(widths) - 1
         i32, i64 = np.int32, np.int64
         launches = 0
@@ -230,9 +235,9 @@ class GraphTrainer:
         import cupy
 
         opt = self.optimizer
-        hyper = [opt.lr, getattr(opt, "momentum", 0.0), opt.weight_decay,
-                 getattr(opt, "beta1", 0.0), getattr(opt, "beta2", 0.0), getattr(opt, "eps", 0.0),
-                 float(getattr(opt, "nesterov", False))]
+        h = opt.hyperparameters()
+        hyper = [h["lr"], h.get("momentum", 0.0), h["weight_decay"], h.get("beta1", 0.0), h.get("beta2", 0.0),
+                 h.get("eps", 0.0), float(h.get("nesterov", False))]
         self.hyper.set(np.asarray(hyper, dtype=np.float64))
         if order is None:
             self.perm[...] = cupy.arange(self.n, dtype=cupy.int64)

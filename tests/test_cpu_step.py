@@ -1,0 +1,230 @@
+"""The buffered NumPy training step (``xpnet.kernels.cpu_step``) against the reference step,
+its batch gather, what it covers, and the optimizers' fused updates it trains with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xpnet.functional as F
+from xpnet import kernels
+
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def _assert_close(got, want, rtol, scale=None):
+    """``|got - want| <= rtol * scale + tiny`` elementwise (``scale`` defaults to ``|want|``)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert not np.isnan(got).any(), "NaN in the result: an element was not written"
+    scale = np.abs(want) if scale is None else scale
+    tiny = np.finfo(want.dtype).tiny
+    bad = np.abs(got.astype(np.float64) - want) > rtol * scale + tiny
+    assert not bad.any(), f"{bad.sum()} of {bad.size} differ; first at {np.argwhere(bad)[0]}"
+
+
+def _skip_without_numba():
+    reason = kernels.kernel_module("numba").unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+def _reference_step(model, xb, yb, monkeypatch):
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    logits = model.forward(xb, training=True)
+    loss, dlogits = F.softmax_cross_entropy(logits, yb)
+    model.backward(dlogits)
+    correct = int(np.sum(np.argmax(logits, axis=1) == yb))
+    grads = [np.array(g) for g in model.gradients()]
+    monkeypatch.delenv("XPNET_KERNELS")
+    return float(loss) * yb.shape[0], correct, grads
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cpu_fast_step_equals_the_reference_step(dtype, rng, monkeypatch):
+    import xpnet
+    from xpnet.training import training_step_for
+
+    if kernels.kernel_module("numba").unavailable():
+        pytest.skip(kernels.kernel_module("numba").unavailable())
+    model = xpnet.MLP([13, 17, 9, 5], dtype=dtype, seed=3)
+    xb = rng.standard_normal((23, 13)).astype(dtype)
+    yb = rng.integers(0, 5, 23)
+    want_loss, want_correct, want_grads = _reference_step(model, xb, yb, monkeypatch)
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    step = training_step_for(model.layers, 32)
+    assert step is not None
+    for layer in model.layers:  # poison: the fast step must write every gradient element
+        layer.dW = layer.db = None
+    for buffer in step.dW + step.db:
+        buffer.fill(np.nan)
+    loss, correct = step(xb, yb)
+    rtol = RTOL[np.dtype(dtype).type]
+    assert correct == want_correct
+    assert abs(loss - want_loss) <= rtol * abs(want_loss)
+    got = model.gradients()
+    assert all(g is b for g, b in zip(got, [a for pair in zip(step.dW, step.db) for a in pair]))
+    assert len(step.gradients()) == len(got) and all(g is b for g, b in zip(got, step.gradients()))
+    # norm-wise: the fast step sums db in another order than NumPy's pairwise sum, so an entry
+    # that cancels to near 0 can differ relative to itself, never relative to the gradient
+    for g, w in zip(got, want_grads):
+        _assert_close(g, w, rtol, scale=np.max(np.abs(w)))
+
+
+OPTIMIZER_SETTINGS = [
+    ("sgd", {}),
+    ("sgd", {"momentum": 0.9}),
+    ("sgd", {"momentum": 0.8, "nesterov": True}),
+    ("adam", {"lr": 0.01}),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name, settings_", OPTIMIZER_SETTINGS)
+def test_fused_update_equals_the_reference_update_bit_for_bit(name, settings_, dtype, rng, monkeypatch):
+    """An optimizer's Numba update on NumPy arrays is its ``xp`` formula, rounded the same way."""
+    from xpnet.optim import make_optimizer
+
+    _skip_without_numba()
+    want_opt, got_opt = make_optimizer(name, **settings_), make_optimizer(name, **settings_)
+    got = [rng.standard_normal(s).astype(dtype) for s in [(13, 17), (17,), (17, 5), (5,)]]
+    want = [p.copy() for p in got]
+    calls = []
+    loops = got_opt._loops_for(got, [np.empty_like(p) for p in got])
+    assert loops is not None  # the fused path really runs
+    for _ in range(3):  # state (velocity, moments, t) carries over between steps
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in want]
+        monkeypatch.setenv("XPNET_KERNELS", "xp")
+        want_opt.step(want, [g.copy() for g in grads])
+        monkeypatch.delenv("XPNET_KERNELS")
+        got_opt.step(got, grads)
+        calls.append(got_opt._loops_for(got, grads) is not None)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w)
+    assert all(calls)
+    for sg, sw in zip(got_opt.state, want_opt.state):
+        assert sg.keys() == sw.keys()
+        assert all(np.array_equal(sg[k], sw[k]) for k in sg)
+
+
+def test_fused_update_steps_aside_where_it_does_not_apply(rng, monkeypatch):
+    from xpnet.optim import SGD
+
+    _skip_without_numba()
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    params = [np.ones((3, 4)), np.ones(4)]
+    grads = [rng.standard_normal(p.shape) for p in params]
+    assert SGD(0.1)._loops_for(params, grads) is not None
+
+    class MySGD(SGD):  # a new formula without a new kernel: the formula runs
+        def _update(self, p, g, state):
+            p -= 2 * self.lr * g
+
+    mine = MySGD(0.1)
+    assert mine._loops_for(params, grads) is None
+    mine.step(params, grads)
+    np.testing.assert_array_equal(params[0], 1 - 2 * (0.1 * grads[0]))
+    # a strided parameter, mixed dtypes, or XPNET_KERNELS=xp: the reference, with the same result
+    strided = np.ones((3, 4))[:, ::2]
+    g = rng.standard_normal((3, 2))
+    assert SGD(0.1)._loops_for([strided], [g]) is None
+    SGD(0.1).step([strided], [g])
+    np.testing.assert_array_equal(strided, 1 - 0.1 * g)
+    assert SGD(0.1)._loops_for([np.ones(3, np.float32)], [np.ones(3)]) is None
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    assert SGD(0.1)._loops_for(params, grads) is None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 32])
+def test_cpu_take_batch_equals_np_take(n, dtype, rng):
+    import xpnet
+    from xpnet.training import training_step_for
+
+    _skip_without_numba()
+    X = rng.standard_normal((50, 13)).astype(dtype)
+    y = rng.integers(0, 2, 50)
+    step = training_step_for(xpnet.MLP([13, 4, 2], dtype=dtype, seed=0).layers, 32)
+    idx = rng.integers(-3, 53, n)  # out-of-range indices clip, as np.take(mode="clip")
+    step._x.fill(np.nan)
+    step._y.fill(-1)
+    xb, yb = step.take_batch(X, y, idx)
+    assert xb.shape == (n, 13) and yb.shape == (n,)
+    np.testing.assert_array_equal(xb, np.take(X, idx, axis=0, mode="clip"))
+    np.testing.assert_array_equal(yb, np.take(y, idx, mode="clip"))
+    xb, yb = step.take_batch(np.asfortranarray(X), y[::-1], idx)  # the np.take fallback
+    np.testing.assert_array_equal(xb, np.take(X, idx, axis=0, mode="clip"))
+    np.testing.assert_array_equal(yb, np.take(y[::-1], idx, mode="clip"))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cpu_take_batch_scales_every_byte_as_scale_pixels(dtype, rng):
+    import xpnet
+    from xpnet.training import training_step_for
+
+    _skip_without_numba()
+    X = rng.permutation(np.arange(256 * 7) % 256).astype(np.uint8).reshape(256, 7)  # each byte 7x
+    y = rng.integers(0, 2, 256)
+    step = training_step_for(xpnet.MLP([7, 4, 2], dtype=dtype, seed=0).layers, 256)
+    assert step.takes_pixels
+    idx = rng.permutation(256)
+    step._x.fill(np.nan)
+    xb, yb = step.take_batch(X, y, idx)
+    want = F.scale_pixels(X[idx], np.dtype(dtype))
+    assert xb.dtype == want.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(xb, want)  # bit for bit, all 256 values
+    np.testing.assert_array_equal(yb, y[idx])
+    xb, _ = step.take_batch(X[:, ::-1], y, idx[:5])  # a strided uint8 array: the np.take fallback
+    np.testing.assert_array_equal(xb, F.scale_pixels(X[idx[:5], ::-1], np.dtype(dtype)))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fit_on_uint8_pixels_equals_fit_on_scaled_floats(shuffle, rng):
+    """fit keeps uint8 data as uint8 on the fast CPU path and scales each batch: the same
+    training, bit for bit, as on the floats ``X / 255`` (validation split included)."""
+    import xpnet
+
+    _skip_without_numba()
+    X = rng.integers(0, 256, (300, 12)).astype(np.uint8)
+    y = rng.integers(0, 3, 300)
+    runs = []
+    for data in (X, X.astype(np.float32) / np.float32(255)):
+        model = xpnet.MLP([12, 8, 3], seed=5)
+        history = model.fit(
+            data, y, epochs=2, batch_size=32, lr=0.1, validation_split=0.2, shuffle=shuffle, verbose=0
+        )
+        runs.append((model, history))
+    (a, ha), (b, hb) = runs
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(pa, pb)
+    assert ha.history.keys() == hb.history.keys()
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert ha.history[key] == hb.history[key]
+
+
+def test_cpu_fast_step_steps_aside_where_it_does_not_apply(monkeypatch):
+    """The step covers exactly ReLU MLPs of ``Dense`` layers: a subclass of Dense (which may
+    compute something else), a layer it has never seen, tanh, or XPNET_KERNELS=xp get None."""
+    import xpnet
+    from xpnet.layers import Dense, Dropout, Flatten
+    from xpnet.training import training_step_for
+
+    _skip_without_numba()
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    assert training_step_for(xpnet.MLP([4, 3, 2], seed=0).layers, 8) is not None
+    assert training_step_for(xpnet.MLP([4, 3, 2], activation="tanh", seed=0).layers, 8) is None
+
+    class ScaledDense(Dense):
+        def forward(self, x, *, training=False):
+            return 2 * super().forward(x, training=training)
+
+    for layers in ([ScaledDense(3, activation="relu"), Dense(2)], [Dense(3, activation="relu"), Dropout(0.5), Dense(2)],
+                   [Flatten(), Dense(3, activation="relu"), Dense(2)]):
+        model = xpnet.Sequential(layers, input_shape=(4,), seed=0)
+        assert training_step_for(model.layers, 8) is None
+        X, y = np.random.default_rng(0).standard_normal((20, 4)), np.arange(20) % 2
+        model.fit(X, y, epochs=1, batch_size=8, verbose=0)  # the reference step trains it
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    assert training_step_for(xpnet.MLP([4, 3, 2], seed=0).layers, 8) is None
+
+
