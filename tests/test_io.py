@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,87 @@ def test_save_to_a_folder_or_missing_folder_is_a_clear_error(tmp_path, trained):
         model.save(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         model.save(tmp_path / "nope" / "m.safetensors")
+
+
+# --- the file format: pinned, and read back from earlier releases ---------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_model_file_from_xpnet_0_1_still_loads_with_the_same_predictions():
+    expected = json.loads((FIXTURES / "mlp-0.1.0.json").read_text())
+    model = xpnet.load(FIXTURES / "mlp-0.1.0.safetensors")
+    assert type(model) is xpnet.MLP and model.widths == [12, 7, 5, 3] and model.activation == "tanh"
+    np.testing.assert_allclose(model.predict_proba(np.array(expected["X"])), expected["proba"], rtol=1e-6)
+
+
+def test_the_on_disk_layout_is_pinned(tmp_path):
+    """What other tools and later releases read: change it only with a new format version."""
+    from xpnet.layers import Conv2D, Dense, Flatten, MaxPool2D
+
+    model = xpnet.Sequential([Conv2D(2, 3, activation="relu"), MaxPool2D(2), Flatten(), Dense(3)],
+                             input_shape=(6, 6, 1), dtype="float32", seed=0)
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__")
+    assert meta["format"] == "xpnet.model" and meta["format_version"] == "2"
+    assert json.loads(meta["config"]) == {
+        "class": "Sequential", "input_shape": [6, 6, 1], "dtype": "float32", "seed": 0,
+        "layers": [
+            {"type": "Conv2D", "filters": 2, "kernel_size": [3, 3], "strides": [1, 1], "padding": "valid",
+             "activation": "relu", "init": "he"},
+            {"type": "MaxPool2D", "pool_size": [2, 2], "strides": [2, 2]},
+            {"type": "Flatten"},
+            {"type": "Dense", "units": 3, "activation": None, "init": "he"},
+        ],
+    }
+    assert {k: (v["dtype"], v["shape"]) for k, v in header.items()} == {
+        "layers.0.W": ("F32", [3, 3, 1, 2]), "layers.0.b": ("F32", [2]),
+        "layers.3.W": ("F32", [8, 3]), "layers.3.b": ("F32", [3]),
+    }
+    start = 8 + n + header["layers.0.W"]["data_offsets"][0]
+    np.testing.assert_array_equal(np.frombuffer(data[start : start + 72], "<f4").reshape(3, 3, 1, 2),
+                                  model.get_weights()[0])
+    mlp = xpnet.MLP([4, 3], seed=0)
+    mlp.save(path)
+    config = json.loads(json.loads(path.read_bytes()[8:][: int.from_bytes(path.read_bytes()[:8], "little")])
+                        ["__metadata__"]["config"])
+    assert config == {"class": "MLP", "layers": [4, 3], "activation": "relu", "init": "he", "dtype": "float32", "seed": 0}
+
+
+def _write_raw(path, tensors, config, fmt="xpnet.model", version="2"):
+    from safetensors.numpy import save_file
+
+    metadata = {"format": fmt, "format_version": version, "xpnet_version": "0", "config": json.dumps(config)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_unknown_layer_types_wrong_dtypes_and_special_files_are_refused(tmp_path):
+    config = {"class": "Sequential", "input_shape": [4], "dtype": "float32", "seed": 0,
+              "layers": [{"type": "Teleport", "units": 3}]}
+    _write_raw(tmp_path / "a", {"layers.0.W": np.ones((4, 3), np.float32)}, config)
+    with pytest.raises(ValueError, match="unknown type 'Teleport'"):
+        xpnet.load(tmp_path / "a")
+    config["layers"] = [{"type": "Dense", "units": 3, "activation": None, "init": "he"}]
+    _write_raw(tmp_path / "b", {"layers.0.W": np.ones((4, 3), np.float64), "layers.0.b": np.ones(3, np.float64)}, config)
+    with pytest.raises(ValueError, match="float64, the model is float32"):
+        xpnet.load(tmp_path / "b")
+    _write_raw(tmp_path / "c", {"layers.0.W": np.ones((4, 3), np.int32), "layers.0.b": np.ones(3, np.int32)}, config)
+    with pytest.raises(ValueError, match="dtype 'I32'"):
+        xpnet.load(tmp_path / "c")
+    with pytest.raises(ValueError, match="not a regular file"):
+        xpnet.load(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):  # never opened: no hang
+        xpnet.load(fifo)
+    deep = tmp_path / "deep"
+    header = b"[" * 100_000 + b"]" * 100_000
+    deep.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="not a readable xpnet model file"):
+        xpnet.load(deep)
+    with pytest.raises(FileNotFoundError):
+        xpnet.load(tmp_path / "missing")
