@@ -1,6 +1,7 @@
 """The ``xpnet`` command: train and evaluate on MNIST, list runs, draw digits.
 
     xpnet train                       # seed 002's 784-50-25-10, batch 128, 10 epochs, SGD lr 0.1
+    xpnet train --arch lenet5         # the LeNet-5 of seed 001's write-up, with its recipe
     xpnet train --layers 784,256,128,10 --optimizer adam --lr 1e-3 --out runs/big
     xpnet evaluate runs/big/model.safetensors
     xpnet runs [DIR] | xpnet runs compare A B
@@ -28,27 +29,32 @@ def _layers(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="xpnet", description="A small, fast MLP library on NumPy or CuPy.")
+    from .recipes import ARCHS, RECIPES
+
+    parser = argparse.ArgumentParser(prog="xpnet", description="A small, fast neural-network library on NumPy or CuPy.")
     parser.add_argument("--version", action="version", version=f"xpnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train an MLP on MNIST and evaluate it on the test set")
+    recipes = "; ".join(f"{a}: " + ", ".join(f"{k} {v}" for k, v in r.items()) for a, r in RECIPES.items())
+    train = sub.add_parser("train", help="train a model on MNIST and evaluate it on the test set",
+                           description=f"Unset options take the architecture's recipe ({recipes}).")
+    train.add_argument("--arch", default="mlp", choices=ARCHS, help="mlp (widths from --layers) or lenet5 (default: mlp)")
     train.add_argument("--backend", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    train.add_argument("--layers", type=_layers, default=[784, 50, 25, 10], help="widths, e.g. 784,50,25,10")
+    train.add_argument("--layers", type=_layers, default=None, help="MLP widths (default 784,50,25,10)")
     train.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"])
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    train.add_argument("--lr", type=float, default=None, help="default: 0.1 for sgd, 1e-3 for adam")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"])
+    train.add_argument("--lr", type=float, default=None, help="default: the recipe's, else 0.1 for sgd, 1e-3 for adam(w)")
     train.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0: plain SGD)")
     train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    train.add_argument("--weight-decay", type=float, default=None, help="default: 0 (0.01 for adamw)")
+    train.add_argument("--schedule", default=None, choices=["constant", "cosine"])
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data", default=None, help="folder holding mnist/ (default: $XPNET_DATA, then the cache)")
     train.add_argument("--out", default=None, help="run folder for the model, config, metrics and plots "
-                       "(default: runs/mlp-<time>)")
+                       "(default: runs/<arch>-<time>)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on MNIST")
@@ -73,29 +79,38 @@ def _mnist_root(data):
     return None if data is None else Path(data) / "mnist"
 
 
+def _settings(args) -> dict:
+    """The fit settings: each option given, else the architecture's recipe."""
+    from .recipes import RECIPES
+
+    recipe = dict(RECIPES[args.arch])
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
+             "schedule": args.schedule}
+    if args.optimizer is not None and args.optimizer != recipe["optimizer"] and args.lr is None:
+        recipe["lr"] = 0.1 if args.optimizer == "sgd" else 1e-3  # the recipe's rate belongs to its optimizer
+    return {**recipe, **{k: v for k, v in given.items() if v is not None}}
+
+
 def cmd_train(args) -> int:
-    from . import MLP
     from .datasets import dataset_hashes, load_mnist
+    from .recipes import build
     from .runs import RunRecorder
 
-    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("mlp-%Y%m%d-%H%M%S")
+    settings = _settings(args)
+    model = build(args.arch, layers=args.layers, activation=args.activation, dtype=args.dtype, seed=args.seed,
+                  backend=args.backend)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{args.arch}-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     X_train, y_train = load_mnist("train", root=_mnist_root(args.data))
     X_test, y_test = load_mnist("test", root=_mnist_root(args.data))
-    model = MLP(args.layers, activation=args.activation, dtype=args.dtype, seed=args.seed, backend=args.backend)
     print(f"{model}: {model.count_params():,} parameters", file=sys.stderr)
     history = model.fit(
         X_train,
         y_train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=lr,
+        **settings,
         momentum=args.momentum,
         nesterov=args.nesterov,
         weight_decay=args.weight_decay,
-        schedule=args.schedule,
         validation_data=(X_test, y_test),  # reported each epoch as val_*; no model selection uses it
         verbose=0 if args.quiet else 1,
         callbacks=[

@@ -231,7 +231,7 @@ def read_run(run_dir) -> dict:
         "metrics": metrics,
         "summary": summary,
         "started": config.get("started", ""),
-        "layers": "-".join(map(str, config.get("model", {}).get("layers", []))),
+        "layers": _architecture(config.get("model", {})),
         "optimizer": str(fit.get("optimizer", "?")).split("(")[0],
         "lr": fit.get("lr"),
         "batch_size": fit.get("batch_size"),
@@ -394,6 +394,19 @@ def _flatten(d: dict, prefix="") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _architecture(model_config: dict) -> str:
+    """A short name for a model's layers: MLP widths ``784-50-25-10``, else the layer types
+    (``Conv2D6-AvgPool2D-...-Dense10``)."""
+    parts = []
+    for layer in model_config.get("layers", []):
+        if isinstance(layer, dict):
+            size = layer.get("units", layer.get("filters", ""))
+            parts.append(f"{layer.get('type', '?')}{size}")
+        else:
+            parts.append(str(layer))
+    return "-".join(parts)
 
 
 def _num(v) -> str:

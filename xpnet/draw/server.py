@@ -29,7 +29,7 @@ import numpy as np
 
 from .preprocess import preprocess, validate_image
 
-__all__ = ["DrawServer", "BadRequest", "parse_predict_body", "predict_drawing", "quick_model", "train_quick_model", "cli_draw"]
+__all__ = ["DrawServer", "check_servable", "BadRequest", "parse_predict_body", "predict_drawing", "quick_model", "train_quick_model", "cli_draw"]
 
 #: A 512x512 drawing written as JSON ("255, " per pixel) is about 1.3 MB; leave room for spaces.
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -101,13 +101,24 @@ def predict_drawing(model, image) -> dict:
     return {"digit": int(np.argmax(proba)), "probabilities": [float(p) for p in proba]}
 
 
+def check_servable(model) -> None:
+    """Refuse, at start, a model the page cannot use: it must read one 28x28 image (784 values:
+    an MLP's ``(784,)`` rows or a CNN's ``(28, 28, 1)`` images) and give 10 class probabilities."""
+    n_features, n_classes = getattr(model, "n_features", 784), getattr(model, "n_classes", 10)
+    if (n_features, n_classes) != (784, 10):
+        raise ValueError(
+            f"this model takes {n_features} values and gives {n_classes} classes; the drawing page needs a "
+            "model of 28x28 digit images (784 values) and 10 classes"
+        )
+
+
 class DrawServer(ThreadingHTTPServer):
     """Serves the drawing page and ``/predict`` for one model.
 
     Parameters
     ----------
     model : object with ``predict_proba((N, 28, 28) uint8) -> (N, 10)``
-        Usually an ``xpnet.MLP``; calls to it are serialized by a lock.
+        Any xpnet model of 28x28 digits (an MLP, a CNN); calls to it are serialized by a lock.
     host : str
         Address to listen on; 127.0.0.1 keeps it to this machine.
     port : int
@@ -121,6 +132,7 @@ class DrawServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, model, host="127.0.0.1", port=8000, *, max_body_bytes=MAX_BODY_BYTES, quiet=True):
+        check_servable(model)
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.model = model
