@@ -15,6 +15,7 @@ import types
 import numpy as np
 
 __all__ = [
+    "array_library",
     "Backend",
     "BackendError",
     "get_backend",
@@ -22,6 +23,13 @@ __all__ = [
     "use_backend",
     "current_backend",
 ]
+
+
+def array_library(x) -> str:
+    """The library an array comes from, by its type: ``"numpy"``, ``"cupy"``,
+    ``"array_api_strict"``, ... (the one place xpnet sniffs array types; CuPy arrays have no
+    ``__array_namespace__`` to ask)."""
+    return type(x).__module__.split(".")[0]
 
 
 class BackendError(RuntimeError):
@@ -110,15 +118,15 @@ def _compat_of(xp):
 
 def _foreign_backend_name(x, backend: Backend) -> str | None:
     """The name of the backend ``x`` belongs to if it is a device array not of ``backend``."""
-    module = type(x).__module__
+    module = array_library(x)
     if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
         return None
-    if module.startswith("cupy"):
+    if module == "cupy":
         return None if backend.name == "cuda" else "cuda"
     if backend.owns(x):
         return None
     if hasattr(x, "__array_namespace__"):
-        return module.split(".")[0]
+        return module
     return None
 
 

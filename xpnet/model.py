@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from . import functional as F
-from .backend import get_backend
+from .backend import array_library, get_backend
 from .layers import INITS, LAYERS, Dense, Layer, check_activation
 
 __all__ = ["Sequential", "MLP", "load", "MODELS"]
@@ -273,7 +273,7 @@ class Sequential:
         """A NumPy view of host data; an array of another backend is refused, never copied."""
         if isinstance(data, np.ndarray):
             return data
-        if type(data).__module__.startswith("cupy"):  # CuPy arrays lack __array_namespace__
+        if array_library(data) == "cupy":
             if self.backend.name == "cuda":
                 return data.get()
             raise TypeError(
@@ -283,9 +283,8 @@ class Sequential:
         if hasattr(data, "__array_namespace__"):
             if self.backend.owns(data):
                 return np.asarray(self.backend.to_numpy(data))
-            module = type(data).__module__.split(".")[0]
             raise TypeError(
-                f"{name} is a {module} array but this model runs on the {self.backend.name!r} backend; "
+                f"{name} is a {array_library(data)} array but this model runs on the {self.backend.name!r} backend; "
                 "pass a NumPy array, or build the model with the matching backend"
             )
         try:

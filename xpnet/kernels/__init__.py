@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 import os
 
+from ..backend import array_library
+
 IMPLS = ("auto", "xp", "numba", "cuda")
 OPS = ("relu_backward", "bias_relu", "softmax", "softmax_cross_entropy")
 
@@ -27,12 +29,12 @@ _modules: dict[str, object] = {}
 
 def namespace_of(x):
     """The array API namespace of ``x`` (NumPy itself for ndarrays: NumPy >= 2.1 is compliant)."""
-    module = type(x).__module__
-    if module == "numpy":
+    library = array_library(x)
+    if library == "numpy":
         import numpy
 
         return numpy
-    if module.startswith("cupy"):
+    if library == "cupy":
         import array_api_compat.cupy
 
         return array_api_compat.cupy
@@ -43,12 +45,7 @@ def namespace_of(x):
 
 def _native_impl(x) -> str | None:
     """The kernel family that can run on ``x``'s kind of array, if any."""
-    module = type(x).__module__
-    if module == "numpy":
-        return "numba"
-    if module.startswith("cupy"):
-        return "cuda"
-    return None
+    return {"numpy": "numba", "cupy": "cuda"}.get(array_library(x))
 
 
 def kernel_module(impl: str):
