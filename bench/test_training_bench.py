@@ -101,7 +101,6 @@ def _xpnet_step_fn(model, X, y):
     opt = make_optimizer("sgd", lr=LR)
     params = model.parameters()
     train_step = _training_step(model, BATCH)  # the Numba step where it applies, else the reference
-    update = train_step.update_for(opt)  # opt.step, or the fast step's fused version of it
     order = np.random.default_rng(0).permutation(X.shape[0])
     position = [0]
 
@@ -109,7 +108,7 @@ def _xpnet_step_fn(model, X, y):
         lo = position[0]
         position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
         train_step(*train_step.take_batch(X, y, order[lo : lo + BATCH]))
-        update(params, train_step.gradients())
+        opt.step(params, train_step.gradients())  # its fused update on NumPy
 
     return step
 
