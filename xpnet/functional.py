@@ -352,7 +352,9 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid", impl="auto"):
     Returns (N, OH, OW, F), computed as one matrix product of the im2col matrix and the kernel.
     """
     strides, rows, cols = _conv_geometry(x, kernel, strides, padding)
-    _no_kernel(impl, x)
+    kernel_fn = kernels.select("conv2d", impl, *((x, kernel) if bias is None else (x, kernel, bias)))
+    if kernel_fn is not None:
+        return kernel_fn(x, kernel, bias, strides=strides, padding=padding)
     xp = _namespace(x)
     kh, kw, c, f = kernel.shape
     y = _columns(x, kernel, strides, rows, cols) @ xp.reshape(kernel, (kh * kw * c, f))
@@ -369,7 +371,9 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
     ``need_dx`` is false (a first layer needs no input gradient).
     """
     strides, rows, cols = _conv_geometry(x, kernel, strides, padding)
-    _no_kernel(impl, x)
+    kernel_fn = kernels.select("conv2d_backward", impl, dy, x, kernel)
+    if kernel_fn is not None:
+        return kernel_fn(dy, x, kernel, strides=strides, padding=padding, need_dx=need_dx)
     xp = _namespace(x)
     kh, kw, c, f = kernel.shape
     n, oh, ow = x.shape[0], rows[0], cols[0]
@@ -410,7 +414,9 @@ def max_pool2d(x, /, *, pool_size=2, strides=None, impl="auto"):
     """Maximum over each ``pool_size`` window (stride ``strides``, default ``pool_size``; no
     padding) of (N, H, W, C) images; NaN propagates."""
     window, strides, out = _pool_geometry(x, pool_size, strides)
-    _no_kernel(impl, x)
+    kernel = kernels.select("max_pool2d", impl, x)
+    if kernel is not None:
+        return kernel(x, pool_size=window, strides=strides)
     xp = _namespace(x)
     windows = _windows(x, window, strides, out)
     y = windows[0]
@@ -424,7 +430,9 @@ def max_pool2d_backward(dy, x, y, /, *, pool_size=2, strides=None, impl="auto"):
     goes to the first of its maxima in row-major order (as PyTorch's kernels pick them);
     windows that overlap add up."""
     window, strides, out = _pool_geometry(x, pool_size, strides)
-    _no_kernel(impl, x)
+    kernel = kernels.select("max_pool2d_backward", impl, dy, x, y)
+    if kernel is not None:
+        return kernel(dy, x, y, pool_size=window, strides=strides)
     xp = _namespace(x)
     if tuple(dy.shape) != tuple(y.shape):
         raise ValueError(f"dy {tuple(dy.shape)} and y {tuple(y.shape)} must have the same shape")
@@ -444,7 +452,9 @@ def avg_pool2d(x, /, *, pool_size=2, strides=None, impl="auto"):
     """Mean over each ``pool_size`` window (stride ``strides``, default ``pool_size``; no
     padding) of (N, H, W, C) images."""
     window, strides, out = _pool_geometry(x, pool_size, strides)
-    _no_kernel(impl, x)
+    kernel = kernels.select("avg_pool2d", impl, x)
+    if kernel is not None:
+        return kernel(x, pool_size=window, strides=strides)
     windows = _windows(x, window, strides, out)
     total = windows[0]
     for part in windows[1:]:
@@ -456,7 +466,9 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None, impl="auto"):
     """Gradient of ``avg_pool2d`` given its input ``x``: each window's ``dy`` spread evenly
     over its pixels; pixels no window reads get 0."""
     window, strides, out = _pool_geometry(x, pool_size, strides)
-    _no_kernel(impl, x)
+    kernel = kernels.select("avg_pool2d_backward", impl, dy, x)
+    if kernel is not None:
+        return kernel(dy, x, pool_size=window, strides=strides)
     xp = _namespace(x)
     share = dy / (window[0] * window[1])
     dx = xp.zeros_like(x)

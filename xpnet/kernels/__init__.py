@@ -21,7 +21,17 @@ import os
 from ..backend import array_library
 
 IMPLS = ("auto", "xp", "numba", "cuda")
-OPS = ("relu_backward", "bias_relu", "softmax", "softmax_cross_entropy")
+#: The ops each kernel family implements. Not every family has every op: one its family lacks
+#: runs the reference under ``"auto"`` and is an error when forced.
+OPS_OF_IMPL = {
+    "numba": (
+        "relu_backward", "bias_relu", "softmax", "softmax_cross_entropy",
+        "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+    ),
+    "cuda": ("relu_backward", "bias_relu", "softmax", "softmax_cross_entropy"),
+}
+#: The ops every kernel family implements (the signature-parity tests walk each family's list).
+OPS = tuple(op for op in OPS_OF_IMPL["numba"] if all(op in ops for ops in OPS_OF_IMPL.values()))
 
 _MODULE_OF_IMPL = {"numba": "numba_cpu", "cuda": "cuda"}
 _modules: dict[str, object] = {}
@@ -80,7 +90,7 @@ def select(op: str | None, impl: str, *arrays):
         return None
     if impl == "auto":
         native = _native_impl(arrays[0])
-        if native is None or op is None or op not in OPS:
+        if native is None or op is None or op not in OPS_OF_IMPL[native]:
             return None
         module = kernel_module(native)
         if module.unavailable() or module.unsupported(op, *arrays):
@@ -91,8 +101,9 @@ def select(op: str | None, impl: str, *arrays):
     reason = module.unavailable()
     if reason:
         raise RuntimeError(f"impl={impl!r} is not available: {reason}")
-    if op is None or op not in OPS:
-        raise ValueError(f"impl={impl!r} has no kernel for this call; use impl='auto' or 'xp'")
+    if op is None or op not in OPS_OF_IMPL[impl]:
+        what = "this call" if op is None else op
+        raise ValueError(f"impl={impl!r} has no kernel for {what}; use impl='auto' or 'xp'")
     reason = module.unsupported(op, *arrays)
     if reason:
         raise ValueError(f"impl={impl!r} cannot run {op}: {reason}")

@@ -694,3 +694,191 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
         vk += one_minus_beta2 * (gk * gk)
         vf[k] = vk
         pf[k] -= step * mk / (np.sqrt(vk / bias2) + eps)
+
+
+# --- convolution and pooling: channels-last images (N, H, W, C), C-contiguous ------------------
+# Compiled exactly (``_EXACT``): these loops copy, compare and add in the reference's order, so
+# pooling is bit for bit ``xpnet.functional``'s and im2col/col2im feed BLAS the same matrices.
+# Each driver loops over the images serially: on 2 cores numba's threads would compete with
+# OpenBLAS's for the same cores, and every loop here moves only a few MB (see ``numba_cpu``).
+
+
+@njit(**_EXACT)
+def _im2col_image(x, kh, kw, sh, sw, top, left, oh, ow, cols):
+    """The im2col rows of one image ``x`` (H, W, C): row ``p * ow + q`` holds the window at
+    output (p, q), pixel by pixel in (i, j) row-major order, each pixel's C channels; padding
+    reads as zeros. ``cols`` may have one column more than ``kh * kw * C``: it gets 1 (a bias
+    column). Filled one output row and one window offset at a time, so the inner loop runs
+    along a row of pixels (faster than window by window at C = 6: 0.5 against 0.8 ms for
+    LeNet's second layer)."""
+    h, w, c = x.shape
+    zero, one = cols.dtype.type(0), cols.dtype.type(1)
+    width = kh * kw * c
+    for p in range(oh):
+        out = cols[p * ow : (p + 1) * ow]
+        for i in range(kh):
+            r = p * sh + i - top
+            for j in range(kw):
+                base = (i * kw + j) * c
+                if r < 0 or r >= h:
+                    for q in range(ow):
+                        for ch in range(c):
+                            out[q, base + ch] = zero
+                    continue
+                src = x[r]
+                for q in range(ow):
+                    s = q * sw + j - left
+                    if 0 <= s < w:
+                        for ch in range(c):
+                            out[q, base + ch] = src[s, ch]
+                    else:
+                        for ch in range(c):
+                            out[q, base + ch] = zero
+        if cols.shape[1] > width:
+            for q in range(ow):
+                out[q, width] = one
+
+
+@njit(**_EXACT)
+def im2col(x, kh, kw, sh, sw, top, left, oh, ow, cols):
+    """im2col of images ``x`` (N, H, W, C) into ``cols`` (N * oh * ow, kh * kw * C [+ 1])."""
+    per_image = oh * ow
+    for b in range(x.shape[0]):
+        _im2col_image(x[b], kh, kw, sh, sw, top, left, oh, ow, cols[b * per_image : (b + 1) * per_image])
+
+
+@njit(**_EXACT)
+def _col2im_image(dcols, kh, kw, sh, sw, top, left, oh, ow, dx):
+    """``dx`` (H, W, C) = the adjoint of ``_im2col_image``: each column block (i, j) of
+    ``dcols`` added onto the pixels it was read from, padding dropped. Blocks are added in
+    (i, j) order, every window for each, as ``functional._scatter_windows`` does, so every
+    pixel sums its terms in the reference's order."""
+    h, w, c = dx.shape
+    pixels = dx.reshape(h, w * c)
+    flat = dx.reshape(-1)
+    for k in range(flat.shape[0]):
+        flat[k] = 0
+    for i in range(kh):
+        for j in range(kw):
+            base = (i * kw + j) * c
+            for p in range(oh):
+                r = p * sh + i - top
+                if r < 0 or r >= h:
+                    continue
+                target = pixels[r]
+                for q in range(ow):
+                    s = q * sw + j - left
+                    if s < 0 or s >= w:
+                        continue
+                    row = dcols[p * ow + q]
+                    for ch in range(c):
+                        target[s * c + ch] += row[base + ch]
+
+
+@njit(**_EXACT)
+def col2im(dcols, kh, kw, sh, sw, top, left, oh, ow, dx):
+    """col2im of ``dcols`` (N * oh * ow, kh * kw * C) onto ``dx`` (N, H, W, C), overwritten."""
+    per_image = oh * ow
+    for b in range(dx.shape[0]):
+        _col2im_image(dcols[b * per_image : (b + 1) * per_image], kh, kw, sh, sw, top, left, oh, ow, dx[b])
+
+
+@njit(**_EXACT)
+def max_pool(x, kh, kw, sh, sw, y):
+    """``y[n, p, q] = max`` over the window at (p, q) of ``x`` (N, H, W, C), taken as
+    ``np.maximum`` of the window's pixels in row-major order: a NaN anywhere gives NaN."""
+    for b in range(x.shape[0]):
+        xb, yb = x[b], y[b]
+        for p in range(y.shape[1]):
+            for q in range(y.shape[2]):
+                out = yb[p, q]
+                first = xb[p * sh, q * sw]
+                for ch in range(out.shape[0]):
+                    out[ch] = first[ch]
+                for i in range(kh):
+                    for j in range(kw):
+                        if i == 0 and j == 0:
+                            continue
+                        pixel = xb[p * sh + i, q * sw + j]
+                        for ch in range(out.shape[0]):
+                            m, v = out[ch], pixel[ch]
+                            out[ch] = v if (v > m or v != v) and m == m else m
+
+
+@njit(**_EXACT)
+def avg_pool(x, kh, kw, sh, sw, y):
+    """``y[n, p, q] = (sum of the window's pixels, row-major) / (kh * kw)``, as the reference."""
+    size = y.dtype.type(kh * kw)
+    for b in range(x.shape[0]):
+        xb, yb = x[b], y[b]
+        for p in range(y.shape[1]):
+            for q in range(y.shape[2]):
+                out = yb[p, q]
+                first = xb[p * sh, q * sw]
+                for ch in range(out.shape[0]):
+                    out[ch] = first[ch]
+                for i in range(kh):
+                    for j in range(kw):
+                        if i == 0 and j == 0:
+                            continue
+                        pixel = xb[p * sh + i, q * sw + j]
+                        for ch in range(out.shape[0]):
+                            out[ch] += pixel[ch]
+                for ch in range(out.shape[0]):
+                    out[ch] = out[ch] / size
+
+
+@njit(**_EXACT)
+def max_pool_backward(dy, x, y, kh, kw, sh, sw, dx):
+    """``dx`` (zeroed here) gets each window's ``dy`` at the first pixel, in row-major window
+    order, equal to ``y`` (none if ``y`` is NaN); overlapping windows add, in the reference's
+    order (window offset by window offset)."""
+    oh, ow, c = dy.shape[1], dy.shape[2], dy.shape[3]
+    first = np.empty((oh, ow, c), dtype=np.int64)  # offset i * kw + j of each window's pick
+    flat = dx.reshape(-1)
+    for k in range(flat.shape[0]):
+        flat[k] = 0
+    for b in range(dy.shape[0]):
+        xb, yb, dyb, dxb = x[b], y[b], dy[b], dx[b]
+        for p in range(oh):
+            for q in range(ow):
+                for ch in range(c):
+                    target, pick = yb[p, q, ch], -1
+                    for i in range(kh):
+                        for j in range(kw):
+                            if pick < 0 and xb[p * sh + i, q * sw + j, ch] == target:
+                                pick = i * kw + j
+                    first[p, q, ch] = pick
+        for i in range(kh):
+            for j in range(kw):
+                k = i * kw + j
+                for p in range(oh):
+                    for q in range(ow):
+                        for ch in range(c):
+                            if first[p, q, ch] == k:
+                                dxb[p * sh + i, q * sw + j, ch] += dyb[p, q, ch]
+
+
+@njit(**_EXACT)
+def avg_pool_backward(dy, kh, kw, sh, sw, dx):
+    """``dx`` (zeroed here) += ``dy / (kh * kw)`` over every window's pixels, window offset by
+    window offset as the reference adds them."""
+    size = dy.dtype.type(kh * kw)
+    oh, ow, c = dy.shape[1], dy.shape[2], dy.shape[3]
+    share = np.empty((oh, ow, c), dtype=dy.dtype)
+    flat = dx.reshape(-1)
+    for k in range(flat.shape[0]):
+        flat[k] = 0
+    for b in range(dy.shape[0]):
+        dyb, dxb = dy[b], dx[b]
+        for p in range(oh):
+            for q in range(ow):
+                for ch in range(c):
+                    share[p, q, ch] = dyb[p, q, ch] / size
+        for i in range(kh):
+            for j in range(kw):
+                for p in range(oh):
+                    for q in range(ow):
+                        target, part = dxb[p * sh + i, q * sw + j], share[p, q]
+                        for ch in range(c):
+                            target[ch] += part[ch]

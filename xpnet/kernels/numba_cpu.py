@@ -19,9 +19,11 @@ neither ``import xpnet`` nor importing this module imports numba.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -31,6 +33,12 @@ __all__ = [
     "bias_relu",
     "softmax",
     "softmax_cross_entropy",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
     "unavailable",
     "unsupported",
     "worth_it",
@@ -45,6 +53,15 @@ PARALLEL_MIN_ELEMENTS = {
     "bias_relu": 1 << 18,
     "softmax": 1 << 16,
     "softmax_cross_entropy": 1 << 16,
+    # Convolution and pooling run serially at every size: their loops move a few MB per call
+    # and the matrix products already run on OpenBLAS's threads, which numba's would compete
+    # with (see ``_numba_loops``' conv section and ``take_batch``).
+    "conv2d": math.inf,
+    "conv2d_backward": math.inf,
+    "max_pool2d": math.inf,
+    "max_pool2d_backward": math.inf,
+    "avg_pool2d": math.inf,
+    "avg_pool2d_backward": math.inf,
 }
 
 # Output bytes from which ReLU backward writes with streaming (non-temporal) stores. Measured on
@@ -107,6 +124,11 @@ def unavailable() -> str | None:
     return _unavailable_reason[0]
 
 
+_IMAGE_OPS = frozenset(
+    ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward")
+)
+
+
 def _is_numpy(a) -> bool:
     return type(a) is np.ndarray
 
@@ -130,6 +152,8 @@ def unsupported(op: str, *arrays) -> str | None:
     if op == "softmax_cross_entropy":
         if arrays[1].dtype.kind not in "iu":
             return f"labels must be integers, got {arrays[1].dtype}"
+    elif op in _IMAGE_OPS and first.ndim != 4:
+        return f"{op} takes images of shape (N, H, W, C), got shape {first.shape}"
     elif op == "relu_backward" and first.ndim != 2:
         if not (first.flags.c_contiguous and arrays[1].flags.c_contiguous):
             return f"non-contiguous arrays of {first.ndim} dimensions (2 are supported)"
@@ -254,6 +278,135 @@ def softmax_cross_entropy(logits, labels, /, grad_out=None):
     return loss, _finish(target, grad_out)
 
 
+# --- convolution and pooling (channels-last images; see ``xpnet.functional``) --------------------
+# Inputs of any layout are copied to C order first (``np.ascontiguousarray``: no copy when they
+# already are); geometry and its errors come from ``xpnet.functional`` itself, so both paths
+# accept and refuse the same arguments.
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(name, shape, dtype):
+    """A reusable work array (this thread's, grown as needed, never returned to a caller):
+    LeNet's column matrices are ~3.5 MB each, and a fresh one per call costs page faults."""
+    size = math.prod(shape)
+    buffers = _scratch_buffers.__dict__
+    buf = buffers.get(name)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = buffers[name] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+def _functional():
+    from .. import functional
+
+    return functional
+
+
+def _columns(loops, x, kernel_shape, strides, rows, cols, bias_column):
+    """im2col of ``x`` into a scratch (N * OH * OW, kh * kw * C [+ 1]) matrix; with
+    ``bias_column`` a last column of ones, so that one product also adds (or sums for) the bias."""
+    kh, kw, c, _ = kernel_shape
+    (oh, top, _), (ow, left, _) = rows, cols
+    columns = _scratch("columns", (x.shape[0] * oh * ow, kh * kw * c + bias_column), x.dtype)
+    loops.im2col(x, kh, kw, strides[0], strides[1], top, left, oh, ow, columns)
+    return columns
+
+
+def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
+    """im2col (numba) and one BLAS product; the bias rides the product as a column of ones
+    in the im2col matrix and a last row of the weights (cheaper than a pass over the output
+    when there are few filters: LeNet's 6). See ``xpnet.functional.conv2d``."""
+    strides, rows, cols = _functional()._conv_geometry(x, kernel, strides, padding)
+    loops = _get_loops()
+    x, kernel = np.ascontiguousarray(x), np.ascontiguousarray(kernel)
+    kh, kw, c, f = kernel.shape
+    k = kh * kw * c
+    n, oh, ow = x.shape[0], rows[0], cols[0]
+    has_bias = bias is not None
+    columns = _columns(loops, x, kernel.shape, strides, rows, cols, has_bias)
+    weights = kernel.reshape(k, f)
+    if has_bias:
+        weights = np.concatenate((weights, bias.reshape(1, f)))
+    y = np.empty((n, oh, ow, f), x.dtype)
+    np.matmul(columns, weights, out=y.reshape(n * oh * ow, f))
+    return y
+
+
+def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=True):
+    """``(dx, dkernel, dbias)``: ``[dkernel; dbias] = [columns(x), 1].T @ dy`` in one BLAS
+    product (the ones column gives the bias's column sums), ``dx`` = col2im (numba) of
+    ``dy @ kernel.T`` (BLAS), skipped when ``need_dx`` is false. See
+    ``xpnet.functional.conv2d_backward``."""
+    strides, rows, cols = _functional()._conv_geometry(x, kernel, strides, padding)
+    kh, kw, c, f = kernel.shape
+    n, oh, ow = x.shape[0], rows[0], cols[0]
+    if tuple(dy.shape) != (n, oh, ow, f):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}; conv2d's output here is {(n, oh, ow, f)}")
+    loops = _get_loops()
+    x, kernel, dy = np.ascontiguousarray(x), np.ascontiguousarray(kernel), np.ascontiguousarray(dy)
+    k = kh * kw * c
+    dy2 = dy.reshape(n * oh * ow, f)
+    columns = _columns(loops, x, kernel.shape, strides, rows, cols, True)
+    grads = columns.T @ dy2
+    dkernel, dbias = grads[:k].reshape(kernel.shape), grads[k]
+    if not need_dx:
+        return None, dkernel, dbias
+    dcols = _scratch("dcols", (n * oh * ow, k), dy.dtype)
+    np.matmul(dy2, kernel.reshape(k, f).T, out=dcols)
+    dx = np.empty(x.shape, dy.dtype)
+    loops.col2im(dcols, kh, kw, strides[0], strides[1], rows[1], cols[1], oh, ow, dx)
+    return dx, dkernel, dbias
+
+
+def _pool_geometry(x, pool_size, strides):
+    window, strides, out = _functional()._pool_geometry(x, pool_size, strides)
+    return window, strides, (x.shape[0], out[0], out[1], x.shape[3])
+
+
+def _check_pooled(name, a, shape):
+    if tuple(a.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(a.shape)}; the pooled output here is {shape}")
+
+
+def max_pool2d(x, /, *, pool_size=2, strides=None):
+    """Window maxima in one pass (NaN propagates); see ``xpnet.functional.max_pool2d``."""
+    (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
+    y = np.empty(shape, x.dtype)
+    _get_loops().max_pool(np.ascontiguousarray(x), kh, kw, sh, sw, y)
+    return y
+
+
+def max_pool2d_backward(dy, x, y, /, *, pool_size=2, strides=None):
+    """Each window's ``dy`` to its first pixel equal to ``y``; see
+    ``xpnet.functional.max_pool2d_backward``."""
+    (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
+    if tuple(dy.shape) != tuple(y.shape):
+        raise ValueError(f"dy {tuple(dy.shape)} and y {tuple(y.shape)} must have the same shape")
+    _check_pooled("y", y, shape)
+    dx = np.empty(x.shape, x.dtype)
+    c = np.ascontiguousarray
+    _get_loops().max_pool_backward(c(dy), c(x), c(y), kh, kw, sh, sw, dx)
+    return dx
+
+
+def avg_pool2d(x, /, *, pool_size=2, strides=None):
+    """Window means in one pass; see ``xpnet.functional.avg_pool2d``."""
+    (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
+    y = np.empty(shape, x.dtype)
+    _get_loops().avg_pool(np.ascontiguousarray(x), kh, kw, sh, sw, y)
+    return y
+
+
+def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
+    """``dy / (kh * kw)`` spread over each window; see ``xpnet.functional.avg_pool2d_backward``."""
+    (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
+    _check_pooled("dy", dy, shape)
+    dx = np.empty(x.shape, dy.dtype)
+    _get_loops().avg_pool_backward(np.ascontiguousarray(dy), kh, kw, sh, sw, dx)
+    return dx
+
+
 # --- eager compilation ---------------------------------------------------------------------------
 
 
@@ -298,6 +451,16 @@ def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> di
             loops.sgd_update(p, p.copy(), s)
             loops.sgd_momentum_update(p, p.copy(), p.copy(), s, s, False)
             loops.adam_update(p, p.copy(), p.copy(), p.copy(), s, s, s, s, s, s, s)
+        # convolution and pooling
+        images = np.ones((1, 3, 3, 2), dtype)
+        cols = np.empty((4, 9), dtype)
+        loops.im2col(images, 2, 2, 1, 1, 0, 0, 2, 2, cols)
+        loops.col2im(np.ones((4, 8), dtype), 2, 2, 1, 1, 0, 0, 2, 2, images.copy())
+        pooled = np.empty((1, 2, 2, 2), dtype)
+        loops.max_pool(images, 2, 2, 1, 1, pooled)
+        loops.avg_pool(images, 2, 2, 1, 1, pooled)
+        loops.max_pool_backward(pooled, images, pooled, 2, 2, 1, 1, images.copy())
+        loops.avg_pool_backward(pooled, 2, 2, 1, 1, images.copy())
         seconds[name] = time.perf_counter() - start
     return seconds
 

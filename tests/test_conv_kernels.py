@@ -1,0 +1,345 @@
+"""The numba convolution and pooling kernels equal the ``xp`` reference, and the dispatcher runs them.
+
+Pooling is compared bit for bit (the kernels take maxima, sum and divide in the reference's
+order, NaN included). Convolution goes through BLAS with the bias as a column of ones, so it is
+compared norm-wise: ``||got - want|| <= rtol * ||scale||`` with ``scale`` the same formula
+applied to absolute values (the size of the terms each result sums, where either side's
+rounding lives); float64 1e-12, float32 1e-5. Non-finite results must sit at the same places
+with the same values. Every array a kernel allocates is pre-filled with NaN (``poisoned_numpy``),
+so an element a kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import xpnet.functional as F
+from xpnet import kernels
+
+CONV_OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward")
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def numba_cpu():
+    module = kernels.kernel_module("numba")
+    if module.unavailable():
+        pytest.skip(module.unavailable())
+    return module
+
+
+class _PoisonedNumpy:
+    """NumPy, except that ``empty`` hands out NaN-filled arrays."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return np.full(shape, np.nan, dtype)
+
+
+@pytest.fixture
+def poisoned_numpy(numba_cpu, monkeypatch):
+    """Every array numba_cpu allocates starts as NaN, and every scratch is a fresh NaN array."""
+    monkeypatch.setattr(numba_cpu, "np", _PoisonedNumpy())
+    monkeypatch.setattr(numba_cpu, "_scratch", lambda name, shape, dtype: np.full(shape, np.nan, dtype))
+
+
+def _layout(a, layout):
+    """``a`` as a C array, or as a non-contiguous view of the same values."""
+    if layout == "C":
+        return np.ascontiguousarray(a)
+    big = np.full(tuple(2 * s for s in a.shape), np.nan, a.dtype)
+    big[(slice(None, None, 2),) * a.ndim] = a
+    view = big[(slice(None, None, 2),) * a.ndim]
+    assert not view.flags.c_contiguous
+    return view
+
+
+def _assert_norm_close(got, want, scale):
+    """Same dtype and shape; non-finite values equal; finite ones norm-wise within RTOL * ||scale||."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite], want[~finite])
+    assert np.isfinite(got[finite]).all(), "a non-finite value where the reference has none"
+    err = np.linalg.norm((got[finite].astype(np.float64) - want[finite]).ravel())
+    bound = RTOL[want.dtype] * np.linalg.norm(np.asarray(scale)[finite].astype(np.float64).ravel())
+    assert err <= bound + np.finfo(want.dtype).tiny, f"error {err:.3g} > bound {bound:.3g}"
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@st.composite
+def conv_cases(draw):
+    """Images, kernel, bias (or None) and geometry: odd sizes, 1x1 kernels, strides above 1 and
+    unequal to the kernel, both paddings, C = 1 and N = 1 among them."""
+    dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
+    n, c, f = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 6])), draw(st.integers(1, 5))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    padding = draw(st.sampled_from(["valid", "same"]))
+    low = 1 if padding == "same" else None
+    h = draw(st.integers(low or kh, 11))
+    w = draw(st.integers(low or kw, 11))
+    strides = draw(st.sampled_from([1, 2, 3, (1, 2), (3, 1)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    kernel = rng.standard_normal((kh, kw, c, f)).astype(dtype)
+    bias = draw(st.sampled_from([None, "bias"])) and rng.standard_normal(f).astype(dtype)
+    layout = draw(st.sampled_from(["C", "C", "strided"]))
+    return x, kernel, (None if bias is None else bias), dict(strides=strides, padding=padding), layout, rng
+
+
+@st.composite
+def pool_cases(draw):
+    """Images and a pooling geometry: windows that overlap (strides below the window), windows
+    that leave rows and columns uncovered (strides above it), ties, NaN and infinities."""
+    dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
+    n, c = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 5]))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    h, w = draw(st.integers(kh, 10)), draw(st.integers(kw, 10))
+    strides = draw(st.sampled_from([None, 1, 2, 3, (1, 2), (3, 1)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["normal", "ties", "special", "extreme"]))
+    if kind == "normal":
+        x = rng.standard_normal((n, h, w, c))
+    elif kind == "ties":  # few distinct values: many windows hold their maximum twice
+        x = rng.integers(-2, 3, (n, h, w, c)).astype(float)
+    elif kind == "special":
+        x = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0], size=(n, h, w, c))
+    else:
+        big = float(np.finfo(dtype).max)
+        x = rng.choice([big, -big, big / 2, float(np.finfo(dtype).tiny), 1.0], size=(n, h, w, c))
+    x = x.astype(dtype)
+    layout = draw(st.sampled_from(["C", "C", "strided"]))
+    return x, dict(pool_size=(kh, kw), strides=strides), layout, rng
+
+
+# --- signatures and dispatch -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", kernels.OPS_OF_IMPL["numba"])
+def test_numba_kernels_mirror_the_reference_signatures(numba_cpu, op):
+    """The conv and pool kernels take exactly the reference's parameters, less ``impl``."""
+    ref = inspect.signature(getattr(F, op)).parameters
+    ours = inspect.signature(getattr(numba_cpu, op)).parameters
+    if op in CONV_OPS:
+        want = [(p.name, p.kind, p.default) for p in ref.values() if p.name != "impl"]
+        assert [(p.name, p.kind, p.default) for p in ours.values()] == want
+    else:  # the older ops: the reference's positional parameters, then out= / grad_out=
+        positional = [p.name for p in ref.values() if p.kind is p.POSITIONAL_ONLY]
+        assert list(ours)[: len(positional)] == positional
+
+
+def test_every_family_lists_only_ops_it_has():
+    for impl, ops in kernels.OPS_OF_IMPL.items():
+        module_name = {"numba": "numba_cpu", "cuda": "cuda"}[impl]
+        module = __import__(f"xpnet.kernels.{module_name}", fromlist=["_"])
+        assert all(callable(getattr(module, op, None)) for op in ops), impl
+    assert set(kernels.OPS) == set(kernels.OPS_OF_IMPL["cuda"]) <= set(kernels.OPS_OF_IMPL["numba"])
+
+
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_auto_selects_the_numba_kernel_for_float_images(numba_cpu, op, monkeypatch):
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    x = np.ones((2, 4, 4, 3), np.float32)
+    assert kernels.select(op, "auto", x, x) is getattr(numba_cpu, op)
+    assert kernels.select(op, "auto", x.astype(np.float16)) is None  # the reference
+    assert kernels.select(op, "auto", x[:0]) is None  # an empty batch: the reference
+
+
+def _spy_on_loops(numba_cpu, monkeypatch, names):
+    loops, calls = numba_cpu._get_loops(), []
+    for name in names:
+        real = getattr(loops, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(loops, name, spy)
+    return calls
+
+
+def test_forced_numba_runs_the_compiled_loops(numba_cpu, monkeypatch, rng):
+    calls = _spy_on_loops(numba_cpu, monkeypatch, ["im2col", "col2im", "max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"])
+    x = rng.standard_normal((2, 6, 5, 3))
+    kernel = rng.standard_normal((3, 2, 3, 4))
+    y = F.conv2d(x, kernel, impl="numba")
+    F.conv2d_backward(np.ones_like(y), x, kernel, impl="numba")
+    p = F.max_pool2d(x, impl="numba")
+    F.max_pool2d_backward(np.ones_like(p), x, p, impl="numba")
+    F.avg_pool2d_backward(np.ones_like(F.avg_pool2d(x, impl="numba")), x, impl="numba")
+    assert calls == ["im2col", "im2col", "col2im", "max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"]
+
+
+def test_first_layer_skips_dx(numba_cpu, monkeypatch, rng):
+    calls = _spy_on_loops(numba_cpu, monkeypatch, ["col2im"])
+    x, kernel = rng.standard_normal((2, 5, 5, 1)), rng.standard_normal((3, 3, 1, 2))
+    dy = rng.standard_normal((2, 3, 3, 2))
+    dx, dk, db = F.conv2d_backward(dy, x, kernel, need_dx=False, impl="numba")
+    _, dk_ref, db_ref = F.conv2d_backward(dy, x, kernel, impl="xp")
+    assert dx is None and calls == []
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-12)
+    np.testing.assert_allclose(db, db_ref, rtol=1e-12)
+
+
+def test_a_family_without_the_op_falls_back_or_refuses(numba_cpu, monkeypatch, rng):
+    """CUDA has no conv or pool kernels: auto on its arrays runs the reference; forced, an error."""
+    cuda = kernels.kernel_module("cuda")
+    monkeypatch.setattr(cuda, "unavailable", lambda: None)
+    monkeypatch.setattr(kernels, "_native_impl", lambda x: "cuda")
+    x = rng.standard_normal((1, 4, 4, 1))
+    for op in CONV_OPS:
+        assert kernels.select(op, "auto", x) is None
+    with pytest.raises(ValueError, match="impl='cuda' has no kernel for conv2d"):
+        F.conv2d(x, np.ones((2, 2, 1, 1)), impl="cuda")
+    with pytest.raises(ValueError, match="has no kernel for avg_pool2d_backward"):
+        F.avg_pool2d_backward(np.ones((1, 2, 2, 1)), x, impl="cuda")
+
+
+def test_forced_numba_refuses_what_it_cannot_run(numba_cpu):
+    x = np.ones((2, 4, 4, 1))
+    with pytest.raises(ValueError, match="cannot run conv2d: operands of different dtypes"):
+        F.conv2d(x, np.ones((2, 2, 1, 1), np.float32), impl="numba")
+    with pytest.raises(ValueError, match="float32 or float64"):
+        F.max_pool2d(x.astype(np.float16), impl="numba")
+    with pytest.raises(ValueError, match="empty"):
+        F.avg_pool2d(x[:0], impl="numba")
+    assert F.avg_pool2d(x[:0]).shape == (0, 2, 2, 1)  # auto: the reference
+
+
+def test_wrong_gradient_shapes_are_refused(numba_cpu):
+    x = np.ones((2, 4, 4, 3))
+    y = F.max_pool2d(x, impl="numba")
+    with pytest.raises(ValueError, match="pooled output"):
+        F.avg_pool2d_backward(np.ones((2, 3, 2, 3)), x, impl="numba")
+    with pytest.raises(ValueError, match="pooled output"):
+        F.max_pool2d_backward(np.ones((2, 3, 3, 3)), x, np.ones((2, 3, 3, 3)), impl="numba")
+    with pytest.raises(ValueError, match="same shape"):
+        F.max_pool2d_backward(np.ones((2, 2, 1, 3)), x, y, impl="numba")
+    with pytest.raises(ValueError, match="conv2d's output"):
+        F.conv2d_backward(np.ones((2, 3, 3, 5)), x, np.ones((2, 2, 3, 4)), impl="numba")
+
+
+# --- each kernel equals the reference ---------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=conv_cases())
+def test_conv2d_equals_reference(poisoned_numpy, case):
+    x, kernel, bias, geometry, layout, _ = case
+    got = F.conv2d(_layout(x, layout), _layout(kernel, layout), bias, impl="numba", **geometry)
+    want = F.conv2d(x, kernel, bias, impl="xp", **geometry)
+    scale = F.conv2d(np.abs(x), np.abs(kernel), None if bias is None else np.abs(bias), impl="xp", **geometry)
+    _assert_norm_close(got, want, scale)
+
+
+@SETTINGS
+@given(case=conv_cases(), need_dx=st.booleans())
+def test_conv2d_backward_equals_reference(poisoned_numpy, case, need_dx):
+    x, kernel, _, geometry, layout, rng = case
+    y = F.conv2d(x, kernel, impl="xp", **geometry)
+    dy = rng.standard_normal(y.shape).astype(x.dtype)
+    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, need_dx=need_dx, impl="numba", **geometry)
+    want = F.conv2d_backward(dy, x, kernel, impl="xp", **geometry)
+    scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), impl="xp", **geometry)
+    if need_dx:
+        _assert_norm_close(got[0], want[0], scale[0])
+    else:
+        assert got[0] is None
+    _assert_norm_close(got[1], want[1], scale[1])
+    _assert_norm_close(got[2], want[2], scale[2])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+@SETTINGS
+@given(case=pool_cases())
+def test_max_pool2d_and_backward_equal_reference_bit_for_bit(poisoned_numpy, case):
+    """Same maxima, NaN where the reference has NaN, and each window's gradient to the first of
+    its maxima (ties), none where the maximum is NaN; overlapping windows add up."""
+    x, geometry, layout, rng = case
+    want = F.max_pool2d(x, impl="xp", **geometry)
+    got = F.max_pool2d(_layout(x, layout), impl="numba", **geometry)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == want.dtype
+    dy = rng.standard_normal(want.shape).astype(x.dtype)
+    dx = F.max_pool2d_backward(_layout(dy, layout), _layout(x, layout), _layout(want, layout), impl="numba", **geometry)
+    np.testing.assert_array_equal(dx, F.max_pool2d_backward(dy, x, want, impl="xp", **geometry))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
+@SETTINGS
+@given(case=pool_cases())
+def test_avg_pool2d_and_backward_equal_reference_bit_for_bit(poisoned_numpy, case):
+    x, geometry, layout, rng = case
+    want = F.avg_pool2d(x, impl="xp", **geometry)
+    np.testing.assert_array_equal(F.avg_pool2d(_layout(x, layout), impl="numba", **geometry), want)
+    dy = rng.standard_normal(want.shape).astype(x.dtype)
+    dx = F.avg_pool2d_backward(_layout(dy, layout), _layout(x, layout), impl="numba", **geometry)
+    np.testing.assert_array_equal(dx, F.avg_pool2d_backward(dy, x, impl="xp", **geometry))
+
+
+def test_max_pool_ties_go_to_the_first_maximum(numba_cpu):
+    x = np.array([[1.0, 3.0, 3.0], [3.0, 0.0, 3.0], [np.nan, 1.0, 2.0]]).reshape(1, 3, 3, 1)
+    y = F.max_pool2d(x, pool_size=2, strides=1, impl="numba")
+    np.testing.assert_array_equal(y[0, :, :, 0], [[3.0, 3.0], [np.nan, 3.0]])
+    dx = F.max_pool2d_backward(np.ones_like(y), x, y, pool_size=2, strides=1, impl="numba")
+    # windows (0,0), (0,1) and (1,1) all pick x[0, 1]; the NaN window passes nothing
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+
+
+def test_conv_special_values_flow_as_in_the_reference(poisoned_numpy, rng):
+    """NaN and infinities in the images reach the same outputs, in both dtypes."""
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((2, 7, 6, 2)).astype(dtype)
+        x[0, 1, 2, 0], x[1, 4, 4, 1], x[1, 0, 0, 0] = np.nan, np.inf, -np.inf
+        kernel = rng.standard_normal((3, 3, 2, 3)).astype(dtype)
+        bias = rng.standard_normal(3).astype(dtype)
+        for padding in ("valid", "same"):
+            want = F.conv2d(x, kernel, bias, padding=padding, impl="xp")
+            got = F.conv2d(x, kernel, bias, padding=padding, impl="numba")
+            scale = F.conv2d(np.nan_to_num(np.abs(x), posinf=0), np.abs(kernel), np.abs(bias), padding=padding, impl="xp")
+            _assert_norm_close(got, want, scale)
+            assert np.isnan(got).any() and np.isinf(got).any()
+
+
+def test_lenet_shapes_in_float32(poisoned_numpy, rng):
+    """The write-up's LeNet layers at their own sizes (a batch of 16), forward and backward."""
+    x = rng.random((16, 28, 28, 1), dtype=np.float32)
+    k1, b1 = rng.standard_normal((3, 3, 1, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    k2 = rng.standard_normal((3, 3, 6, 16)).astype(np.float32)
+    for impl in ("xp", "numba"):
+        z1 = F.conv2d(x, k1, b1, impl=impl)
+        p1 = F.avg_pool2d(np.maximum(z1, 0), impl=impl)
+        z2 = F.conv2d(p1, k2, impl=impl)
+        d2 = F.conv2d_backward(np.ones_like(z2), p1, k2, impl=impl)
+        d1 = F.conv2d_backward(F.avg_pool2d_backward(d2[0], z1, impl=impl), x, k1, need_dx=False, impl=impl)
+        if impl == "xp":
+            want = (z1, p1, z2, *d2, *d1[1:])
+        else:
+            got = (z1, p1, z2, *d2, *d1[1:])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(np.abs(w).max()))
+
+
+def test_scratch_buffers_are_reused_and_never_returned(numba_cpu, rng):
+    x, kernel = rng.standard_normal((2, 6, 6, 2)), rng.standard_normal((3, 3, 2, 4))
+    dy = rng.standard_normal((2, 4, 4, 4))
+    dx1, dk1, db1 = F.conv2d_backward(dy, x, kernel, impl="numba")
+    y1 = F.conv2d(x, kernel, impl="numba")
+    buffers = dict(numba_cpu._scratch_buffers.__dict__)
+    dx2, dk2, db2 = F.conv2d_backward(dy, x, kernel, impl="numba")
+    assert all(numba_cpu._scratch_buffers.__dict__[k] is v for k, v in buffers.items())
+    for result in (dx1, dk1, db1, y1):
+        assert not any(np.may_share_memory(result, buf) for buf in buffers.values())
+    np.testing.assert_array_equal(dx1, dx2)
+    np.testing.assert_array_equal(dk1, dk2)
