@@ -52,6 +52,14 @@ def poisoned_numpy(numba_cpu, monkeypatch):
     monkeypatch.setattr(numba_cpu, "_scratch", lambda name, shape, dtype: np.full(shape, np.nan, dtype))
 
 
+@pytest.fixture(params=["im2col", "rows"])
+def conv_path(request, numba_cpu, monkeypatch):
+    """Run the convolution tests through each algorithm: im2col + BLAS, and the direct row-wise
+    loop (which needs column stride 1; other strides still take im2col)."""
+    monkeypatch.setattr(numba_cpu, "DIRECT_MAX_CHANNEL_FILTERS", 0 if request.param == "im2col" else 10**9)
+    return request.param
+
+
 def _layout(a, layout):
     """``a`` as a C array, or as a non-contiguous view of the same values."""
     if layout == "C":
@@ -172,13 +180,26 @@ def _spy_on_loops(numba_cpu, monkeypatch, names):
 def test_forced_numba_runs_the_compiled_loops(numba_cpu, monkeypatch, rng):
     calls = _spy_on_loops(numba_cpu, monkeypatch, ["im2col", "col2im", "max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"])
     x = rng.standard_normal((2, 6, 5, 3))
-    kernel = rng.standard_normal((3, 2, 3, 4))
+    kernel = rng.standard_normal((3, 2, 3, 9))  # 3 channels x 9 filters: im2col + BLAS
     y = F.conv2d(x, kernel, impl="numba")
     F.conv2d_backward(np.ones_like(y), x, kernel, impl="numba")
     p = F.max_pool2d(x, impl="numba")
     F.max_pool2d_backward(np.ones_like(p), x, p, impl="numba")
     F.avg_pool2d_backward(np.ones_like(F.avg_pool2d(x, impl="numba")), x, impl="numba")
     assert calls == ["im2col", "im2col", "col2im", "max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"]
+
+
+def test_lenet_layers_take_the_measured_algorithms(numba_cpu, monkeypatch, rng):
+    """Few channels x filters with column stride 1: the row-wise loop; else im2col + BLAS."""
+    calls = _spy_on_loops(numba_cpu, monkeypatch, ["im2col", "conv2d_rows", "conv2d_rows_grads"])
+    x1, x2 = rng.random((2, 28, 28, 1)), rng.random((2, 13, 13, 6))
+    k1, k2 = rng.standard_normal((3, 3, 1, 6)), rng.standard_normal((3, 3, 6, 16))
+    F.conv2d_backward(F.conv2d(x1, k1, impl="numba"), x1, k1, impl="numba")
+    assert calls == ["conv2d_rows", "conv2d_rows_grads"]
+    calls.clear()
+    F.conv2d_backward(F.conv2d(x2, k2, impl="numba"), x2, k2, impl="numba")
+    F.conv2d(x1, k1, strides=(1, 2), impl="numba")
+    assert calls == ["im2col", "im2col", "im2col"]
 
 
 def test_first_layer_skips_dx(numba_cpu, monkeypatch, rng):
@@ -235,7 +256,7 @@ def test_wrong_gradient_shapes_are_refused(numba_cpu):
 
 @SETTINGS
 @given(case=conv_cases())
-def test_conv2d_equals_reference(poisoned_numpy, case):
+def test_conv2d_equals_reference(poisoned_numpy, conv_path, case):
     x, kernel, bias, geometry, layout, _ = case
     got = F.conv2d(_layout(x, layout), _layout(kernel, layout), bias, impl="numba", **geometry)
     want = F.conv2d(x, kernel, bias, impl="xp", **geometry)
@@ -245,7 +266,7 @@ def test_conv2d_equals_reference(poisoned_numpy, case):
 
 @SETTINGS
 @given(case=conv_cases(), need_dx=st.booleans())
-def test_conv2d_backward_equals_reference(poisoned_numpy, case, need_dx):
+def test_conv2d_backward_equals_reference(poisoned_numpy, conv_path, case, need_dx):
     x, kernel, _, geometry, layout, rng = case
     y = F.conv2d(x, kernel, impl="xp", **geometry)
     dy = rng.standard_normal(y.shape).astype(x.dtype)
@@ -297,7 +318,7 @@ def test_max_pool_ties_go_to_the_first_maximum(numba_cpu):
     np.testing.assert_array_equal(dx[0, :, :, 0], [[0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
 
 
-def test_conv_special_values_flow_as_in_the_reference(poisoned_numpy, rng):
+def test_conv_special_values_flow_as_in_the_reference(poisoned_numpy, conv_path, rng):
     """NaN and infinities in the images reach the same outputs, in both dtypes."""
     for dtype in (np.float32, np.float64):
         x = rng.standard_normal((2, 7, 6, 2)).astype(dtype)
@@ -312,7 +333,7 @@ def test_conv_special_values_flow_as_in_the_reference(poisoned_numpy, rng):
             assert np.isnan(got).any() and np.isinf(got).any()
 
 
-def test_lenet_shapes_in_float32(poisoned_numpy, rng):
+def test_lenet_shapes_in_float32(poisoned_numpy, conv_path, rng):
     """The write-up's LeNet layers at their own sizes (a batch of 16), forward and backward."""
     x = rng.random((16, 28, 28, 1), dtype=np.float32)
     k1, b1 = rng.standard_normal((3, 3, 1, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)

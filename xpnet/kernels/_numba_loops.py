@@ -882,3 +882,93 @@ def avg_pool_backward(dy, kh, kw, sh, sw, dx):
                         target, part = dxb[p * sh + i, q * sw + j], share[p, q]
                         for ch in range(c):
                             target[ch] += part[ch]
+
+
+# --- direct convolution along image rows (stride 1 across columns) ------------------------------
+# With few channels im2col is a poor trade: LeNet's first layer (C = 1, 6 filters) turns a
+# 100 KB batch into a 3.5 MB matrix of 9 columns, and a product 6 columns wide keeps BLAS far
+# from its peak. Here an output row of OW pixels x F filters is one contiguous run of OW * F
+# values, and so is every term added to it once each input value is repeated F times
+# (``expanded``) and each kernel tap tiled OW times (``tiled``):
+#     y[p, :] += expanded[r, c, j * F : j * F + OW * F] * tiled[i, j, c, :]
+# one vectorized multiply-add loop per tap (i, j, c). The same runs give the kernel gradient.
+
+
+@njit(**_JIT)
+def _expand_rows(x, left, f, expanded):
+    """``expanded[r, c, (s + left) * f + k] = x[r, s, c]`` for every ``k < f``; the padding
+    columns (``left`` before the image, the rest after it) hold zeros."""
+    h, w, c = x.shape
+    zero = expanded.dtype.type(0)
+    end = (w + left) * f
+    for r in range(h):
+        for ch in range(c):
+            row = expanded[r, ch]
+            for k in range(left * f):
+                row[k] = zero
+            for s in range(w):
+                v = x[r, s, ch]
+                base = (s + left) * f
+                for k in range(f):
+                    row[base + k] = v
+            for k in range(end, row.shape[0]):
+                row[k] = zero
+
+
+@njit(**_JIT)
+def conv2d_rows(x, tiled, bias_row, sh, top, left, expanded, y):
+    """``y`` (N, OH, OW, F) = the convolution of ``x`` (N, H, W, C) at column stride 1 and row
+    stride ``sh``; ``tiled`` (kh, kw, C, OW * F) is the kernel tiled OW times, ``bias_row``
+    (OW * F) the bias tiled likewise (zeros for none); ``expanded`` is (H, C, padded W * F) scratch."""
+    h = x.shape[1]
+    kh, kw, c, run = tiled.shape
+    oh = y.shape[1]
+    f = y.shape[3]
+    for b in range(x.shape[0]):
+        _expand_rows(x[b], left, f, expanded)
+        rows = y[b].reshape(oh, run)
+        for p in range(oh):
+            acc = rows[p]
+            for m in range(run):
+                acc[m] = bias_row[m]
+            for i in range(kh):
+                r = p * sh + i - top
+                if r < 0 or r >= h:
+                    continue
+                for j in range(kw):
+                    for ch in range(c):
+                        src = expanded[r, ch, j * f : j * f + run]
+                        tap = tiled[i, j, ch]
+                        for m in range(run):
+                            acc[m] += src[m] * tap[m]
+
+
+@njit(**_JIT)
+def conv2d_rows_grads(dy, x, sh, top, left, expanded, dtiled, dbias_row):
+    """The kernel and bias gradients of ``conv2d_rows``, per output column: ``dtiled`` (kh, kw,
+    C, OW * F) and ``dbias_row`` (OW * F), both overwritten; the caller sums over the OW columns."""
+    h = x.shape[1]
+    kh, kw, c, run = dtiled.shape
+    oh, f = dy.shape[1], dy.shape[3]
+    flat = dtiled.reshape(-1)
+    for k in range(flat.shape[0]):
+        flat[k] = 0
+    for m in range(run):
+        dbias_row[m] = 0
+    for b in range(x.shape[0]):
+        _expand_rows(x[b], left, f, expanded)
+        rows = dy[b].reshape(oh, run)
+        for p in range(oh):
+            g = rows[p]
+            for m in range(run):
+                dbias_row[m] += g[m]
+            for i in range(kh):
+                r = p * sh + i - top
+                if r < 0 or r >= h:
+                    continue
+                for j in range(kw):
+                    for ch in range(c):
+                        src = expanded[r, ch, j * f : j * f + run]
+                        acc = dtiled[i, j, ch]
+                        for m in range(run):
+                            acc[m] += src[m] * g[m]
