@@ -236,6 +236,10 @@ def test_forced_numba_refuses_what_it_cannot_run(numba_cpu):
     with pytest.raises(ValueError, match="empty"):
         F.avg_pool2d(x[:0], impl="numba")
     assert F.avg_pool2d(x[:0]).shape == (0, 2, 2, 1)  # auto: the reference
+    kernel, bias = np.ones((2, 2, 1, 3)), np.arange(3.0).reshape(1, 3)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        F.conv2d(x, kernel, bias, impl="numba")
+    np.testing.assert_array_equal(F.conv2d(x, kernel, bias), F.conv2d(x, kernel, bias, impl="xp"))  # broadcast
 
 
 def test_wrong_gradient_shapes_are_refused(numba_cpu):

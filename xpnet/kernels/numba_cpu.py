@@ -13,7 +13,11 @@ neither ``import xpnet`` nor importing this module imports numba.
   unset, so a read-only install still caches (numba otherwise fails with "no locator
   available");
 - ``warmup()`` compiles (or loads from the cache) every kernel for float32 and float64 up front,
-  so a first training epoch is not a compile.
+  so a first training epoch is not a compile;
+- convolution and pooling (channels-last images) copy a strided input to C order first and run
+  serially; a convolution is im2col + one BLAS product, or, for few channels x filters, a
+  direct loop along image rows (``DIRECT_MAX_CHANNEL_FILTERS``); pooling is bit for bit the
+  reference. A few work arrays are kept per thread and reused (``_scratch``).
 """
 
 from __future__ import annotations
@@ -154,6 +158,8 @@ def unsupported(op: str, *arrays) -> str | None:
             return f"labels must be integers, got {arrays[1].dtype}"
     elif op in _IMAGE_OPS and first.ndim != 4:
         return f"{op} takes images of shape (N, H, W, C), got shape {first.shape}"
+    elif op == "conv2d" and len(arrays) == 3 and arrays[2].shape != arrays[1].shape[3:]:
+        return f"the bias must have shape (filters,) = {arrays[1].shape[3:]}, got {arrays[2].shape}"
     elif op == "relu_backward" and first.ndim != 2:
         if not (first.flags.c_contiguous and arrays[1].flags.c_contiguous):
             return f"non-contiguous arrays of {first.ndim} dimensions (2 are supported)"
