@@ -123,9 +123,10 @@ def kernel_cases(dtype="float32", megabytes=256):
     def copy():
         cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes,
                                       cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+        return dst
 
     cases = [
-        ("copy", copy, None, 2 * src.nbytes),
+        ("copy", copy, lambda: src, 2 * src.nbytes),  # the reference of a copy: its source
         ("relu_backward", lambda: cuda.relu_backward(dy, y, out=out),
          lambda: F.relu_backward(dy, y, impl="xp"), 3 * dy.nbytes),
         ("bias_relu", lambda: cuda.bias_relu(xw, bias, out=ow),
@@ -154,7 +155,7 @@ def bench_kernels(dtype="float32", megabytes=256, with_reference=True) -> list[d
             copy_bw = bw
         row = {"op": name, "dtype": dtype, "bytes": nbytes, "seconds": seconds, "GB/s": bw / 1e9,
                "fraction_of_copy": bw / copy_bw}
-        if ref is not None and with_reference:
+        if ref is not None and with_reference and name != "copy":
             row["reference_seconds"] = time_gpu(ref, warmup=2, repeat=5)
             row["speedup_vs_reference"] = row["reference_seconds"] / seconds
         rows.append(row)
@@ -551,10 +552,24 @@ def test_kernel_bandwidth(benchmark, case):
         pytest.skip(reason)
     import cupy
 
-    name, run, _, nbytes = kernel_cases("float32", 64)[case]
+    name, run, ref, nbytes = kernel_cases("float32", 64)[case]
     benchmark.group = "cuda kernels, float32, 64 MB operands"
     benchmark.name = name
     benchmark.extra_info["bytes"] = nbytes
+
+    # checked once against the xp reference before timing (float32 tolerances of tests/test_cuda.py)
+    def host(result):
+        parts = result if isinstance(result, tuple) else (result,)
+        return [np.asarray(cp_to_np(p), dtype=np.float64) for p in parts]
+
+    got, want = host(run()), host(ref())
+    assert len(got) == len(want), name
+    for g, w in zip(got, want):
+        assert g.shape == w.shape, (name, g.shape, w.shape)
+        if name in ("copy", "relu_backward", "bias_relu"):
+            np.testing.assert_array_equal(g, w, err_msg=name)
+        else:
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6, err_msg=name)
 
     def synced():
         run()

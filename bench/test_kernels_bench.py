@@ -8,7 +8,10 @@ Groups are ``"<op> <rows>x<cols>"``; implementations:
   the measurements behind ``numba_cpu.PARALLEL_MIN_ELEMENTS``;
 - ``torch``: PyTorch CPU eager on the same memory (``torch.from_numpy``), skipped without torch.
 
-Every call writes into a preallocated output where the implementation allows one (torch's
+Before timing, every benchmark runs its call once and checks the result against the ``xp``
+reference (in float64); a numba benchmark whose kernel cannot run, or that ``impl="auto"``
+would not send to the kernel, fails rather than skips. Every call writes into a preallocated
+output where the implementation allows one (torch's
 cross-entropy gradient cannot take one: it is autograd's). ``extra_info["bytes"]`` is what the
 op must read and write at least; conftest.py turns it into GB/s. The ``copy`` group is the
 machine's limit measured in the same run: one NumPy thread, all numba threads, and all numba
@@ -60,11 +63,40 @@ def _bytes(op, shape):
     }[op]
 
 
-def _numba_kernels_or_skip():
+def _numba_kernels_or_fail():
+    """The numba kernel module; a benchmark of a kernel that cannot run fails, never skips."""
     module = kernels.kernel_module("numba")
     if module.unavailable():
-        pytest.skip(module.unavailable())
+        pytest.fail(f"the numba kernels cannot run: {module.unavailable()}")
     return module
+
+
+def _as_numpy(result):
+    """A call's result as a tuple of float64 NumPy arrays (loss and gradient for softmax_xent)."""
+    parts = result if isinstance(result, tuple) else (result,)
+    return tuple(np.asarray(p.detach().numpy() if hasattr(p, "detach") else p, dtype=np.float64) for p in parts)
+
+
+def _check_against_reference(op, call, shape):
+    """Run ``call`` once and compare it with the xp reference (float64 on the same float32
+    inputs): exact for the elementwise ops, float32 rounding for the exponentials."""
+    x, dy, labels, b = _arrays(shape)
+    x64, b64 = x.astype(np.float64), b.astype(np.float64)
+    want = {
+        "softmax": lambda: (F.softmax(x64, impl="xp"),),
+        "softmax_xent": lambda: F.softmax_cross_entropy(x64, labels, impl="xp"),
+        "relu_backward": lambda: (F.relu_backward(dy, np.maximum(x, 0), impl="xp"),),
+        "bias_relu": lambda: (F.bias_relu(x, b, impl="xp"),),
+    }[op]()
+    got = _as_numpy(call())
+    assert len(got) == len(want), (op, len(got), len(want))
+    for g, w in zip(got, want):
+        w = np.asarray(w, dtype=np.float64)
+        assert g.shape == w.shape, (op, g.shape, w.shape)
+        if op in ("relu_backward", "bias_relu"):
+            np.testing.assert_array_equal(g, w)
+        else:  # float32 results against float64 math: a few float32 ulps
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(w).max())))
 
 
 def _xpnet_call(op, impl, shape):
@@ -113,14 +145,19 @@ def test_kernel(benchmark, op, impl, shape, monkeypatch):
     elif impl == "xp":
         call = _xpnet_call(op, "xp", shape)
     else:
-        module = _numba_kernels_or_skip()
+        module = _numba_kernels_or_fail()
         kernel_op = "softmax_cross_entropy" if op == "softmax_xent" else op
         if impl != "numba":  # force the serial or the parallel driver
             forced = 0 if impl == "numba-parallel" else 1 << 62
             monkeypatch.setitem(module.PARALLEL_MIN_ELEMENTS, kernel_op, forced)
         monkeypatch.delenv("XPNET_KERNELS", raising=False)
+        # "auto" must pick the kernel here, not fall back to the reference quietly
+        x, dy, labels, b = _arrays(shape)
+        operands = {"softmax": (x,), "softmax_cross_entropy": (x, labels), "relu_backward": (dy, x), "bias_relu": (x, b)}
+        chosen = kernels.select(kernel_op, "auto", *operands[kernel_op])
+        assert chosen is getattr(module, kernel_op), f"impl='auto' would not run the numba {kernel_op} here"
         call = _xpnet_call(op, "auto" if impl == "numba" else "numba", shape)
-    call()  # compile / warm caches outside the timing
+    _check_against_reference(op, call, shape)  # also compiles / warms caches outside the timing
     benchmark(call)
 
 
@@ -141,11 +178,13 @@ def test_memory_copy(benchmark, impl, shape):
     if impl == "numpy-1-thread":
         call = functools.partial(_copy_numpy, src, dst)
     else:
-        _numba_kernels_or_skip()
+        _numba_kernels_or_fail()
         from xpnet.kernels import _numba_loops
 
         copy = _numba_loops.copy_streaming if impl == "numba-streaming" else _numba_loops.copy_parallel
         call = functools.partial(copy, src.reshape(-1), dst.reshape(-1))
+    dst.fill(np.nan)
     call()
+    np.testing.assert_array_equal(dst, src)  # checked before timing
     benchmark(call)
     np.testing.assert_array_equal(dst, src)

@@ -8,12 +8,22 @@ import sys
 
 import pytest
 
+from conftest import _data_root
 from xpnet.cli import main
 
 
-def test_train_then_evaluate(tmp_path, mnist, capsys):
+@pytest.fixture
+def data(mnist):
+    """``--data`` for every command that reads MNIST: the real data folder, so no test ever
+    downloads (the ``mnist`` fixture skips, with its reason, when the folder is missing)."""
+    root = _data_root()
+    assert root is not None and (root / "mnist").is_dir()
+    return ["--data", str(root)]
+
+
+def test_train_then_evaluate(tmp_path, data, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--layers", "784,16,10", "--epochs", "1", "--seed", "1", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--layers", "784,16,10", "--epochs", "1", "--seed", "1", "--out", str(out), "--quiet", *data]) == 0
     printed = capsys.readouterr().out
     assert "test accuracy" in printed
     accuracy = float(printed.split("test accuracy ")[1].split(",")[0])
@@ -23,12 +33,12 @@ def test_train_then_evaluate(tmp_path, mnist, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["command"][:2] == ["xpnet", "train"] and "--seed" in config["command"]
     assert len(config["data"]) == 4 and all(len(h) == 64 for h in config["data"].values())
-    assert main(["evaluate", str(model_file)]) == 0
+    assert main(["evaluate", str(model_file), *data]) == 0
     assert f"test accuracy {accuracy:.4f}" in capsys.readouterr().out
 
 
-def test_train_reports_bad_settings_clearly(tmp_path, mnist, capsys):
-    assert main(["train", "--epochs", "1", "--batch-size", "0", "--out", str(tmp_path / "r")]) == 2
+def test_train_reports_bad_settings_clearly(tmp_path, data, capsys):
+    assert main(["train", "--epochs", "1", "--batch-size", "0", "--out", str(tmp_path / "r"), *data]) == 2
     assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
 
 

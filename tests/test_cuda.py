@@ -90,9 +90,22 @@ def test_import_xpnet_never_imports_cupy():
     assert out.stdout.strip() == "False"
 
 
-def test_unavailable_gives_a_reason_or_none():
+def test_unavailable_gives_the_reason_or_none():
+    """None exactly when CuPy and a GPU are there (found here without xpnet), else the reason."""
     reason = cuda.unavailable()
-    assert reason is None or isinstance(reason, str) and reason
+    try:
+        import cupy
+    except ImportError:
+        assert reason == "CuPy is not installed (pip install 'xpnet[cuda12]' or 'xpnet[cuda13]')"
+        return
+    try:
+        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        assert reason is None
+    else:
+        assert isinstance(reason, str) and reason.startswith("CuPy found no") and "GPU" in reason
 
 
 # --- on a GPU --------------------------------------------------------------------------------

@@ -200,15 +200,41 @@ def test_predict_reads_real_mnist_test_digits_drawn_large_and_off_centre(drawing
     assert accuracy >= 0.95, f"{accuracy:.1%} of 300 drawn digits read correctly"
 
 
-def test_quick_model_is_trained_then_reused_from_its_cache(drawing_model, tmp_path):
+def test_quick_model_is_trained_then_reused_from_its_cache(tmp_path, monkeypatch):
+    """No cached file: quick_model trains (here a small net, 1 epoch, on 300 made-up digits),
+    saves it, and a second call loads that same model instead of training again."""
+    import xpnet.datasets
+    import xpnet.draw.server as server_module
+
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, size=300)
+    loads = []
+
+    def fake_load_mnist(split, root=None):
+        loads.append(split)
+        return X, y
+
+    monkeypatch.setattr(xpnet.datasets, "load_mnist", fake_load_mnist)
+    monkeypatch.setattr(server_module, "QUICK_LAYERS", [784, 16, 10])
+    monkeypatch.setattr(server_module, "QUICK_FIT", {**QUICK_FIT, "epochs": 1})
     path = tmp_path / "cache" / "quick.safetensors"
-    path.parent.mkdir()
-    drawing_model.save(path)
     said = []
-    model = quick_model(path, log=said.append)
-    assert "cached" in said[0] and str(path) in said[0]
-    assert model.config["layers"] == QUICK_LAYERS
-    assert QUICK_FIT["optimizer"] == "adam"
+    trained = quick_model(path, log=said.append)
+    assert "training" in said[0] and str(path) in said[0] and "test accuracy" in said[1]
+    assert loads == ["train", "test"] and path.is_file()
+    assert trained.config["layers"] == [784, 16, 10]
+    untrained = xpnet.MLP([784, 16, 10], seed=0).get_weights()
+    assert not np.array_equal(trained.get_weights()[0][0], untrained[0][0])  # it did train
+
+    said.clear()
+    reused = quick_model(path, log=said.append)
+    assert len(said) == 1 and "cached" in said[0] and str(path) in said[0]
+    assert loads == ["train", "test"]  # no second training
+    for (W1, b1), (W2, b2) in zip(trained.get_weights(), reused.get_weights()):
+        np.testing.assert_array_equal(W1, W2)
+        np.testing.assert_array_equal(b1, b2)
+    assert QUICK_LAYERS == [784, 256, 128, 10] and QUICK_FIT["optimizer"] == "adam"
 
 
 # -- the endpoint's contract, with a stand-in model ------------------------------------------------

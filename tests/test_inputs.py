@@ -51,9 +51,19 @@ def test_bad_data_is_refused_by_fit_and_evaluate(model, data, make, error, messa
         model.evaluate(X, y)
 
 
-def test_float_labels_with_integral_values_are_accepted(model, data):
+def test_float_labels_with_integral_values_are_accepted(data):
+    """Float labels such as 2.0 train exactly as the integer labels do."""
     X, y = data
-    model.fit(X, y.astype(np.float64), epochs=1, verbose=0)
+    as_int, as_float = xpnet.MLP([6, 5, 3], seed=0), xpnet.MLP([6, 5, 3], seed=0)
+    as_int.fit(X, y, epochs=2, batch_size=4, lr=0.1, verbose=0)
+    history = as_float.fit(X, y.astype(np.float64), epochs=2, batch_size=4, lr=0.1, verbose=0)
+    assert len(history["loss"]) == 2
+    start = xpnet.MLP([6, 5, 3], seed=0).get_weights()
+    assert not np.array_equal(as_float.get_weights()[0][0], start[0][0])
+    for (W1, b1), (W2, b2) in zip(as_int.get_weights(), as_float.get_weights()):
+        np.testing.assert_array_equal(W1, W2)
+        np.testing.assert_array_equal(b1, b2)
+    assert as_float.evaluate(X, y.astype(np.float32)) == as_int.evaluate(X, y)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -205,6 +203,12 @@ def test_divergence_is_reported_not_silent(rng):
 
 def test_verbose_prints_a_line_per_epoch(rng, capsys):
     X, y = blobs(rng, n=100)
-    xpnet.MLP([12, 4], seed=0).fit(X, y, epochs=2, verbose=1)
+    history = xpnet.MLP([12, 4], seed=0).fit(X, y, epochs=2, verbose=1, validation_split=0.2)
     err = capsys.readouterr().err
-    assert "epoch 1/2" in err and "epoch 2/2" in err and "loss:" in err and math.isfinite(1.0)
+    lines = [line for line in err.splitlines() if line.startswith("epoch ") and " - loss: " in line]
+    assert [line.split(" - ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    for epoch, line in enumerate(lines):  # each line shows that epoch's metrics, to 4 decimals
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert f"{key}: {history[key][epoch]:.4f}" in line, (key, line)
+    xpnet.MLP([12, 4], seed=0).fit(X, y, epochs=1, verbose=0)
+    assert capsys.readouterr().err == ""  # verbose=0 is silent

@@ -1,12 +1,272 @@
-"""Optimizers: formulas against PyTorch's, and a new optimizer as one class (AdamW)."""
+"""Optimizers and schedules against torch.optim's documented formulas, written out in NumPy.
+
+SGD (torch.optim.SGD, dampening 0): ``g += wd * p``; ``b = mu * b + g`` (``b = g`` at the first
+step); ``g = g + mu * b`` with Nesterov, else ``g = b``; ``p -= lr * g``.
+Adam (torch.optim.Adam, amsgrad off): ``g += wd * p``; ``m = b1 m + (1 - b1) g``;
+``v = b2 v + (1 - b2) g^2``; ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+Everything in float64, several steps with a fresh gradient each.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
 import xpnet
-from xpnet.optim import SGD, Adam, AdamW, make_optimizer
+from xpnet import optim
+from xpnet.optim import SGD, Adam, AdamW, CosineLR, StepLR, make_optimizer, make_schedule
+
+STEPS = 5
+
+
+def problem(seed=0):
+    """Two parameters (a matrix and a vector) and a gradient for each of STEPS steps."""
+    rng = np.random.default_rng(seed)
+    params = [rng.normal(size=(4, 3)), rng.normal(size=3)]
+    grads = [[rng.normal(size=p.shape) for p in params] for _ in range(STEPS)]
+    return params, grads
+
+
+def sgd_expected(params, grads, lr, momentum=0.0, nesterov=False, wd=0.0, lrs=None):
+    params = [p.copy() for p in params]
+    bufs = [None] * len(params)
+    for t, step_grads in enumerate(grads):
+        rate = lr if lrs is None else lrs[t]
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            g = g + wd * p
+            if momentum:
+                bufs[i] = g.copy() if bufs[i] is None else momentum * bufs[i] + g
+                g = g + momentum * bufs[i] if nesterov else bufs[i]
+            params[i] = p - rate * g
+    return params
+
+
+def adam_expected(params, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    params = [p.copy() for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    for t, step_grads in enumerate(grads, start=1):
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            g = g + wd * p
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            denom = np.sqrt(v[i]) / math.sqrt(1 - b2**t) + eps
+            params[i] = p - lr / (1 - b1**t) * m[i] / denom
+    return params
+
+
+def run(opt, params, grads):
+    live = [p.copy() for p in params]
+    ids = [id(p) for p in live]
+    for step_grads in grads:
+        opt.step(live, [g.copy() for g in step_grads])
+    assert [id(p) for p in live] == ids  # updated in place
+    return live
+
+
+def assert_params_close(actual, expected, rtol=1e-13):
+    for a, e in zip(actual, expected):
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=0)
+
+
+# --- SGD and Adam against the formulas ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "momentum, nesterov, wd",
+    [(0.0, False, 0.0), (0.0, False, 0.01), (0.9, False, 0.0), (0.9, False, 0.01), (0.8, True, 0.0), (0.8, True, 0.05)],
+)
+def test_sgd_matches_torch_formula(momentum, nesterov, wd):
+    params, grads = problem()
+    opt = SGD(lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    assert_params_close(run(opt, params, grads), sgd_expected(params, grads, 0.05, momentum, nesterov, wd))
+
+
+def test_sgd_momentum_and_nesterov_really_differ_from_plain():
+    """Guards the formula tests against a problem where the variants coincide."""
+    params, grads = problem(1)
+    plain = sgd_expected(params, grads, 0.05)
+    heavy = sgd_expected(params, grads, 0.05, momentum=0.9)
+    nesterov = sgd_expected(params, grads, 0.05, momentum=0.9, nesterov=True)
+    assert not np.allclose(plain[0], heavy[0]) and not np.allclose(heavy[0], nesterov[0])
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.02])
+@pytest.mark.parametrize("betas, eps", [((0.9, 0.999), 1e-8), ((0.5, 0.9), 1e-3)])
+def test_adam_matches_torch_formula(wd, betas, eps):
+    params, grads = problem(2)
+    opt = Adam(lr=0.01, betas=betas, eps=eps, weight_decay=wd)
+    expected = adam_expected(params, grads, 0.01, betas[0], betas[1], eps, wd)
+    assert_params_close(run(opt, params, grads), expected)
+
+
+def test_adam_first_step_moves_each_entry_by_about_lr():
+    """Bias correction: the first step is exactly lr * g / (|g| + eps), about lr whatever |g|."""
+    p = np.array([1.0, -2.0, 3.0])
+    g = np.array([1e-3, -5.0, 40.0])
+    live = [p.copy()]
+    Adam(lr=0.1, eps=1e-12).step(live, [g])
+    np.testing.assert_allclose(p - live[0], 0.1 * g / (np.abs(g) + 1e-12), rtol=1e-14)
+
+
+def test_optimizers_follow_the_scheduled_rate():
+    """``start_epoch`` sets ``lr = base_lr * schedule(epoch, epochs)``; steps use it."""
+    params, grads = problem(3)
+    opt = SGD(lr=0.2, momentum=0.5, schedule=StepLR(2, gamma=0.5))
+    live = [p.copy() for p in params]
+    lrs = []
+    for t, step_grads in enumerate(grads):  # one step per "epoch"
+        opt.start_epoch(t, len(grads))
+        lrs.append(opt.lr)
+        opt.step(live, [g.copy() for g in step_grads])
+    assert lrs == [0.2, 0.2, 0.1, 0.1, 0.05]
+    assert opt.base_lr == 0.2
+    assert_params_close(live, sgd_expected(params, grads, None, momentum=0.5, lrs=lrs))
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+
+def test_step_lr_factors():
+    s = StepLR(3, gamma=0.5)
+    assert [s(e, 10) for e in range(8)] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+    assert StepLR(1, gamma=0.1)(2, 5) == pytest.approx(0.01, rel=1e-15)
+
+
+@pytest.mark.parametrize("min_factor", [0.0, 0.1])
+def test_cosine_factors(min_factor):
+    s = CosineLR(min_factor)
+    epochs = 8
+    for e in range(epochs):
+        expected = min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * e / epochs))
+        assert s(e, epochs) == pytest.approx(expected, rel=1e-15, abs=1e-15)
+    assert s(0, epochs) == 1.0
+    assert s(4, epochs) == pytest.approx(min_factor + (1 - min_factor) / 2, rel=1e-15)
+    factors = [s(e, epochs) for e in range(epochs)]
+    assert all(a > b for a, b in zip(factors, factors[1:]))  # strictly decreasing
+    assert factors[-1] > min_factor  # the last epoch has not reached the floor yet
+
+
+def test_make_schedule_names():
+    assert make_schedule(None) is None and make_schedule("constant") is None
+    cosine = make_schedule("cosine")
+    assert isinstance(cosine, CosineLR) and cosine(0, 4) == 1.0 and cosine(2, 4) == pytest.approx(0.5, rel=1e-15)
+    custom = lambda epoch, epochs: 0.3  # noqa: E731
+    assert make_schedule(custom) is custom
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule("linear")
+
+
+@pytest.mark.parametrize("step_size", [0, -1, 1.5])
+def test_step_lr_needs_a_positive_integer_step(step_size):
+    with pytest.raises(ValueError, match="step_size"):
+        StepLR(step_size)
+
+
+def test_fit_logs_the_scheduled_rate_each_epoch(rng):
+    X = rng.normal(size=(40, 5))
+    y = rng.integers(0, 3, size=40)
+    model = xpnet.MLP([5, 3], dtype="float64", seed=0)
+    history = model.fit(X, y, epochs=5, batch_size=16, lr=0.4, schedule=StepLR(2, 0.25), verbose=0)
+    assert history["lr"] == pytest.approx([0.4, 0.4, 0.1, 0.1, 0.025], rel=1e-15)
+    history = model.fit(X, y, epochs=4, batch_size=16, lr=0.4, schedule="cosine", verbose=0)
+    expected = [0.4 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    assert history["lr"] == pytest.approx(expected, rel=1e-15)
+
+
+# --- make_optimizer: names and validation ------------------------------------------------------
+
+
+def test_make_optimizer_builds_from_names():
+    sgd = make_optimizer("SGD", lr=0.3, momentum=0.9, nesterov=True, weight_decay=0.01)
+    assert type(sgd) is SGD and sgd.lr == 0.3 and sgd.momentum == 0.9 and sgd.nesterov and sgd.weight_decay == 0.01
+    adam = make_optimizer("adam")
+    assert type(adam) is Adam and adam.lr == 1e-3 and (adam.beta1, adam.beta2, adam.eps) == (0.9, 0.999, 1e-8)
+    assert make_optimizer("sgd").lr == 0.01 and make_optimizer("sgd").momentum == 0.0
+    given = SGD(lr=0.5)
+    assert make_optimizer(given) is given
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(optimizer="rmsprop"), ValueError, "unknown optimizer"),
+        (dict(optimizer=3), ValueError, "unknown optimizer"),
+        (dict(lr=-0.1), ValueError, "lr"),
+        (dict(lr=0), ValueError, "lr must be > 0"),
+        (dict(lr=float("nan")), TypeError, "lr must be a finite number"),
+        (dict(lr=float("inf")), TypeError, "lr must be a finite number"),
+        (dict(lr="0.1"), TypeError, "lr"),
+        (dict(lr=True), TypeError, "lr"),
+        (dict(momentum=1.0), ValueError, "momentum"),
+        (dict(momentum=-0.5), ValueError, "momentum"),
+        (dict(nesterov=True), ValueError, "nesterov"),
+        (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
+        (dict(optimizer="adam", momentum=0.9), ValueError, "momentum"),
+        (dict(optimizer="adam", nesterov=True), ValueError, "nesterov"),
+        (dict(schedule="warmup"), ValueError, "schedule"),
+    ],
+)
+def test_make_optimizer_refuses_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_optimizer(**kwargs)
+
+
+@pytest.mark.parametrize("extra", [dict(lr=0.1), dict(momentum=0.9), dict(weight_decay=0.1), dict(schedule="cosine")])
+def test_settings_beside_an_optimizer_object_are_refused(extra):
+    with pytest.raises(ValueError, match=next(iter(extra))):
+        make_optimizer(SGD(lr=0.1), **extra)
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, 1.0), (-0.1, 0.9)])
+def test_adam_betas_must_be_in_unit_interval(betas):
+    with pytest.raises(ValueError, match="betas"):
+        Adam(betas=betas)
+
+
+# --- the fused CPU update inside fit applies the schedule ----------------------------------------
+
+
+def _fit_weights(monkeypatch, kernels, **settings):
+    if kernels is None:
+        monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("XPNET_KERNELS", kernels)
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(150, 12))
+    y = rng.integers(0, 4, size=150)
+    model = xpnet.MLP([12, 16, 4], dtype="float64", seed=1)
+    model.fit(X, y, epochs=3, batch_size=32, verbose=0, **settings)
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("schedule", [StepLR(1, gamma=0.3), "cosine"], ids=["step", "cosine"])
+@pytest.mark.parametrize(
+    "settings",
+    [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.1, momentum=0.9, nesterov=True), dict(optimizer="adam", lr=0.01)],
+    ids=["sgd", "momentum", "nesterov", "adam"],
+)
+def test_fused_cpu_update_applies_the_schedule(monkeypatch, schedule, settings):
+    """fit on NumPy updates through the optimizers' fused kernels; XPNET_KERNELS=xp runs
+    ``opt.step``. Same float64 weights to ~1e-12 (only the order of a few sums differs)."""
+    pytest.importorskip("numba")
+    fast = _fit_weights(monkeypatch, None, schedule=schedule, **settings)
+    reference = _fit_weights(monkeypatch, "xp", schedule=schedule, **settings)
+    unscheduled = _fit_weights(monkeypatch, "xp", **settings)
+    for (W, b), (W_ref, b_ref), (W_const, _) in zip(fast, reference, unscheduled):
+        np.testing.assert_allclose(W, W_ref, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(b, b_ref, rtol=1e-12, atol=1e-14)
+        assert not np.allclose(W_ref, W_const, rtol=1e-6)  # the schedule did change the outcome
+
+
+def test_optim_module_exports():
+    assert set(optim.__all__) >= {"SGD", "Adam", "StepLR", "CosineLR", "make_optimizer", "make_schedule"}
+
+
+# --- AdamW: a new optimizer as one class ---
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -1,0 +1,258 @@
+"""History and EarlyStopping driven directly with made-up logs, on a stand-in model.
+
+The stand-in holds its "weights" as a list of (W, b) NumPy pairs and counts how it was asked
+for them, so the tests can tell which epoch's weights a callback kept and restored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from xpnet.callbacks import Callback, EarlyStopping, History
+
+
+class StandIn:
+    """What a callback may touch on a model: ``stop_training`` and get/set_weights."""
+
+    def __init__(self):
+        self.stop_training = False
+        self.weights = [(np.zeros((2, 3)), np.zeros(3))]
+        self.restored = None
+
+    def show_epoch(self, epoch):
+        """Make the current weights tell which epoch they belong to."""
+        self.weights = [(np.full((2, 3), float(epoch)), np.full(3, -float(epoch)))]
+
+    def get_weights(self):
+        return [(W.copy(), b.copy()) for W, b in self.weights]
+
+    def set_weights(self, weights):
+        self.restored = [(np.array(W), np.array(b)) for W, b in weights]
+        self.weights = self.restored
+
+
+def drive(cb, values, key="val_loss", model=None):
+    """Feed ``values`` of ``key`` one epoch at a time, as fit does: stop when asked.
+
+    Returns the stand-in model and the epochs actually run.
+    """
+    model = model if model is not None else StandIn()
+    cb.model = model
+    cb.on_train_begin({"epochs": len(values)})
+    ran = []
+    for epoch, value in enumerate(values):
+        model.show_epoch(epoch)
+        cb.on_epoch_end(epoch, {"loss": 1.0, key: value})
+        ran.append(epoch)
+        if model.stop_training:
+            break
+    cb.on_train_end({"epochs_run": len(ran)})
+    return model, ran
+
+
+# --- History ---------------------------------------------------------------------------------
+
+
+def test_history_records_every_key_per_epoch_and_the_settings():
+    h = History()
+    h.on_train_begin({"epochs": 3, "batch_size": 8})
+    logs = [{"loss": 0.9, "accuracy": 0.5}, {"loss": 0.7, "accuracy": 0.6, "val_loss": 0.8}, {"loss": 0.4, "accuracy": 0.75}]
+    for epoch, entry in enumerate(logs):
+        h.on_epoch_end(epoch, entry)
+    assert h.epoch == [0, 1, 2]
+    assert h["loss"] == [0.9, 0.7, 0.4]
+    assert h["accuracy"] == [0.5, 0.6, 0.75]
+    assert h["val_loss"] == [0.8]  # a key logged once is recorded once, not padded
+    assert h.params == {"epochs": 3, "batch_size": 8}
+    assert "epochs=3" in repr(h) and "0.4" in repr(h)
+    with pytest.raises(KeyError):
+        h["val_accuracy"]
+
+
+def test_history_keeps_its_own_copy_of_the_settings():
+    settings = {"epochs": 2}
+    h = History()
+    h.on_train_begin(settings)
+    settings["epochs"] = 99
+    assert h.params == {"epochs": 2}
+
+
+# --- EarlyStopping: which direction is better -------------------------------------------------
+
+
+def test_auto_mode_treats_a_rising_accuracy_as_improvement():
+    cb = EarlyStopping("val_accuracy", patience=1)
+    model, ran = drive(cb, [0.5, 0.6, 0.7, 0.8], key="val_accuracy")
+    assert ran == [0, 1, 2, 3] and not model.stop_training
+    assert cb.best == 0.8 and cb.best_epoch == 3 and cb.stopped_epoch is None
+
+
+def test_auto_mode_stops_when_accuracy_falls():
+    cb = EarlyStopping("val_accuracy", patience=1)
+    model, ran = drive(cb, [0.5, 0.7, 0.6, 0.9], key="val_accuracy")
+    assert ran == [0, 1, 2] and model.stop_training
+    assert cb.best == 0.7 and cb.best_epoch == 1 and cb.stopped_epoch == 2
+
+
+def test_auto_mode_treats_a_falling_loss_as_improvement():
+    cb = EarlyStopping("val_loss", patience=1)
+    model, ran = drive(cb, [0.9, 0.8, 0.85, 0.1])
+    assert ran == [0, 1, 2] and model.stop_training
+    assert cb.best == 0.8 and cb.best_epoch == 1 and cb.stopped_epoch == 2
+
+
+def test_explicit_mode_overrides_the_name():
+    cb = EarlyStopping("val_loss", patience=1, mode="max")
+    _, ran = drive(cb, [0.1, 0.2, 0.3])
+    assert ran == [0, 1, 2] and cb.best == 0.3
+    with pytest.raises(ValueError, match="mode"):
+        EarlyStopping(mode="up")
+
+
+@pytest.mark.parametrize("patience", [-1, 1.5, "3"])
+def test_patience_must_be_a_non_negative_integer(patience):
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=patience)
+
+
+# --- min_delta: sign and strictness -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_delta", [0.1, -0.1])
+def test_min_delta_is_a_margin_whatever_its_sign_loss(min_delta):
+    """Improvements smaller than |min_delta| do not count, for a loss..."""
+    cb = EarlyStopping("val_loss", patience=2, min_delta=min_delta)
+    model, ran = drive(cb, [1.0, 0.95, 0.92, 0.5])
+    assert ran == [0, 1, 2] and model.stop_training  # 0.95 and 0.92 are within 0.1 of 1.0
+    assert cb.best == 1.0 and cb.best_epoch == 0
+
+
+@pytest.mark.parametrize("min_delta", [0.1, -0.1])
+def test_min_delta_is_a_margin_whatever_its_sign_accuracy(min_delta):
+    """... and for an accuracy."""
+    cb = EarlyStopping("val_accuracy", patience=2, min_delta=min_delta)
+    model, ran = drive(cb, [0.5, 0.55, 0.58, 0.9], key="val_accuracy")
+    assert ran == [0, 1, 2] and model.stop_training
+    assert cb.best == 0.5 and cb.best_epoch == 0
+
+
+def test_an_improvement_beyond_min_delta_counts():
+    cb = EarlyStopping("val_loss", patience=1, min_delta=0.1)
+    _, ran = drive(cb, [1.0, 0.875, 0.75, 0.625])  # exact binary fractions: 0.125 > 0.1 each time
+    assert ran == [0, 1, 2, 3] and cb.best == 0.625 and cb.best_epoch == 3
+
+
+def test_an_improvement_of_exactly_min_delta_does_not_count():
+    """Strict: ``value < best - min_delta`` (binary fractions, so the margin is exact)."""
+    cb = EarlyStopping("val_loss", patience=1, min_delta=0.25)
+    _, ran = drive(cb, [1.0, 0.75])
+    assert ran == [0, 1] and cb.best == 1.0 and cb.stopped_epoch == 1
+    cb = EarlyStopping("val_accuracy", patience=1, min_delta=0.25)
+    _, ran = drive(cb, [0.25, 0.5], key="val_accuracy")
+    assert ran == [0, 1] and cb.best == 0.25 and cb.stopped_epoch == 1
+
+
+def test_an_equal_value_is_not_an_improvement():
+    cb = EarlyStopping("val_loss", patience=2)
+    model, ran = drive(cb, [0.5, 0.5, 0.5, 0.1])
+    assert ran == [0, 1, 2] and model.stop_training and cb.best_epoch == 0
+
+
+# --- patience ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("patience", [0, 1, 2, 3])
+def test_patience_counts_epochs_without_improvement(patience):
+    """Best at epoch 1, then no improvement: stops at epoch 1 + max(patience, 1)... except
+    patience 0 stops at the first epoch that does not improve."""
+    values = [0.9, 0.5] + [0.6] * 6
+    cb = EarlyStopping("val_loss", patience=patience)
+    model, ran = drive(cb, values)
+    stop = 1 + max(patience, 1)
+    assert ran == list(range(stop + 1)) and model.stop_training and cb.stopped_epoch == stop
+
+
+def test_an_improvement_resets_the_patience_count():
+    cb = EarlyStopping("val_loss", patience=2)
+    # epochs 2 and 4 do not improve, but each is followed by an improvement
+    model, ran = drive(cb, [1.0, 0.9, 0.95, 0.8, 0.85, 0.7, 0.75, 0.76])
+    assert ran == [0, 1, 2, 3, 4, 5, 6, 7] and model.stop_training and cb.stopped_epoch == 7
+    assert cb.best == 0.7 and cb.best_epoch == 5
+
+
+def test_state_resets_when_a_new_run_begins():
+    cb = EarlyStopping("val_loss", patience=1)
+    drive(cb, [0.1, 0.2])
+    assert cb.best == 0.1 and cb.stopped_epoch == 1
+    model, ran = drive(cb, [0.5, 0.4, 0.3])  # all worse than the first run's best
+    assert ran == [0, 1, 2] and not model.stop_training
+    assert cb.best == 0.3 and cb.best_epoch == 2 and cb.stopped_epoch is None
+
+
+# --- restore_best_weights -----------------------------------------------------------------------
+
+
+def test_restore_best_weights_restores_the_best_epoch():
+    cb = EarlyStopping("val_loss", patience=2, restore_best_weights=True)
+    model, ran = drive(cb, [0.9, 0.4, 0.6, 0.7, 0.1])
+    assert ran == [0, 1, 2, 3]
+    assert model.restored is not None
+    (W, b), = model.weights
+    np.testing.assert_array_equal(W, np.full((2, 3), 1.0))
+    np.testing.assert_array_equal(b, np.full(3, -1.0))
+
+
+def test_restore_best_weights_when_the_best_is_the_last_epoch():
+    cb = EarlyStopping("val_accuracy", patience=5)
+    model, _ = drive(cb, [0.1, 0.2, 0.3], key="val_accuracy")
+    (W, _), = model.weights
+    np.testing.assert_array_equal(W, np.full((2, 3), 2.0))
+
+
+def test_without_restore_the_last_weights_stay():
+    cb = EarlyStopping("val_loss", patience=1, restore_best_weights=False)
+    model, ran = drive(cb, [0.1, 0.5, 0.6])
+    assert ran == [0, 1] and model.restored is None
+    (W, _), = model.weights
+    np.testing.assert_array_equal(W, np.full((2, 3), 1.0))
+
+
+def test_nothing_is_restored_when_no_epoch_ran():
+    model = StandIn()
+    cb = EarlyStopping()
+    cb.model = model
+    cb.on_train_begin({})
+    cb.on_train_end({"epochs_run": 0})
+    assert model.restored is None
+
+
+# --- a missing monitored key --------------------------------------------------------------------
+
+
+def test_a_missing_monitored_key_is_a_clear_error():
+    cb = EarlyStopping("val_loss")
+    cb.model = StandIn()
+    cb.on_train_begin({})
+    with pytest.raises(ValueError, match="val_loss") as info:
+        cb.on_epoch_end(0, {"loss": 0.5, "accuracy": 0.9})
+    assert "validation" in str(info.value) and "accuracy" in str(info.value)  # says what is logged
+    assert not cb.model.stop_training
+
+
+def test_nan_is_never_an_improvement():
+    cb = EarlyStopping("val_loss", patience=1)
+    model, ran = drive(cb, [0.5, math.nan, 0.4])
+    assert ran == [0, 1] and model.stop_training and cb.best == 0.5
+
+
+def test_a_custom_callback_sees_the_model_and_can_stop_it():
+    class StopAtTwo(Callback):
+        def on_epoch_end(self, epoch, logs):
+            if epoch == 2:
+                self.model.stop_training = True
+
+    model, ran = drive(StopAtTwo(), [0.1] * 6)
+    assert ran == [0, 1, 2] and model.stop_training

@@ -1,0 +1,344 @@
+"""The numbers ``fit``/``evaluate``/``predict`` report, against a NumPy MLP written here.
+
+The reference in this file is independent of xpnet's code: weights come from
+``model.get_weights()`` (pairs ``(W, b)``, W shaped (fan_in, fan_out)), hidden layers are ReLU,
+the output is linear, the loss is the mean of ``logsumexp(z) - z[y]``, and the gradient of a
+mini-batch is back-propagated by hand. Everything is float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet.callbacks import Callback, EarlyStopping
+from xpnet.optim import StepLR
+
+# --- the independent NumPy MLP ---------------------------------------------------------------------
+
+
+def np_forward(weights, X):
+    """Logits, and the hidden activations for back-propagation."""
+    hs = [X]
+    for i, (W, b) in enumerate(weights):
+        z = hs[-1] @ W + b
+        hs.append(np.maximum(z, 0.0) if i < len(weights) - 1 else z)
+    return hs[-1], hs
+
+
+def np_logsumexp(z):
+    m = z.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def np_loss(weights, X, y):
+    z, _ = np_forward(weights, X)
+    return float(np.mean(np_logsumexp(z) - z[np.arange(len(y)), y]))
+
+
+def np_accuracy(weights, X, y):
+    z, _ = np_forward(weights, X)
+    return float(np.mean(np.argmax(z, axis=1) == y))  # NumPy: the first maximum wins a tie
+
+
+def np_sgd_step(weights, X, y, lr):
+    """One plain SGD step on the mean cross-entropy of the batch ``(X, y)``."""
+    z, hs = np_forward(weights, X)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    dz = p
+    dz[np.arange(len(y)), y] -= 1.0
+    dz /= len(y)
+    new = list(weights)
+    for i in range(len(weights) - 1, -1, -1):
+        W, b = weights[i]
+        dW, db = hs[i].T @ dz, dz.sum(axis=0)
+        if i > 0:
+            dz = (dz @ W.T) * (hs[i] > 0)
+        new[i] = (W - lr * dW, b - lr * db)
+    return new
+
+
+def np_sgd_epoch(weights, X, y, lr, batch_size, order):
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        weights = np_sgd_step(weights, X[idx], y[idx], lr)
+    return weights
+
+
+def close(a, b, rtol):
+    return all(np.allclose(Wa, Wb, rtol=rtol, atol=0) and np.allclose(ba, bb, rtol=rtol, atol=1e-300)
+               for (Wa, ba), (Wb, bb) in zip(a, b))
+
+
+def assert_weights_close(a, b, rtol):
+    for (Wa, ba), (Wb, bb) in zip(a, b):
+        np.testing.assert_allclose(Wa, Wb, rtol=rtol, atol=0)
+        np.testing.assert_allclose(ba, bb, rtol=rtol, atol=1e-15)
+
+
+class WeightsPerEpoch(Callback):
+    """Snapshots of the model's weights at the end of each epoch."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    def on_epoch_end(self, epoch, logs):
+        self.snapshots.append(self.model.get_weights())
+
+
+@pytest.fixture(params=["fast", "xp"])
+def kernels(request, monkeypatch):
+    """The default path (Numba kernels and the fused CPU step) and the reference (XPNET_KERNELS=xp)."""
+    if request.param == "xp":
+        monkeypatch.setenv("XPNET_KERNELS", "xp")
+    else:
+        monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    return request.param
+
+
+def integer_weights(rng, widths):
+    """Small integer weights: every logit is computed exactly, so exact ties happen."""
+    return [(rng.integers(-2, 3, size=(a, b)).astype(np.float64), rng.integers(-1, 2, size=b).astype(np.float64))
+            for a, b in zip(widths[:-1], widths[1:])]
+
+
+# --- (a) evaluate / predict / predict_proba on more than one prediction chunk ---------------------
+
+
+N_BIG = 8192 * 2 + 17  # three chunks of xpnet's 8192-row inference, the last one short
+
+
+def test_evaluate_and_predict_match_numpy_over_several_chunks(kernels):
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(N_BIG, 20))
+    y = rng.integers(0, 5, size=N_BIG)
+    model = xpnet.MLP([20, 16, 5], dtype="float64", seed=2)
+    weights = [(W, rng.normal(size=b.shape) * 0.3) for W, b in model.get_weights()]
+    model.set_weights(weights)
+    z, _ = np_forward(weights, X)
+
+    scores = model.evaluate(X, y)
+    assert scores["loss"] == pytest.approx(np_loss(weights, X, y), rel=1e-12)
+    assert scores["accuracy"] == np_accuracy(weights, X, y)
+    # a chunk-wise mean of means would differ: the short last chunk weighs as much as a full one
+    chunk_means = [np.mean(np_logsumexp(z[a:b]) - z[np.arange(a, b), y[a:b]]) for a, b in ((0, 8192), (8192, 16384), (16384, N_BIG))]
+    assert abs(np.mean(chunk_means) - scores["loss"]) > 1e-6
+
+    labels = model.predict(X)
+    assert labels.dtype == np.int64 and labels.shape == (N_BIG,)
+    np.testing.assert_array_equal(labels, np.argmax(z, axis=1))
+
+    proba = model.predict_proba(X)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(proba, e / e.sum(axis=1, keepdims=True), rtol=1e-12, atol=1e-300)
+    assert model.score(X, y) == scores["accuracy"]
+
+
+def test_predict_breaks_exact_ties_like_numpy(kernels):
+    """Integer weights and inputs give exactly tied logits; the first maximum must win."""
+    rng = np.random.default_rng(12)
+    widths = [20, 6, 5]
+    weights = integer_weights(rng, widths)
+    X = rng.integers(-2, 3, size=(N_BIG, 20)).astype(np.float64)
+    z, _ = np_forward(weights, X)
+    top = z.max(axis=1, keepdims=True)
+    tied = (z == top).sum(axis=1) > 1
+    assert tied.sum() > 1000  # many exact ties, in every chunk
+    last_max = z.shape[1] - 1 - np.argmax(z[:, ::-1], axis=1)
+    y = np.where(rng.random(N_BIG) < 0.5, np.argmax(z, axis=1), last_max)  # labels on either side of a tie
+    model = xpnet.MLP(widths, dtype="float64", seed=0)
+    model.set_weights(weights)
+    np.testing.assert_array_equal(model.predict(X), np.argmax(z, axis=1))
+    expected = np_accuracy(weights, X, y)
+    assert expected != float(np.mean(last_max == y))  # the tie-breaking rule shows in the score
+    assert model.evaluate(X, y)["accuracy"] == expected
+
+
+def test_train_metrics_of_a_one_step_epoch_are_those_of_the_weights_before_the_step(kernels):
+    """batch_size >= n and no shuffling: the epoch is one step, and its reported loss and accuracy
+    are the loss and accuracy of the weights the step started from (exact ties included)."""
+    rng = np.random.default_rng(13)
+    widths = [10, 8, 4]
+    weights = integer_weights(rng, widths)
+    X = rng.integers(-2, 3, size=(300, 10)).astype(np.float64)
+    z, _ = np_forward(weights, X)
+    last_max = z.shape[1] - 1 - np.argmax(z[:, ::-1], axis=1)
+    y = np.where(np.arange(300) % 2 == 0, np.argmax(z, axis=1), last_max)
+    y[::7] = rng.integers(0, 4, size=y[::7].shape)
+    assert np.mean(last_max == y) != np_accuracy(weights, X, y)
+
+    model = xpnet.MLP(widths, dtype="float64", seed=0)
+    model.set_weights(weights)
+    history = model.fit(X, y, epochs=1, batch_size=512, lr=0.01, shuffle=False, verbose=0)
+    assert history["loss"] == [pytest.approx(np_loss(weights, X, y), rel=1e-12)]
+    assert history["accuracy"] == [np_accuracy(weights, X, y)]
+    # and the step itself is plain SGD on the mean loss
+    assert_weights_close(model.get_weights(), np_sgd_step(weights, X, y, 0.01), rtol=1e-12)
+
+
+# --- (b) validation_split holds out the last rows --------------------------------------------------
+
+
+def test_validation_split_holds_out_exactly_the_last_rows(kernels):
+    rng = np.random.default_rng(14)
+    n, n_val = 40, 10  # validation_split=0.25
+    X = rng.normal(size=(n, 6))
+    y = rng.integers(0, 3, size=n)
+    model = xpnet.MLP([6, 5, 3], dtype="float64", seed=4)
+    start = model.get_weights()
+    history = model.fit(X, y, epochs=2, batch_size=8, lr=0.2, shuffle=False, validation_split=0.25, verbose=0)
+    final = model.get_weights()
+    # the val_* metrics are those of the final weights on the last n_val rows...
+    assert history["val_loss"][-1] == pytest.approx(np_loss(final, X[-n_val:], y[-n_val:]), rel=1e-12)
+    assert history["val_accuracy"][-1] == np_accuracy(final, X[-n_val:], y[-n_val:])
+    assert history["val_loss"][-1] != pytest.approx(np_loss(final, X[:n_val], y[:n_val]), rel=1e-6)
+    # ... and training saw the first n - n_val rows, in order
+    expected = start
+    for _ in range(2):
+        expected = np_sgd_epoch(expected, X[: n - n_val], y[: n - n_val], 0.2, 8, np.arange(n - n_val))
+    assert_weights_close(final, expected, rtol=1e-10)
+
+
+def test_validation_split_with_uint8_images_is_scaled_like_the_training_rows(kernels):
+    """uint8 images are scaled by 1/255 for validation too (the fused step keeps them as uint8)."""
+    rng = np.random.default_rng(15)
+    X = rng.integers(0, 256, size=(50, 12), dtype=np.uint8)
+    y = rng.integers(0, 3, size=50)
+    model = xpnet.MLP([12, 7, 3], dtype="float64", seed=5)
+    history = model.fit(X, y, epochs=1, batch_size=16, lr=0.1, validation_split=0.2, verbose=0)
+    final = model.get_weights()
+    Xf = X.astype(np.float64) / 255.0
+    assert history["val_loss"][0] == pytest.approx(np_loss(final, Xf[-10:], y[-10:]), rel=1e-12)
+
+
+# --- (c) shuffling -------------------------------------------------------------------------------
+
+
+N_PERM = 6  # 720 orders: few enough to try them all
+
+
+def recover_order(before, after, X, y, lr):
+    """The order in which one epoch of batch-1 SGD visited the rows, found by trying every order.
+
+    Exactly one order must reproduce ``after`` from ``before`` (the orders give results far apart)."""
+    found = [order for order in itertools.permutations(range(N_PERM))
+             if close(np_sgd_epoch(before, X, y, lr, 1, list(order)), after, rtol=1e-9)]
+    assert len(found) == 1, f"{len(found)} orders reproduce the epoch"
+    return found[0]
+
+
+def orders_of_a_run(seed, shuffle, epochs=2):
+    rng = np.random.default_rng(16)
+    X = rng.normal(size=(N_PERM, 3))
+    y = np.array([0, 1, 2, 0, 1, 2])
+    model = xpnet.MLP([3, 4, 3], dtype="float64", seed=seed)
+    start = model.get_weights()
+    snapshots = WeightsPerEpoch()
+    model.fit(X, y, epochs=epochs, batch_size=1, lr=0.5, shuffle=shuffle, callbacks=[snapshots], verbose=0)
+    befores = [start] + snapshots.snapshots[:-1]
+    return [recover_order(b, a, X, y, 0.5) for b, a in zip(befores, snapshots.snapshots)]
+
+
+def test_without_shuffle_every_epoch_goes_in_order(kernels):
+    assert orders_of_a_run(seed=3, shuffle=False) == [tuple(range(N_PERM))] * 2
+
+
+def test_shuffle_draws_a_new_order_each_epoch_reproducibly(kernels):
+    first, second = orders_of_a_run(seed=3, shuffle=True)
+    assert first != second
+    assert tuple(range(N_PERM)) not in (first, second)
+    assert orders_of_a_run(seed=3, shuffle=True) == [first, second]  # the seed reproduces them
+    assert orders_of_a_run(seed=9, shuffle=True) != [first, second]
+
+
+# --- (d) the fast path against the reference, for every optimizer and schedule ----------------------
+
+
+OPTIMIZERS = {
+    "sgd": dict(lr=0.1),
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "nesterov": dict(lr=0.05, momentum=0.9, nesterov=True),
+    "adam": dict(optimizer="adam", lr=0.01),
+}
+SCHEDULES = {"constant": None, "cosine": "cosine", "step": StepLR(1, gamma=0.5)}
+
+
+def _trained_weights(monkeypatch, kernels, X, y, **settings):
+    if kernels == "xp":
+        monkeypatch.setenv("XPNET_KERNELS", "xp")
+    else:
+        monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    model = xpnet.MLP([12, 16, 4], dtype="float64", seed=6)
+    history = model.fit(X, y, epochs=2, batch_size=32, validation_split=0.2, shuffle=True, verbose=0, **settings)
+    return model.get_weights(), history
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_fast_path_matches_the_reference(monkeypatch, optimizer, weight_decay, schedule):
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(17)
+    X = rng.normal(size=(200, 12))
+    y = rng.integers(0, 4, size=200)
+    settings = dict(OPTIMIZERS[optimizer], weight_decay=weight_decay, schedule=SCHEDULES[schedule])
+    fast, fast_history = _trained_weights(monkeypatch, "fast", X, y, **settings)
+    ref, ref_history = _trained_weights(monkeypatch, "xp", X, y, **settings)
+    assert_weights_close(fast, ref, rtol=1e-10)
+    for key in ("loss", "val_loss"):
+        assert fast_history[key] == pytest.approx(ref_history[key], rel=1e-10)
+    assert fast_history["accuracy"] == ref_history["accuracy"]
+
+
+# --- (e) a run stopped early ----------------------------------------------------------------------
+
+
+def test_a_run_stopped_early_reports_and_records_it(tmp_path, kernels):
+    """``lr`` is constant, so monitored with mode='max' it stops improving after epoch 0:
+    EarlyStopping(patience=2) stops the run at epoch 2 of 10, deterministically."""
+    rng = np.random.default_rng(18)
+    X = rng.normal(size=(60, 6))
+    y = rng.integers(0, 3, size=60)
+    model = xpnet.MLP([6, 5, 3], dtype="float64", seed=7)
+    snapshots = WeightsPerEpoch()
+    stopper = EarlyStopping("lr", mode="max", patience=2, restore_best_weights=True)
+    run = tmp_path / "run"
+    history = model.fit(X, y, epochs=10, batch_size=16, lr=0.1, callbacks=[stopper, snapshots], verbose=0, run_dir=run)
+
+    assert history.epoch == [0, 1, 2] and len(history["loss"]) == 3
+    assert model.stop_training is True
+    assert stopper.best_epoch == 0 and stopper.stopped_epoch == 2
+    # the model ends with the best epoch's weights, which differ from the last epoch's
+    assert_weights_close(model.get_weights(), snapshots.snapshots[0], rtol=0)
+    assert not close(snapshots.snapshots[0], snapshots.snapshots[2], rtol=1e-6)
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert [m["loss"] for m in metrics] == history["loss"]
+    assert [m["accuracy"] for m in metrics] == history["accuracy"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped early" and summary["epochs_run"] == 3
+    config = json.loads((run / "config.json").read_text())
+    assert config["fit"]["epochs"] == 10 and config["fit"]["n_train"] == 60
+    # the model file holds the model after the last finished epoch (runs.py: "the last line of
+    # metrics.jsonl always describes the model file beside it"), not the restored best weights
+    saved = xpnet.load(run / "model.safetensors").get_weights()
+    assert_weights_close(saved, snapshots.snapshots[2], rtol=0)
+
+
+def test_a_completed_run_is_recorded_as_completed(tmp_path):
+    rng = np.random.default_rng(19)
+    X = rng.normal(size=(30, 4))
+    y = rng.integers(0, 2, size=30)
+    model = xpnet.MLP([4, 2], dtype="float64", seed=0)
+    history = model.fit(X, y, epochs=2, batch_size=10, verbose=0, run_dir=tmp_path / "r")
+    assert model.stop_training is False and history.epoch == [0, 1]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_run"] == 2
+    assert math.isclose(history["loss"][-1], json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
