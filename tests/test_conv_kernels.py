@@ -368,3 +368,11 @@ def test_scratch_buffers_are_reused_and_never_returned(numba_cpu, rng):
         assert not any(np.may_share_memory(result, buf) for buf in buffers.values())
     np.testing.assert_array_equal(dx1, dx2)
     np.testing.assert_array_equal(dk1, dk2)
+
+
+def test_large_scratch_is_not_kept(numba_cpu, monkeypatch, rng):
+    monkeypatch.setattr(numba_cpu, "SCRATCH_KEEP_BYTES", 1000)
+    monkeypatch.setattr(numba_cpu, "_scratch_buffers", type(numba_cpu._scratch_buffers)())
+    x, kernel = rng.standard_normal((2, 9, 9, 3)), rng.standard_normal((3, 3, 3, 9))
+    np.testing.assert_allclose(F.conv2d(x, kernel, impl="numba"), F.conv2d(x, kernel, impl="xp"), rtol=1e-12)
+    assert "columns" not in numba_cpu._scratch_buffers.__dict__  # 98 x 27 float64: too large to keep

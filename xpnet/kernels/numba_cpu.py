@@ -291,11 +291,17 @@ def softmax_cross_entropy(logits, labels, /, grad_out=None):
 
 _scratch_buffers = threading.local()
 
+# Work arrays up to this size are kept for the next call; larger ones (a prediction chunk of
+# 8192 images needs 218 MB of LeNet columns) are allocated per call and given back.
+SCRATCH_KEEP_BYTES = 32 << 20
+
 
 def _scratch(name, shape, dtype):
-    """A reusable work array (this thread's, grown as needed, never returned to a caller):
-    LeNet's column matrices are ~3.5 MB each, and a fresh one per call costs page faults."""
+    """A work array, never returned to a caller: this thread's kept one when it fits (grown as
+    needed, up to ``SCRATCH_KEEP_BYTES``), so a training step allocates no 3.5 MB matrices."""
     size = math.prod(shape)
+    if size * np.dtype(dtype).itemsize > SCRATCH_KEEP_BYTES:
+        return np.empty(shape, dtype)
     buffers = _scratch_buffers.__dict__
     buf = buffers.get(name)
     if buf is None or buf.dtype != dtype or buf.size < size:
