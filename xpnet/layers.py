@@ -238,8 +238,13 @@ class Conv2D(Layer):
         return (rows, cols, self.filters)
 
     def forward(self, x, *, training=False):
-        z = F.conv2d(x, self.W, self.b, strides=self.strides, padding=self.padding)
-        y = z if self.activation is None else F.ACTIVATIONS[self.activation](z)
+        if self.activation == "relu":  # bias and ReLU in one pass over the output, as Dense does
+            z = F.conv2d(x, self.W, strides=self.strides, padding=self.padding)
+            rows = namespace_of(z).reshape(z, (-1, self.filters))
+            y = namespace_of(z).reshape(F.bias_relu(rows, self.b, out=rows), z.shape)
+        else:
+            z = F.conv2d(x, self.W, self.b, strides=self.strides, padding=self.padding)
+            y = z if self.activation is None else F.ACTIVATIONS[self.activation](z)
         if training:
             self._x, self._y = x, y
         return y
