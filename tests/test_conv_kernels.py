@@ -178,7 +178,8 @@ def _spy_on_loops(numba_cpu, monkeypatch, names):
 
 
 def test_forced_numba_runs_the_compiled_loops(numba_cpu, monkeypatch, rng):
-    calls = _spy_on_loops(numba_cpu, monkeypatch, ["im2col", "col2im", "max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"])
+    loops = ["im2col", "col2im", "max_pool", "max_pool_backward", "avg_pool", "avg_pool_backward"]
+    calls = _spy_on_loops(numba_cpu, monkeypatch, loops)
     x = rng.standard_normal((2, 6, 5, 3))
     kernel = rng.standard_normal((3, 2, 3, 9))  # 3 channels x 9 filters: im2col + BLAS
     y = F.conv2d(x, kernel, impl="numba")
@@ -332,7 +333,8 @@ def test_conv_special_values_flow_as_in_the_reference(poisoned_numpy, conv_path,
         for padding in ("valid", "same"):
             want = F.conv2d(x, kernel, bias, padding=padding, impl="xp")
             got = F.conv2d(x, kernel, bias, padding=padding, impl="numba")
-            scale = F.conv2d(np.nan_to_num(np.abs(x), posinf=0), np.abs(kernel), np.abs(bias), padding=padding, impl="xp")
+            finite = np.nan_to_num(np.abs(x), posinf=0)
+            scale = F.conv2d(finite, np.abs(kernel), np.abs(bias), padding=padding, impl="xp")
             _assert_norm_close(got, want, scale)
             assert np.isnan(got).any() and np.isinf(got).any()
 
