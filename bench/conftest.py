@@ -1,7 +1,10 @@
 """pytest-benchmark helpers: bytes -> GB/s, machine facts, quick mode.
 
-Run:  python -m pytest bench/ --benchmark-only --benchmark-json=bench/results/<name>.json
+Run:  python -m pytest bench/ --benchmark-only --no-cov --benchmark-json=bench/results/<name>.json
 CI:   XPNET_BENCH_QUICK=1 python -m pytest bench/ --benchmark-disable -q   (small shapes, < 60 s)
+
+pyproject.toml's pytest options turn on coverage for every run; a timed run must pass ``--no-cov``
+(the tracer slows the Python between kernels), and is refused without it.
 
 Each benchmark records the bytes it must move in ``extra_info["bytes"]``; the
 ``pytest_benchmark_update_json`` hook below turns that into GB/s (from the fastest round and from
@@ -44,6 +47,14 @@ def _versions() -> dict:
         except ImportError:
             versions[name] = None
     return versions
+
+
+def pytest_configure(config):
+    """Refuse to time benchmarks under coverage's tracer (pyproject's addopts turn it on)."""
+    timing = not config.getoption("benchmark_disable", default=False)
+    traced = config.getoption("cov_source", default=None) and not config.getoption("no_cov", default=False)
+    if timing and traced:
+        raise pytest.UsageError("benchmarks are timed: run them with --no-cov (coverage tracing slows the timed code)")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -6,7 +6,9 @@
 replaced by ones that fail, so a test cannot pass on the serial path, and the results must equal
 the reference bit for bit (both ops are exact: a max and an add per element): on odd shapes,
 non-contiguous inputs and biases, NaN-poisoned outputs, in place, and with NaN/zeros in the
-inputs. Two tests also cross the real threshold, without monkeypatching.
+inputs. Two tests also cross the real threshold, without monkeypatching. Layout variants run in
+float32 only (every new combination of array layouts is a fresh numba compile in CI); the
+contiguous odd shapes and NaN cases run in both dtypes.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def test_bias_relu_parallel_equals_reference_on_odd_shapes(parallel_only, rng, s
     assert parallel_only["bias_relu_parallel"] == 2
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["float32"])  # layouts: one dtype (each is a compile)
 @pytest.mark.parametrize(
     "layout", ["transposed", "sliced", "negative strides", "strided bias", "F-order out", "strided out"]
 )
@@ -113,7 +115,7 @@ def test_bias_relu_parallel_on_non_contiguous_arrays(parallel_only, rng, dtype, 
     assert parallel_only["bias_relu_parallel"] >= 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["float32"])  # layouts: one dtype (each is a compile)
 @pytest.mark.parametrize("x_view", ["contiguous", "sliced"])
 def test_bias_relu_parallel_in_place(parallel_only, rng, dtype, x_view):
     base = data(rng, (202, 98), dtype)
@@ -132,7 +134,7 @@ def test_bias_relu_parallel_in_place(parallel_only, rng, dtype, x_view):
     np.testing.assert_array_equal(base[outside], untouched[outside])  # nothing else written
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["float32"])  # layouts: one dtype (each is a compile)
 @pytest.mark.parametrize("overlap", ["bias is a row of out", "out is x shifted by a row"])
 def test_bias_relu_parallel_with_an_out_that_overlaps_an_input(parallel_only, rng, dtype, overlap):
     """A partial overlap must read every input before it is overwritten (via a scratch)."""
@@ -188,7 +190,7 @@ def test_relu_backward_parallel_flat_equals_reference(parallel_only, rng, shape,
     assert parallel_only["relu_backward_flat_parallel"] == 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["float32"])  # layouts: one dtype (each is a compile)
 @pytest.mark.parametrize("layout", ["transposed", "sliced dy", "sliced y", "negative strides", "strided out"])
 def test_relu_backward_parallel_2d_on_non_contiguous_arrays(parallel_only, rng, dtype, layout):
     shape = (129, 67)
@@ -211,7 +213,7 @@ def test_relu_backward_parallel_2d_on_non_contiguous_arrays(parallel_only, rng, 
     assert parallel_only["relu_backward_2d_parallel"] == 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["float32"])  # layouts: one dtype (each is a compile)
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_relu_backward_parallel_in_place(parallel_only, rng, dtype, contiguous):
     base = data(rng, (130, 90), dtype, zeros=False)
