@@ -25,7 +25,7 @@ from test_training_bench import mnist, mnist_pixels
 IMPLS = ["xpnet", "xpnet-xp", "torch"]
 BATCH, LR, SEED = 128, 1e-3, 0
 ROWS = 4096 if QUICK else None
-MIN_ACCURACY = 0.3 if QUICK else 0.95  # after one epoch (chance is 0.1; 32 steps in quick mode)
+MIN_ACCURACY = 0.3 if QUICK else 0.9  # after one epoch (chance is 0.1; 32 steps in quick mode)
 
 
 def _xpnet_run(X, y, Xt, yt):
