@@ -243,7 +243,7 @@ def test_relu_backward_parallel_nan_and_zero_cases(parallel_only, rng, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_relu_auto_above_the_real_threshold(rng, dtype, monkeypatch):
     monkeypatch.delenv("XPNET_KERNELS", raising=False)
-    shape = (513, 517)  # 265,221 elements, just past 2**18, with odd widths
+    shape = (1449, 1451)  # 2,102,499 elements, just past 2**21, with odd widths
     assert shape[0] * shape[1] >= numba_cpu.PARALLEL_MIN_ELEMENTS["bias_relu"]
     loops = numba_cpu._get_loops()
     ran = []
@@ -262,11 +262,12 @@ def test_relu_backward_auto_above_the_real_threshold(rng, dtype, monkeypatch):
     monkeypatch.delenv("XPNET_KERNELS", raising=False)
     loops = numba_cpu._get_loops()
     ran = []
-    for name in ("relu_backward_2d_parallel", "relu_backward_flat_parallel"):
+    for name in ("relu_backward_2d_parallel", "relu_backward_flat_parallel", "relu_backward_flat_streaming"):
         kernel = getattr(loops, name)
         monkeypatch.setattr(loops, name, lambda *a, k=kernel, n=name: (ran.append(n), k(*a))[1])
-    base = data(rng, (1030, 519), dtype, zeros=False)
-    dy = base[::2]  # 515 x 519 = 267,285 strided elements
+    base = data(rng, (2900, 1451), dtype, zeros=False)
+    dy = base[::2]  # 1450 x 1451 = 2,103,950 strided elements, just past 2**21
+    assert dy.size >= numba_cpu.PARALLEL_MIN_ELEMENTS["relu_backward"]
     y = np.maximum(data(rng, dy.shape, dtype), 0)
     out = poisoned(dy.shape, dtype)
     F.relu_backward(dy, y, out=out)
@@ -275,4 +276,6 @@ def test_relu_backward_auto_above_the_real_threshold(rng, dtype, monkeypatch):
     out_c = poisoned(dy.shape, dtype)
     F.relu_backward(dy_c, y, out=out_c)
     np.testing.assert_array_equal(out_c, out)
-    assert ran == ["relu_backward_2d_parallel", "relu_backward_flat_parallel"]
+    # past STREAM_MIN_BYTES (float64 here) the contiguous call streams its stores instead
+    flat = "relu_backward_flat_streaming" if dy_c.nbytes >= numba_cpu.STREAM_MIN_BYTES else "relu_backward_flat_parallel"
+    assert ran == ["relu_backward_2d_parallel", flat]
