@@ -75,7 +75,8 @@ def test_lenet5_epoch(benchmark, impl, monkeypatch):
     else:
         monkeypatch.delenv("XPNET_KERNELS", raising=False)
     benchmark.group = "LeNet-5 epoch"
-    benchmark.extra_info.update(impl=impl, scope="epoch", rows=int(y.shape[0]), steps=-(-y.shape[0] // BATCH))
+    benchmark.extra_info.update(config="LeNet-5", impl=impl, scope="epoch", rows=int(y.shape[0]),
+                                steps=-(-y.shape[0] // BATCH))
     run = {}
 
     def setup():  # untimed: a fresh model and optimizer for every round
