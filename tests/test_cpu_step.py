@@ -9,18 +9,9 @@ import pytest
 import xpnet.functional as F
 from xpnet import kernels
 
+from test_kernels import _assert_close
+
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
-
-
-def _assert_close(got, want, rtol, scale=None):
-    """``|got - want| <= rtol * scale + tiny`` elementwise (``scale`` defaults to ``|want|``)."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert not np.isnan(got).any(), "NaN in the result: an element was not written"
-    scale = np.abs(want) if scale is None else scale
-    tiny = np.finfo(want.dtype).tiny
-    bad = np.abs(got.astype(np.float64) - want) > rtol * scale + tiny
-    assert not bad.any(), f"{bad.sum()} of {bad.size} differ; first at {np.argwhere(bad)[0]}"
 
 
 def _skip_without_numba():

@@ -135,6 +135,11 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward() needs a forward(..., training=True) first")
         return arrays
 
+    def _through_activation(self, dy):
+        """``(x, dL/dz)`` for a layer ``y = act(z(x))`` that kept ``_x`` and ``_y`` in training."""
+        x, y = self._saved_for_backward(self._x, self._y)
+        return x, (dy if self.activation is None else F.DERIVATIVES[self.activation](dy, y))
+
 
 class Dense(Layer):
     """Fully connected layer ``y = act(x @ W + b)`` on flat inputs ``(N, features)``.
@@ -185,8 +190,7 @@ class Dense(Layer):
 
     def backward(self, dy, *, need_dx=True):
         """``dW = x.T @ dz``, ``db = sum(dz)``; returns ``dL/dx = dz @ W.T``."""
-        x, y = self._saved_for_backward(self._x, self._y)
-        dz = dy if self.activation is None else F.DERIVATIVES[self.activation](dy, y)
+        x, dz = self._through_activation(dy)
         self.dW = x.T @ dz
         self.db = namespace_of(dz).sum(dz, axis=0)
         return dz @ self.W.T if need_dx else None
@@ -250,8 +254,7 @@ class Conv2D(Layer):
         return y
 
     def backward(self, dy, *, need_dx=True):
-        x, y = self._saved_for_backward(self._x, self._y)
-        dz = dy if self.activation is None else F.DERIVATIVES[self.activation](dy, y)
+        x, dz = self._through_activation(dy)
         dx, self.dW, self.db = F.conv2d_backward(
             dz, x, self.W, strides=self.strides, padding=self.padding, need_dx=need_dx
         )
