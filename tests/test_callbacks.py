@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from xpnet.callbacks import Callback, EarlyStopping, History
+from xpnet.callbacks import Callback, DivergenceMonitor, DivergenceWarning, EarlyStopping, History
 
 
 class StandIn:
@@ -256,3 +256,84 @@ def test_a_custom_callback_sees_the_model_and_can_stop_it():
 
     model, ran = drive(StopAtTwo(), [0.1] * 6)
     assert ran == [0, 1, 2] and model.stop_training
+
+
+# --- DivergenceMonitor -------------------------------------------------------------------------
+
+
+def monitor_run(monitor, epochs, chance=0.1):
+    """Feed made-up ``(loss, accuracy)`` epochs to ``monitor`` as fit does; return the epochs run."""
+    model = StandIn()
+    monitor.model = model
+    monitor.on_train_begin({"epochs": len(epochs), "chance_accuracy": chance})
+    ran = 0
+    for epoch, (loss, accuracy) in enumerate(epochs):
+        monitor.on_epoch_end(epoch, {"loss": loss, "accuracy": accuracy, "lr": 0.5})
+        ran += 1
+        if model.stop_training:
+            break
+    return ran
+
+
+def test_accuracy_at_chance_for_patience_epochs_warns_once():
+    monitor = DivergenceMonitor(patience=3)
+    with pytest.warns(DivergenceWarning, match=r"at epoch 3, accuracy 9\.0% at chance \(10\.0%\)") as caught:
+        ran = monitor_run(monitor, [(2.3, 0.105), (2.2, 0.10), (2.1, 0.09), (2.0, 0.1), (1.9, 0.1)])
+    assert ran == 5  # warn only: training goes on
+    assert len(caught) == 1 and len(monitor.warnings) == 1 and "lr=0.5" in monitor.warnings[0]
+    assert not monitor.diverged
+
+
+def test_a_loss_above_the_first_epoch_for_patience_epochs_warns():
+    monitor = DivergenceMonitor(patience=2)
+    with pytest.warns(DivergenceWarning, match="loss 41 above the first epoch's 40"):
+        monitor_run(monitor, [(40.0, 0.5), (45.0, 0.5), (41.0, 0.5)])
+
+
+def test_progress_resets_the_count():
+    monitor = DivergenceMonitor(patience=3)
+    # two bad epochs, one good, two bad: never three in a row
+    monitor_run(monitor, [(1.0, 0.1), (1.1, 0.1), (0.5, 0.6), (1.2, 0.6), (1.3, 0.6)])
+    assert monitor.warnings == []
+
+
+def test_just_over_the_margin_above_chance_is_progress():
+    monitor = DivergenceMonitor(patience=1, margin=0.01)
+    monitor_run(monitor, [(1.0, 0.1101), (0.9, 0.12)])
+    assert monitor.warnings == []
+    with pytest.warns(DivergenceWarning):
+        monitor_run(monitor, [(1.0, 0.1099)])
+
+
+def test_a_falling_loss_at_equal_first_value_is_not_divergence():
+    monitor = DivergenceMonitor(patience=1)
+    monitor_run(monitor, [(1.0, 0.9), (1.0, 0.9)])  # equal to the first: not above it
+    assert monitor.warnings == []
+
+
+def test_stop_ends_training_and_says_so():
+    monitor = DivergenceMonitor(patience=2, stop=True)
+    with pytest.warns(DivergenceWarning, match="training stopped"):
+        ran = monitor_run(monitor, [(2.3, 0.1)] * 6)
+    assert ran == 2 and monitor.diverged
+
+
+def test_without_a_chance_level_only_the_loss_counts():
+    monitor = DivergenceMonitor(patience=1)
+    monitor_run(monitor, [(1.0, 0.0), (0.9, 0.0)], chance=None)
+    assert monitor.warnings == []
+
+
+def test_a_new_run_starts_afresh():
+    monitor = DivergenceMonitor(patience=2, stop=True)
+    with pytest.warns(DivergenceWarning):
+        monitor_run(monitor, [(2.3, 0.1)] * 2)
+    assert monitor_run(monitor, [(1.0, 0.9), (0.5, 0.95)]) == 2
+    assert monitor.warnings == [] and not monitor.diverged
+
+
+@pytest.mark.parametrize("kwargs", [{"patience": 0}, {"patience": 1.5}, {"patience": True}, {"margin": -0.1},
+                                    {"margin": 1.0}])
+def test_divergence_monitor_settings_are_checked(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        DivergenceMonitor(**kwargs)

@@ -311,3 +311,27 @@ def test_hyperparameters_name_what_a_fused_update_reads():
         "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "nesterov": True}
     assert Adam(1e-3, betas=(0.8, 0.9), eps=1e-6).hyperparameters() == {
         "lr": 1e-3, "weight_decay": 0.0, "beta1": 0.8, "beta2": 0.9, "eps": 1e-6}
+
+
+@pytest.mark.parametrize("factor", [-0.5, math.nan, math.inf, "0.5", None, True])
+def test_a_schedule_must_give_a_finite_factor_at_least_zero(factor):
+    opt = SGD(lr=0.1, schedule=lambda epoch, epochs: 1.0 if epoch == 0 else factor)
+    opt.start_epoch(0, 3)
+    with pytest.raises(ValueError, match=r"gave the factor .* for epoch 1 of 3; a schedule must return a finite number >= 0"):
+        opt.start_epoch(1, 3)
+    assert opt.lr == 0.1  # the rate is left as it was
+
+
+def test_a_schedule_may_give_numpy_numbers_and_zero():
+    opt = SGD(lr=0.1, schedule=lambda epoch, epochs: np.float32(0.5) if epoch else 0)
+    opt.start_epoch(0, 2)
+    assert opt.lr == 0.0
+    opt.start_epoch(1, 2)
+    assert opt.lr == 0.05 and isinstance(opt.lr, float)
+
+
+@pytest.mark.parametrize("make", [lambda: StepLR(2, gamma=-0.1), lambda: CosineLR(min_factor=-1.0),
+                                  lambda: CosineLR(min_factor=math.nan)])
+def test_built_in_schedules_refuse_negative_factors(make):
+    with pytest.raises((ValueError, TypeError), match="gamma|min_factor"):
+        make()

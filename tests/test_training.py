@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet.callbacks import Callback, EarlyStopping
+from xpnet.callbacks import Callback, DivergenceWarning, EarlyStopping
 from xpnet.optim import StepLR
 
 # --- the independent NumPy MLP ---------------------------------------------------------------------
@@ -361,3 +361,90 @@ def test_a_run_folder_describes_the_model_file_it_holds(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     saved = xpnet.load(tmp_path / "run" / "model.safetensors")
     assert summary["eval_accuracy"] == saved.score(X, y)
+
+
+# --- training that goes wrong ------------------------------------------------------------------
+
+
+class EndLogs(Callback):
+    """Keeps what ``on_train_end`` was told and the weights after each epoch."""
+
+    def __init__(self):
+        self.end, self.weights = None, []
+
+    def on_epoch_end(self, epoch, logs):
+        self.weights.append(self.model.get_weights())
+
+    def on_train_end(self, logs):
+        self.end = dict(logs)
+
+
+def separable(rng, n=400, features=12, classes=4):
+    centers = rng.normal(size=(classes, features)) * 3
+    y = rng.integers(0, classes, size=n)
+    return (centers[y] + rng.normal(size=(n, features))).astype(np.float32), y
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("kernels", ["auto", "xp"])
+def test_a_non_finite_loss_restores_the_last_finished_epoch_and_stops(rng, monkeypatch, kernels):
+    monkeypatch.setenv("XPNET_KERNELS", kernels)
+    X, y = separable(rng)
+    model, seen = xpnet.MLP([12, 64, 4], seed=0), EndLogs()
+
+    # a sane first epoch, then a rate no float survives
+    with pytest.warns(DivergenceWarning, match=r"the loss became nan in epoch 2.*weights of epoch 1 were restored"):
+        history = model.fit(X, y, epochs=5, lr=0.05, verbose=0, callbacks=[seen],
+                            schedule=lambda epoch, epochs: 1.0 if epoch == 0 else 1e30)
+    assert history.epoch == [0] and history.diverged
+    assert len(history.warnings) == 1 and seen.end["diverged"] and seen.end["warnings"] == history.warnings
+    for (W, b), (W1, b1) in zip(model.get_weights(), seen.weights[0]):
+        assert np.array_equal(W, W1) and np.array_equal(b, b1)  # exactly epoch 1's weights
+    assert model.score(X, y) > 0.5
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+def test_a_diverging_run_is_reported_in_history_and_run_end(rng):
+    X, y = separable(rng)
+    seen = EndLogs()
+    with pytest.warns(DivergenceWarning, match="at epoch 4, loss .* above the first epoch's"):
+        history = xpnet.MLP([12, 32, 4], seed=0).fit(X, y, epochs=4, lr=3.0, verbose=0, callbacks=[seen])
+    assert history.epoch == [0, 1, 2, 3]  # warned, not stopped
+    assert len(history.warnings) == 1 and not history.diverged
+    assert seen.end["warnings"] == history.warnings and seen.end["diverged"] is False
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+def test_on_divergence_stop_ends_training(rng):
+    X, y = separable(rng)
+    with pytest.warns(DivergenceWarning, match="training stopped"):
+        history = xpnet.MLP([12, 32, 4], seed=0).fit(X, y, epochs=8, lr=3.0, verbose=0, on_divergence="stop")
+    assert len(history.epoch) == 4 and history.diverged  # the first epoch, then three worse than it
+
+
+def test_a_healthy_run_gives_no_divergence_warning(rng, recwarn):
+    X, y = separable(rng)
+    history = xpnet.MLP([12, 32, 4], seed=0).fit(X, y, epochs=4, lr=0.05, verbose=0)
+    assert history.warnings == [] and not history.diverged
+    assert not [w for w in recwarn if issubclass(w.category, DivergenceWarning)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+def test_on_divergence_ignore_says_nothing(rng, recwarn):
+    X, y = separable(rng)
+    history = xpnet.MLP([12, 32, 4], seed=0).fit(X, y, epochs=4, lr=3.0, verbose=0, on_divergence="ignore")
+    assert history.warnings == [] and len(history.epoch) == 4
+    assert not [w for w in recwarn if issubclass(w.category, DivergenceWarning)]
+
+
+def test_on_divergence_is_checked(rng):
+    X, y = separable(rng, n=20)
+    with pytest.raises(ValueError, match="on_divergence must be one of .* got 'panic'"):
+        xpnet.MLP([12, 4]).fit(X, y, epochs=1, verbose=0, on_divergence="panic")
+
+
+def test_the_chance_level_is_the_most_common_class(rng):
+    X, y = separable(rng, n=40)
+    y = np.array([2] * 30 + [0] * 6 + [1] * 4)
+    history = xpnet.MLP([12, 4], seed=0).fit(X, y, epochs=0, verbose=0)
+    assert history.params["chance_accuracy"] == 0.75

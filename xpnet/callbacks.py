@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
-__all__ = ["Callback", "History", "EarlyStopping"]
+__all__ = ["Callback", "History", "EarlyStopping", "DivergenceMonitor", "DivergenceWarning"]
 
 
 class Callback:
@@ -32,6 +33,10 @@ class History(Callback):
         self.epoch: list[int] = []
         self.history: dict[str, list[float]] = {}
         self.params: dict = {}
+        #: what went wrong in training, one line each (``fit`` fills it; see ``DivergenceMonitor``)
+        self.warnings: list[str] = []
+        #: whether training ended because it diverged
+        self.diverged = False
 
     def on_train_begin(self, logs):
         self.params = dict(logs)
@@ -101,3 +106,55 @@ class EarlyStopping(Callback):
     def on_train_end(self, logs):
         if self.restore_best_weights and self._best_weights is not None:
             self.model.set_weights(self._best_weights)
+
+
+class DivergenceWarning(RuntimeWarning):
+    """Training is going nowhere: the loss is not finite, or has stayed up, or accuracy is at chance."""
+
+
+class DivergenceMonitor(Callback):
+    """Warn (and, with ``stop``, end training) when training has gone wrong.
+
+    Training is taken to have diverged when, for ``patience`` epochs in a row, the training loss
+    is above its first epoch's value or the training accuracy is no better than ``margin`` over
+    chance (always answering the most common class; ``fit`` passes it as ``chance_accuracy``).
+    ``fit`` adds one (its ``on_divergence``) and handles a non-finite loss itself.
+
+    ``warnings`` holds the message given; ``diverged`` says whether it stopped training.
+    """
+
+    def __init__(self, patience=3, *, stop=False, margin=0.01):
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive integer, got {patience!r}")
+        if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
+            raise ValueError(f"margin must be a fraction in [0, 1), got {margin!r}")
+        self.patience, self.stop, self.margin = patience, bool(stop), float(margin)
+        self.on_train_begin({})
+
+    def on_train_begin(self, logs):
+        self.chance = logs.get("chance_accuracy")
+        self.first_loss = None
+        self.warnings: list[str] = []
+        self.diverged = False
+        self._bad = 0
+
+    def on_epoch_end(self, epoch, logs):
+        loss, accuracy = logs["loss"], logs["accuracy"]
+        if self.first_loss is None:
+            self.first_loss = loss
+        symptoms = []
+        if loss > self.first_loss:
+            symptoms.append(f"loss {loss:.4g} above the first epoch's {self.first_loss:.4g}")
+        if self.chance is not None and accuracy <= self.chance + self.margin:
+            symptoms.append(f"accuracy {accuracy:.1%} at chance ({self.chance:.1%})")
+        self._bad = self._bad + 1 if symptoms else 0
+        if self._bad < self.patience or self.warnings:  # say it once
+            return
+        lr = f" (lr={logs['lr']:.4g})" if "lr" in logs else ""
+        message = (f"training diverged: at epoch {epoch + 1}, {' and '.join(symptoms)}, "
+                   f"{self._bad} epochs in a row without progress; lower the learning rate{lr}")
+        if self.stop:
+            self.diverged = self.model.stop_training = True
+            message += "; training stopped"
+        self.warnings.append(message)
+        warnings.warn(message, DivergenceWarning, stacklevel=2)

@@ -13,7 +13,7 @@ optimizer is one subclass: ``_update`` (and ``_fused_update`` if it has a kernel
 from __future__ import annotations
 
 import math
-
+import numbers
 import operator
 
 import numpy as np
@@ -33,7 +33,7 @@ class StepLR:
     def __init__(self, step_size: int, gamma: float = 0.1):
         if not isinstance(step_size, int) or step_size < 1:
             raise ValueError(f"step_size must be a positive integer, got {step_size!r}")
-        self.step_size, self.gamma = step_size, float(gamma)
+        self.step_size, self.gamma = step_size, _check_rate("gamma", gamma)
 
     def __call__(self, epoch: int, epochs: int) -> float:
         return self.gamma ** (epoch // self.step_size)
@@ -46,7 +46,7 @@ class CosineLR:
     """Cosine decay from the base rate to ``min_factor`` times it over the run's epochs."""
 
     def __init__(self, min_factor: float = 0.0):
-        self.min_factor = float(min_factor)
+        self.min_factor = _check_rate("min_factor", min_factor)
 
     def __call__(self, epoch: int, epochs: int) -> float:
         progress = epoch / max(epochs, 1)
@@ -103,7 +103,15 @@ class Optimizer:
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         factor = self.schedule(epoch, epochs) if self.schedule else 1.0
-        self.lr = self.base_lr * factor
+        # a negative factor would train backwards, a NaN silently stop learning
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not (
+            math.isfinite(factor) and factor >= 0
+        ):
+            raise ValueError(
+                f"the schedule {self.schedule!r} gave the factor {factor!r} for epoch {epoch} of {epochs}; "
+                "a schedule must return a finite number >= 0"
+            )
+        self.lr = self.base_lr * float(factor)
 
     def hyperparameters(self) -> dict:
         """The settings a fused update reads, by name (the CUDA graph path reads these)."""

@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 
 import numpy as np
 
 from . import functional as F
-from .callbacks import Callback, History
+from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
 from .layers import Dense
 from .optim import make_optimizer
 
@@ -189,6 +190,7 @@ def fit(
     callbacks=(),
     verbose=1,
     run_dir=None,
+    on_divergence="warn",
 ) -> History:
     """Train ``model`` by mini-batch gradient descent on the mean cross-entropy.
 
@@ -206,7 +208,12 @@ def fit(
     X, y, val = _split_validation(
         model, X, y, validation_data, validation_split, keep_pixels=step.takes_pixels
     )
+    if on_divergence not in ON_DIVERGENCE:
+        raise ValueError(f"on_divergence must be one of {ON_DIVERGENCE}, got {on_divergence!r}")
     callbacks = list(callbacks)
+    monitor = None if on_divergence == "ignore" else DivergenceMonitor(stop=on_divergence == "stop")
+    if monitor is not None:
+        callbacks.insert(0, monitor)
     if run_dir is not None:
         from .runs import RunRecorder
 
@@ -230,6 +237,7 @@ def fit(
         "shuffle": bool(shuffle),
         "n_train": n,
         "n_val": int(val[0].shape[0]) if val else 0,
+        "chance_accuracy": _chance_accuracy(backend.xp, y, model.n_classes),
     }
     # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
     in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
@@ -243,6 +251,7 @@ def fit(
         for epoch in range(epochs):
             start = time.perf_counter()
             opt.start_epoch(epoch, epochs)
+            last_good = _copies(backend.xp, params)
             order = backend.asarray(model._rng.permutation(n)) if shuffle else in_sequence
             if graphs is not None:
                 loss_sum, correct = graphs.run_epoch(order)
@@ -251,9 +260,16 @@ def fit(
                 loss_sum, correct = _run_epoch(step, opt, params, X, y, order, batch_size, progress)
             logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
             if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(
-                    f"the training loss became {logs['loss']} in epoch {epoch + 1}: lower the learning rate (lr={opt.lr})"
+                # the weights are no longer numbers: end with those of the last finished epoch
+                for p, good in zip(params, last_good):
+                    p[...] = good
+                history.warnings.append(
+                    f"training diverged: the loss became {logs['loss']} in epoch {epoch + 1}; lower the learning "
+                    f"rate (lr={opt.lr:.4g}); the weights of epoch {epoch} were restored and training stopped"
                 )
+                history.diverged = True
+                warnings.warn(history.warnings[-1], DivergenceWarning, stacklevel=3)
+                break
             if val is not None:
                 scores = model._evaluate_prepared(*val)
                 logs.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
@@ -267,6 +283,30 @@ def fit(
             if model.stop_training:
                 break
     finally:
+        if monitor is not None:
+            history.warnings[:0] = monitor.warnings
+            history.diverged = history.diverged or monitor.diverged
+        end = {"epochs_run": len(history.epoch), "warnings": list(history.warnings), "diverged": history.diverged}
         for cb in callbacks:
-            cb.on_train_end({"epochs_run": len(history.epoch)})
+            cb.on_train_end(dict(end))
     return history
+
+
+#: what ``fit`` does when training diverges (see ``callbacks.DivergenceMonitor``)
+ON_DIVERGENCE = ("warn", "stop", "ignore")
+
+
+def _copies(xp, arrays) -> list:
+    """Copies of ``arrays`` (through ``empty_like``: CuPy's ``asarray`` has no ``copy``)."""
+    copies = [xp.empty_like(a) for a in arrays]
+    for copy, a in zip(copies, arrays):
+        copy[...] = a
+    return copies
+
+
+def _chance_accuracy(xp, y, n_classes: int) -> float:
+    """The accuracy of always answering the most common class of ``y``."""
+    if y.shape[0] == 0:
+        return 0.0
+    counts = [int(xp.sum(xp.astype(y == c, xp.int64))) for c in range(n_classes)]
+    return max(counts) / int(y.shape[0])
