@@ -121,6 +121,34 @@ def test_a_pickle_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def test_save_never_replaces_a_special_file(tmp_path, trained):
+    """As root, a rename onto /dev/... would replace the device node: a save writes regular files only."""
+    import stat
+
+    model, _ = trained
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(fifo)
+    for target in (fifo, link):
+        with pytest.raises(ValueError, match="not a regular file"):
+            model.save(target)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link"]  # and no temp file left
+
+
+def test_an_interrupted_save_leaves_no_temp_file(tmp_path, trained, monkeypatch):
+    model, _ = trained
+
+    def interrupt(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_to_a_folder_or_missing_folder_is_a_clear_error(tmp_path, trained):
     model, _ = trained
     with pytest.raises(IsADirectoryError, match="is a folder"):
@@ -211,3 +239,45 @@ def test_unknown_layer_types_wrong_dtypes_and_special_files_are_refused(tmp_path
         xpnet.load(deep)
     with pytest.raises(FileNotFoundError):
         xpnet.load(tmp_path / "missing")
+
+
+def test_a_flipped_bit_in_the_weights_is_caught(tmp_path, trained):
+    path = tmp_path / "m.safetensors"
+    trained[0].save(path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"m\.safetensors .*do not match the checksum saved with them"):
+        xpnet.load(path)
+
+
+def test_the_checksum_covers_names_shapes_and_values():
+    from xpnet.io import tensors_sha256
+
+    a = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "y": np.ones(2, np.float32)}
+    same = tensors_sha256({"y": np.ones(2, np.float32), "x": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    assert tensors_sha256(a) == same  # order of the dict does not matter
+    for other in ({"x": a["x"].reshape(3, 2), "y": a["y"]}, {"x": a["x"], "z": a["y"]},
+                  {"x": a["x"].astype(np.float64), "y": a["y"]}, {"x": a["x"] + 1e-6, "y": a["y"]}):
+        assert tensors_sha256(other) != same
+    big_endian = {"x": a["x"].astype(">f4"), "y": a["y"]}
+    assert tensors_sha256(big_endian) == same  # the digest is of the bytes as stored: little-endian
+
+
+def test_a_config_claiming_layers_larger_than_its_tensors_allocates_nothing_big(tmp_path):
+    """A few-KB file whose config claims a 784-10**8-10 MLP fails before allocating it."""
+    import tracemalloc
+
+    config = {"class": "MLP", "layers": [784, 10**8, 10], "activation": "relu", "init": "he",
+              "dtype": "float32", "seed": 0}
+    _write_raw(tmp_path / "liar", {"layers.0.W": np.ones((784, 3), np.float32), "layers.0.b": np.ones(3, np.float32),
+                                   "layers.1.W": np.ones((3, 10), np.float32), "layers.1.b": np.ones(10, np.float32)},
+               config)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="liar .*need more weights than the file holds"):
+            xpnet.load(tmp_path / "liar")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"loading the lying file allocated {peak / 2**20:.0f} MiB"

@@ -7,12 +7,15 @@ dict of named NumPy arrays and a dict of metadata strings to and from disk. ``xp
 Reading parses a fixed binary layout (8 bytes of header length, a JSON header, then raw
 little-endian arrays) and never runs code from the file: no pickle anywhere. The header is
 checked (size, structure, dtypes, offsets) before anything proportional to what it claims is
-read or allocated, and only the bytes it describes are read. Writing goes through a temporary
-file and a rename (``xpnet.files``), so an interrupted save never leaves a half-written model.
+read or allocated, and only the bytes it describes are read. A SHA-256 of the tensors, kept in
+the metadata, catches damaged weights (a flipped bit) that would otherwise load silently.
+Writing goes through a temporary file and a rename (``xpnet.files``), so an interrupted save
+never leaves a half-written model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,10 +26,11 @@ import numpy as np
 
 from .files import atomic_write_bytes
 
-__all__ = ["write_model_file", "read_model_file", "FORMATS"]
+__all__ = ["write_model_file", "read_model_file", "tensors_sha256", "FORMATS"]
 
 #: format name -> the version this xpnet writes or still reads
 FORMATS = {"xpnet.model": "2", "xpnet.mlp": "1"}
+CHECKSUM = "tensors_sha256"  # metadata key; files of xpnet 0.1 have none
 MAX_HEADER_BYTES = 1 << 20  # a model's header is a few KB; more is not a model file
 _DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 
@@ -47,7 +51,19 @@ def write_model_file(path, tensors: dict, metadata: dict) -> None:
     if path.exists() and not path.is_file():
         raise ValueError(f"{path} exists and is not a regular file: a model is saved only as a regular file")
     arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    metadata = {**metadata, CHECKSUM: tensors_sha256(arrays)}
     atomic_write_bytes(path, to_bytes(arrays, metadata=metadata))
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """A digest of named arrays: each name, dtype, shape and little-endian bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        digest.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
 
 
 def _check_header(path, header, data_bytes):
@@ -116,4 +132,7 @@ def read_model_file(path) -> tuple[dict, dict]:
         tensors = from_bytes(prefix + header_bytes + data)
     except (SafetensorError, ValueError) as exc:
         raise _not_a_model(path, f"{type(exc).__name__}: {exc}") from None
-    return tensors, header["__metadata__"]
+    metadata = header["__metadata__"]
+    if CHECKSUM in metadata and tensors_sha256(tensors) != metadata[CHECKSUM]:
+        raise _not_a_model(path, "its weights do not match the checksum saved with them (the file is damaged)")
+    return tensors, metadata

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -96,9 +97,11 @@ class Sequential:
             if layer.built:
                 raise ValueError(f"layers[{i}] ({layer!r}) is already built: a layer belongs to one model")
         first = shape
+        limit = _DRAW_LIMIT.get()
+        rng = self._rng if limit is None else _LimitedDraws(self._rng, limit)
         for i, layer in enumerate(self.layers):
             try:
-                shape = layer.setup(shape, rng=self._rng, dtype=self.dtype, backend=self.backend)
+                shape = layer.setup(shape, rng=rng, dtype=self.dtype, backend=self.backend)
             except ValueError as exc:
                 raise ValueError(f"layers[{i}] {type(layer).__name__}: {exc}") from None
         if len(shape) != 1 or shape[0] < 2:
@@ -378,6 +381,10 @@ class Sequential:
         callbacks : sequence of ``xpnet.callbacks.Callback``
         verbose : 0 silent, 1 a progress bar per epoch and a line of metrics
         run_dir : path; records the run there (config, metrics.jsonl, model, plots)
+        on_divergence : "warn" (default), "stop" or "ignore": what to do when, for 3 epochs in a
+            row, the loss stays above the first epoch's or accuracy is at chance (a
+            ``DivergenceWarning``, also in ``History.warnings`` and the run record). A loss that
+            is not finite always ends training, with the weights of the last finished epoch.
         """
         from .training import fit
 
@@ -521,6 +528,31 @@ def _not_a_model(path, why):
     return ValueError(f"{path} is not a readable xpnet model file: {why}")
 
 
+#: While ``load`` rebuilds a file's model, the most numbers its layers may draw for initial
+#: weights (which the file's tensors then replace): a config claiming layers larger than the
+#: tensors beside it fails before they are allocated, not after.
+_DRAW_LIMIT: ContextVar[int | None] = ContextVar("xpnet_draw_limit", default=None)
+
+
+class _LimitedDraws:
+    """A NumPy Generator that refuses to draw more than ``limit`` numbers (``size=`` calls)."""
+
+    def __init__(self, rng: np.random.Generator, limit: int):
+        self._rng, self.left = rng, int(limit)
+
+    def __getattr__(self, name):
+        method = getattr(self._rng, name)
+
+        def draw(*args, size=None, **kwargs):
+            n = 1 if size is None else math.prod(np.atleast_1d(np.asarray(size, dtype=np.int64)).tolist())
+            if n > self.left:
+                raise ValueError(f"its layers need more weights than the file holds (drawing {n:,} of {self.left:,} left)")
+            self.left -= n
+            return method(*args, size=size, **kwargs)
+
+        return draw if callable(method) else method
+
+
 def load(path, *, backend=None):
     """Load a model saved by ``save``; ``backend`` picks where it runs (default: current).
 
@@ -555,7 +587,11 @@ def load(path, *, backend=None):
         for name, array in tensors.items():
             if array.dtype != np.dtype(dtype):
                 raise ValueError(f"tensor {name!r} is {array.dtype}, the model is {dtype}")
-        model = cls.from_config(config, backend=backend)
+        token = _DRAW_LIMIT.set(sum(int(a.size) for a in tensors.values()) + 1024)  # slack: a draw per Dropout
+        try:
+            model = cls.from_config(config, backend=backend)
+        finally:
+            _DRAW_LIMIT.reset(token)
         names = [f"layers.{i}.{n}" for i, layer in enumerate(model.layers) for n in layer.param_names]
         if set(tensors) != set(names):
             raise ValueError(f"tensors {sorted(tensors)} do not match the layers' parameters {names}")
