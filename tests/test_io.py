@@ -137,6 +137,14 @@ def test_save_never_replaces_a_special_file(tmp_path, trained):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link"]  # and no temp file left
 
 
+def test_weights_that_are_not_numbers_are_never_saved(tmp_path, trained):
+    model, _ = trained
+    model.layers[1].b[1] = np.nan
+    with pytest.raises(ValueError, match=r"cannot save .*m\.safetensors: tensor 'layers\.1\.b' holds NaN"):
+        model.save(tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_save_leaves_no_temp_file(tmp_path, trained, monkeypatch):
     model, _ = trained
 

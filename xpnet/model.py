@@ -433,6 +433,9 @@ class Sequential:
             for i, layer in enumerate(self.layers)
             for name in layer.param_names
         }
+        for name, array in tensors.items():  # a file load() would refuse is not worth writing
+            if not np.isfinite(array).all():
+                raise ValueError(f"cannot save {path}: tensor {name!r} holds NaN or infinite values")
         metadata = {
             "format": "xpnet.model",
             "format_version": FORMATS["xpnet.model"],
