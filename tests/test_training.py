@@ -448,3 +448,23 @@ def test_the_chance_level_is_the_most_common_class(rng):
     y = np.array([2] * 30 + [0] * 6 + [1] * 4)
     history = xpnet.MLP([12, 4], seed=0).fit(X, y, epochs=0, verbose=0)
     assert history.params["chance_accuracy"] == 0.75
+
+
+def test_a_batch_larger_than_the_data_is_the_whole_data_in_one_batch(rng):
+    """The CPU step's buffers are sized by min(batch_size, rows): 10**7 on 200 rows must not ask
+    for gigabytes, and trains exactly as one batch of all 200 rows."""
+    import tracemalloc
+
+    X, y = separable(rng, n=200)
+    one_batch = xpnet.MLP([12, 32, 4], seed=0)
+    one_batch.fit(X, y, epochs=2, batch_size=200, lr=0.1, verbose=0)
+    huge = xpnet.MLP([12, 32, 4], seed=0)
+    tracemalloc.start()
+    try:
+        huge.fit(X, y, epochs=2, batch_size=10**7, lr=0.1, verbose=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"fit allocated {peak / 2**20:.0f} MiB for 200 rows"
+    for (W, b), (W1, b1) in zip(huge.get_weights(), one_batch.get_weights()):
+        assert np.array_equal(W, W1) and np.array_equal(b, b1)
