@@ -268,3 +268,141 @@ def test_a_ctrl_c_while_saving_waits_until_the_epoch_is_on_disk(tmp_path):
                                               "elapsed": pytest.approx(0, abs=60)}]
     assert (tmp_path / "r" / "model.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- one run per folder, and a killed run told from a running one ---------------------------------
+
+def tiny_data(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 20))
+    return X, (X[:, 0] > 0).astype(int) + (X[:, 1] > 0)
+
+
+def started_recorder(run_dir, **kwargs):
+    """A recorder that has begun a 3-epoch run of a tiny model and finished its first epoch."""
+    recorder = RunRecorder(run_dir, plots=False, **kwargs)
+    recorder.model = xpnet.MLP([20, 8, 3], seed=0)
+    recorder.on_train_begin({"epochs": 3})
+    recorder.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.5})
+    return recorder
+
+
+def test_a_folder_in_use_refuses_a_second_recorder_even_with_overwrite(tmp_path):
+    run = tmp_path / "r"
+    first = started_recorder(run)
+    config = (run / "config.json").read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=rf"{run} is in use by another run \(pid {os.getpid()} on "):
+            RunRecorder(run, overwrite=overwrite).claim()
+    with pytest.raises(FileExistsError, match="in use by another run"):
+        xpnet.MLP([20, 8, 3], seed=1).fit(*tiny_data(), epochs=1, verbose=0, run_dir=run)
+    assert (run / "config.json").read_bytes() == config and len(read_metrics(run)) == 1
+    assert read_run(run)["status"] == "running"
+
+    first.on_train_end({"epochs_run": 1})
+    assert read_run(run)["status"] == "interrupted"
+    second = RunRecorder(run, overwrite=True)
+    second.claim()  # the folder is free again once its run has ended
+    assert not (run / "config.json").exists() and not (run / "summary.json").exists()
+    second.release()
+
+
+RACE = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from xpnet.runs import RunRecorder
+
+    run, go, done = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    while not go.exists():  # start together
+        time.sleep(0.001)
+    recorder = RunRecorder(run, overwrite=True)  # kept: the claim lasts while its lock file is open
+    try:
+        recorder.claim()
+    except FileExistsError as e:
+        print("refused:", e, flush=True)
+    else:
+        print("claimed", flush=True)
+        while not done.exists():  # hold the folder until every other process has tried
+            time.sleep(0.01)
+    """
+)
+
+
+def python_env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_of_runs_started_at_once_on_one_folder_exactly_one_gets_it(tmp_path):
+    run, go, done = tmp_path / "r", tmp_path / "go", tmp_path / "done"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(run), str(go), str(done)], env=python_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        go.touch()
+        results = sorted(p.stdout.readline().strip() for p in procs)
+    finally:
+        done.touch()
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert results[0] == "claimed"
+    assert all(r.startswith(f"refused: {run} is in use by another run") for r in results[1:]), results
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from test_runs import started_recorder
+
+    recorder = started_recorder(sys.argv[1])  # kept: the claim lasts while its lock file is open
+    print("started", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock and SIGKILL")
+def test_a_killed_run_is_told_from_a_running_one_and_frees_its_folder(tmp_path):
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run), str(ROOT / "tests")], env=python_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "started\n", proc.stderr.read()
+        assert read_run(run)["status"] == "running"
+        with pytest.raises(FileExistsError, match=rf"in use by another run \(pid {proc.pid} on "):
+            RunRecorder(run, overwrite=True).claim()
+    finally:
+        proc.kill()  # SIGKILL: no handler, no summary.json
+        proc.wait()
+    assert read_run(run)["status"] == "killed"
+    assert [m["epoch"] for m in read_metrics(run)] == [0]
+    with pytest.raises(FileExistsError, match="already holds a recorded run"):
+        RunRecorder(run).claim()  # the killed run is a record still: kept unless overwrite
+    xpnet.MLP([20, 8, 3], seed=1).fit(*tiny_data(), epochs=2, verbose=0,
+                                      callbacks=[RunRecorder(run, overwrite=True, plots=False)])
+    assert read_run(run)["status"] == "completed" and len(read_metrics(run)) == 2
+
+
+def test_xpnet_train_refuses_a_folder_in_use_before_loading_data(tmp_path, capsys):
+    from xpnet.cli import main
+
+    run = tmp_path / "r"
+    holder = started_recorder(run)
+    try:
+        code = main(["train", "--epochs", "1", "--out", str(run), "--data", str(tmp_path / "no-data"), "--quiet"])
+    finally:
+        holder.release()
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{run} is in use by another run" in err and "mnist" not in err.lower()
+
+
+def test_xpnet_train_gives_runs_started_in_the_same_second_their_own_folders(tmp_path, monkeypatch):
+    from xpnet.cli import _new_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: fmt.replace("%Y%m%d-%H%M%S", "20250101-120000"))
+    folders = [_new_run_folder("mlp") for _ in range(3)]
+    assert [f.name for f in folders] == ["mlp-20250101-120000", "mlp-20250101-120000-2", "mlp-20250101-120000-3"]
+    assert all((tmp_path / f).is_dir() for f in folders)

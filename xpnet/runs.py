@@ -2,6 +2,11 @@
 
 A run folder holds
 
+- ``run.lock``: the run's claim on the folder. The process that records the run holds an
+  exclusive ``flock`` on it for the run's life and writes its pid, host and start time in it. A
+  second run started on the same folder fails at once; the kernel drops the lock when the process
+  ends, however it ends, so a killed run never blocks its folder, and a reader tells a running
+  run (lock held) from a killed one (lock free, no ``summary.json``);
 - ``config.json``: everything needed to reproduce the run: the model's layers, activation, init,
   dtype and seed, the fit settings (optimizer, lr, batch size, epochs, ...), the backend, the
   versions of xpnet, NumPy and Python, and whatever the caller adds (dataset hashes, the command);
@@ -24,6 +29,7 @@ import math
 import os
 import platform
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,8 +41,14 @@ import numpy as np
 from .callbacks import Callback
 from .files import atomic_write_bytes
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a run's claim on its folder is not enforced there
+    fcntl = None
+
 __all__ = [
     "RunRecorder",
+    "is_running",
     "read_run",
     "read_metrics",
     "list_runs",
@@ -50,6 +62,8 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 SUMMARY = "summary.json"
+LOCK = "run.lock"
+PLOTS = ("curves.png", "confusion.png", "per_class_accuracy.png", "worst_misclassified.png")  # all it draws
 
 
 class RunRecorder(Callback):
@@ -58,8 +72,8 @@ class RunRecorder(Callback):
     Parameters
     ----------
     run_dir : str or path-like
-        The run's folder; created if missing. Refused if it already holds a run, unless
-        ``overwrite``.
+        The run's folder; created if missing. Refused (``FileExistsError``) while another run is
+        recording into it, and if it already holds a run, unless ``overwrite``.
     config : dict, optional
         Added to config.json (nested dicts are merged), e.g. ``{"data": dataset_hashes()}``.
     eval_data : (X, y), optional
@@ -68,7 +82,9 @@ class RunRecorder(Callback):
     plots : bool
         Draw the plots at the end of training (skipped, and said so, without matplotlib).
     overwrite : bool
-        Replace a run already recorded in ``run_dir``.
+        Replace a run already recorded in ``run_dir`` (never one still running).
+
+    The folder is claimed (see ``claim``) when training begins and released when it ends.
     """
 
     def __init__(self, run_dir, config=None, *, eval_data=None, plots=True, overwrite=False):
@@ -84,19 +100,55 @@ class RunRecorder(Callback):
         self._planned_epochs = None
         self._epochs_done = 0
         self._start = None
+        self._lock = None  # the open run.lock while this recorder holds the folder
+
+    def claim(self) -> None:
+        """Take ``run_dir`` for this run: create it, lock its run.lock, and with ``overwrite``
+        remove the files of the run it held. ``on_train_begin`` does this; call it earlier to fail
+        before loading data. Closing the lock (at the end of training, or when the process dies)
+        releases the folder.
+
+        Raises
+        ------
+        FileExistsError
+            Another run is recording into ``run_dir`` (its pid, host and start time are named), or
+            ``run_dir`` already holds a run and ``overwrite`` is false.
+        """
+        if self._lock is not None:
+            return
+        run = self.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        lock = _lock_folder(run)
+        try:
+            # checked under the lock, so two runs cannot both find the folder free
+            if (run / CONFIG).exists() or (run / METRICS).exists():
+                if not self.overwrite:
+                    raise FileExistsError(
+                        f"{run} already holds a recorded run; choose another folder or pass overwrite=True"
+                    )
+                for name in (CONFIG, METRICS, SUMMARY, MODEL, *PLOTS):
+                    (run / name).unlink(missing_ok=True)
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+            lock.seek(0)
+            lock.truncate()
+            lock.write(json.dumps(owner).encode("utf-8") + b"\n")
+            _sync(lock)
+        except BaseException:
+            lock.close()
+            raise
+        self._lock = lock
+
+    def release(self) -> None:
+        """Give ``run_dir`` back (``on_train_end`` does this)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- the hooks ---------------------------------------------------------------------------
 
     def on_train_begin(self, logs):
+        self.claim()
         run = self.run_dir
-        if (run / CONFIG).exists() or (run / METRICS).exists():
-            if not self.overwrite:
-                raise FileExistsError(
-                    f"{run} already holds a recorded run; choose another folder or pass overwrite=True"
-                )
-            for name in (SUMMARY, MODEL):
-                (run / name).unlink(missing_ok=True)
-        run.mkdir(parents=True, exist_ok=True)
         self._start = time.time()
         self._planned_epochs = logs.get("epochs")
         self._epochs_done = 0
@@ -128,6 +180,12 @@ class RunRecorder(Callback):
         self._epochs_done += 1
 
     def on_train_end(self, logs):
+        try:
+            self._write_summary(logs)
+        finally:
+            self.release()
+
+    def _write_summary(self, logs):
         done = self._epochs_done
         if getattr(self.model, "stop_training", False):
             status = "stopped early"
@@ -155,17 +213,66 @@ class RunRecorder(Callback):
             return "not drawn: matplotlib is not installed (pip install 'xpnet[plot]')"
         from . import plots
 
-        run, drawn = self.run_dir, []
-        plots.training_curves(read_metrics(run), path=run / "curves.png")
-        drawn.append("curves.png")
-        if proba is not None:
-            X, y = self.eval_data
-            y_pred = proba.argmax(axis=1)
-            plots.confusion_matrix(y, y_pred, path=run / "confusion.png")
-            plots.per_class_accuracy(y, y_pred, path=run / "per_class_accuracy.png")
-            plots.worst_misclassified(X, y, proba, path=run / "worst_misclassified.png")
-            drawn += ["confusion.png", "per_class_accuracy.png", "worst_misclassified.png"]
-        return drawn
+        run = self.run_dir
+        curves, confusion, per_class, worst = PLOTS
+        plots.training_curves(read_metrics(run), path=run / curves)
+        if proba is None:
+            return [curves]
+        X, y = self.eval_data
+        y_pred = proba.argmax(axis=1)
+        plots.confusion_matrix(y, y_pred, path=run / confusion)
+        plots.per_class_accuracy(y, y_pred, path=run / per_class)
+        plots.worst_misclassified(X, y, proba, path=run / worst)
+        return list(PLOTS)
+
+
+def _lock_folder(run: Path):
+    """``run/run.lock``, open and exclusively flock-ed by this process.
+
+    Raises FileExistsError naming the folder and the run that holds it.
+    """
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # never truncated: it may name the holder
+    lock = os.fdopen(fd, "r+b")
+    if fcntl is None:
+        return lock
+    # A few tries: ``is_running`` probes the lock with a shared flock for a few microseconds.
+    for _ in range(20):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            time.sleep(0.01)
+    lock.close()
+    holder = _lock_owner(run)
+    who = f" (pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')})" if holder else ""
+    raise FileExistsError(f"{run} is in use by another run{who}; wait for it to end or choose another folder")
+
+
+def _lock_owner(run: Path) -> dict:
+    """What ``run/run.lock`` says about the process that claimed the folder ({} if unreadable)."""
+    try:
+        owner = json.loads((run / LOCK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def is_running(run_dir) -> bool | None:
+    """Whether a live process holds ``run_dir``'s claim: True, False (the run ended, or its
+    process was killed), or None for a folder with no run.lock (recorded before claims existed)
+    or where flock does not exist."""
+    try:
+        f = open(Path(run_dir) / LOCK, "rb")
+    except FileNotFoundError:
+        return None
+    with f:  # closing releases the probe's own shared lock
+        if fcntl is None:
+            return None
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def versions() -> dict:
@@ -239,8 +346,16 @@ def read_run(run_dir) -> dict:
         "best_val_accuracy": max(val) if val else None,
         "final_accuracy": metrics[-1].get("accuracy") if metrics else None,
         "seconds": sum(m.get("seconds", 0.0) for m in metrics),
-        "status": summary["status"] if summary else ("running or killed" if metrics else "no epoch finished"),
+        "status": summary["status"] if summary else _unfinished_status(run, metrics),
     }
+
+
+def _unfinished_status(run: Path, metrics) -> str:
+    """The status of a run with no summary.json: still training, or its process is gone."""
+    running = is_running(run)
+    if running is None:  # no claim recorded: nothing tells a live run from a dead one
+        return "running or killed" if metrics else "no epoch finished"
+    return "running" if running else "killed"
 
 
 def list_runs(runs_dir="runs") -> list[dict]:
