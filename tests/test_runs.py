@@ -138,8 +138,9 @@ INTERRUPTED_TRAINING = textwrap.dedent(
             with open(run + "-fingerprints.txt", "a") as f:
                 f.write(digest.hexdigest() + "\\n")
 
+    recorder = RunRecorder(run, eval_data=(X[:500], y[:500]), plots=False)
     xpnet.MLP([784, 128, 10], seed=0).fit(X, y, epochs=10_000, batch_size=32, optimizer="adam", lr=1e-4,
-                                          verbose=0, callbacks=[Fingerprint(), RunRecorder(run)])
+                                          verbose=0, callbacks=[Fingerprint(), recorder])
     """
 )
 
@@ -184,6 +185,13 @@ def test_ctrl_c_leaves_the_last_finished_epochs_model_and_metrics(tmp_path):
     assert len(epochs_fingerprinted) in (len(metrics), len(metrics) + 1)
     assert digest == epochs_fingerprinted[len(metrics) - 1]
     assert read_run(run)["status"] == "interrupted"
+    # The summary describes that file, not the half-trained model the interrupt left in memory.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model_epoch"] == len(metrics) - 1
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, size=(20000, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, size=20000)
+    assert summary["eval_accuracy"] == saved.score(X[:500], y[:500])
     assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
 
 
@@ -406,3 +414,40 @@ def test_xpnet_train_gives_runs_started_in_the_same_second_their_own_folders(tmp
     folders = [_new_run_folder("mlp") for _ in range(3)]
     assert [f.name for f in folders] == ["mlp-20250101-120000", "mlp-20250101-120000-2", "mlp-20250101-120000-3"]
     assert all((tmp_path / f).is_dir() for f in folders)
+
+
+# -- summary.json describes the model file beside it ---------------------------------------------
+
+@pytest.mark.parametrize("recorder_last", [True, False])
+def test_after_early_stopping_restores_the_summary_still_describes_the_model_file(tmp_path, recorder_last):
+    from xpnet.callbacks import EarlyStopping
+
+    X, y = tiny_data(300, seed=20)
+    model = xpnet.MLP([20, 8, 3], dtype="float64", seed=0)
+    stopper = EarlyStopping("lr", mode="max", patience=3)  # best epoch 0, stops after epoch 3
+    recorder = RunRecorder(tmp_path / "run", eval_data=(X, y), plots=False)
+    callbacks = [stopper, recorder] if recorder_last else [recorder, stopper]
+    model.fit(X, y, epochs=10, batch_size=16, lr=0.2, callbacks=callbacks, verbose=0)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    saved = xpnet.load(tmp_path / "run" / "model.safetensors")
+    assert summary["status"] == "stopped early" and summary["epochs_run"] == 4
+    assert summary["eval_accuracy"] == saved.score(X, y)
+    # the folder keeps the last epoch, the one its last metrics line describes, in either order
+    assert summary["model_epoch"] == read_metrics(tmp_path / "run")[-1]["epoch"] == 3
+    assert stopper.best_epoch == 0 and summary["eval_accuracy"] != model.score(X, y)  # the restored model
+
+
+def test_weights_no_epoch_ended_with_are_not_what_the_summary_describes(tmp_path):
+    """As after a Ctrl-C mid-epoch: the file keeps the last finished epoch, and the summary it."""
+    X, y = tiny_data()
+    recorder = RunRecorder(tmp_path / "r", eval_data=(X, y), plots=False)
+    model = recorder.model = xpnet.MLP([20, 8, 3], seed=0)
+    recorder.on_train_begin({"epochs": 3})
+    recorder.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.5})
+    model.fit(X, y, epochs=1, lr=5.0, verbose=0)  # half an epoch more, in effect
+    recorder.on_train_end({"epochs_run": 1})
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    saved = xpnet.load(tmp_path / "r" / "model.safetensors")
+    assert summary["status"] == "interrupted" and summary["model_epoch"] == 0
+    assert summary["eval_accuracy"] == saved.score(X, y) != model.score(X, y)
+

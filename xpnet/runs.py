@@ -12,8 +12,13 @@ A run folder holds
   versions of xpnet, NumPy and Python, and whatever the caller adds (dataset hashes, the command);
 - ``metrics.jsonl``: one JSON object per finished epoch, flushed and fsynced as it is written, so
   an interrupted run keeps every epoch it finished;
-- ``model.safetensors``: the model after the last finished epoch (replaced atomically each epoch);
-- ``summary.json``: written when training ends (completed, stopped early or interrupted);
+- ``model.safetensors``: the model after the last finished epoch (replaced atomically each epoch),
+  so the last line of metrics.jsonl always describes it; weights that ``EarlyStopping`` restores
+  once training has ended are the caller's model, not the folder's;
+- ``summary.json``: written when training ends: the status (completed, stopped early or
+  interrupted), the epoch whose weights ``model.safetensors`` holds (``model_epoch``, numbered
+  as in metrics.jsonl), and the evaluation and plots of that model
+  file, never of a model that is not on disk;
 - the plots (PNG), when matplotlib is installed.
 
 ``RunRecorder`` is the callback that writes it (``fit(..., run_dir=DIR)`` adds one);
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -101,6 +107,8 @@ class RunRecorder(Callback):
         self._epochs_done = 0
         self._start = None
         self._lock = None  # the open run.lock while this recorder holds the folder
+        self._saved_epoch = None  # the epoch whose weights model.safetensors holds
+        self._saved_fingerprint = None  # and those weights' fingerprint
 
     def claim(self) -> None:
         """Take ``run_dir`` for this run: create it, lock its run.lock, and with ``overwrite``
@@ -152,6 +160,7 @@ class RunRecorder(Callback):
         self._start = time.time()
         self._planned_epochs = logs.get("epochs")
         self._epochs_done = 0
+        self._saved_epoch = self._saved_fingerprint = None
         model = self.model
         config = {
             "name": run.name,
@@ -177,6 +186,7 @@ class RunRecorder(Callback):
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line, allow_nan=False) + "\n")
                 _sync(f)
+        self._saved_epoch, self._saved_fingerprint = int(epoch), _fingerprint(self.model)
         self._epochs_done += 1
 
     def on_train_end(self, logs):
@@ -186,6 +196,7 @@ class RunRecorder(Callback):
             self.release()
 
     def _write_summary(self, logs):
+        """summary.json, describing the model file in the folder (see ``_saved_model``)."""
         done = self._epochs_done
         if getattr(self.model, "stop_training", False):
             status = "stopped early"
@@ -193,18 +204,29 @@ class RunRecorder(Callback):
             status = "interrupted"
         else:
             status = "completed"
-        summary = {"status": status, "epochs_run": done, "finished": _now(),
-                   "seconds": round(time.time() - self._start, 3)}
-        if self.eval_data is not None and done:
-            X, y = self.eval_data
-            proba = np.asarray(self.model.predict_proba(X))
-            summary["eval_accuracy"] = float((proba.argmax(axis=1) == np.asarray(y)).mean())
-            summary["eval_size"] = int(len(y))
-        else:
-            proba = None
+        summary = {"status": status, "epochs_run": done, "model_epoch": None,
+                   "finished": _now(), "seconds": round(time.time() - self._start, 3)}
+        proba = None
+        if done:
+            summary["model_epoch"] = self._saved_epoch
+            if self.eval_data is not None:
+                X, y = self.eval_data
+                proba = np.asarray(self._saved_model().predict_proba(X))
+                summary["eval_accuracy"] = float((proba.argmax(axis=1) == np.asarray(y)).mean())
+                summary["eval_size"] = int(len(y))
         if self.plots and done:
             summary["plots"] = self._draw_plots(proba)
         _write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    def _saved_model(self):
+        """The model in model.safetensors: the model in memory when training left it with the
+        weights of the last finished epoch, else (a Ctrl-C mid-epoch, or weights that
+        ``EarlyStopping`` restored before this callback's end) the file, read back."""
+        if _fingerprint(self.model) == self._saved_fingerprint:
+            return self.model  # bit for bit the model in the file
+        from .model import load
+
+        return load(self.run_dir / MODEL, backend=self.model.backend)
 
     def _draw_plots(self, proba):
         try:
@@ -224,6 +246,14 @@ class RunRecorder(Callback):
         plots.per_class_accuracy(y, y_pred, path=run / per_class)
         plots.worst_misclassified(X, y, proba, path=run / worst)
         return list(PLOTS)
+
+
+def _fingerprint(model) -> str:
+    """The sha256 of the model's parameters: tells whether a model holds the saved weights."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(np.ascontiguousarray(model.backend.to_numpy(p)))
+    return digest.hexdigest()
 
 
 def _lock_folder(run: Path):
