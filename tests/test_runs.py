@@ -451,3 +451,26 @@ def test_weights_no_epoch_ended_with_are_not_what_the_summary_describes(tmp_path
     assert summary["status"] == "interrupted" and summary["model_epoch"] == 0
     assert summary["eval_accuracy"] == saved.score(X, y) != model.score(X, y)
 
+
+def test_warnings_and_divergence_reach_the_summary_and_the_listing(tmp_path):
+    recorder = started_recorder(tmp_path / "runs" / "wild")
+    warning = "loss diverged: 41.2 in epoch 1, above the first epoch's 2.3"
+    recorder.on_train_end({"epochs_run": 1, "warnings": [warning], "diverged": True})
+    summary = json.loads((tmp_path / "runs" / "wild" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["warnings"] == [warning]
+
+    calm = started_recorder(tmp_path / "runs" / "calm")
+    calm.on_train_end({"epochs_run": 1, "warnings": [warning, warning]})  # warned, not stopped
+    assert read_run(tmp_path / "runs" / "calm")["status"] == "interrupted"
+
+    plain = started_recorder(tmp_path / "runs" / "plain")
+    plain.on_train_end({"epochs_run": 1})  # what fit passes without warnings
+    assert json.loads((tmp_path / "runs" / "plain" / "summary.json").read_text())["warnings"] == []
+
+    table = format_runs_table(list_runs(tmp_path / "runs"))
+    statuses = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert statuses["wild"].endswith("diverged (1 warning)")
+    assert statuses["calm"].endswith("interrupted (2 warnings)")
+    assert statuses["plain"].endswith("interrupted")
+    text = format_comparison(compare_runs(tmp_path / "runs" / "wild", tmp_path / "runs" / "plain"))
+    assert f"warning (A): {warning}" in text and "status: A diverged (1 warning), B interrupted" in text

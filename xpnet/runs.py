@@ -15,9 +15,9 @@ A run folder holds
 - ``model.safetensors``: the model after the last finished epoch (replaced atomically each epoch),
   so the last line of metrics.jsonl always describes it; weights that ``EarlyStopping`` restores
   once training has ended are the caller's model, not the folder's;
-- ``summary.json``: written when training ends: the status (completed, stopped early or
-  interrupted), the epoch whose weights ``model.safetensors`` holds (``model_epoch``, numbered
-  as in metrics.jsonl), and the evaluation and plots of that model
+- ``summary.json``: written when training ends: the status (completed, stopped early, diverged
+  or interrupted), the epoch whose weights ``model.safetensors`` holds (``model_epoch``, numbered
+  as in metrics.jsonl), the training's ``warnings``, and the evaluation and plots of that model
   file, never of a model that is not on disk;
 - the plots (PNG), when matplotlib is installed.
 
@@ -196,15 +196,22 @@ class RunRecorder(Callback):
             self.release()
 
     def _write_summary(self, logs):
-        """summary.json, describing the model file in the folder (see ``_saved_model``)."""
+        """summary.json, describing the model file in the folder (see ``_saved_model``).
+
+        ``logs`` may carry ``warnings`` (one-line strings) and ``diverged`` (training was stopped
+        because it diverged), besides ``epochs_run``.
+        """
         done = self._epochs_done
-        if getattr(self.model, "stop_training", False):
+        if logs.get("diverged"):
+            status = "diverged"
+        elif getattr(self.model, "stop_training", False):
             status = "stopped early"
         elif self._planned_epochs is not None and done < self._planned_epochs:
             status = "interrupted"
         else:
             status = "completed"
         summary = {"status": status, "epochs_run": done, "model_epoch": None,
+                   "warnings": [str(w) for w in logs.get("warnings") or ()],
                    "finished": _now(), "seconds": round(time.time() - self._start, 3)}
         proba = None
         if done:
@@ -377,6 +384,7 @@ def read_run(run_dir) -> dict:
         "final_accuracy": metrics[-1].get("accuracy") if metrics else None,
         "seconds": sum(m.get("seconds", 0.0) for m in metrics),
         "status": summary["status"] if summary else _unfinished_status(run, metrics),
+        "warnings": summary.get("warnings", []) if summary else [],
     }
 
 
@@ -431,10 +439,15 @@ def format_runs_table(runs) -> str:
     header = ["name", "layers", "optimizer", "lr", "batch", "epochs", "best val acc", "train time", "started", "status"]
     rows = [
         [r["name"], r["layers"], r["optimizer"], _num(r["lr"]), _num(r["batch_size"]), r["epochs"],
-         _pct(r["best_val_accuracy"]), f"{r['seconds']:.1f} s", r["started"][:19].replace("T", " "), r["status"]]
+         _pct(r["best_val_accuracy"]), f"{r['seconds']:.1f} s", r["started"][:19].replace("T", " "), _status(r)]
         for r in runs
     ]
     return _table(header, rows)
+
+
+def _status(run) -> str:
+    n = len(run["warnings"])
+    return run["status"] + (f" ({n} warning{'s' * (n > 1)})" if n else "")
 
 
 def format_comparison(comparison) -> str:
@@ -455,7 +468,9 @@ def format_comparison(comparison) -> str:
     ]
     out += [f"metrics per epoch (A = {a}, B = {b})", _table(header, metric_rows), ""]
     out.append(f"best val accuracy: A {_pct(run_a['best_val_accuracy'])}, B {_pct(run_b['best_val_accuracy'])}; "
-               f"status: A {run_a['status']}, B {run_b['status']}")
+               f"status: A {_status(run_a)}, B {_status(run_b)}")
+    for side, run in (("A", run_a), ("B", run_b)):
+        out += [f"warning ({side}): {w}" for w in run["warnings"]]
     return "\n".join(out)
 
 
