@@ -474,3 +474,74 @@ def test_warnings_and_divergence_reach_the_summary_and_the_listing(tmp_path):
     assert statuses["plain"].endswith("interrupted")
     text = format_comparison(compare_runs(tmp_path / "runs" / "wild", tmp_path / "runs" / "plain"))
     assert f"warning (A): {warning}" in text and "status: A diverged (1 warning), B interrupted" in text
+
+
+# -- a damaged run folder is named, never breaks the listing -------------------------------------
+
+DAMAGES = {  # folder name: (file, its new bytes or None to delete it, what the error says)
+    "config-cut": ("config.json", b'{"model": {"lay', "config.json: not valid JSON"),
+    "config-a-list": ("config.json", b"[1, 2]", "config.json is not a JSON object: [1, 2]"),
+    "config-fit-text": ("config.json", b'{"fit": "adam"}', "config.json: 'fit' is not a JSON object"),
+    "config-not-utf8": ("config.json", b'{"name": "\xff"}', "config.json: not UTF-8 text"),
+    "config-deep": ("config.json", b"[" * 100_000, "config.json: not valid JSON"),
+    "config-gone": ("config.json", None, "is not a run folder: it has no config.json"),
+    "metrics-bad-line": ("metrics.jsonl", b'{"epoch": 0}\n{"epo\n{"epoch": 2}\n', "metrics.jsonl, line 2: not valid JSON"),
+    "metrics-bad-last-line": ("metrics.jsonl", b'{"epoch": 0}\n{"epo\n', "metrics.jsonl, line 2: not valid JSON"),
+    "metrics-not-object": ("metrics.jsonl", b"[0]\n", "metrics.jsonl, line 1 is not a JSON object"),
+    "metrics-text-number": ("metrics.jsonl", b'{"val_accuracy": "high"}\n', "line 1: 'val_accuracy' is not a number"),
+    "metrics-gone": ("metrics.jsonl", None, "metrics.jsonl is missing"),
+    "model-gone": ("model.safetensors", None, "model.safetensors is missing, though metrics.jsonl records 1 epoch(s)"),
+    "summary-empty": ("summary.json", b"", "summary.json: not valid JSON"),
+    "summary-text": ("summary.json", b'"completed"', 'summary.json is not a JSON object: "completed"'),
+    "summary-no-status": ("summary.json", b'{"epochs_run": 1}', "summary.json: 'status' is missing"),
+    "summary-warnings-text": ("summary.json", b'{"status": "completed", "warnings": "x"}', "'warnings' is not a JSON array"),
+}
+
+
+def damaged_runs(root):
+    """``root/good``, a finished run, and a copy of it for each damage in DAMAGES."""
+    import shutil
+
+    started_recorder(root / "good").on_train_end({"epochs_run": 1})
+    for name, (file, data, _) in DAMAGES.items():
+        shutil.copytree(root / "good", root / name)
+        if data is None:
+            (root / name / file).unlink()
+        else:
+            (root / name / file).write_bytes(data)
+    (root / "not-a-run").mkdir()
+    (root / "notes.txt").write_text("not a folder")
+    return root
+
+
+def test_xpnet_runs_lists_every_readable_run_and_names_each_damaged_one(tmp_path, capsys):
+    from xpnet.cli import main
+
+    root = damaged_runs(tmp_path / "runs")
+    runs = list_runs(root)
+    assert [r["name"] for r in runs if "error" not in r] == ["good"]
+    errors = {r["name"]: r["error"] for r in runs if "error" in r}
+    assert set(errors) == set(DAMAGES)
+    for name, (file, _, says) in DAMAGES.items():
+        assert says in errors[name], (name, errors[name])
+        assert str(root / name) in errors[name] and "\n" not in errors[name]
+
+    assert main(["runs", str(root)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[2].split()[0] == "good" and len(lines) == 3 + len(DAMAGES) and err == ""
+    assert sorted(lines[3:]) == sorted(f"{name}: unreadable: {errors[name]}" for name in DAMAGES)
+
+    for name in DAMAGES:
+        assert main(["runs", "compare", str(root / "good"), str(root / name)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"xpnet runs: {errors[name]}\n"
+
+
+def test_a_cell_with_a_newline_stays_in_its_row(tmp_path):
+    recorder = started_recorder(tmp_path / "runs" / "r")
+    recorder.on_train_end({"epochs_run": 1})
+    config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
+    config["fit"]["optimizer"] = "SGD\nsecond line"
+    (tmp_path / "runs" / "r" / "config.json").write_text(json.dumps(config))
+    assert len(format_runs_table(list_runs(tmp_path / "runs")).splitlines()) == 3

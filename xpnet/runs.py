@@ -173,9 +173,9 @@ class RunRecorder(Callback):
             "platform": {"machine": platform.machine(), "system": platform.system(), "processor": platform.processor()},
         }
         config = _merge(config, _jsonable(self.extra_config))
-        _write_text_atomic(run / CONFIG, json.dumps(config, indent=2) + "\n")
-        with open(run / METRICS, "w", encoding="utf-8") as f:  # start the run's metrics afresh
+        with open(run / METRICS, "w", encoding="utf-8") as f:  # first: a folder with a config has its metrics
             _sync(f)
+        _write_text_atomic(run / CONFIG, json.dumps(config, indent=2) + "\n")
 
     def on_epoch_end(self, epoch, logs):
         line = {"epoch": int(epoch), **_jsonable(dict(logs)), "elapsed": round(time.time() - self._start, 3)}
@@ -329,44 +329,66 @@ def versions() -> dict:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """The epochs recorded in ``run_dir/metrics.jsonl``, in order.
+    """The epochs recorded in ``run_dir/metrics.jsonl``, in order (none if there is no such file).
 
-    A last line cut short (the process died while writing it) is ignored; a bad line anywhere
-    else raises ValueError naming it.
+    A last line without its newline that is not valid JSON was cut short by a killed process and
+    is ignored; any other line that is not a JSON object with numbers for its figures raises
+    ValueError naming the file and line.
     """
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).split("\n")  # after a final newline comes "", skipped below
     out = []
-    for i, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"{path}, line {number}"
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
+            epoch = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            if number == len(lines):
                 break
-            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({e})") from None
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        _expect(epoch, dict, where)
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
+            _expect(epoch.get(key), (int, float), f"{where}: {key!r}")
+        out.append(epoch)
     return out
 
 
 def read_run(run_dir) -> dict:
     """One run as a dict: ``name``, ``path``, ``config``, ``metrics`` (list), ``summary`` (or None)
-    and the figures ``list_runs`` shows (``layers``, ``optimizer``, ``best_val_accuracy``, ...).
+    and the figures ``list_runs`` shows (``layers``, ``optimizer``, ``best_val_accuracy``,
+    ``status``, ``warnings``, ...).
 
     Raises
     ------
     FileNotFoundError
-        ``run_dir`` holds no config.json.
+        ``run_dir`` holds no config.json, or no metrics.jsonl (written before config.json).
+    ValueError
+        A file of the run is damaged: not UTF-8, not JSON, or not shaped as xpnet writes it.
+        The message names the file (and line) and what is wrong.
     """
     run = Path(run_dir)
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run folder: it has no {CONFIG}")
-    config = json.loads((run / CONFIG).read_text(encoding="utf-8"))
+    if not (run / METRICS).is_file():
+        raise FileNotFoundError(f"{run / METRICS} is missing")
+    config = _read_json_object(run / CONFIG)
+    fit = _expect(config.get("fit"), dict, f"{run / CONFIG}: 'fit'") or {}
+    model = _expect(config.get("model"), dict, f"{run / CONFIG}: 'model'") or {}
+    _expect(model.get("layers"), list, f"{run / CONFIG}: 'model.layers'")
+    started = _expect(config.get("started"), str, f"{run / CONFIG}: 'started'") or ""
     metrics = read_metrics(run)
-    summary = json.loads((run / SUMMARY).read_text(encoding="utf-8")) if (run / SUMMARY).is_file() else None
-    fit = config.get("fit", {})
+    if metrics and not (run / MODEL).is_file():
+        raise FileNotFoundError(f"{run / MODEL} is missing, though {METRICS} records {len(metrics)} epoch(s)")
+    summary = None
+    if (run / SUMMARY).exists():
+        summary = _read_json_object(run / SUMMARY)
+        if not isinstance(summary.get("status"), str):
+            raise ValueError(f"{run / SUMMARY}: 'status' is missing or not a string")
+        _expect(summary.get("warnings"), list, f"{run / SUMMARY}: 'warnings'")
     val = [m["val_accuracy"] for m in metrics if m.get("val_accuracy") is not None]
     return {
         "name": run.name,
@@ -374,17 +396,17 @@ def read_run(run_dir) -> dict:
         "config": config,
         "metrics": metrics,
         "summary": summary,
-        "started": config.get("started", ""),
-        "layers": _architecture(config.get("model", {})),
+        "started": started,
+        "layers": _architecture(model),
         "optimizer": str(fit.get("optimizer", "?")).split("(")[0],
         "lr": fit.get("lr"),
         "batch_size": fit.get("batch_size"),
         "epochs": f"{len(metrics)}/{fit.get('epochs', '?')}",
         "best_val_accuracy": max(val) if val else None,
         "final_accuracy": metrics[-1].get("accuracy") if metrics else None,
-        "seconds": sum(m.get("seconds", 0.0) for m in metrics),
+        "seconds": sum(m.get("seconds") or 0.0 for m in metrics),
         "status": summary["status"] if summary else _unfinished_status(run, metrics),
-        "warnings": summary.get("warnings", []) if summary else [],
+        "warnings": [str(w) for w in summary.get("warnings") or ()] if summary else [],
     }
 
 
@@ -397,12 +419,23 @@ def _unfinished_status(run: Path, metrics) -> str:
 
 
 def list_runs(runs_dir="runs") -> list[dict]:
-    """Every run folder directly inside ``runs_dir`` (see ``read_run``), oldest first."""
+    """Every run folder directly inside ``runs_dir``: the readable ones as ``read_run`` gives
+    them, oldest first, then each unreadable one as ``{"name", "path", "error"}``, the error one
+    line naming the file and what is wrong with it. A folder holding none of a run's files is
+    not a run folder and is left out.
+    """
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no runs folder at {root}")
-    runs = [read_run(p) for p in sorted(root.iterdir()) if (p / CONFIG).is_file()]
-    return sorted(runs, key=lambda r: (r["started"], r["name"]))
+    runs, unreadable = [], []
+    for folder in sorted(root.iterdir()):
+        try:
+            if folder.is_dir() and any((folder / name).exists() for name in (CONFIG, METRICS, SUMMARY, MODEL)):
+                runs.append(read_run(folder))
+        except (OSError, ValueError) as e:  # one damaged folder must not hide the others
+            unreadable.append({"name": folder.name, "path": str(folder), "error": _one_line(e)})
+    runs.sort(key=lambda r: (r["started"], r["name"]))
+    return runs + unreadable
 
 
 def compare_runs(a, b) -> dict:
@@ -433,16 +466,18 @@ def compare_runs(a, b) -> dict:
 
 
 def format_runs_table(runs) -> str:
-    """``list_runs``'s result as an aligned text table."""
+    """``list_runs``'s result as an aligned text table, then a line for each unreadable run."""
     if not runs:
         return "no runs recorded"
+    unreadable = [f"{r['name']}: unreadable: {r['error']}" for r in runs if "error" in r]
+    runs = [r for r in runs if "error" not in r]
     header = ["name", "layers", "optimizer", "lr", "batch", "epochs", "best val acc", "train time", "started", "status"]
     rows = [
         [r["name"], r["layers"], r["optimizer"], _num(r["lr"]), _num(r["batch_size"]), r["epochs"],
          _pct(r["best_val_accuracy"]), f"{r['seconds']:.1f} s", r["started"][:19].replace("T", " "), _status(r)]
         for r in runs
     ]
-    return _table(header, rows)
+    return "\n".join(([_table(header, rows)] if runs else []) + unreadable)
 
 
 def _status(run) -> str:
@@ -481,8 +516,8 @@ def cli_runs(args) -> int:
             print(format_comparison(compare_runs(*args.compare)))
         else:
             print(format_runs_table(list_runs(args.dir or "runs")))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"xpnet runs: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"xpnet runs: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -511,6 +546,37 @@ def _sigint_deferred():
         signal.signal(signal.SIGINT, previous)
     if received:
         signal.raise_signal(signal.SIGINT)  # now, to whatever handled it before
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it holds anything else."""
+    try:
+        value = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return _expect(value, dict, str(path))
+
+
+_KINDS = {dict: "a JSON object", list: "a JSON array", str: "a string", (int, float): "a number"}
+
+
+def _expect(value, kind, where: str):
+    """``value`` when it is None or a ``kind``; else ValueError saying what ``where`` should be."""
+    if value is not None and not isinstance(value, kind):
+        shown = json.dumps(value)
+        raise ValueError(f"{where} is not {_KINDS[kind]}: {shown if len(shown) <= 40 else shown[:37] + '...'}")
+    return value
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).splitlines())
 
 
 def _sync(f) -> None:
@@ -560,7 +626,7 @@ def _architecture(model_config: dict) -> str:
     """A short name for a model's layers: MLP widths ``784-50-25-10``, else the layer types
     (``Conv2D6-AvgPool2D-...-Dense10``)."""
     parts = []
-    for layer in model_config.get("layers", []):
+    for layer in model_config.get("layers") or []:
         if isinstance(layer, dict):
             size = layer.get("units", layer.get("filters", ""))
             parts.append(f"{layer.get('type', '?')}{size}")
@@ -586,7 +652,12 @@ def _value(v) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _one_line_cells(cells) -> list[str]:
+    return [" ".join(str(c).splitlines()) for c in cells]  # a newline in a config value must not break a row
+
+
 def _table(header, rows) -> str:
+    header, rows = _one_line_cells(header), [_one_line_cells(r) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line("-" * w for w in widths), *map(line, rows)])
