@@ -23,6 +23,7 @@ from xpnet.runs import (
     compare_runs,
     format_comparison,
     format_runs_table,
+    is_running,
     list_runs,
     read_metrics,
     read_run,
@@ -545,3 +546,11 @@ def test_a_cell_with_a_newline_stays_in_its_row(tmp_path):
     config["fit"]["optimizer"] = "SGD\nsecond line"
     (tmp_path / "runs" / "r" / "config.json").write_text(json.dumps(config))
     assert len(format_runs_table(list_runs(tmp_path / "runs")).splitlines()) == 3
+
+
+def test_a_recorder_that_fails_to_begin_gives_the_folder_back(tmp_path):
+    recorder = RunRecorder(tmp_path / "r")
+    recorder.model = None  # on_train_begin fails reading the model, after claiming the folder
+    with pytest.raises(AttributeError):
+        recorder.on_train_begin({"epochs": 1})
+    assert is_running(tmp_path / "r") is False

@@ -156,6 +156,13 @@ class RunRecorder(Callback):
 
     def on_train_begin(self, logs):
         self.claim()
+        try:
+            self._begin(logs)
+        except BaseException:
+            self.release()  # fit calls no on_train_end when a callback's on_train_begin fails
+            raise
+
+    def _begin(self, logs):
         run = self.run_dir
         self._start = time.time()
         self._planned_epochs = logs.get("epochs")
