@@ -486,7 +486,7 @@ DAMAGES = {  # folder name: (file, its new bytes or None to delete it, what the 
     "config-not-utf8": ("config.json", b'{"name": "\xff"}', "config.json: not UTF-8 text"),
     "config-deep": ("config.json", b"[" * 100_000, "config.json: not valid JSON"),
     "config-gone": ("config.json", None, "is not a run folder: it has no config.json"),
-    "metrics-bad-line": ("metrics.jsonl", b'{"epoch": 0}\n{"epo\n{"epoch": 2}\n', "metrics.jsonl, line 2: not valid JSON"),
+    "metrics-bad-line": ("metrics.jsonl", b'{"epoch": 0}\n{"epo\n{"epoch": 2}\n', "jsonl, line 2: not valid JSON"),
     "metrics-bad-last-line": ("metrics.jsonl", b'{"epoch": 0}\n{"epo\n', "metrics.jsonl, line 2: not valid JSON"),
     "metrics-not-object": ("metrics.jsonl", b"[0]\n", "metrics.jsonl, line 1 is not a JSON object"),
     "metrics-text-number": ("metrics.jsonl", b'{"val_accuracy": "high"}\n', "line 1: 'val_accuracy' is not a number"),
@@ -495,7 +495,7 @@ DAMAGES = {  # folder name: (file, its new bytes or None to delete it, what the 
     "summary-empty": ("summary.json", b"", "summary.json: not valid JSON"),
     "summary-text": ("summary.json", b'"completed"', 'summary.json is not a JSON object: "completed"'),
     "summary-no-status": ("summary.json", b'{"epochs_run": 1}', "summary.json: 'status' is missing"),
-    "summary-warnings-text": ("summary.json", b'{"status": "completed", "warnings": "x"}', "'warnings' is not a JSON array"),
+    "summary-warnings-text": ("summary.json", b'{"status": "done", "warnings": "x"}', "'warnings' is not a JSON array"),
 }
 
 
