@@ -23,6 +23,7 @@ from xpnet.runs import (
     compare_runs,
     format_comparison,
     format_runs_table,
+    is_running,
     list_runs,
     read_metrics,
     read_run,
@@ -138,8 +139,9 @@ INTERRUPTED_TRAINING = textwrap.dedent(
             with open(run + "-fingerprints.txt", "a") as f:
                 f.write(digest.hexdigest() + "\\n")
 
+    recorder = RunRecorder(run, eval_data=(X[:500], y[:500]), plots=False)
     xpnet.MLP([784, 128, 10], seed=0).fit(X, y, epochs=10_000, batch_size=32, optimizer="adam", lr=1e-4,
-                                          verbose=0, callbacks=[Fingerprint(), RunRecorder(run)])
+                                          verbose=0, callbacks=[Fingerprint(), recorder])
     """
 )
 
@@ -184,6 +186,13 @@ def test_ctrl_c_leaves_the_last_finished_epochs_model_and_metrics(tmp_path):
     assert len(epochs_fingerprinted) in (len(metrics), len(metrics) + 1)
     assert digest == epochs_fingerprinted[len(metrics) - 1]
     assert read_run(run)["status"] == "interrupted"
+    # The summary describes that file, not the half-trained model the interrupt left in memory.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model_epoch"] == len(metrics) - 1
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 256, size=(20000, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, size=20000)
+    assert summary["eval_accuracy"] == saved.score(X[:500], y[:500])
     assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
 
 
@@ -268,3 +277,280 @@ def test_a_ctrl_c_while_saving_waits_until_the_epoch_is_on_disk(tmp_path):
                                               "elapsed": pytest.approx(0, abs=60)}]
     assert (tmp_path / "r" / "model.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- one run per folder, and a killed run told from a running one ---------------------------------
+
+def tiny_data(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 20))
+    return X, (X[:, 0] > 0).astype(int) + (X[:, 1] > 0)
+
+
+def started_recorder(run_dir, **kwargs):
+    """A recorder that has begun a 3-epoch run of a tiny model and finished its first epoch."""
+    recorder = RunRecorder(run_dir, plots=False, **kwargs)
+    recorder.model = xpnet.MLP([20, 8, 3], seed=0)
+    recorder.on_train_begin({"epochs": 3})
+    recorder.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.5})
+    return recorder
+
+
+def test_a_folder_in_use_refuses_a_second_recorder_even_with_overwrite(tmp_path):
+    run = tmp_path / "r"
+    first = started_recorder(run)
+    config = (run / "config.json").read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=rf"{run} is in use by another run \(pid {os.getpid()} on "):
+            RunRecorder(run, overwrite=overwrite).claim()
+    with pytest.raises(FileExistsError, match="in use by another run"):
+        xpnet.MLP([20, 8, 3], seed=1).fit(*tiny_data(), epochs=1, verbose=0, run_dir=run)
+    assert (run / "config.json").read_bytes() == config and len(read_metrics(run)) == 1
+    assert read_run(run)["status"] == "running"
+
+    first.on_train_end({"epochs_run": 1})
+    assert read_run(run)["status"] == "interrupted"
+    second = RunRecorder(run, overwrite=True)
+    second.claim()  # the folder is free again once its run has ended
+    assert not (run / "config.json").exists() and not (run / "summary.json").exists()
+    second.release()
+
+
+RACE = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from xpnet.runs import RunRecorder
+
+    run, go, done = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    while not go.exists():  # start together
+        time.sleep(0.001)
+    recorder = RunRecorder(run, overwrite=True)  # kept: the claim lasts while its lock file is open
+    try:
+        recorder.claim()
+    except FileExistsError as e:
+        print("refused:", e, flush=True)
+    else:
+        print("claimed", flush=True)
+        while not done.exists():  # hold the folder until every other process has tried
+            time.sleep(0.01)
+    """
+)
+
+
+def python_env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_of_runs_started_at_once_on_one_folder_exactly_one_gets_it(tmp_path):
+    run, go, done = tmp_path / "r", tmp_path / "go", tmp_path / "done"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(run), str(go), str(done)], env=python_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        go.touch()
+        results = sorted(p.stdout.readline().strip() for p in procs)
+    finally:
+        done.touch()
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert results[0] == "claimed"
+    assert all(r.startswith(f"refused: {run} is in use by another run") for r in results[1:]), results
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from test_runs import started_recorder
+
+    recorder = started_recorder(sys.argv[1])  # kept: the claim lasts while its lock file is open
+    print("started", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock and SIGKILL")
+def test_a_killed_run_is_told_from_a_running_one_and_frees_its_folder(tmp_path):
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run), str(ROOT / "tests")], env=python_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "started\n", proc.stderr.read()
+        assert read_run(run)["status"] == "running"
+        with pytest.raises(FileExistsError, match=rf"in use by another run \(pid {proc.pid} on "):
+            RunRecorder(run, overwrite=True).claim()
+    finally:
+        proc.kill()  # SIGKILL: no handler, no summary.json
+        proc.wait()
+    assert read_run(run)["status"] == "killed"
+    assert [m["epoch"] for m in read_metrics(run)] == [0]
+    with pytest.raises(FileExistsError, match="already holds a recorded run"):
+        RunRecorder(run).claim()  # the killed run is a record still: kept unless overwrite
+    xpnet.MLP([20, 8, 3], seed=1).fit(*tiny_data(), epochs=2, verbose=0,
+                                      callbacks=[RunRecorder(run, overwrite=True, plots=False)])
+    assert read_run(run)["status"] == "completed" and len(read_metrics(run)) == 2
+
+
+def test_xpnet_train_refuses_a_folder_in_use_before_loading_data(tmp_path, capsys):
+    from xpnet.cli import main
+
+    run = tmp_path / "r"
+    holder = started_recorder(run)
+    try:
+        code = main(["train", "--epochs", "1", "--out", str(run), "--data", str(tmp_path / "no-data"), "--quiet"])
+    finally:
+        holder.release()
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{run} is in use by another run" in err and "mnist" not in err.lower()
+
+
+def test_xpnet_train_gives_runs_started_in_the_same_second_their_own_folders(tmp_path, monkeypatch):
+    from xpnet.cli import _new_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: fmt.replace("%Y%m%d-%H%M%S", "20250101-120000"))
+    folders = [_new_run_folder("mlp") for _ in range(3)]
+    assert [f.name for f in folders] == ["mlp-20250101-120000", "mlp-20250101-120000-2", "mlp-20250101-120000-3"]
+    assert all((tmp_path / f).is_dir() for f in folders)
+
+
+# -- summary.json describes the model file beside it ---------------------------------------------
+
+@pytest.mark.parametrize("recorder_last", [True, False])
+def test_after_early_stopping_restores_the_summary_still_describes_the_model_file(tmp_path, recorder_last):
+    from xpnet.callbacks import EarlyStopping
+
+    X, y = tiny_data(300, seed=20)
+    model = xpnet.MLP([20, 8, 3], dtype="float64", seed=0)
+    stopper = EarlyStopping("lr", mode="max", patience=3)  # best epoch 0, stops after epoch 3
+    recorder = RunRecorder(tmp_path / "run", eval_data=(X, y), plots=False)
+    callbacks = [stopper, recorder] if recorder_last else [recorder, stopper]
+    model.fit(X, y, epochs=10, batch_size=16, lr=0.2, callbacks=callbacks, verbose=0)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    saved = xpnet.load(tmp_path / "run" / "model.safetensors")
+    assert summary["status"] == "stopped early" and summary["epochs_run"] == 4
+    assert summary["eval_accuracy"] == saved.score(X, y)
+    # the folder keeps the last epoch, the one its last metrics line describes, in either order
+    assert summary["model_epoch"] == read_metrics(tmp_path / "run")[-1]["epoch"] == 3
+    assert stopper.best_epoch == 0 and summary["eval_accuracy"] != model.score(X, y)  # the restored model
+
+
+def test_weights_no_epoch_ended_with_are_not_what_the_summary_describes(tmp_path):
+    """As after a Ctrl-C mid-epoch: the file keeps the last finished epoch, and the summary it."""
+    X, y = tiny_data()
+    recorder = RunRecorder(tmp_path / "r", eval_data=(X, y), plots=False)
+    model = recorder.model = xpnet.MLP([20, 8, 3], seed=0)
+    recorder.on_train_begin({"epochs": 3})
+    recorder.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.5})
+    model.fit(X, y, epochs=1, lr=5.0, verbose=0)  # half an epoch more, in effect
+    recorder.on_train_end({"epochs_run": 1})
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    saved = xpnet.load(tmp_path / "r" / "model.safetensors")
+    assert summary["status"] == "interrupted" and summary["model_epoch"] == 0
+    assert summary["eval_accuracy"] == saved.score(X, y) != model.score(X, y)
+
+
+def test_warnings_and_divergence_reach_the_summary_and_the_listing(tmp_path):
+    recorder = started_recorder(tmp_path / "runs" / "wild")
+    warning = "loss diverged: 41.2 in epoch 1, above the first epoch's 2.3"
+    recorder.on_train_end({"epochs_run": 1, "warnings": [warning], "diverged": True})
+    summary = json.loads((tmp_path / "runs" / "wild" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["warnings"] == [warning]
+
+    calm = started_recorder(tmp_path / "runs" / "calm")
+    calm.on_train_end({"epochs_run": 1, "warnings": [warning, warning]})  # warned, not stopped
+    assert read_run(tmp_path / "runs" / "calm")["status"] == "interrupted"
+
+    plain = started_recorder(tmp_path / "runs" / "plain")
+    plain.on_train_end({"epochs_run": 1})  # what fit passes without warnings
+    assert json.loads((tmp_path / "runs" / "plain" / "summary.json").read_text())["warnings"] == []
+
+    table = format_runs_table(list_runs(tmp_path / "runs"))
+    statuses = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert statuses["wild"].endswith("diverged (1 warning)")
+    assert statuses["calm"].endswith("interrupted (2 warnings)")
+    assert statuses["plain"].endswith("interrupted")
+    text = format_comparison(compare_runs(tmp_path / "runs" / "wild", tmp_path / "runs" / "plain"))
+    assert f"warning (A): {warning}" in text and "status: A diverged (1 warning), B interrupted" in text
+
+
+# -- a damaged run folder is named, never breaks the listing -------------------------------------
+
+DAMAGES = {  # folder name: (file, its new bytes or None to delete it, what the error says)
+    "config-cut": ("config.json", b'{"model": {"lay', "config.json: not valid JSON"),
+    "config-a-list": ("config.json", b"[1, 2]", "config.json is not a JSON object: [1, 2]"),
+    "config-fit-text": ("config.json", b'{"fit": "adam"}', "config.json: 'fit' is not a JSON object"),
+    "config-not-utf8": ("config.json", b'{"name": "\xff"}', "config.json: not UTF-8 text"),
+    "config-deep": ("config.json", b"[" * 100_000, "config.json: not valid JSON"),
+    "config-gone": ("config.json", None, "is not a run folder: it has no config.json"),
+    "metrics-bad-line": ("metrics.jsonl", b'{"epoch": 0}\n{"epo\n{"epoch": 2}\n', "jsonl, line 2: not valid JSON"),
+    "metrics-bad-last-line": ("metrics.jsonl", b'{"epoch": 0}\n{"epo\n', "metrics.jsonl, line 2: not valid JSON"),
+    "metrics-not-object": ("metrics.jsonl", b"[0]\n", "metrics.jsonl, line 1 is not a JSON object"),
+    "metrics-text-number": ("metrics.jsonl", b'{"val_accuracy": "high"}\n', "line 1: 'val_accuracy' is not a number"),
+    "metrics-gone": ("metrics.jsonl", None, "metrics.jsonl is missing"),
+    "model-gone": ("model.safetensors", None, "model.safetensors is missing, though metrics.jsonl records 1 epoch(s)"),
+    "summary-empty": ("summary.json", b"", "summary.json: not valid JSON"),
+    "summary-text": ("summary.json", b'"completed"', 'summary.json is not a JSON object: "completed"'),
+    "summary-no-status": ("summary.json", b'{"epochs_run": 1}', "summary.json: 'status' is missing"),
+    "summary-warnings-text": ("summary.json", b'{"status": "done", "warnings": "x"}', "'warnings' is not a JSON array"),
+}
+
+
+def damaged_runs(root):
+    """``root/good``, a finished run, and a copy of it for each damage in DAMAGES."""
+    import shutil
+
+    started_recorder(root / "good").on_train_end({"epochs_run": 1})
+    for name, (file, data, _) in DAMAGES.items():
+        shutil.copytree(root / "good", root / name)
+        if data is None:
+            (root / name / file).unlink()
+        else:
+            (root / name / file).write_bytes(data)
+    (root / "not-a-run").mkdir()
+    (root / "notes.txt").write_text("not a folder")
+    return root
+
+
+def test_xpnet_runs_lists_every_readable_run_and_names_each_damaged_one(tmp_path, capsys):
+    from xpnet.cli import main
+
+    root = damaged_runs(tmp_path / "runs")
+    runs = list_runs(root)
+    assert [r["name"] for r in runs if "error" not in r] == ["good"]
+    errors = {r["name"]: r["error"] for r in runs if "error" in r}
+    assert set(errors) == set(DAMAGES)
+    for name, (file, _, says) in DAMAGES.items():
+        assert says in errors[name], (name, errors[name])
+        assert str(root / name) in errors[name] and "\n" not in errors[name]
+
+    assert main(["runs", str(root)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[2].split()[0] == "good" and len(lines) == 3 + len(DAMAGES) and err == ""
+    assert sorted(lines[3:]) == sorted(f"{name}: unreadable: {errors[name]}" for name in DAMAGES)
+
+    for name in DAMAGES:
+        assert main(["runs", "compare", str(root / "good"), str(root / name)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"xpnet runs: {errors[name]}\n"
+
+
+def test_a_cell_with_a_newline_stays_in_its_row(tmp_path):
+    recorder = started_recorder(tmp_path / "runs" / "r")
+    recorder.on_train_end({"epochs_run": 1})
+    config = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())
+    config["fit"]["optimizer"] = "SGD\nsecond line"
+    (tmp_path / "runs" / "r" / "config.json").write_text(json.dumps(config))
+    assert len(format_runs_table(list_runs(tmp_path / "runs")).splitlines()) == 3
+
+
+def test_a_recorder_that_fails_to_begin_gives_the_folder_back(tmp_path):
+    recorder = RunRecorder(tmp_path / "r")
+    recorder.model = None  # on_train_begin fails reading the model, after claiming the folder
+    with pytest.raises(AttributeError):
+        recorder.on_train_begin({"epochs": 1})
+    assert is_running(tmp_path / "r") is False

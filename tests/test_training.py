@@ -344,10 +344,6 @@ def test_a_completed_run_is_recorded_as_completed(tmp_path):
     assert math.isclose(history["loss"][-1], json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: with restore_best_weights the run folder's summary.json "
-                   "(eval_accuracy) and plots describe the restored in-memory model, but model.safetensors "
-                   "beside them holds the last epoch's weights; which one the folder should keep is the "
-                   "run recorder's design decision")
 def test_a_run_folder_describes_the_model_file_it_holds(tmp_path):
     from xpnet.runs import RunRecorder
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,20 @@ def _settings(args) -> dict:
     return {**recipe, **{k: v for k, v in given.items() if v is not None}}
 
 
+def _new_run_folder(arch) -> Path:
+    """A fresh ``runs/<arch>-<time>``, made here: ``mkdir`` is atomic, so a second run started
+    in the same second gets ``-2`` (then ``-3``, ...) instead of the same folder."""
+    base = Path("runs") / time.strftime(f"{arch}-%Y%m%d-%H%M%S")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count(1):
+        out = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+
+
 def cmd_train(args) -> int:
     from .datasets import dataset_hashes, load_mnist
     from .recipes import build
@@ -99,10 +114,12 @@ def cmd_train(args) -> int:
     settings = _settings(args)
     model = build(args.arch, layers=args.layers, activation=args.activation, dtype=args.dtype, seed=args.seed,
                   backend=args.backend)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime(f"{args.arch}-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else _new_run_folder(args.arch)
+    recorder = RunRecorder(out, config={"command": ["xpnet", *args.argv], "data": dataset_hashes()})
+    recorder.claim()  # a folder in use fails now, not after loading the data
     X_train, y_train = load_mnist("train", root=_mnist_root(args.data))
     X_test, y_test = load_mnist("test", root=_mnist_root(args.data))
+    recorder.eval_data = (X_test, y_test)
     print(f"{model}: {model.count_params():,} parameters", file=sys.stderr)
     history = model.fit(
         X_train,
@@ -113,13 +130,7 @@ def cmd_train(args) -> int:
         weight_decay=args.weight_decay,
         validation_data=(X_test, y_test),  # reported each epoch as val_*; no model selection uses it
         verbose=0 if args.quiet else 1,
-        callbacks=[
-            RunRecorder(
-                out,
-                config={"command": ["xpnet", *args.argv], "data": dataset_hashes()},
-                eval_data=(X_test, y_test),
-            )
-        ],
+        callbacks=[recorder],
     )
     seconds = sum(history["seconds"]) if history.epoch else 0.0  # epochs only: no plots, no saving
     scores = model.evaluate(X_test, y_test)

@@ -2,13 +2,23 @@
 
 A run folder holds
 
+- ``run.lock``: the run's claim on the folder. The process that records the run holds an
+  exclusive ``flock`` on it for the run's life and writes its pid, host and start time in it. A
+  second run started on the same folder fails at once; the kernel drops the lock when the process
+  ends, however it ends, so a killed run never blocks its folder, and a reader tells a running
+  run (lock held) from a killed one (lock free, no ``summary.json``);
 - ``config.json``: everything needed to reproduce the run: the model's layers, activation, init,
   dtype and seed, the fit settings (optimizer, lr, batch size, epochs, ...), the backend, the
   versions of xpnet, NumPy and Python, and whatever the caller adds (dataset hashes, the command);
 - ``metrics.jsonl``: one JSON object per finished epoch, flushed and fsynced as it is written, so
   an interrupted run keeps every epoch it finished;
-- ``model.safetensors``: the model after the last finished epoch (replaced atomically each epoch);
-- ``summary.json``: written when training ends (completed, stopped early or interrupted);
+- ``model.safetensors``: the model after the last finished epoch (replaced atomically each epoch),
+  so the last line of metrics.jsonl always describes it; weights that ``EarlyStopping`` restores
+  once training has ended are the caller's model, not the folder's;
+- ``summary.json``: written when training ends: the status (completed, stopped early, diverged
+  or interrupted), the epoch whose weights ``model.safetensors`` holds (``model_epoch``, numbered
+  as in metrics.jsonl), the training's ``warnings``, and the evaluation and plots of that model
+  file, never of a model that is not on disk;
 - the plots (PNG), when matplotlib is installed.
 
 ``RunRecorder`` is the callback that writes it (``fit(..., run_dir=DIR)`` adds one);
@@ -19,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,8 +47,14 @@ import numpy as np
 from .callbacks import Callback
 from .files import atomic_write_bytes
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a run's claim on its folder is not enforced there
+    fcntl = None
+
 __all__ = [
     "RunRecorder",
+    "is_running",
     "read_run",
     "read_metrics",
     "list_runs",
@@ -50,6 +68,8 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 SUMMARY = "summary.json"
+LOCK = "run.lock"
+PLOTS = ("curves.png", "confusion.png", "per_class_accuracy.png", "worst_misclassified.png")  # all it draws
 
 
 class RunRecorder(Callback):
@@ -58,8 +78,8 @@ class RunRecorder(Callback):
     Parameters
     ----------
     run_dir : str or path-like
-        The run's folder; created if missing. Refused if it already holds a run, unless
-        ``overwrite``.
+        The run's folder; created if missing. Refused (``FileExistsError``) while another run is
+        recording into it, and if it already holds a run, unless ``overwrite``.
     config : dict, optional
         Added to config.json (nested dicts are merged), e.g. ``{"data": dataset_hashes()}``.
     eval_data : (X, y), optional
@@ -68,7 +88,9 @@ class RunRecorder(Callback):
     plots : bool
         Draw the plots at the end of training (skipped, and said so, without matplotlib).
     overwrite : bool
-        Replace a run already recorded in ``run_dir``.
+        Replace a run already recorded in ``run_dir`` (never one still running).
+
+    The folder is claimed (see ``claim``) when training begins and released when it ends.
     """
 
     def __init__(self, run_dir, config=None, *, eval_data=None, plots=True, overwrite=False):
@@ -84,22 +106,68 @@ class RunRecorder(Callback):
         self._planned_epochs = None
         self._epochs_done = 0
         self._start = None
+        self._lock = None  # the open run.lock while this recorder holds the folder
+        self._saved_epoch = None  # the epoch whose weights model.safetensors holds
+        self._saved_fingerprint = None  # and those weights' fingerprint
+
+    def claim(self) -> None:
+        """Take ``run_dir`` for this run: create it, lock its run.lock, and with ``overwrite``
+        remove the files of the run it held. ``on_train_begin`` does this; call it earlier to fail
+        before loading data. Closing the lock (at the end of training, or when the process dies)
+        releases the folder.
+
+        Raises
+        ------
+        FileExistsError
+            Another run is recording into ``run_dir`` (its pid, host and start time are named), or
+            ``run_dir`` already holds a run and ``overwrite`` is false.
+        """
+        if self._lock is not None:
+            return
+        run = self.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        lock = _lock_folder(run)
+        try:
+            # checked under the lock, so two runs cannot both find the folder free
+            if (run / CONFIG).exists() or (run / METRICS).exists():
+                if not self.overwrite:
+                    raise FileExistsError(
+                        f"{run} already holds a recorded run; choose another folder or pass overwrite=True"
+                    )
+                for name in (CONFIG, METRICS, SUMMARY, MODEL, *PLOTS):
+                    (run / name).unlink(missing_ok=True)
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+            lock.seek(0)
+            lock.truncate()
+            lock.write(json.dumps(owner).encode("utf-8") + b"\n")
+            _sync(lock)
+        except BaseException:
+            lock.close()
+            raise
+        self._lock = lock
+
+    def release(self) -> None:
+        """Give ``run_dir`` back (``on_train_end`` does this)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- the hooks ---------------------------------------------------------------------------
 
     def on_train_begin(self, logs):
+        self.claim()
+        try:
+            self._begin(logs)
+        except BaseException:
+            self.release()  # fit calls no on_train_end when a callback's on_train_begin fails
+            raise
+
+    def _begin(self, logs):
         run = self.run_dir
-        if (run / CONFIG).exists() or (run / METRICS).exists():
-            if not self.overwrite:
-                raise FileExistsError(
-                    f"{run} already holds a recorded run; choose another folder or pass overwrite=True"
-                )
-            for name in (SUMMARY, MODEL):
-                (run / name).unlink(missing_ok=True)
-        run.mkdir(parents=True, exist_ok=True)
         self._start = time.time()
         self._planned_epochs = logs.get("epochs")
         self._epochs_done = 0
+        self._saved_epoch = self._saved_fingerprint = None
         model = self.model
         config = {
             "name": run.name,
@@ -112,9 +180,9 @@ class RunRecorder(Callback):
             "platform": {"machine": platform.machine(), "system": platform.system(), "processor": platform.processor()},
         }
         config = _merge(config, _jsonable(self.extra_config))
-        _write_text_atomic(run / CONFIG, json.dumps(config, indent=2) + "\n")
-        with open(run / METRICS, "w", encoding="utf-8") as f:  # start the run's metrics afresh
+        with open(run / METRICS, "w", encoding="utf-8") as f:  # first: a folder with a config has its metrics
             _sync(f)
+        _write_text_atomic(run / CONFIG, json.dumps(config, indent=2) + "\n")
 
     def on_epoch_end(self, epoch, logs):
         line = {"epoch": int(epoch), **_jsonable(dict(logs)), "elapsed": round(time.time() - self._start, 3)}
@@ -125,28 +193,54 @@ class RunRecorder(Callback):
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line, allow_nan=False) + "\n")
                 _sync(f)
+        self._saved_epoch, self._saved_fingerprint = int(epoch), _fingerprint(self.model)
         self._epochs_done += 1
 
     def on_train_end(self, logs):
+        try:
+            self._write_summary(logs)
+        finally:
+            self.release()
+
+    def _write_summary(self, logs):
+        """summary.json, describing the model file in the folder (see ``_saved_model``).
+
+        ``logs`` may carry ``warnings`` (one-line strings) and ``diverged`` (training was stopped
+        because it diverged), besides ``epochs_run``.
+        """
         done = self._epochs_done
-        if getattr(self.model, "stop_training", False):
+        if logs.get("diverged"):
+            status = "diverged"
+        elif getattr(self.model, "stop_training", False):
             status = "stopped early"
         elif self._planned_epochs is not None and done < self._planned_epochs:
             status = "interrupted"
         else:
             status = "completed"
-        summary = {"status": status, "epochs_run": done, "finished": _now(),
-                   "seconds": round(time.time() - self._start, 3)}
-        if self.eval_data is not None and done:
-            X, y = self.eval_data
-            proba = np.asarray(self.model.predict_proba(X))
-            summary["eval_accuracy"] = float((proba.argmax(axis=1) == np.asarray(y)).mean())
-            summary["eval_size"] = int(len(y))
-        else:
-            proba = None
+        summary = {"status": status, "epochs_run": done, "model_epoch": None,
+                   "warnings": [str(w) for w in logs.get("warnings") or ()],
+                   "finished": _now(), "seconds": round(time.time() - self._start, 3)}
+        proba = None
+        if done:
+            summary["model_epoch"] = self._saved_epoch
+            if self.eval_data is not None:
+                X, y = self.eval_data
+                proba = np.asarray(self._saved_model().predict_proba(X))
+                summary["eval_accuracy"] = float((proba.argmax(axis=1) == np.asarray(y)).mean())
+                summary["eval_size"] = int(len(y))
         if self.plots and done:
             summary["plots"] = self._draw_plots(proba)
         _write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    def _saved_model(self):
+        """The model in model.safetensors: the model in memory when training left it with the
+        weights of the last finished epoch, else (a Ctrl-C mid-epoch, or weights that
+        ``EarlyStopping`` restored before this callback's end) the file, read back."""
+        if _fingerprint(self.model) == self._saved_fingerprint:
+            return self.model  # bit for bit the model in the file
+        from .model import load
+
+        return load(self.run_dir / MODEL, backend=self.model.backend)
 
     def _draw_plots(self, proba):
         try:
@@ -155,17 +249,74 @@ class RunRecorder(Callback):
             return "not drawn: matplotlib is not installed (pip install 'xpnet[plot]')"
         from . import plots
 
-        run, drawn = self.run_dir, []
-        plots.training_curves(read_metrics(run), path=run / "curves.png")
-        drawn.append("curves.png")
-        if proba is not None:
-            X, y = self.eval_data
-            y_pred = proba.argmax(axis=1)
-            plots.confusion_matrix(y, y_pred, path=run / "confusion.png")
-            plots.per_class_accuracy(y, y_pred, path=run / "per_class_accuracy.png")
-            plots.worst_misclassified(X, y, proba, path=run / "worst_misclassified.png")
-            drawn += ["confusion.png", "per_class_accuracy.png", "worst_misclassified.png"]
-        return drawn
+        run = self.run_dir
+        curves, confusion, per_class, worst = PLOTS
+        plots.training_curves(read_metrics(run), path=run / curves)
+        if proba is None:
+            return [curves]
+        X, y = self.eval_data
+        y_pred = proba.argmax(axis=1)
+        plots.confusion_matrix(y, y_pred, path=run / confusion)
+        plots.per_class_accuracy(y, y_pred, path=run / per_class)
+        plots.worst_misclassified(X, y, proba, path=run / worst)
+        return list(PLOTS)
+
+
+def _fingerprint(model) -> str:
+    """The sha256 of the model's parameters: tells whether a model holds the saved weights."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(np.ascontiguousarray(model.backend.to_numpy(p)))
+    return digest.hexdigest()
+
+
+def _lock_folder(run: Path):
+    """``run/run.lock``, open and exclusively flock-ed by this process.
+
+    Raises FileExistsError naming the folder and the run that holds it.
+    """
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # never truncated: it may name the holder
+    lock = os.fdopen(fd, "r+b")
+    if fcntl is None:
+        return lock
+    # A few tries: ``is_running`` probes the lock with a shared flock for a few microseconds.
+    for _ in range(20):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            time.sleep(0.01)
+    lock.close()
+    holder = _lock_owner(run)
+    who = f" (pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')})" if holder else ""
+    raise FileExistsError(f"{run} is in use by another run{who}; wait for it to end or choose another folder")
+
+
+def _lock_owner(run: Path) -> dict:
+    """What ``run/run.lock`` says about the process that claimed the folder ({} if unreadable)."""
+    try:
+        owner = json.loads((run / LOCK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def is_running(run_dir) -> bool | None:
+    """Whether a live process holds ``run_dir``'s claim: True, False (the run ended, or its
+    process was killed), or None for a folder with no run.lock (recorded before claims existed)
+    or where flock does not exist."""
+    try:
+        f = open(Path(run_dir) / LOCK, "rb")
+    except FileNotFoundError:
+        return None
+    with f:  # closing releases the probe's own shared lock
+        if fcntl is None:
+            return None
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
 
 
 def versions() -> dict:
@@ -185,44 +336,66 @@ def versions() -> dict:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """The epochs recorded in ``run_dir/metrics.jsonl``, in order.
+    """The epochs recorded in ``run_dir/metrics.jsonl``, in order (none if there is no such file).
 
-    A last line cut short (the process died while writing it) is ignored; a bad line anywhere
-    else raises ValueError naming it.
+    A last line without its newline that is not valid JSON was cut short by a killed process and
+    is ignored; any other line that is not a JSON object with numbers for its figures raises
+    ValueError naming the file and line.
     """
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).split("\n")  # after a final newline comes "", skipped below
     out = []
-    for i, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"{path}, line {number}"
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
+            epoch = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            if number == len(lines):
                 break
-            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({e})") from None
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        _expect(epoch, dict, where)
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"):
+            _expect(epoch.get(key), (int, float), f"{where}: {key!r}")
+        out.append(epoch)
     return out
 
 
 def read_run(run_dir) -> dict:
     """One run as a dict: ``name``, ``path``, ``config``, ``metrics`` (list), ``summary`` (or None)
-    and the figures ``list_runs`` shows (``layers``, ``optimizer``, ``best_val_accuracy``, ...).
+    and the figures ``list_runs`` shows (``layers``, ``optimizer``, ``best_val_accuracy``,
+    ``status``, ``warnings``, ...).
 
     Raises
     ------
     FileNotFoundError
-        ``run_dir`` holds no config.json.
+        ``run_dir`` holds no config.json, or no metrics.jsonl (written before config.json).
+    ValueError
+        A file of the run is damaged: not UTF-8, not JSON, or not shaped as xpnet writes it.
+        The message names the file (and line) and what is wrong.
     """
     run = Path(run_dir)
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} is not a run folder: it has no {CONFIG}")
-    config = json.loads((run / CONFIG).read_text(encoding="utf-8"))
+    if not (run / METRICS).is_file():
+        raise FileNotFoundError(f"{run / METRICS} is missing")
+    config = _read_json_object(run / CONFIG)
+    fit = _expect(config.get("fit"), dict, f"{run / CONFIG}: 'fit'") or {}
+    model = _expect(config.get("model"), dict, f"{run / CONFIG}: 'model'") or {}
+    _expect(model.get("layers"), list, f"{run / CONFIG}: 'model.layers'")
+    started = _expect(config.get("started"), str, f"{run / CONFIG}: 'started'") or ""
     metrics = read_metrics(run)
-    summary = json.loads((run / SUMMARY).read_text(encoding="utf-8")) if (run / SUMMARY).is_file() else None
-    fit = config.get("fit", {})
+    if metrics and not (run / MODEL).is_file():
+        raise FileNotFoundError(f"{run / MODEL} is missing, though {METRICS} records {len(metrics)} epoch(s)")
+    summary = None
+    if (run / SUMMARY).exists():
+        summary = _read_json_object(run / SUMMARY)
+        if not isinstance(summary.get("status"), str):
+            raise ValueError(f"{run / SUMMARY}: 'status' is missing or not a string")
+        _expect(summary.get("warnings"), list, f"{run / SUMMARY}: 'warnings'")
     val = [m["val_accuracy"] for m in metrics if m.get("val_accuracy") is not None]
     return {
         "name": run.name,
@@ -230,26 +403,46 @@ def read_run(run_dir) -> dict:
         "config": config,
         "metrics": metrics,
         "summary": summary,
-        "started": config.get("started", ""),
-        "layers": _architecture(config.get("model", {})),
+        "started": started,
+        "layers": _architecture(model),
         "optimizer": str(fit.get("optimizer", "?")).split("(")[0],
         "lr": fit.get("lr"),
         "batch_size": fit.get("batch_size"),
         "epochs": f"{len(metrics)}/{fit.get('epochs', '?')}",
         "best_val_accuracy": max(val) if val else None,
         "final_accuracy": metrics[-1].get("accuracy") if metrics else None,
-        "seconds": sum(m.get("seconds", 0.0) for m in metrics),
-        "status": summary["status"] if summary else ("running or killed" if metrics else "no epoch finished"),
+        "seconds": sum(m.get("seconds") or 0.0 for m in metrics),
+        "status": summary["status"] if summary else _unfinished_status(run, metrics),
+        "warnings": [str(w) for w in summary.get("warnings") or ()] if summary else [],
     }
 
 
+def _unfinished_status(run: Path, metrics) -> str:
+    """The status of a run with no summary.json: still training, or its process is gone."""
+    running = is_running(run)
+    if running is None:  # no claim recorded: nothing tells a live run from a dead one
+        return "running or killed" if metrics else "no epoch finished"
+    return "running" if running else "killed"
+
+
 def list_runs(runs_dir="runs") -> list[dict]:
-    """Every run folder directly inside ``runs_dir`` (see ``read_run``), oldest first."""
+    """Every run folder directly inside ``runs_dir``: the readable ones as ``read_run`` gives
+    them, oldest first, then each unreadable one as ``{"name", "path", "error"}``, the error one
+    line naming the file and what is wrong with it. A folder holding none of a run's files is
+    not a run folder and is left out.
+    """
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no runs folder at {root}")
-    runs = [read_run(p) for p in sorted(root.iterdir()) if (p / CONFIG).is_file()]
-    return sorted(runs, key=lambda r: (r["started"], r["name"]))
+    runs, unreadable = [], []
+    for folder in sorted(root.iterdir()):
+        try:
+            if folder.is_dir() and any((folder / name).exists() for name in (CONFIG, METRICS, SUMMARY, MODEL)):
+                runs.append(read_run(folder))
+        except (OSError, ValueError) as e:  # one damaged folder must not hide the others
+            unreadable.append({"name": folder.name, "path": str(folder), "error": _one_line(e)})
+    runs.sort(key=lambda r: (r["started"], r["name"]))
+    return runs + unreadable
 
 
 def compare_runs(a, b) -> dict:
@@ -280,16 +473,23 @@ def compare_runs(a, b) -> dict:
 
 
 def format_runs_table(runs) -> str:
-    """``list_runs``'s result as an aligned text table."""
+    """``list_runs``'s result as an aligned text table, then a line for each unreadable run."""
     if not runs:
         return "no runs recorded"
+    unreadable = [f"{r['name']}: unreadable: {r['error']}" for r in runs if "error" in r]
+    runs = [r for r in runs if "error" not in r]
     header = ["name", "layers", "optimizer", "lr", "batch", "epochs", "best val acc", "train time", "started", "status"]
     rows = [
         [r["name"], r["layers"], r["optimizer"], _num(r["lr"]), _num(r["batch_size"]), r["epochs"],
-         _pct(r["best_val_accuracy"]), f"{r['seconds']:.1f} s", r["started"][:19].replace("T", " "), r["status"]]
+         _pct(r["best_val_accuracy"]), f"{r['seconds']:.1f} s", r["started"][:19].replace("T", " "), _status(r)]
         for r in runs
     ]
-    return _table(header, rows)
+    return "\n".join(([_table(header, rows)] if runs else []) + unreadable)
+
+
+def _status(run) -> str:
+    n = len(run["warnings"])
+    return run["status"] + (f" ({n} warning{'s' * (n > 1)})" if n else "")
 
 
 def format_comparison(comparison) -> str:
@@ -310,7 +510,9 @@ def format_comparison(comparison) -> str:
     ]
     out += [f"metrics per epoch (A = {a}, B = {b})", _table(header, metric_rows), ""]
     out.append(f"best val accuracy: A {_pct(run_a['best_val_accuracy'])}, B {_pct(run_b['best_val_accuracy'])}; "
-               f"status: A {run_a['status']}, B {run_b['status']}")
+               f"status: A {_status(run_a)}, B {_status(run_b)}")
+    for side, run in (("A", run_a), ("B", run_b)):
+        out += [f"warning ({side}): {w}" for w in run["warnings"]]
     return "\n".join(out)
 
 
@@ -321,8 +523,8 @@ def cli_runs(args) -> int:
             print(format_comparison(compare_runs(*args.compare)))
         else:
             print(format_runs_table(list_runs(args.dir or "runs")))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"xpnet runs: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"xpnet runs: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -351,6 +553,37 @@ def _sigint_deferred():
         signal.signal(signal.SIGINT, previous)
     if received:
         signal.raise_signal(signal.SIGINT)  # now, to whatever handled it before
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it holds anything else."""
+    try:
+        value = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return _expect(value, dict, str(path))
+
+
+_KINDS = {dict: "a JSON object", list: "a JSON array", str: "a string", (int, float): "a number"}
+
+
+def _expect(value, kind, where: str):
+    """``value`` when it is None or a ``kind``; else ValueError saying what ``where`` should be."""
+    if value is not None and not isinstance(value, kind):
+        shown = json.dumps(value)
+        raise ValueError(f"{where} is not {_KINDS[kind]}: {shown if len(shown) <= 40 else shown[:37] + '...'}")
+    return value
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).splitlines())
 
 
 def _sync(f) -> None:
@@ -400,7 +633,7 @@ def _architecture(model_config: dict) -> str:
     """A short name for a model's layers: MLP widths ``784-50-25-10``, else the layer types
     (``Conv2D6-AvgPool2D-...-Dense10``)."""
     parts = []
-    for layer in model_config.get("layers", []):
+    for layer in model_config.get("layers") or []:
         if isinstance(layer, dict):
             size = layer.get("units", layer.get("filters", ""))
             parts.append(f"{layer.get('type', '?')}{size}")
@@ -426,7 +659,12 @@ def _value(v) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _one_line_cells(cells) -> list[str]:
+    return [" ".join(str(c).splitlines()) for c in cells]  # a newline in a config value must not break a row
+
+
 def _table(header, rows) -> str:
+    header, rows = _one_line_cells(header), [_one_line_cells(r) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line("-" * w for w in widths), *map(line, rows)])
