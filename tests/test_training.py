@@ -464,3 +464,28 @@ def test_a_batch_larger_than_the_data_is_the_whole_data_in_one_batch(rng):
     assert peak < 20 * 2**20, f"fit allocated {peak / 2**20:.0f} MiB for 200 rows"
     for (W, b), (W1, b1) in zip(huge.get_weights(), one_batch.get_weights()):
         assert np.array_equal(W, W1) and np.array_equal(b, b1)
+
+
+def test_a_callback_that_fails_to_start_ends_the_ones_that_started(rng, tmp_path):
+    from xpnet.runs import RunRecorder, is_running, read_run
+
+    X, y = separable(rng, n=40)
+    seen = EndLogs()
+
+    class Refuses(Callback):
+        ended = False
+
+        def on_train_begin(self, logs):
+            raise RuntimeError("no")
+
+        def on_train_end(self, logs):
+            self.ended = True
+
+    refuses = Refuses()
+    with pytest.raises(RuntimeError, match="no"):
+        xpnet.MLP([12, 4], seed=0).fit(X, y, epochs=2, verbose=0,
+                                       callbacks=[seen, RunRecorder(tmp_path / "run"), refuses])
+    assert seen.end == {"epochs_run": 0, "warnings": [], "diverged": False}
+    assert not refuses.ended  # never started, so never ended
+    assert not is_running(tmp_path / "run")  # the recorder started, was ended, and let the folder go
+    assert read_run(tmp_path / "run")["status"] != "running"

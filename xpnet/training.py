@@ -243,11 +243,12 @@ def fit(
     in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
     graphs = _graph_trainer(model, opt, X, y, batch_size)
     model.stop_training = False
-    for cb in callbacks:
-        cb.model = model
-        cb.on_train_begin(dict(settings))
-
+    begun = []  # the callbacks whose run has started, and so must be told it ended
     try:
+        for cb in callbacks:
+            cb.model = model
+            cb.on_train_begin(dict(settings))
+            begun.append(cb)
         for epoch in range(epochs):
             start = time.perf_counter()
             opt.start_epoch(epoch, epochs)
@@ -287,7 +288,7 @@ def fit(
             history.warnings[:0] = monitor.warnings
             history.diverged = history.diverged or monitor.diverged
         end = {"epochs_run": len(history.epoch), "warnings": list(history.warnings), "diverged": history.diverged}
-        for cb in callbacks:
+        for cb in begun:
             cb.on_train_end(dict(end))
     return history
 
