@@ -58,3 +58,15 @@ def test_evaluate_refuses_a_file_that_is_not_a_model(tmp_path, capsys):
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "xpnet", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "evaluate" in result.stdout
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_run_that_diverges_is_recorded_so_and_exits_1(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--layers", "784,16,10", "--epochs", "5", "--lr", "1e4", "--on-divergence", "stop",
+            "--out", str(out), "--quiet", *data]
+    assert main(args) == 1
+    assert "xpnet train: stopped: training diverged" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["warnings"]
+    assert summary["epochs_run"] < 5

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run folder for the model, config, metrics and plots "
                        "(default: runs/<arch>-<time>)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--on-divergence", default="warn", choices=["warn", "stop", "ignore"],
+                       help="when the loss stays above the first epoch's or accuracy at chance for 3 epochs: "
+                            "warn, stop training (exit status 1), or ignore (default: warn)")
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on MNIST")
     evaluate.add_argument("model", help="a model file written by xpnet train / MLP.save")
@@ -131,11 +134,15 @@ def cmd_train(args) -> int:
         validation_data=(X_test, y_test),  # reported each epoch as val_*; no model selection uses it
         verbose=0 if args.quiet else 1,
         callbacks=[recorder],
+        on_divergence=args.on_divergence,
     )
     seconds = sum(history["seconds"]) if history.epoch else 0.0  # epochs only: no plots, no saving
     scores = model.evaluate(X_test, y_test)
     print(f"test accuracy {scores['accuracy']:.4f}, test loss {scores['loss']:.4f}, "
           f"{len(history.epoch)} epochs in {seconds:.1f} s; saved in {out}")
+    if history.diverged:
+        print(f"xpnet train: stopped: {history.warnings[-1]}", file=sys.stderr)
+        return 1
     return 0
 
 
