@@ -157,4 +157,4 @@ class DivergenceMonitor(Callback):
             self.diverged = self.model.stop_training = True
             message += "; training stopped"
         self.warnings.append(message)
-        warnings.warn(message, DivergenceWarning, stacklevel=2)
+        warnings.warn(message, DivergenceWarning, stacklevel=4)  # at the fit() call: callback, fit, Sequential.fit
