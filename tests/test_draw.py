@@ -12,6 +12,9 @@ import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import xpnet
 from xpnet.draw.preprocess import preprocess, resize_area
@@ -151,6 +154,10 @@ def test_preprocess_of_a_blank_drawing_is_blank():
         (np.zeros((28, 28, 1)), "2-D"),
         (np.full((28, 28), 255.5), r"\[0, 255\]"),
         (np.full((28, 28), -1.0), r"\[0, 255\]"),
+        (np.full((28, 28), 1e308), r"\[0, 255\]"),
+        (np.full((28, 28), -1e308), r"\[0, 255\]"),
+        (np.full((28, 28), -5e-324), r"\[0, 255\]"),
+        (np.full((28, 28), np.inf), "finite"),
         (np.full((28, 28), np.nan), "finite"),
         (np.full((28, 28), "1"), "numbers"),
         ([[1, 2], [3]], "rectangular"),
@@ -159,6 +166,33 @@ def test_preprocess_of_a_blank_drawing_is_blank():
 def test_preprocess_names_what_is_wrong_with_bad_input(image, message):
     with pytest.raises(ValueError, match=message):
         preprocess(image)
+
+
+def test_preprocess_refuses_a_threshold_outside_the_grey_levels():
+    for threshold in (-1.0, 256.0, float("nan")):
+        with pytest.raises(ValueError, match=r"threshold must lie in \[0, 255\]"):
+            preprocess(stroke_image(), threshold=threshold)
+
+
+@pytest.mark.parametrize("level", [5e-324, 1e-310, 2.2250738585072014e-308, 1e-300, 1e-3])
+def test_preprocess_reads_faint_ink_like_bright_ink(level):
+    """The digit is scaled to its brightest pixel, so ink of any level gives the same digit, down to
+    the smallest subnormal (scaled after resizing, such ink once overflowed to NaN)."""
+    bright = stroke_image((60, 60))
+    np.testing.assert_array_equal(preprocess(bright / 255.0 * level), preprocess(bright))
+
+
+GREY_LEVELS = st.one_of(st.floats(0, 255), st.sampled_from([0.0, 5e-324, 1e-310, 2.2250738585072014e-308, 255.0]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(28, 40), st.integers(28, 40)), elements=GREY_LEVELS))
+def test_preprocess_of_any_grey_levels_is_a_digit(image):
+    """Fuzzed over [0, 255], subnormals included: a finite 28x28 digit, its brightest pixel at
+    exactly 255 (or blank), never an error."""
+    out = preprocess(image)
+    assert out.shape == (28, 28) and np.isfinite(out).all() and out.min() >= 0.0
+    assert out.max() == (255.0 if (image > 0).any() else 0.0)
 
 
 def test_resize_area_averages_blocks_and_repeats_pixels():
