@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import xpnet
+import xpnet.cli
 from xpnet.draw.preprocess import preprocess, resize_area
 from xpnet.draw.server import QUICK_FIT, QUICK_LAYERS, DrawServer, cli_draw, quick_model
 
@@ -408,7 +409,8 @@ def test_cli_draw_reports_a_port_it_cannot_use(server, tmp_path, capsys, drawing
     srv, _ = server
     path = tmp_path / "m.safetensors"
     drawing_model.save(path)
-    args = types.SimpleNamespace(model=str(path), host="127.0.0.1", port=srv.server_address[1], no_browser=True)
+    args = types.SimpleNamespace(model=str(path), host="127.0.0.1", port=srv.server_address[1], allow_host=[],
+                                 no_browser=True)
     assert cli_draw(args) == 1
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
@@ -579,6 +581,63 @@ def test_cli_draw_refuses_a_port_out_of_range_in_one_line(capsys, port):
     assert err.splitlines()[-1] == (
         f"xpnet draw: error: argument --port: --port takes 0-65535 (0: any free port), got {port!r}"
     )
+
+
+# -- who is answered ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example:{port}", "127.0.0.1:{other}", "127.0.0.1", "", "127.0.0.1:{port}.evil.example"]
+)
+def test_a_request_addressed_to_another_host_is_refused(server, host):
+    """DNS rebinding: a page at evil.example whose name now points at 127.0.0.1 sends Host evil.example."""
+    srv, model = server
+    port = srv.server_address[1]
+    host = host.format(port=port, other=port + 1)
+    for method, path, body in [("GET", "/", None), ("POST", "/predict", image_body())]:
+        status, _, answer = call(srv, method, path, body, {"Host": host})
+        assert status == 421 and f"not to Host {host!r}" in answer["error"]
+        assert f"localhost:{port}" in answer["error"]
+    assert raw_call(srv, b"GET / HTTP/1.1\r\n\r\n")[0] == 421  # no Host at all
+    assert model.calls == []
+
+
+def test_requests_addressed_to_this_server_are_answered():
+    with serving(Sevens(), allowed_hosts=["Drawing.LAN", "[fe80::1]"]) as srv:
+        port = srv.server_address[1]
+        for name in ["127.0.0.1", "localhost", "LocalHost", "[::1]", "drawing.lan", "[fe80::1]"]:
+            assert call(srv, "GET", "/health", headers={"Host": f"{name}:{port}"})[0] == 200, name
+
+
+def test_allowed_hosts_are_names_without_a_port():
+    for name in ["drawing.lan:8000", "http://drawing.lan", "", "fe80::zz"]:
+        with pytest.raises(ValueError, match=f"without a port, got {re.escape(repr(name))}"):
+            DrawServer(Sevens(), port=0, allowed_hosts=[name])
+    args = xpnet.cli._parser().parse_args(["draw", "--allow-host", "a", "--allow-host", "b"])
+    assert args.allow_host == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "origin, status",
+    [
+        ("http://evil.example", 403),
+        ("null", 403),  # a sandboxed frame or a file:// page
+        ("http://127.0.0.1:{other}", 403),
+        ("https://127.0.0.1:{port}", 403),
+        ("http://127.0.0.1:{port}", 200),  # what a browser on the page sends
+        ("http://localhost:{port}", 200),
+    ],
+)
+def test_a_post_from_another_origin_is_refused(server, origin, status):
+    """A text/plain POST is a "simple" request a browser sends cross-site without asking first."""
+    srv, model = server
+    port = srv.server_address[1]
+    origin = origin.format(port=port, other=port + 1)
+    headers = {"Origin": origin, "Content-Type": "text/plain", "Sec-Fetch-Site": "cross-site"}
+    got, _, answer = call(srv, "POST", "/predict", image_body(), headers)
+    assert got == status
+    if status == 403:
+        assert repr(origin) in answer["error"] and model.calls == []
 
 
 # -- load: a real backlog, a cap on connections, a deadline per request ----------------------------

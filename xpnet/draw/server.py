@@ -15,7 +15,10 @@ for a method there is no answer to, 408 for a body that is too slow to arrive. U
 causes a 500; should the server itself fail, the answer is a JSON 500 and one line in its log,
 never a dropped connection. A client that leaves early is not an error.
 
-The server listens on 127.0.0.1 unless told otherwise.
+Who is answered: the server listens on 127.0.0.1 unless told otherwise, answers only requests
+whose ``Host`` names it (127.0.0.1, localhost, [::1], the host it listens on, or one of
+``allowed_hosts``, at its port; else 421), so that a web page cannot reach it through a DNS name of
+its own (DNS rebinding), and refuses a POST whose ``Origin`` is another site's (403).
 
 Load: at most ``max_connections`` connections are served at once; the next ones wait in a
 128-deep listen queue. Each request must arrive whole within ``request_timeout`` seconds of the
@@ -25,6 +28,7 @@ connection being ready for it, so a client that trickles bytes cannot keep a con
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import socket
 import sys
@@ -152,6 +156,9 @@ class DrawServer(ThreadingHTTPServer):
         Address to listen on; 127.0.0.1 keeps it to this machine.
     port : int
         0 picks a free port (see ``url``).
+    allowed_hosts : iterable of str
+        More names or addresses (no port) that requests may be addressed to, besides 127.0.0.1,
+        localhost, ::1 and ``host``: for example this machine's name when ``host`` is 0.0.0.0.
     max_body_bytes : int
         Larger ``/predict`` bodies are refused with 400 before being read.
     max_connections : int
@@ -166,12 +173,13 @@ class DrawServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the listen backlog: http.server's 5 resets clients in a burst
 
-    def __init__(self, model, host="127.0.0.1", port=8000, *, max_body_bytes=MAX_BODY_BYTES,
+    def __init__(self, model, host="127.0.0.1", port=8000, *, allowed_hosts=(), max_body_bytes=MAX_BODY_BYTES,
                  max_connections=32, request_timeout=10.0, quiet=True):
         check_servable(model)
         if not (max_connections >= 1 and request_timeout > 0):
             raise ValueError(f"max_connections must be >= 1 and request_timeout > 0, got {max_connections} "
                              f"and {request_timeout}")
+        extra = {_host_name(name) for name in allowed_hosts}  # checked before a port is taken
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.model = model
@@ -183,6 +191,12 @@ class DrawServer(ThreadingHTTPServer):
         self.max_connections = int(max_connections)
         self.slots = threading.BoundedSemaphore(self.max_connections)  # one per connection served
         super().__init__((host, port), _Handler)
+        port = self.server_address[1]
+        own = ("127.0.0.1", "localhost", "::1", host, self.server_address[0])
+        names = extra | {_host_name(name) for name in own if name}
+        #: The ``Host`` header values answered, lower case; browsers leave out port 80.
+        self.allowed_hosts = frozenset({f"{n}:{port}" for n in names} | (names if port == 80 else set()))
+        self.allowed_origins = frozenset(f"http://{value}" for value in self.allowed_hosts)
 
     @property
     def url(self) -> str:
@@ -214,6 +228,20 @@ class DrawServer(ThreadingHTTPServer):
         error = sys.exc_info()[1]
         if not isinstance(error, (ConnectionError, TimeoutError)):
             _log(f"{client_address[0]}: {type(error).__name__}: {error}")
+
+
+def _host_name(name: str) -> str:
+    """A host name or address as it appears in a ``Host`` header, lower case, without port."""
+    name = name.strip().lower()
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    if ":" in bare:  # only an IPv6 address may hold a colon; "host:port" is a mistake
+        try:
+            return f"[{ipaddress.IPv6Address(bare)}]"
+        except ValueError:
+            raise ValueError(f"an allowed host is a name or address without a port, got {name!r}") from None
+    if not bare or any(c in bare for c in "/@ \t"):
+        raise ValueError(f"an allowed host is a name or address without a port, got {name!r}")
+    return bare
 
 
 def _log(message: str) -> None:
@@ -268,9 +296,21 @@ class _Handler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def parse_request(self):
+        """http.server's parsing, then who is asking: the checks every request passes."""
         if not super().parse_request():
             return False
         self.body_pending = True
+        host = self.headers.get("Host", "")
+        if host.strip().lower() not in self.server.allowed_hosts:
+            names = ", ".join(sorted(self.server.allowed_hosts))
+            self.send_error(HTTPStatus.MISDIRECTED_REQUEST,
+                            f"this server answers requests addressed to {names}, not to Host {host!r}")
+            return False
+        origin = self.headers.get("Origin")
+        if self.command == "POST" and origin is not None and origin.lower() not in self.server.allowed_origins:
+            self.send_error(HTTPStatus.FORBIDDEN, f"a POST from the page at {origin!r} is refused: only this "
+                            "server's own page may post to it")
+            return False
         return True
 
     def do_GET(self):
@@ -430,18 +470,20 @@ def quick_model(path=None, *, log=print):
 
 
 def cli_draw(args) -> int:
-    """``xpnet draw [--model PATH] [--host H] [--port P] [--no-browser]``: serve until Ctrl-C."""
+    """``xpnet draw [--model PATH] [--host H] [--port P] [--allow-host NAME] [--no-browser]``: serve until
+    Ctrl-C."""
     from ..model import load
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     model = load(args.model) if args.model else quick_model(log=say)
     try:
-        server = DrawServer(model, args.host, args.port)
+        server = DrawServer(model, args.host, args.port, allowed_hosts=args.allow_host)
     except OSError as e:
         say(f"xpnet draw: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
         return 1
     if server.server_address[0] not in ("127.0.0.1", "::1"):
-        say(f"xpnet draw: listening on {args.host}: other machines can reach this page")
+        say(f"xpnet draw: listening on {args.host}: other machines can reach this page, by the names "
+            f"{', '.join(sorted(server.allowed_hosts))} (more with --allow-host)")
     say(f"xpnet draw: open {server.url} (Ctrl-C to stop)")
     if not getattr(args, "no_browser", False):
         import webbrowser
