@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
+import select
+import socket
+import struct
 import threading
+import time
 import types
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import xpnet
+import xpnet.cli
 from xpnet.draw.preprocess import preprocess, resize_area
 from xpnet.draw.server import QUICK_FIT, QUICK_LAYERS, DrawServer, cli_draw, quick_model
 
@@ -44,28 +53,43 @@ def ink_box(img):
     return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
 
 
+class Sevens:
+    """A stand-in model that always answers 7 and records what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_proba(self, X):
+        self.calls.append(np.array(X))
+        p = np.full((len(X), 10), 0.02)
+        p[:, 7] = 0.82
+        return p
+
+
+@contextlib.contextmanager
+def serving(model, **kwargs):
+    """A DrawServer on a free localhost port, serving from a thread; on the way out, every
+    connection has been handled (so whatever the server prints has been printed)."""
+    srv = DrawServer(model, port=0, **kwargs)
+    model.calls.clear()  # check_servable's trial call
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+        # server_close does not join daemon handler threads: wait for each to give back its slot.
+        assert all(srv.slots.acquire(timeout=10) for _ in range(srv.max_connections))
+
+
 @pytest.fixture
 def server():
     """A server on a free localhost port with a stand-in model; yields (server, model)."""
-
-    class Recording:
-        def __init__(self):
-            self.calls = []
-
-        def predict_proba(self, X):
-            self.calls.append(np.array(X))
-            p = np.full((len(X), 10), 0.02)
-            p[:, 7] = 0.82
-            return p
-
-    model = Recording()
-    srv = DrawServer(model, port=0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv, model
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    model = Sevens()
+    with serving(model) as srv:
+        yield srv, model
 
 
 def post(url, body: bytes, headers=None):
@@ -151,6 +175,10 @@ def test_preprocess_of_a_blank_drawing_is_blank():
         (np.zeros((28, 28, 1)), "2-D"),
         (np.full((28, 28), 255.5), r"\[0, 255\]"),
         (np.full((28, 28), -1.0), r"\[0, 255\]"),
+        (np.full((28, 28), 1e308), r"\[0, 255\]"),
+        (np.full((28, 28), -1e308), r"\[0, 255\]"),
+        (np.full((28, 28), -5e-324), r"\[0, 255\]"),
+        (np.full((28, 28), np.inf), "finite"),
         (np.full((28, 28), np.nan), "finite"),
         (np.full((28, 28), "1"), "numbers"),
         ([[1, 2], [3]], "rectangular"),
@@ -159,6 +187,33 @@ def test_preprocess_of_a_blank_drawing_is_blank():
 def test_preprocess_names_what_is_wrong_with_bad_input(image, message):
     with pytest.raises(ValueError, match=message):
         preprocess(image)
+
+
+def test_preprocess_refuses_a_threshold_outside_the_grey_levels():
+    for threshold in (-1.0, 256.0, float("nan")):
+        with pytest.raises(ValueError, match=r"threshold must lie in \[0, 255\]"):
+            preprocess(stroke_image(), threshold=threshold)
+
+
+@pytest.mark.parametrize("level", [5e-324, 1e-310, 2.2250738585072014e-308, 1e-300, 1e-3])
+def test_preprocess_reads_faint_ink_like_bright_ink(level):
+    """The digit is scaled to its brightest pixel, so ink of any level gives the same digit, down to
+    the smallest subnormal (scaled after resizing, such ink once overflowed to NaN)."""
+    bright = stroke_image((60, 60))
+    np.testing.assert_array_equal(preprocess(bright / 255.0 * level), preprocess(bright))
+
+
+GREY_LEVELS = st.one_of(st.floats(0, 255), st.sampled_from([0.0, 5e-324, 1e-310, 2.2250738585072014e-308, 255.0]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(28, 40), st.integers(28, 40)), elements=GREY_LEVELS))
+def test_preprocess_of_any_grey_levels_is_a_digit(image):
+    """Fuzzed over [0, 255], subnormals included: a finite 28x28 digit, its brightest pixel at
+    exactly 255 (or blank), never an error."""
+    out = preprocess(image)
+    assert out.shape == (28, 28) and np.isfinite(out).all() and out.min() >= 0.0
+    assert out.max() == (255.0 if (image > 0).any() else 0.0)
 
 
 def test_resize_area_averages_blocks_and_repeats_pixels():
@@ -342,7 +397,7 @@ def test_serves_requests_side_by_side(server):
 
 
 def test_listens_on_localhost_only_by_default():
-    srv = DrawServer(object(), port=0)
+    srv = DrawServer(Sevens(), port=0)
     try:
         assert srv.server_address[0] == "127.0.0.1"
         assert srv.url.startswith("http://127.0.0.1:")
@@ -354,6 +409,316 @@ def test_cli_draw_reports_a_port_it_cannot_use(server, tmp_path, capsys, drawing
     srv, _ = server
     path = tmp_path / "m.safetensors"
     drawing_model.save(path)
-    args = types.SimpleNamespace(model=str(path), host="127.0.0.1", port=srv.server_address[1], no_browser=True)
+    args = types.SimpleNamespace(model=str(path), host="127.0.0.1", port=srv.server_address[1], allow_host=[],
+                                 no_browser=True)
     assert cli_draw(args) == 1
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+# -- every refusal is JSON, and nothing drops the connection ----------------------------------------
+
+
+def call(srv, method, path, body=None, headers=None):
+    """(status, headers, JSON answer) of one request; a ``Host`` in ``headers`` replaces the usual one."""
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    try:
+        conn.request(method, path, body, headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def raw_call(srv, data: bytes):
+    """(status, headers, JSON answer) for bytes sent as they are."""
+    with socket.create_connection(srv.server_address[:2], timeout=30) as sock:
+        sock.sendall(data)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.headers, json.loads(response.read())
+
+
+def host_header(srv) -> bytes:
+    """The Host header a client of ``srv`` sends."""
+    return b"127.0.0.1:%d" % srv.server_address[1]
+
+
+def image_body(shape=(28, 28)) -> bytes:
+    return json.dumps({"image": stroke_image(shape).tolist()}).encode()
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "BREW"])
+def test_a_method_with_no_answer_gets_json_501(server, method):
+    srv, model = server
+    status, headers, answer = call(srv, method, "/predict", image_body())
+    assert status == 501 and headers["Content-Type"] == "application/json" and headers["Allow"] == "GET, POST"
+    assert answer["error"].startswith(f"{method} is not a method this server answers")
+    assert model.calls == []
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (b"NONSENSE\r\n", 400),
+        (b"GET / HTTP/2.0\r\n", 505),
+        (b"GET /" + b"a" * 65_532, 414),  # http.server reads 65537 bytes of request line at most
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101, 431),  # it reads 100 headers at most
+    ],
+)
+def test_a_malformed_request_gets_json(server, data, status):
+    """http.server's own refusals (each request is sent whole up to where it stops reading: closing
+    on unread bytes would reset the connection and lose the answer)."""
+    srv, _ = server
+    got, headers, answer = raw_call(srv, data)
+    assert got == status and headers["Content-Type"] == "application/json" and answer["error"]
+
+
+@pytest.mark.parametrize("value", [1e308, -1e308, 1.7976931348623157e308, -5e-324, 5e-324, 1e-310, 1e-300])
+def test_predict_answers_extreme_but_finite_values(server, value):
+    """A stroke of each value: out of [0, 255] is a 400 naming the range; faint positive ink is
+    read like bright ink (the smallest subnormals once dropped the connection)."""
+    srv, model = server
+    status, answer = post(srv.url, json.dumps({"image": (stroke_image() / 255.0 * value).tolist()}).encode())
+    if 0 < value <= 255:
+        assert status == 200 and answer["digit"] == 7
+        np.testing.assert_array_equal(model.calls[0][0], np.rint(preprocess(stroke_image())).astype(np.uint8))
+    else:
+        assert status == 400 and "[0, 255]" in answer["error"] and model.calls == []
+
+
+def test_a_failing_model_gets_a_json_500_and_one_log_line(capfd):
+    class Failing(Sevens):
+        fail = False
+
+        def predict_proba(self, X):
+            if self.fail:
+                raise RuntimeError("out of ink")
+            return super().predict_proba(X)
+
+    model = Failing()
+    with serving(model) as srv:
+        model.fail = True
+        status, answer = post_image(srv.url, stroke_image())
+        model.fail = False
+        after = post_image(srv.url, stroke_image())
+    err = capfd.readouterr().err
+    assert status == 500 and answer == {"error": "the server failed on this request (RuntimeError: out of ink)"}
+    assert after[0] == 200  # and it keeps serving
+    assert err.count("\n") == 1 and "POST /predict failed: RuntimeError: out of ink" in err
+
+
+def test_a_client_that_leaves_early_leaves_no_traceback(capfd):
+    """A reset in the middle of the body (the server's read fails), then one while the model
+    thinks (the server's write fails): neither is the server's fault, so neither is logged."""
+
+    class Slow(Sevens):
+        thinking = threading.Event()
+
+        def predict_proba(self, X):
+            self.thinking.set()
+            time.sleep(0.3)
+            return super().predict_proba(X)
+
+    model = Slow()
+    body = image_body()
+    with serving(model) as srv:
+        head = b"POST /predict HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (host_header(srv), len(body))
+        model.thinking.clear()
+        reset_when = [lambda: time.sleep(0.1), lambda: model.thinking.wait(10)]
+        for sent, wait in zip([head + body[:100], head + body], reset_when):
+            sock = socket.create_connection(srv.server_address[:2])
+            sock.sendall(sent)
+            wait()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # with a zero linger: a reset, not a goodbye
+    assert len(model.calls) == 1  # the second request reached the model; its answer had no reader
+    assert capfd.readouterr().err == ""
+
+
+def test_a_model_that_cannot_serve_the_page_is_refused_at_start():
+    class Fives(Sevens):
+        def predict_proba(self, X):
+            return super().predict_proba(X)[:, :5]
+
+    class Unsure(Sevens):
+        def predict_proba(self, X):
+            return np.full((len(X), 10), np.nan)
+
+    class Broken:
+        def predict_proba(self, X):
+            raise RuntimeError("no weights")
+
+    for model, reason in [
+        (xpnet.MLP([100, 10], seed=0), "takes 100 values and gives 10 classes"),
+        (Fives(), r"gives shape \(1, 5\);"),
+        (Unsure(), r"gives shape \(1, 10\), not all finite;"),
+        (Broken(), "cannot read a 28x28 image: RuntimeError: no weights"),
+        (object(), "cannot read a 28x28 image: AttributeError"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            DrawServer(model, port=0)
+
+
+def test_cli_draw_refuses_a_model_that_cannot_serve_the_page_in_one_line(tmp_path, capsys):
+    from xpnet.cli import main
+
+    path = tmp_path / "fives.safetensors"
+    xpnet.MLP([784, 16, 5], seed=0).save(path)
+    assert main(["draw", "--model", str(path), "--port", "0", "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("xpnet draw: error: this model takes 784 values and gives 5 classes")
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "eighty"])
+def test_cli_draw_refuses_a_port_out_of_range_in_one_line(capsys, port):
+    from xpnet.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["draw", "--port", port, "--no-browser"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"xpnet draw: error: argument --port: --port takes 0-65535 (0: any free port), got {port!r}"
+    )
+
+
+# -- who is answered ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example:{port}", "127.0.0.1:{other}", "127.0.0.1", "", "127.0.0.1:{port}.evil.example"]
+)
+def test_a_request_addressed_to_another_host_is_refused(server, host):
+    """DNS rebinding: a page at evil.example whose name now points at 127.0.0.1 sends Host evil.example."""
+    srv, model = server
+    port = srv.server_address[1]
+    host = host.format(port=port, other=port + 1)
+    for method, path, body in [("GET", "/", None), ("POST", "/predict", image_body())]:
+        status, _, answer = call(srv, method, path, body, {"Host": host})
+        assert status == 421 and f"not to Host {host!r}" in answer["error"]
+        assert f"localhost:{port}" in answer["error"]
+    assert raw_call(srv, b"GET / HTTP/1.1\r\n\r\n")[0] == 421  # no Host at all
+    assert model.calls == []
+
+
+def test_requests_addressed_to_this_server_are_answered():
+    with serving(Sevens(), allowed_hosts=["Drawing.LAN", "[fe80::1]"]) as srv:
+        port = srv.server_address[1]
+        for name in ["127.0.0.1", "localhost", "LocalHost", "[::1]", "drawing.lan", "[fe80::1]"]:
+            assert call(srv, "GET", "/health", headers={"Host": f"{name}:{port}"})[0] == 200, name
+
+
+def test_allowed_hosts_are_names_without_a_port():
+    for name in ["drawing.lan:8000", "http://drawing.lan", "", "fe80::zz"]:
+        with pytest.raises(ValueError, match=f"without a port, got {re.escape(repr(name))}"):
+            DrawServer(Sevens(), port=0, allowed_hosts=[name])
+    args = xpnet.cli._parser().parse_args(["draw", "--allow-host", "a", "--allow-host", "b"])
+    assert args.allow_host == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "origin, status",
+    [
+        ("http://evil.example", 403),
+        ("null", 403),  # a sandboxed frame or a file:// page
+        ("http://127.0.0.1:{other}", 403),
+        ("https://127.0.0.1:{port}", 403),
+        ("http://127.0.0.1:{port}", 200),  # what a browser on the page sends
+        ("http://localhost:{port}", 200),
+    ],
+)
+def test_a_post_from_another_origin_is_refused(server, origin, status):
+    """A text/plain POST is a "simple" request a browser sends cross-site without asking first."""
+    srv, model = server
+    port = srv.server_address[1]
+    origin = origin.format(port=port, other=port + 1)
+    headers = {"Origin": origin, "Content-Type": "text/plain", "Sec-Fetch-Site": "cross-site"}
+    got, _, answer = call(srv, "POST", "/predict", image_body(), headers)
+    assert got == status
+    if status == 403:
+        assert repr(origin) in answer["error"] and model.calls == []
+
+
+# -- load: a real backlog, a cap on connections, a deadline per request ----------------------------
+
+
+@pytest.mark.parametrize("max_connections", [4, 32])
+def test_32_clients_at_once_all_get_answers(max_connections):
+    """All connect at the same moment (http.server's listen queue of 5 reset about a third);
+    beyond the cap they wait in the listen queue and are answered in turn."""
+    model = Sevens()
+    body = image_body()
+    start = threading.Barrier(32)
+    answers = [None] * 32
+
+    def client(i):
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+        start.wait()
+        try:
+            conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            answers[i] = (response.status, json.loads(response.read())["digit"])
+        except OSError as e:
+            answers[i] = repr(e)
+        finally:
+            conn.close()
+
+    with serving(model, max_connections=max_connections) as srv:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert answers == [(200, 7)] * 32
+    assert len(model.calls) == 32
+
+
+def test_connections_beyond_the_cap_wait_for_a_free_one():
+    with serving(Sevens(), max_connections=2) as srv:
+        idle = [socket.create_connection(srv.server_address[:2]) for _ in range(2)]  # hold both
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(call(srv, "GET", "/health")))
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert answers == []  # queued, not answered, not refused
+        idle[0].close()
+        waiting.join(timeout=10)
+        idle[1].close()
+    assert answers[0][0] == 200
+
+
+def trickle(srv, head: bytes, rest: bytes, pause: float):
+    """Send ``head``, then ``rest`` a byte every ``pause`` seconds until the server answers or
+    closes; returns (seconds from connecting, bytes received)."""
+    began = time.monotonic()
+    received = b""
+    with socket.create_connection(srv.server_address[:2], timeout=30) as sock:
+        sock.sendall(head)
+        for byte in rest:
+            if select.select([sock], [], [], pause)[0]:
+                break
+            sock.sendall(bytes([byte]))
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    return time.monotonic() - began, received
+
+
+def test_a_client_trickling_its_headers_is_cut_off_at_the_deadline():
+    """One byte every 0.2 s: a timeout per read would wait forever; the deadline is for the whole request."""
+    with serving(Sevens(), request_timeout=1.0) as srv:
+        headers = b"GET /health HTTP/1.1\r\nHost: %s\r\nX-Slow: %s\r\n\r\n" % (host_header(srv), b"z" * 40)
+        seconds, received = trickle(srv, b"", headers, pause=0.2)
+    assert 0.9 < seconds < 2.5 and received == b""  # cut off, long before the 10 s it would take
+
+
+def test_a_client_trickling_its_body_gets_a_json_408_at_the_deadline():
+    model = Sevens()
+    with serving(model, request_timeout=1.0) as srv:
+        head = b"POST /predict HTTP/1.1\r\nHost: %s\r\nContent-Length: 100\r\n\r\n" % host_header(srv)
+        # 0.4 s apart: the deadline falls between two bytes, so none is left unread at the close
+        seconds, received = trickle(srv, head, b"{" * 100, pause=0.4)
+    assert 0.9 < seconds < 2.5 and received.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1]) == {"error": "the request took longer than 1 s to arrive"}
+    assert model.calls == []

@@ -27,6 +27,16 @@ def _layers(text: str) -> list[int]:
     return widths
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--port takes 0-65535 (0: any free port), got {text!r}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -74,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     draw = sub.add_parser("draw", help="a local page where you draw a digit and watch the model guess")
     draw.add_argument("--model", default=None, help="model file (default: train or reuse a quick one)")
     draw.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    draw.add_argument("--port", type=int, default=8000)
+    draw.add_argument("--port", type=_port, default=8000, help="0-65535; 0 picks a free one (default: 8000)")
+    draw.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                      help="also answer requests addressed to NAME (a name or address of this machine, no port), "
+                      "for example when --host is 0.0.0.0; repeatable (default: only localhost and --host)")
     draw.add_argument("--no-browser", action="store_true", help="do not open a browser")
     return parser
 

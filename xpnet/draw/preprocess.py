@@ -42,17 +42,21 @@ def preprocess(image, *, threshold: float = 0.0) -> np.ndarray:
         or outside [0, 255].
     """
     img = validate_image(image)
+    if not 0 <= threshold <= 255:
+        raise ValueError(f"threshold must lie in [0, 255], got {threshold!r}")
     ink = img > threshold
     if not ink.any():
         return np.zeros((FIELD, FIELD))
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
-    crop = img[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    # Brightest pixel to 1 before resizing: scaling up afterwards would overflow to inf (and NaN)
+    # for faint ink such as 1e-310, whose resized values underflow.
+    crop = img[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] / img.max()
 
     h, w = crop.shape
     scale = BOX / max(h, w)
     digit = resize_area(crop, (max(1, round(h * scale)), max(1, round(w * scale))))
-    digit *= 255.0 / digit.max()
+    digit = digit / digit.max() * 255.0  # in this order the brightest is exactly 255, none above
 
     # Integer shift putting the centre of mass on (14, 14), clamped so no ink leaves the field.
     mass = digit.sum()
