@@ -289,3 +289,18 @@ def test_a_config_claiming_layers_larger_than_its_tensors_allocates_nothing_big(
     finally:
         tracemalloc.stop()
     assert peak < 50 * 2**20, f"loading the lying file allocated {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("version, config, tensors, message", [
+    ("3", {"class": "Sequential"}, {}, "xpnet.model version '3'; this xpnet reads '2'"),
+    ("2", [1, 2], {}, "its config is not a JSON object"),
+    ("2", {"class": "Pipeline", "dtype": "float32"}, {}, "unknown model class 'Pipeline'"),
+    ("2", {"class": "Sequential", "input_shape": [4], "dtype": "float32", "seed": 0,
+           "layers": [{"type": "Dense", "units": 3, "activation": None, "init": "he"}]},
+     {"layers.0.W": np.ones((4, 3), np.float32), "layers.7.b": np.ones(3, np.float32)},
+     r"tensors \['layers.0.W', 'layers.7.b'\] do not match the layers' parameters"),
+])
+def test_files_that_describe_another_model_are_refused(tmp_path, version, config, tensors, message):
+    _write_raw(tmp_path / "m", tensors or {"x": np.ones(1, np.float32)}, config, version=version)
+    with pytest.raises(ValueError, match=message):
+        xpnet.load(tmp_path / "m")

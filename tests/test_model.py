@@ -8,6 +8,7 @@ import pytest
 import xpnet
 from xpnet import optim
 from xpnet.callbacks import Callback, EarlyStopping
+from xpnet.layers import Dense
 
 
 def blobs(rng, n=600, features=12, classes=4):
@@ -205,3 +206,68 @@ def test_verbose_prints_a_line_per_epoch(rng, capsys):
             assert f"{key}: {history[key][epoch]:.4f}" in line, (key, line)
     xpnet.MLP([12, 4], seed=0).fit(X, y, epochs=1, verbose=0)
     assert capsys.readouterr().err == ""  # verbose=0 is silent
+
+
+# --- refusals at the model's boundary -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: xpnet.Sequential("dense"), TypeError, "layers must be a sequence of xpnet.layers objects"),
+    (lambda: xpnet.Sequential(Dense(3)), TypeError, "layers must be a sequence"),
+    (lambda: xpnet.Sequential([]), ValueError, "needs at least one layer"),
+    (lambda: xpnet.Sequential([Dense(3), "relu"]), TypeError, r"layers\[1\] is a str"),
+    (lambda: xpnet.Sequential([Dense(3)], input_shape=0), ValueError, "input_shape must be a tuple of positive ints"),
+    (lambda: xpnet.Sequential([Dense(3)], input_shape=(4, True)), ValueError, r"got \(4, True\)"),
+    (lambda: xpnet.Sequential([Dense(3)], input_shape="4"), ValueError, "got '4'"),
+    (lambda: xpnet.MLP([4, 1]), ValueError, "at least 2 classes, got 1"),
+    (lambda: xpnet.MLP([4, 3], activation=None), ValueError, "activation must be one of"),
+    (lambda: xpnet.MLP([4, 3], init="zeros"), ValueError, "unknown init 'zeros'"),
+])
+def test_bad_models_are_refused_naming_the_problem(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_an_int_input_shape_is_one_axis_and_the_same_layer_cannot_appear_twice():
+    model = xpnet.Sequential([Dense(3)], input_shape=5)
+    assert model.layers[0].input_shape == (5,)
+    layer = Dense(3)
+    with pytest.raises(ValueError, match="the same layer object appears twice"):
+        xpnet.Sequential([layer, layer])
+
+
+def test_a_built_model_refuses_another_input_shape_and_accepts_its_own():
+    model = xpnet.Sequential([Dense(3)], input_shape=(5,))
+    model.build((5,))  # the same shape again: nothing to do
+    with pytest.raises(ValueError, match=r"built for inputs of shape \(5,\), not \(6,\)"):
+        model.build((6,))
+
+
+def test_set_weights_checks_count_shape_dtype_and_values():
+    model = xpnet.MLP([4, 3], seed=0)
+    W, b = model.get_weights()[0]
+    with pytest.raises(ValueError, match="expected 1 .W, b. pairs, got 2"):
+        model.set_weights([(W, b), (W, b)])
+    with pytest.raises(ValueError, match=r"weights\[0\] must be a pair"):
+        model.set_weights([(W, b, b)])
+    with pytest.raises(ValueError, match="expected 2 arrays"):
+        model.set_weights([W])
+    with pytest.raises(ValueError, match=r"weights\[0\] has shape \(3, 4\); layer 0 needs W of shape \(4, 3\)"):
+        model.set_weights([W.T, b])
+    with pytest.raises(TypeError, match=r"weights\[1\] must hold numbers"):
+        model.set_weights([W, b.astype(str)])
+    with pytest.raises(ValueError, match=r"weights\[1\] contains NaN"):
+        model.set_weights([W, np.full(3, np.nan)])
+    model.set_weights([W + 1, b + 2])  # the flat list works too
+    np.testing.assert_array_equal(model.get_weights()[0][1], b + 2)
+
+
+def test_arrays_of_another_library_are_refused_not_copied(rng):
+    import array_api_strict as xs
+
+    model = xpnet.MLP([4, 3], seed=0)
+    X = xs.asarray(rng.normal(size=(5, 4)).astype(np.float32))
+    with pytest.raises(TypeError, match="X is a array_api_strict array but this model runs on the 'cpu' backend"):
+        model.predict(X)
+    with pytest.raises(TypeError, match="X must be array-like, got list: .*inhomogeneous"):
+        model.predict([[0.1, 0.2, 0.3, 0.4], [0.5]])
