@@ -1,6 +1,6 @@
 """ONNX export, checked by running the graphs in onnxruntime against ``predict_proba``: every layer
-type on odd shapes, trained MLP and LeNet-5 models on the real MNIST test set, and the file it
-writes."""
+type on odd shapes, trained MLP and LeNet-5 models on the real MNIST test set, the file it writes
+and ``xpnet export``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import xpnet
+from xpnet.cli import main
 from xpnet.export import IR_VERSION, ONNX_OPS, OPSET, to_onnx
 from xpnet.layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D
 from xpnet.recipes import lenet5
@@ -185,6 +186,34 @@ def test_a_failed_or_interrupted_export_leaves_the_old_file(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         xpnet.MLP([4, 2]).export_onnx(path)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+# -- xpnet export ------------------------------------------------------------------------------------
+
+
+def test_cli_export_writes_the_saved_models_graph(tmp_path, capsys):
+    model = randomized(lenet5(seed=0))
+    model.save(tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.safetensors"), "--onnx", str(out)]) == 0
+    assert capsys.readouterr().out == (f"wrote {out}: ONNX opset {OPSET}, input float32 (N, 28, 28, 1) scaled to "
+                                       "[0, 1], output class probabilities (N, 10)\n")
+    X = np.random.default_rng(2).random((3, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_allclose(onnx_proba(out, X), model.predict_proba(X), rtol=0, atol=1e-6)
+
+
+def test_cli_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    xpnet.MLP([4, 2]).save(tmp_path / "m.safetensors")
+    assert main(["export", str(tmp_path / "m.safetensors"), "--onnx", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"xpnet export: error: {tmp_path} is a folder; give a file name such as "
+                                       f"{tmp_path / 'model.onnx'}\n")
+    (tmp_path / "junk").write_bytes(b"not a model")
+    assert main(["export", str(tmp_path / "junk"), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "is not a readable xpnet model file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", str(tmp_path / "m.safetensors"), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == "xpnet export: error: ONNX export needs the onnx package: pip install 'xpnet[onnx]'\n"
+    assert not (tmp_path / "m.onnx").exists()
 
 
 # -- trained models on the real MNIST test set ------------------------------------------------------
