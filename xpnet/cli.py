@@ -4,6 +4,7 @@
     xpnet train --arch lenet5         # the LeNet-5 of seed 001's write-up, with its recipe
     xpnet train --layers 784,256,128,10 --optimizer adam --lr 1e-3 --out runs/big
     xpnet evaluate runs/big/model.safetensors
+    xpnet export runs/big/model.safetensors --onnx big.onnx
     xpnet runs [DIR] | xpnet runs compare A B
     xpnet draw --model runs/big/model.safetensors
 """
@@ -76,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--backend", default="cpu")
     evaluate.add_argument("--split", default="test", choices=["train", "test"])
     evaluate.add_argument("--data", default=None)
+
+    export = sub.add_parser("export", help="write a saved model as an ONNX graph",
+                            description="The graph takes float32 rows of the model's input shape (pixels scaled "
+                            "to [0, 1]; channels-last images), any batch size, and outputs the class probabilities.")
+    export.add_argument("model", help="a model file written by xpnet train / save")
+    export.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write (needs the onnx "
+                        "package: pip install 'xpnet[onnx]')")
 
     runs = sub.add_parser("runs", help="list recorded runs, or compare two")
     runs.add_argument("dir", nargs="?", default="runs", help="folder of runs (default: runs)")
@@ -170,6 +178,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import OPSET
+    from .model import load
+
+    model = load(args.model, backend="cpu")  # the graph is built from host copies of the weights
+    try:
+        model.export_onnx(args.onnx)
+    except ImportError as exc:  # onnx is an optional extra: say how to get it, not a traceback
+        print(f"xpnet export: error: {exc}", file=sys.stderr)
+        return 2
+    shape = ", ".join(map(str, ("N", *model.input_shape)))
+    print(f"wrote {args.onnx}: ONNX opset {OPSET}, input float32 ({shape}) scaled to [0, 1], "
+          f"output class probabilities (N, {model.n_classes})")
+    return 0
+
+
 def cmd_runs(args) -> int:
     from .runs import cli_runs
 
@@ -194,7 +218,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv  # recorded in a run's config.json
-    command = {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs, "draw": cmd_draw}[args.command]
+    command = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "runs": cmd_runs,
+               "draw": cmd_draw}[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, OSError) as exc:

@@ -9,7 +9,24 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes"]
+__all__ = ["atomic_write_bytes", "check_file_target"]
+
+
+def check_file_target(path, example: str) -> Path:
+    """``path`` as a ``Path``, once it is sure to name a regular file that can be written.
+
+    Refused: a folder (the message suggests ``path / example``), a missing parent folder, and
+    anything that exists and is not a regular file (a rename onto a FIFO or a device node would
+    replace it).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / example}")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists and is not a regular file: xpnet writes only regular files")
+    return path
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

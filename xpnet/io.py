@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_file_target
 
 __all__ = ["write_model_file", "read_model_file", "tensors_sha256", "FORMATS"]
 
@@ -43,13 +43,7 @@ def write_model_file(path, tensors: dict, metadata: dict) -> None:
     """Write named float arrays and string metadata to ``path`` (safetensors), atomically."""
     from safetensors.numpy import save as to_bytes
 
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}")
-    if not path.parent.exists():
-        raise FileNotFoundError(f"folder {path.parent} does not exist")
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path} exists and is not a regular file: a model is saved only as a regular file")
+    path = check_file_target(path, "model.safetensors")
     arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
     metadata = {**metadata, CHECKSUM: tensors_sha256(arrays)}
     atomic_write_bytes(path, to_bytes(arrays, metadata=metadata))

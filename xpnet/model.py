@@ -444,6 +444,14 @@ class Sequential:
         }
         write_model_file(path, tensors, metadata)
 
+    def export_onnx(self, path) -> None:
+        """Write the model as an ONNX graph to ``path``, atomically (needs ``pip install
+        'xpnet[onnx]'``). It takes float32 rows of ``input_shape`` (pixels scaled to [0, 1], a
+        batch axis of any size) and outputs the class probabilities; see ``xpnet.export``."""
+        from .export import export_onnx
+
+        export_onnx(self, path)
+
 
 class MLP(Sequential):
     """A fully connected network ``layers[0] -> ... -> layers[-1]``: a ``Sequential`` of
