@@ -289,3 +289,14 @@ def test_a_config_claiming_layers_larger_than_its_tensors_allocates_nothing_big(
     finally:
         tracemalloc.stop()
     assert peak < 50 * 2**20, f"loading the lying file allocated {peak / 2**20:.0f} MiB"
+
+
+def test_a_checkpoint_keeps_0d_step_counts_and_is_not_a_model(tmp_path):
+    from xpnet.io import CHECKPOINT_FORMATS, read_model_file, write_model_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    write_model_file(path, {"optimizer.0.t": np.asarray(7, dtype=np.int64)}, {"format": "xpnet.checkpoint"})
+    tensors, _ = read_model_file(path, formats=CHECKPOINT_FORMATS)
+    assert tensors["optimizer.0.t"].shape == () and int(tensors["optimizer.0.t"]) == 7
+    with pytest.raises(ValueError, match="its metadata does not say format='xpnet.model'"):
+        xpnet.load(path)
