@@ -123,6 +123,7 @@ class RunRecorder(Callback):
         self._epochs_done = 0
         self._start = None
         self._lock = None  # the open run.lock while this recorder holds the folder
+        self._claimed = False  # whether this recorder ever held it
         self._saved_epoch = None  # the epoch whose weights model.safetensors holds
         self._saved_fingerprint = None  # and those weights' fingerprint
 
@@ -169,13 +170,26 @@ class RunRecorder(Callback):
         except BaseException:
             lock.close()
             raise
-        self._lock = lock
+        self._lock, self._claimed = lock, True
 
     def release(self) -> None:
         """Give ``run_dir`` back (``on_train_end`` does this)."""
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def discard(self) -> None:
+        """After a start that failed: give ``run_dir`` back and, if no epoch was recorded in it,
+        remove what this recorder wrote there (and the folder, if that empties it), so a failed
+        start leaves no empty run. A resumed run, or a folder this recorder never claimed, is kept."""
+        claimed = self._claimed
+        self.release()
+        if not claimed or self.resume or read_metrics(self.run_dir):
+            return
+        for name in (CONFIG, METRICS, SUMMARY, LOCK):
+            (self.run_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()  # only when empty
 
     # -- the hooks ---------------------------------------------------------------------------
 
@@ -349,8 +363,16 @@ class RunRecorder(Callback):
         y_pred = proba.argmax(axis=1)
         plots.confusion_matrix(y, y_pred, path=run / confusion)
         plots.per_class_accuracy(y, y_pred, path=run / per_class)
+        if not _images(X):  # rows of features (a data file), not pictures to show
+            return [curves, confusion, per_class]
         plots.worst_misclassified(X, y, proba, path=run / worst)
         return list(PLOTS)
+
+
+def _images(X) -> bool:
+    """Whether the rows of ``X`` are images: (N, H, W[, C]), or flat rows of a square's size."""
+    shape = np.shape(X)
+    return len(shape) >= 3 or (len(shape) == 2 and math.isqrt(shape[1]) ** 2 == shape[1])
 
 
 def _fingerprint(model) -> str:
