@@ -657,7 +657,8 @@ def test_the_checkpoint_is_safetensors_beside_the_model_and_names_its_epoch(tmp_
         names, meta = set(f.keys()), f.metadata()
         t = f.get_tensor("optimizer.0.t")
     assert names == {f"optimizer.{i}.{k}" for i in range(4) for k in ("m", "v", "t")}
-    assert meta["format"] == "xpnet.checkpoint" and meta["epoch"] == "1" == str(read_metrics(tmp_path / "r")[-1]["epoch"])
+    assert meta["format"] == "xpnet.checkpoint"
+    assert meta["epoch"] == "1" == str(read_metrics(tmp_path / "r")[-1]["epoch"])
     assert t.dtype == np.int64 and int(t) == 2 * 2  # two epochs of two batches of 128 out of 200 rows
     assert json.loads(meta["rng"]).keys() == {"model"}
 
@@ -665,7 +666,8 @@ def test_the_checkpoint_is_safetensors_beside_the_model_and_names_its_epoch(tmp_
 def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path):
     run = tmp_path / "r"
     interrupted_run(run)
-    with pytest.raises(ValueError, match=r"recorded with other settings \(fit.lr was 0.001, now 0.002; fit.optimizer was 'Adam\(lr=0.001"):
+    other = r"recorded with other settings \(fit.lr was 0.001, now 0.002; fit.optimizer was 'Adam\(lr=0.001"
+    with pytest.raises(ValueError, match=other):
         resume(run, lr=0.002)
     with pytest.raises(FileNotFoundError, match="holds no recorded run to resume"):
         resume(tmp_path / "nothing")

@@ -178,7 +178,9 @@ class Optimizer:
                 entries[int(index)][key] = int(value)
                 continue
             if tuple(value.shape) != tuple(p.shape):
-                raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}")
+                raise ValueError(
+                    f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
+                )
             xp = namespace_of(p)
             copy = xp.empty_like(p)  # C-contiguous, the parameter's dtype: what a fused update takes
             copy[...] = xp.asarray(value)

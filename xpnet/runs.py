@@ -235,7 +235,9 @@ class RunRecorder(Callback):
         differ = [k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
         if differ:
             shown = "; ".join(f"{k} was {recorded.get(k)!r}, now {now.get(k)!r}" for k in differ[:3])
-            raise ValueError(f"{run} was recorded with other settings ({shown}): resume it with the same model and fit settings")
+            raise ValueError(
+                f"{run} was recorded with other settings ({shown}): resume it with the same model and fit settings"
+            )
         metrics = read_metrics(run)
         epoch = self._restore_checkpoint(metrics)
         lines = "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics)  # without a line cut by a kill
