@@ -459,3 +459,46 @@ def test_csv_of_real_mnist_matches_the_idx_files(tmp_path):
     X_back, y_back = load_csv(_write_csv(tmp_path / "m.csv", X[:300], y[:300]))
     np.testing.assert_array_equal(X_back, X[:300])
     np.testing.assert_array_equal(y_back, y[:300])
+
+
+# --- data files for xpnet train --data FILE ------------------------------------------------------
+
+
+def test_load_file_reads_npz_as_keras_and_csv_label_first(tmp_path):
+    from xpnet.datasets import load_file
+
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=np.zeros((3, 2, 2), np.uint8), y_train=[0, 1, 2], x_test=np.ones((1, 2, 2), np.uint8),
+             y_test=[1])
+    X, y, X_test, y_test = load_file(npz)
+    assert X.shape == (3, 2, 2) and X.dtype == np.uint8 and y.tolist() == [0, 1, 2] and y_test.tolist() == [1]
+    csv = tmp_path / "d.csv"
+    csv.write_text("label,a,b\n1,0,255\n0,3,4\n")
+    X, y, X_test, y_test = load_file(csv)
+    assert X.dtype == np.uint8 and X.tolist() == [[0, 255], [3, 4]] and y.tolist() == [1, 0] and X_test is None
+    csv.write_text("1,0.5,-2\n0,3,4\n")  # no header; features that are not pixels stay as they are
+    X, y, _, _ = load_file(csv)
+    assert X.dtype == np.float64 and X[0].tolist() == [0.5, -2.0] and y.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("d.npz", dict(x_train=np.zeros((2, 3))), "holds x_train, y_train, x_test, y_test .* this one holds x_train"),
+        ("d.npz", dict(x_train=np.zeros((2, 3)), y_train=[0, 1], x_test=np.zeros((1, 3))), "the test pair optional"),
+        ("d.npz", dict(x_train=np.zeros((2, 3)), y_train=[0, 1, 1]), "the train split has 3 labels"),
+        ("d.csv", "label,a\n-1,3\n", "labels must be a column of integers >= 0"),
+        ("d.csv", "label,a\n1,x\n", "d.csv: could not convert"),
+        ("d.txt", "1,2\n", "a data file is .npz"),
+    ],
+)
+def test_load_file_names_the_file_and_the_fault(tmp_path, name, content, match):
+    from xpnet.datasets import load_file
+
+    path = tmp_path / name
+    if isinstance(content, dict):
+        np.savez(path, **content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_file(path)

@@ -304,3 +304,14 @@ def test_files_that_describe_another_model_are_refused(tmp_path, version, config
     _write_raw(tmp_path / "m", tensors or {"x": np.ones(1, np.float32)}, config, version=version)
     with pytest.raises(ValueError, match=message):
         xpnet.load(tmp_path / "m")
+
+
+def test_a_checkpoint_keeps_0d_step_counts_and_is_not_a_model(tmp_path):
+    from xpnet.io import CHECKPOINT_FORMATS, read_model_file, write_model_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    write_model_file(path, {"optimizer.0.t": np.asarray(7, dtype=np.int64)}, {"format": "xpnet.checkpoint"})
+    tensors, _ = read_model_file(path, formats=CHECKPOINT_FORMATS)
+    assert tensors["optimizer.0.t"].shape == () and int(tensors["optimizer.0.t"]) == 7
+    with pytest.raises(ValueError, match="its metadata does not say format='xpnet.model'"):
+        xpnet.load(path)

@@ -335,3 +335,72 @@ def test_a_schedule_may_give_numpy_numbers_and_zero():
 def test_built_in_schedules_refuse_negative_factors(make):
     with pytest.raises((ValueError, TypeError), match="gamma|min_factor"):
         make()
+
+
+# --- one default rate per optimizer; state that a checkpoint can hold -------------------------
+
+
+def test_one_table_of_default_rates_for_the_classes_and_make_optimizer():
+    assert optim.DEFAULT_LR == {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+    for name, cls in optim.OPTIMIZERS.items():
+        assert cls().lr == make_optimizer(name).lr == optim.DEFAULT_LR[name]
+
+
+STATEFUL = {
+    "momentum": lambda: SGD(lr=0.1, momentum=0.9),
+    "nesterov": lambda: SGD(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
+    "adam": lambda: Adam(lr=0.01),
+    "adamw": lambda: AdamW(lr=0.01),
+}
+
+
+@pytest.mark.parametrize("kernels", [None, "xp"], ids=["fused", "xp"])
+@pytest.mark.parametrize("make", STATEFUL.values(), ids=STATEFUL.keys())
+def test_a_saved_state_continues_bit_for_bit(make, kernels, monkeypatch):
+    """Two steps, the state through safetensors bytes into a new optimizer, three more steps:
+    the same parameters, bit for bit, as five steps of one optimizer."""
+    from safetensors.numpy import load, save
+
+    if kernels:
+        monkeypatch.setenv("XPNET_KERNELS", kernels)
+    params, grads = problem(3)
+    params = [p.astype(np.float32) for p in params]
+    grads = [[g.astype(np.float32) for g in step] for step in grads]
+    straight = run(make(), params, grads)
+
+    first = make()
+    live = run(first, params, grads[:2])
+    state = load(save(first.state_dict()))  # array-only: what a checkpoint file holds
+    assert {name.split(".")[1] for name in state} == set(first.state_keys)
+    second = make()
+    second.load_state_dict(state, live)
+    resumed = run(second, live, grads[2:])
+    for a, b in zip(resumed, straight):
+        assert a.dtype == np.float32 and np.array_equal(a, b)
+    fresh = run(make(), live, grads[2:])  # without the state: another trajectory
+    assert not all(np.array_equal(a, b) for a, b in zip(fresh, straight))
+
+
+def test_plain_sgd_keeps_no_state_and_a_new_optimizer_has_none():
+    params, grads = problem()
+    opt = SGD(lr=0.1)
+    run(opt, params, grads)
+    assert opt.state_dict() == {} and Adam().state_dict() == {}
+    opt.load_state_dict({}, params)
+    assert opt.state is None
+
+
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({"0.m": np.zeros((4, 3)), "0.v": np.zeros((4, 3)), "0.t": np.array(1)}, r"lacks 1\.m, 1\.v, 1\.t"),
+        ({"0.v": np.zeros((4, 3)), "1.v": np.zeros(3)}, r"lacks 0\.m"),
+        ({"0.m": np.zeros((3, 4))}, r"'0\.m' has shape \(3, 4\), its parameter \(4, 3\)"),
+        ({"2.m": np.zeros(3)}, r"'2\.m' is not one Adam.* keeps for 2 parameters \(each has m, v, t\)"),
+        ({"momentum": np.zeros(3)}, r"'momentum' is not one"),
+    ],
+)
+def test_a_state_that_is_not_this_optimizers_is_refused(state, match):
+    params, _ = problem()
+    with pytest.raises(ValueError, match=match):
+        Adam().load_state_dict(state, params)

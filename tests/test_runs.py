@@ -554,3 +554,157 @@ def test_a_recorder_that_fails_to_begin_gives_the_folder_back(tmp_path):
     with pytest.raises(AttributeError):
         recorder.on_train_begin({"epochs": 1})
     assert is_running(tmp_path / "r") is False
+
+
+# -- a run stopped and resumed ends bit for bit as the uninterrupted one --------------------------
+
+class InterruptAfter(Callback):
+    """A Ctrl-C right after epoch ``k`` is on disk (placed after the recorder)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def on_epoch_end(self, epoch, logs):
+        if epoch == self.k:
+            raise KeyboardInterrupt
+
+
+def tiny_mlp():
+    return xpnet.MLP([12, 16, 3], seed=1)
+
+
+def tiny_cnn():
+    from xpnet.layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D
+
+    layers = [Conv2D(4, 3, activation="relu"), MaxPool2D(2), Flatten(), Dropout(0.3), Dense(3)]
+    return xpnet.Sequential(layers, input_shape=(8, 8, 1), seed=1)
+
+
+def blobs(shape, n=160, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, *shape))
+    flat = X.reshape(n, -1)
+    return X, (flat[:, 0] > 0).astype(int) + (flat[:, 1] > 0)
+
+
+def figures(run):
+    """Every recorded number of every epoch but the times."""
+    return [{k: v for k, v in m.items() if k not in ("seconds", "elapsed")} for m in read_metrics(run)]
+
+
+def flat_weights(model):
+    return xpnet.Sequential.get_weights(model)
+
+
+@pytest.mark.filterwarnings("ignore::xpnet.callbacks.DivergenceWarning")  # the CNN learns little in 5 epochs
+@pytest.mark.parametrize("kernels", ["fast", "xp"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [dict(optimizer="sgd", lr=0.05, momentum=0.9), dict(optimizer="adam", lr=0.01, schedule="cosine")],
+    ids=["sgd-momentum", "adam-cosine"],
+)
+@pytest.mark.parametrize("make, shape", [(tiny_mlp, (12,)), (tiny_cnn, (8, 8, 1))], ids=["mlp", "cnn-dropout"])
+def test_a_run_stopped_after_epoch_k_and_resumed_ends_bit_identical(tmp_path, monkeypatch, kernels, optimizer, make,
+                                                                   shape):
+    if kernels == "xp":
+        monkeypatch.setenv("XPNET_KERNELS", "xp")
+    else:
+        monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    X, y = blobs(shape)
+    settings = dict(epochs=5, batch_size=16, shuffle=True, verbose=0, validation_data=(X[:40], y[:40]), **optimizer)
+    whole = make()
+    whole.fit(X, y, run_dir=tmp_path / "whole", **settings)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(X, y, callbacks=[RunRecorder(cut, plots=False), InterruptAfter(1)], **settings)
+    assert read_run(cut)["status"] == "interrupted" and len(read_metrics(cut)) == 2
+    weights_only = xpnet.load(cut / "model.safetensors")
+
+    history = make().fit(X, y, run_dir=cut, resume=True, **settings)
+    assert history.epoch == [2, 3, 4]
+    resumed = xpnet.load(cut / "model.safetensors")
+    assert all(np.array_equal(a, b) for a, b in zip(flat_weights(resumed), flat_weights(whole)))
+    assert figures(cut) == figures(tmp_path / "whole")
+    run = read_run(cut)
+    assert run["status"] == "completed" and run["config"]["resumed"][0]["from_epoch"] == 2
+
+    # the checkpoint is what made it so: the weights alone, with a fresh optimizer and
+    # generators, continue along another path
+    weights_only.fit(X, y, initial_epoch=2, **settings)
+    assert not all(np.array_equal(a, b) for a, b in zip(flat_weights(weights_only), flat_weights(whole)))
+
+
+def interrupted_run(run, **settings):
+    X, y = tiny_data()
+    with pytest.raises(KeyboardInterrupt):
+        xpnet.MLP([20, 8, 3], seed=0).fit(X, y, epochs=4, verbose=0, optimizer="adam",
+                                          callbacks=[RunRecorder(run, plots=False), InterruptAfter(1)], **settings)
+    return X, y
+
+
+def resume(run, **settings):
+    X, y = tiny_data()
+    return xpnet.MLP([20, 8, 3], seed=0).fit(X, y, epochs=4, verbose=0, optimizer="adam", run_dir=run, resume=True,
+                                             **settings)
+
+
+def test_the_checkpoint_is_safetensors_beside_the_model_and_names_its_epoch(tmp_path):
+    from safetensors import safe_open
+
+    interrupted_run(tmp_path / "r")
+    with safe_open(tmp_path / "r" / "checkpoint.safetensors", "np") as f:
+        names, meta = set(f.keys()), f.metadata()
+        t = f.get_tensor("optimizer.0.t")
+    assert names == {f"optimizer.{i}.{k}" for i in range(4) for k in ("m", "v", "t")}
+    assert meta["format"] == "xpnet.checkpoint"
+    assert meta["epoch"] == "1" == str(read_metrics(tmp_path / "r")[-1]["epoch"])
+    assert t.dtype == np.int64 and int(t) == 2 * 2  # two epochs of two batches of 128 out of 200 rows
+    assert json.loads(meta["rng"]).keys() == {"model"}
+
+
+def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path):
+    run = tmp_path / "r"
+    interrupted_run(run)
+    other = r"recorded with other settings \(fit.lr was 0.001, now 0.002; fit.optimizer was 'Adam\(lr=0.001"
+    with pytest.raises(ValueError, match=other):
+        resume(run, lr=0.002)
+    with pytest.raises(FileNotFoundError, match="holds no recorded run to resume"):
+        resume(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    holder = RunRecorder(run, resume=True)
+    holder.claim()
+    try:
+        with pytest.raises(FileExistsError, match="is in use by another run"):
+            resume(run)
+    finally:
+        holder.release()
+    resume(run)
+    assert read_run(run)["status"] == "completed"
+    with pytest.raises(ValueError, match=r"holds a finished run \(completed\): there is nothing to resume"):
+        resume(run)
+    with pytest.raises(FileExistsError, match=r"xpnet train --overwrite\) or, if unfinished, continue it"):
+        RunRecorder(run).claim()
+
+
+def test_files_a_kill_left_disagreeing_are_refused_and_a_cut_line_is_dropped(tmp_path):
+    run = tmp_path / "r"
+    interrupted_run(run)
+    metrics = (run / "metrics.jsonl").read_text()
+    lines = metrics.splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0])  # killed after the checkpoint, before its metrics line
+    with pytest.raises(ValueError, match="holds epoch 2 but metrics.jsonl ends at epoch 1"):
+        resume(run)
+    (run / "metrics.jsonl").write_text(metrics + '{"epoch": 2, "lo')  # killed while writing a line
+    resume(run)
+    assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2, 3]
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_checkpoint_that_does_not_go_with_the_model_file_is_refused(tmp_path):
+    run = tmp_path / "r"
+    X, y = interrupted_run(run)
+    other = xpnet.MLP([20, 8, 3], seed=5)
+    other.save(run / "model.safetensors")  # killed after the model, before its checkpoint
+    with pytest.raises(ValueError, match="does not go with the weights in"):
+        resume(run)

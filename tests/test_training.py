@@ -489,3 +489,35 @@ def test_a_callback_that_fails_to_start_ends_the_ones_that_started(rng, tmp_path
     assert not refuses.ended  # never started, so never ended
     assert not is_running(tmp_path / "run")  # the recorder started, was ended, and let the folder go
     assert read_run(tmp_path / "run")["status"] != "running"
+
+
+# --- starting from a later epoch, and the generators a run draws from ------------------------------
+
+
+def test_initial_epoch_runs_the_remaining_epochs_at_their_scheduled_rates(rng):
+    from xpnet.optim import CosineLR
+
+    X, y = separable(rng)
+    history = xpnet.MLP([12, 8, 4], seed=0).fit(X, y, epochs=4, initial_epoch=2, lr=0.1, schedule="cosine", verbose=0)
+    assert history.epoch == [2, 3]
+    assert history["lr"] == [0.1 * CosineLR()(2, 4), 0.1 * CosineLR()(3, 4)]
+    assert xpnet.MLP([12, 8, 4]).fit(X, y, epochs=3, initial_epoch=3, verbose=0).epoch == []
+    with pytest.raises(ValueError, match=r"initial_epoch must be <= epochs \(3\), got 4"):
+        xpnet.MLP([12, 8, 4]).fit(X, y, epochs=3, initial_epoch=4)
+    with pytest.raises(ValueError, match="resume=True continues the run recorded in run_dir"):
+        xpnet.MLP([12, 8, 4]).fit(X, y, resume=True)
+
+
+def test_rng_states_name_the_shuffling_and_each_dropout_generator_and_put_them_back():
+    from xpnet.layers import Dense, Dropout
+    from xpnet.training import rng_states, set_rng_states
+
+    model = xpnet.Sequential([Dense(8, activation="relu"), Dropout(0.5), Dense(3)], input_shape=(5,), seed=0)
+    states = json.loads(json.dumps(rng_states(model)))  # JSON-able: a checkpoint keeps them as text
+    assert set(states) == {"model", "layers.1"}
+    draws = model._rng.permutation(10), model.layers[1]._rng.random(4)
+    set_rng_states(model, states)
+    assert np.array_equal(model._rng.permutation(10), draws[0])
+    assert np.array_equal(model.layers[1]._rng.random(4), draws[1])
+    with pytest.raises(ValueError, match=r"random states for \['model'\] do not match"):
+        set_rng_states(model, {"model": states["model"]})

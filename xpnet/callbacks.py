@@ -9,12 +9,18 @@ __all__ = ["Callback", "History", "EarlyStopping", "DivergenceMonitor", "Diverge
 
 
 class Callback:
-    """Hooks called by ``fit``; ``self.model`` is set before ``on_train_begin``.
+    """Hooks called by ``fit``; ``self.model`` and ``self.optimizer`` (the ``xpnet.optim``
+    Optimizer it trains with) are set before ``on_train_begin``.
 
-    Setting ``self.model.stop_training = True`` ends training after the current epoch.
+    Setting ``self.model.stop_training = True`` ends training after the current epoch. A
+    callback that continues a recorded run (``xpnet.runs.RunRecorder(resume=True)``) restores
+    the model and the optimizer in ``on_train_begin`` and sets ``initial_epoch``, the epoch
+    training goes on from.
     """
 
     model = None
+    optimizer = None
+    initial_epoch = None
 
     def on_train_begin(self, logs: dict) -> None:
         """``logs`` holds the run's settings (epochs, batch_size, optimizer, ...)."""

@@ -1,21 +1,30 @@
-"""The ``xpnet`` command: train and evaluate on MNIST, list runs, draw digits.
+"""The ``xpnet`` command: train and evaluate on MNIST (or a data file), list runs, draw digits.
 
-    xpnet train                       # seed 002's 784-50-25-10, batch 128, 10 epochs, SGD lr 0.1
+    xpnet train                       # 784-50-25-10, batch 128, 10 epochs, SGD lr 0.1
     xpnet train --arch lenet5         # the LeNet-5 of seed 001's write-up, with its recipe
     xpnet train --layers 784,256,128,10 --optimizer adam --lr 1e-3 --out runs/big
-    xpnet evaluate runs/big/model.safetensors
-    xpnet export runs/big/model.safetensors --onnx big.onnx
+    xpnet train --resume runs/big     # continue an interrupted run where it stopped
+    xpnet train --data digits.npz     # x_train, y_train, x_test, y_test; or a CSV: label, features
+    xpnet evaluate runs/big           # a run folder, or a model file
+    xpnet export runs/big --onnx big.onnx
     xpnet runs [DIR] | xpnet runs compare A B
-    xpnet draw --model runs/big/model.safetensors
+    xpnet draw --model runs/big
+
+A mistake in the command (a bad option, a folder in use, data that is not there, no CuPy for
+``--backend cuda``, ...) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _layers(text: str) -> list[int]:
@@ -38,61 +47,103 @@ def _port(text: str) -> int:
     return port
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line (argparse would print the usage first) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help: argparse's "(default: X)", or the help's own words where
+    the default is not one value (the recipe's, $XPNET_BACKEND's)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
-
+    from .optim import DEFAULT_LR
     from .recipes import ARCHS, RECIPES
 
-    parser = argparse.ArgumentParser(prog="xpnet", description="A small, fast neural-network library on NumPy or CuPy.")
+    parser = _Parser(prog="xpnet", description="A small, fast neural-network library on NumPy or CuPy.",
+                     formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"xpnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    command = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)  # noqa: E731
+    backend = "cpu, cuda or auto (default: $XPNET_BACKEND, else cpu)"
+    data = ("MNIST: a folder holding mnist/ (default: $XPNET_DATA, then the cache, downloading once); or a data "
+            "file: FILE.npz with x_train, y_train and optionally x_test, y_test (as Keras's mnist.npz), or FILE.csv, "
+            "a row per example: the label, then the features (an optional header line)")
 
     recipes = "; ".join(f"{a}: " + ", ".join(f"{k} {v}" for k, v in r.items()) for a, r in RECIPES.items())
-    train = sub.add_parser("train", help="train a model on MNIST and evaluate it on the test set",
-                           description=f"Unset options take the architecture's recipe ({recipes}).")
-    train.add_argument("--arch", default="mlp", choices=ARCHS, help="mlp (widths from --layers) or lenet5 (default: mlp)")
-    train.add_argument("--backend", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    train.add_argument("--layers", type=_layers, default=None, help="MLP widths (default 784,50,25,10)")
-    train.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"])
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"])
-    train.add_argument("--lr", type=float, default=None, help="default: the recipe's, else 0.1 for sgd, 1e-3 for adam(w)")
-    train.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0: plain SGD)")
+    rates = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    train = command("train", help="train a model on MNIST (or a data file) and evaluate it on the test set",
+                    description=f"Unset options take the architecture's recipe ({recipes}). The run is recorded "
+                    "in a folder (--out): model, checkpoint, config, metrics, plots.")
+    train.add_argument("--arch", default="mlp", choices=ARCHS, help="mlp (widths from --layers) or lenet5")
+    train.add_argument("--backend", default=None, help=backend)
+    train.add_argument("--layers", type=_layers, default=None,
+                       help="MLP widths (default: 784,50,25,10; with a data file, its features,50,25,its classes)")
+    train.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"],
+                       help="the MLP's hidden layers'")
+    train.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    train.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    train.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="default: the recipe's")
+    train.add_argument("--lr", type=float, default=None,
+                       help=f"default: the recipe's for its optimizer, else the optimizer's ({rates})")
+    train.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0, plain SGD)")
     train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
     train.add_argument("--weight-decay", type=float, default=None, help="default: 0 (0.01 for adamw)")
-    train.add_argument("--schedule", default=None, choices=["constant", "cosine"])
-    train.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--data", default=None, help="folder holding mnist/ (default: $XPNET_DATA, then the cache)")
+    train.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="default: the recipe's")
+    train.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="of weights and math")
+    train.add_argument("--seed", type=int, default=0, help="seeds the weights, shuffling and dropout")
+    train.add_argument("--data", default=None, help=data)
+    train.add_argument("--test-data", default=None, metavar="FILE",
+                       help="test rows for a --data file, in the same layout (default: the file's x_test, y_test; "
+                       "a CSV has none, and then the run has no test set)")
     train.add_argument("--out", default=None, help="run folder for the model, config, metrics and plots "
                        "(default: runs/<arch>-<time>)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already recorded in --out")
+    train.add_argument("--resume", default=None, metavar="RUN",
+                       help="continue the unfinished run in folder RUN with its own settings, from its last "
+                       "finished epoch (only --quiet may be given with it; default: a new run)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--on-divergence", default="warn", choices=["warn", "stop", "ignore"],
                        help="when the loss stays above the first epoch's or accuracy at chance for 3 epochs: "
-                            "warn, stop training (exit status 1), or ignore (default: warn)")
+                            "warn, stop training (exit status 1), or ignore")
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on MNIST")
-    evaluate.add_argument("model", help="a model file written by xpnet train / MLP.save")
-    evaluate.add_argument("--backend", default="cpu")
-    evaluate.add_argument("--split", default="test", choices=["train", "test"])
-    evaluate.add_argument("--data", default=None)
+    evaluate = command("evaluate", help="evaluate a saved model on MNIST (or a data file)")
+    evaluate.add_argument("model", help="a run folder, or a model file written by xpnet train / model.save")
+    evaluate.add_argument("--backend", default=None, help=backend)
+    evaluate.add_argument("--split", default="test", choices=["train", "test"], help="the rows to evaluate on")
+    evaluate.add_argument("--data", default=None, help=data)
 
-    export = sub.add_parser("export", help="write a saved model as an ONNX graph",
-                            description="The graph takes float32 rows of the model's input shape (pixels scaled "
-                            "to [0, 1]; channels-last images), any batch size, and outputs the class probabilities.")
-    export.add_argument("model", help="a model file written by xpnet train / save")
+    export = command("export", help="write a saved model as an ONNX graph",
+                     description="The graph takes float32 rows of the model's input shape (pixels scaled "
+                     "to [0, 1]; channels-last images), any batch size, and outputs the class probabilities.")
+    export.add_argument("model", help="a run folder, or a model file written by xpnet train / model.save")
     export.add_argument("--onnx", required=True, metavar="OUT", help="the ONNX file to write (needs the onnx "
                         "package: pip install 'xpnet[onnx]')")
 
-    runs = sub.add_parser("runs", help="list recorded runs, or compare two")
-    runs.add_argument("dir", nargs="?", default="runs", help="folder of runs (default: runs)")
-    runs.add_argument("compare", nargs="*", help=argparse.SUPPRESS)
+    runs = command("runs", help="list recorded runs (xpnet runs [DIR]), or compare two",
+                   description="xpnet runs [DIR] lists the runs in DIR (default: runs), as xpnet runs list [DIR].")
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="{list,compare}")
+    listing = runs_sub.add_parser("list", help="list the runs in a folder (the default)", formatter_class=_Help)
+    listing.add_argument("dir", nargs="?", default="runs", help="folder of runs")
+    compare = runs_sub.add_parser("compare", help="two runs side by side: settings, then metrics per epoch",
+                                  formatter_class=_Help)
+    compare.add_argument("run_a", help="a run folder (A)")
+    compare.add_argument("run_b", help="a run folder (B)")
 
-    draw = sub.add_parser("draw", help="a local page where you draw a digit and watch the model guess")
-    draw.add_argument("--model", default=None, help="model file (default: train or reuse a quick one)")
-    draw.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    draw.add_argument("--port", type=_port, default=8000, help="0-65535; 0 picks a free one (default: 8000)")
+    draw = command("draw", help="a local page where you draw a digit and watch the model guess")
+    draw.add_argument("--model", default=None,
+                      help="a run folder or model file (default: train a quick one once, then reuse it)")
+    draw.add_argument("--host", default="127.0.0.1", help="address to listen on (localhost only)")
+    draw.add_argument("--port", type=_port, default=8000, help="0-65535; 0 picks a free one")
     draw.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                       help="also answer requests addressed to NAME (a name or address of this machine, no port), "
                       "for example when --host is 0.0.0.0; repeatable (default: only localhost and --host)")
@@ -100,19 +151,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mnist_root(data):
-    return None if data is None else Path(data) / "mnist"
-
-
 def _settings(args) -> dict:
     """The fit settings: each option given, else the architecture's recipe."""
+    from .optim import DEFAULT_LR
     from .recipes import RECIPES
 
     recipe = dict(RECIPES[args.arch])
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
              "schedule": args.schedule}
     if args.optimizer is not None and args.optimizer != recipe["optimizer"] and args.lr is None:
-        recipe["lr"] = 0.1 if args.optimizer == "sgd" else 1e-3  # the recipe's rate belongs to its optimizer
+        recipe["lr"] = DEFAULT_LR[args.optimizer]  # the recipe's rate belongs to its optimizer
     return {**recipe, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -130,49 +178,136 @@ def _new_run_folder(arch) -> Path:
             continue
 
 
+def _is_data_file(data) -> bool:
+    """Whether ``--data`` names a data file (else a folder holding mnist/)."""
+    return data is not None and (Path(data).suffix in (".npz", ".csv") or Path(data).is_file())
+
+
+def _load_data(data, test_data=None):
+    """``(X_train, y_train, X_test, y_test, hashes)`` from ``--data`` (an MNIST folder or a data
+    file) and ``--test-data``; the test pair is None when there is no test set."""
+    from .datasets import dataset_hashes, load_file, load_mnist
+
+    if not _is_data_file(data):
+        if test_data is not None:
+            raise ValueError("--test-data goes with a --data FILE.npz or FILE.csv; MNIST has its own test set")
+        root = None if data is None else Path(data) / "mnist"
+        return (*load_mnist("train", root=root), *load_mnist("test", root=root), dataset_hashes())
+    X, y, X_test, y_test = load_file(data)
+    hashes = {str(data): _sha256(data)}
+    if test_data is not None:
+        if X_test is not None:
+            raise ValueError(f"{data} holds its own test set (x_test, y_test): give no --test-data")
+        X_test, y_test, _, _ = load_file(test_data)
+        hashes[str(test_data)] = _sha256(test_data)
+    return X, y, X_test, y_test, hashes
+
+
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _resumed(args, parser):
+    """The arguments of the run ``--resume RUN`` continues: its recorded command, read again."""
+    run = Path(args.resume)
+    defaults = vars(parser.parse_args(["train"]))
+    extra = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in ("resume", "quiet", "argv") and v != defaults.get(k)]
+    if extra:
+        raise ValueError(f"--resume continues {run} with its own settings: give no {', '.join(extra)}")
+    from .runs import CONFIG, read_run
+
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run} holds no recorded run to resume (no {CONFIG})")
+    config = read_run(run)["config"]
+    command, cwd = config.get("command"), config.get("cwd")
+    if not (isinstance(command, list) and command[:2] == ["xpnet", "train"] and isinstance(cwd, str)):
+        raise ValueError(f"{run} was not recorded by xpnet train (its config.json has no train command and folder)")
+    resumed = parser.parse_args(command[1:])
+    for name in ("data", "test_data"):  # paths as the recorded command meant them
+        if getattr(resumed, name) is not None:
+            setattr(resumed, name, str(Path(cwd, getattr(resumed, name))))
+    resumed.out, resumed.resume, resumed.quiet, resumed.overwrite = str(run), str(run), args.quiet, False
+    resumed.recorded_data, resumed.argv = config.get("data"), args.argv
+    return resumed
+
+
 def cmd_train(args) -> int:
-    from .datasets import dataset_hashes, load_mnist
+    from .backend import get_backend
     from .recipes import build
     from .runs import RunRecorder
 
+    if args.resume:
+        args = _resumed(args, _parser())
+    backend = get_backend(args.backend)  # no CuPy for "cuda": said now, before any folder or data
     settings = _settings(args)
-    model = build(args.arch, layers=args.layers, activation=args.activation, dtype=args.dtype, seed=args.seed,
-                  backend=args.backend)
     out = Path(args.out) if args.out else _new_run_folder(args.arch)
-    recorder = RunRecorder(out, config={"command": ["xpnet", *args.argv], "data": dataset_hashes()})
-    recorder.claim()  # a folder in use fails now, not after loading the data
-    X_train, y_train = load_mnist("train", root=_mnist_root(args.data))
-    X_test, y_test = load_mnist("test", root=_mnist_root(args.data))
-    recorder.eval_data = (X_test, y_test)
-    print(f"{model}: {model.count_params():,} parameters", file=sys.stderr)
-    history = model.fit(
-        X_train,
-        y_train,
-        **settings,
-        momentum=args.momentum,
-        nesterov=args.nesterov,
-        weight_decay=args.weight_decay,
-        validation_data=(X_test, y_test),  # reported each epoch as val_*; no model selection uses it
-        verbose=0 if args.quiet else 1,
-        callbacks=[recorder],
-        on_divergence=args.on_divergence,
-    )
+    config = {"command": ["xpnet", *args.argv], "cwd": os.getcwd()}
+    recorder = RunRecorder(out, config=config, overwrite=args.overwrite, resume=bool(args.resume))
+    try:
+        recorder.claim()  # a folder in use, or one holding a run, fails now, not after loading the data
+        X_train, y_train, X_test, y_test, hashes = _load_data(args.data, args.test_data)
+        if args.resume and sorted(hashes.values()) != sorted((args.recorded_data or {}).values()):
+            raise ValueError(f"the data differ from those {out} was trained on (sha256 {args.recorded_data})")
+        recorder.extra_config["data"] = hashes
+        layers = args.layers
+        if layers is None and args.arch == "mlp" and _is_data_file(args.data):
+            classes = int(max(y_train.max(), -1 if y_test is None else y_test.max())) + 1
+            layers = [int(np.prod(X_train.shape[1:])), 50, 25, max(classes, 2)]
+        model = build(args.arch, layers=layers, activation=args.activation, dtype=args.dtype, seed=args.seed,
+                      backend=backend)
+        test = None if X_test is None else (X_test, y_test)
+        recorder.eval_data = test
+        print(f"{model}: {model.count_params():,} parameters", file=sys.stderr)
+        history = model.fit(
+            X_train,
+            y_train,
+            **settings,
+            momentum=args.momentum,
+            nesterov=args.nesterov,
+            weight_decay=args.weight_decay,
+            validation_data=test,  # reported each epoch as val_*; no model selection uses it
+            verbose=0 if args.quiet else 1,
+            callbacks=[recorder],
+            on_divergence=args.on_divergence,
+        )
+    except BaseException:
+        recorder.discard()  # a start that failed leaves no empty run folder
+        raise
     seconds = sum(history["seconds"]) if history.epoch else 0.0  # epochs only: no plots, no saving
-    scores = model.evaluate(X_test, y_test)
-    print(f"test accuracy {scores['accuracy']:.4f}, test loss {scores['loss']:.4f}, "
+    scores, split = (model.evaluate(*test), "test") if test else (model.evaluate(X_train, y_train), "train")
+    print(f"{split} accuracy {scores['accuracy']:.4f}, {split} loss {scores['loss']:.4f}, "
           f"{len(history.epoch)} epochs in {seconds:.1f} s; saved in {out}")
+    plots = (recorder.summary or {}).get("plots")
+    if isinstance(plots, str):  # said in summary.json; said here too, with how to get them
+        print("xpnet train: plots skipped: matplotlib is not installed (pip install 'xpnet[plot]')", file=sys.stderr)
     if history.diverged:
         print(f"xpnet train: stopped: {history.warnings[-1]}", file=sys.stderr)
         return 1
     return 0
 
 
+def _model_file(path) -> Path:
+    """A model file, or the model.safetensors of a run folder."""
+    from .runs import MODEL
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL).is_file():
+            raise FileNotFoundError(f"{path} holds no {MODEL} (a run folder has one once an epoch has finished)")
+        return path / MODEL
+    return path
+
+
 def cmd_evaluate(args) -> int:
-    from .datasets import load_mnist
     from .model import load
 
-    model = load(args.model, backend=args.backend)
-    X, y = load_mnist(args.split, root=_mnist_root(args.data))
+    model = load(_model_file(args.model), backend=args.backend)
+    X_train, y_train, X_test, y_test, _ = _load_data(args.data)
+    if args.split == "test" and X_test is None:
+        raise ValueError(f"{args.data} holds no test set (x_test, y_test): use --split train")
+    X, y = (X_test, y_test) if args.split == "test" else (X_train, y_train)
     scores = model.evaluate(X, y)
     print(f"{args.split} accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f} ({model})")
     return 0
@@ -182,7 +317,7 @@ def cmd_export(args) -> int:
     from .export import OPSET
     from .model import load
 
-    model = load(args.model, backend="cpu")  # the graph is built from host copies of the weights
+    model = load(_model_file(args.model), backend="cpu")  # the graph is built from host copies of the weights
     try:
         model.export_onnx(args.onnx)
     except ImportError as exc:  # onnx is an optional extra: say how to get it, not a traceback
@@ -197,33 +332,36 @@ def cmd_export(args) -> int:
 def cmd_runs(args) -> int:
     from .runs import cli_runs
 
-    if args.dir == "compare":
-        if len(args.compare) != 2:
-            raise SystemExit("usage: xpnet runs compare RUN_A RUN_B")
-        args.dir, args.compare = None, list(args.compare)
-    elif args.compare:
-        raise SystemExit("usage: xpnet runs [DIR] | xpnet runs compare RUN_A RUN_B")
+    if args.runs_command == "compare":
+        args.compare = [args.run_a, args.run_b]
     else:
-        args.compare = None
+        args.compare, args.dir = None, getattr(args, "dir", "runs")
     return cli_runs(args) or 0
 
 
 def cmd_draw(args) -> int:
     from .draw.server import cli_draw
 
+    if args.model is not None:
+        args.model = _model_file(args.model)
     return cli_draw(args) or 0
 
 
 def main(argv=None) -> int:
+    from .backend import BackendError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["runs"] and argv[1:2] and argv[1] not in ("list", "compare") and not argv[1].startswith("-"):
+        argv = ["runs", "list", *argv[1:]]  # xpnet runs DIR: the listing, as before the subcommands
     args = _parser().parse_args(argv)
     args.argv = argv  # recorded in a run's config.json
     command = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "runs": cmd_runs,
                "draw": cmd_draw}[args.command]
     try:
         return command(args)
-    except (ValueError, TypeError, OSError) as exc:
-        print(f"xpnet {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, BackendError) as exc:
+        message = " ".join(str(exc).splitlines()) or type(exc).__name__
+        print(f"xpnet {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"xpnet {args.command}: interrupted", file=sys.stderr)

@@ -28,6 +28,7 @@ __all__ = [
     "MnistUnavailableError",
     "dataset_hashes",
     "load_csv",
+    "load_file",
     "load_mnist",
 ]
 
@@ -377,3 +378,88 @@ def _check_range(path, values, low, high, what, column_offset):
             f"{path}: line {row + 2}: {what} value {value} (column "
             f"{_CSV_HEADER[col + column_offset]}) is outside {low}-{high}"
         )
+
+
+#: the arrays a data file for ``load_file`` holds, as in Keras's mnist.npz (the test pair optional)
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_file(path):
+    """Labelled examples from a data file: ``xpnet train --data FILE`` for data other than MNIST.
+
+    - ``.npz``: the arrays ``x_train`` (N, ...) and ``y_train`` (N,), and optionally ``x_test``
+      and ``y_test``, as Keras's mnist.npz holds them; read without pickle.
+    - ``.csv``: one example a row, the integer label first, then the features (seed 000's
+      layout, any number of features); a first line that does not start with a number is a
+      header. It holds one split: the training rows.
+
+    Features that are all integers in 0-255 are pixels (uint8, scaled by 1/255 by the model);
+    other features are used as they are. Labels must be integers >= 0.
+
+    Returns
+    -------
+    X_train, y_train, X_test, y_test : ndarrays (the test pair None when the file has none)
+
+    Raises
+    ------
+    ValueError
+        Another suffix, missing arrays, rows of different lengths, a value that is not a number,
+        labels that are not integers >= 0, or train and test rows of different shapes; the
+        message names the file.
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS[:2] if k not in f.files]
+            if missing or ("x_test" in f.files) != ("y_test" in f.files):
+                raise ValueError(f"{path}: an npz data file holds {', '.join(NPZ_KEYS)} (the test pair optional); "
+                                 f"this one holds {', '.join(f.files) or 'nothing'}")
+            arrays = [f[k] if k in f.files else None for k in NPZ_KEYS]
+    elif path.suffix == ".csv":
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.readline().split(",", 1)[0].strip()
+        header = not _is_number(first)
+        try:
+            table = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, encoding="utf-8-sig")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if table.shape[0] == 0 or table.shape[1] < 2:
+            raise ValueError(f"{path}: no rows of a label and at least one feature")
+        arrays = [table[:, 1:], table[:, 0], None, None]
+    else:
+        raise ValueError(f"{path}: a data file is .npz (x_train, y_train, x_test, y_test) or .csv (label, features)")
+    X_train, y_train, X_test, y_test = (_features(path, a) if i % 2 == 0 else _labels(path, a)
+                                        for i, a in enumerate(arrays))
+    for X, y, split in ((X_train, y_train, "train"), (X_test, y_test, "test")):
+        if X is not None and (X.ndim < 2 or len(X) != len(y) or len(X) == 0):
+            raise ValueError(f"{path}: the {split} split has {len(y)} labels for features of shape {X.shape}")
+    if X_test is not None and X_test.shape[1:] != X_train.shape[1:]:
+        raise ValueError(f"{path}: test rows of shape {X_test.shape[1:]}, training rows {X_train.shape[1:]}")
+    return X_train, y_train, X_test, y_test
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _features(path, X):
+    if X is None or X.dtype == np.uint8:
+        return X
+    if X.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: features must be numbers, got dtype {X.dtype}")
+    if X.size and np.all((X >= 0) & (X <= 255) & (X == np.round(X))):
+        return X.astype(np.uint8)  # pixels: the model scales them by 1/255
+    return X.astype(np.float64, copy=False)
+
+
+def _labels(path, y):
+    if y is None:
+        return None
+    y = np.asarray(y).reshape(-1) if np.ndim(y) == 2 and np.shape(y)[1] == 1 else np.asarray(y)
+    if y.ndim != 1 or y.dtype.kind not in "iuf" or (y.size and (np.any(y < 0) or np.any(y != np.round(y)))):
+        raise ValueError(f"{path}: labels must be a column of integers >= 0")
+    return y.astype(np.int64)

@@ -26,13 +26,15 @@ import numpy as np
 
 from .files import atomic_write_bytes, check_file_target
 
-__all__ = ["write_model_file", "read_model_file", "tensors_sha256", "FORMATS"]
+__all__ = ["write_model_file", "read_model_file", "tensors_sha256", "FORMATS", "CHECKPOINT_FORMATS"]
 
 #: format name -> the version this xpnet writes or still reads
 FORMATS = {"xpnet.model": "2", "xpnet.mlp": "1"}
+#: a run's checkpoint (``xpnet.runs``): optimizer state and step counts beside a model file
+CHECKPOINT_FORMATS = {"xpnet.checkpoint": "1"}
 CHECKSUM = "tensors_sha256"  # metadata key; files of xpnet 0.1 have none
 MAX_HEADER_BYTES = 1 << 20  # a model's header is a few KB; more is not a model file
-_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}  # I64: step counts
 
 
 def _not_a_model(path, why):
@@ -44,7 +46,7 @@ def write_model_file(path, tensors: dict, metadata: dict) -> None:
     from safetensors.numpy import save as to_bytes
 
     path = check_file_target(path, "model.safetensors")
-    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    arrays = {name: np.asarray(a, order="C") for name, a in tensors.items()}  # 0-d stays 0-d
     metadata = {**metadata, CHECKSUM: tensors_sha256(arrays)}
     atomic_write_bytes(path, to_bytes(arrays, metadata=metadata))
 
@@ -53,22 +55,22 @@ def tensors_sha256(tensors: dict) -> str:
     """A digest of named arrays: each name, dtype, shape and little-endian bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.asarray(tensors[name], order="C")
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         digest.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
         digest.update(memoryview(a).cast("B"))
     return digest.hexdigest()
 
 
-def _check_header(path, header, data_bytes):
+def _check_header(path, header, data_bytes, formats):
     """Validate the parsed JSON header against the bytes the file has; return the data length."""
     if not isinstance(header, dict):
         raise _not_a_model(path, "its header is not a JSON object")
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         metadata = {}
-    if FORMATS.get(metadata.get("format")) is None:
-        raise _not_a_model(path, "its metadata does not say format='xpnet.model'")
+    if formats.get(metadata.get("format")) is None:
+        raise _not_a_model(path, f"its metadata does not say format={next(iter(formats))!r}")
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -76,7 +78,7 @@ def _check_header(path, header, data_bytes):
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _not_a_model(path, f"tensor {name!r} is not described by dtype, shape and data_offsets")
         if entry["dtype"] not in _DTYPES:
-            raise _not_a_model(path, f"tensor {name!r} has dtype {entry['dtype']!r}; xpnet writes F32 or F64 only")
+            raise _not_a_model(path, f"tensor {name!r} has dtype {entry['dtype']!r}; xpnet writes F32, F64 or I64 only")
         shape, offsets = entry["shape"], entry["data_offsets"]
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise _not_a_model(path, f"tensor {name!r} has shape {shape!r}")
@@ -89,8 +91,9 @@ def _check_header(path, header, data_bytes):
     return end
 
 
-def read_model_file(path) -> tuple[dict, dict]:
-    """Read ``(tensors, metadata)`` from a model file written by ``write_model_file``.
+def read_model_file(path, *, formats=FORMATS) -> tuple[dict, dict]:
+    """Read ``(tensors, metadata)`` from a model file written by ``write_model_file`` (or a
+    checkpoint, with ``formats=CHECKPOINT_FORMATS``: the metadata's format must be one of ``formats``).
 
     Raises
     ------
@@ -120,7 +123,7 @@ def read_model_file(path) -> tuple[dict, dict]:
             header = json.loads(header_bytes)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise _not_a_model(path, f"its header is not JSON ({type(exc).__name__})") from None
-        data_len = _check_header(path, header, info.st_size - 8 - header_len)
+        data_len = _check_header(path, header, info.st_size - 8 - header_len, formats)
         data = f.read(data_len)
     try:
         tensors = from_bytes(prefix + header_bytes + data)

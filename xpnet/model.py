@@ -380,7 +380,10 @@ class Sequential:
         shuffle : bool, reshuffle every epoch (seeded by the model's seed)
         callbacks : sequence of ``xpnet.callbacks.Callback``
         verbose : 0 silent, 1 a progress bar per epoch and a line of metrics
-        run_dir : path; records the run there (config, metrics.jsonl, model, plots)
+        run_dir : path; records the run there (config, metrics.jsonl, model, checkpoint, plots)
+        resume : bool, continue the run recorded in ``run_dir`` from its last finished epoch
+            (same settings; the rest of the run is bit for bit the uninterrupted one's)
+        initial_epoch : int, default 0: the epoch to start from (as Keras's)
         on_divergence : "warn" (default), "stop" or "ignore": what to do when, for 3 epochs in a
             row, the loss stays above the first epoch's or accuracy is at chance (a
             ``DivergenceWarning``, also in ``History.warnings`` and the run record). A loss that

@@ -21,7 +21,13 @@ import numpy as np
 from . import kernels
 from .kernels import namespace_of
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "StepLR", "CosineLR", "make_optimizer", "make_schedule"]
+__all__ = [
+    "Optimizer", "SGD", "Adam", "AdamW", "StepLR", "CosineLR", "make_optimizer", "make_schedule", "DEFAULT_LR",
+]
+
+#: the learning rate each optimizer takes when none is given, in the library and the CLI alike
+#: (``xpnet train``'s recipes set their own: the MLP recipe trains with SGD at 0.1)
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -128,6 +134,63 @@ class Optimizer:
             else:
                 self._fused_update(loops, p, g, state)
 
+    #: the names of each parameter's state once it has taken a step
+    state_keys: tuple = ()
+
+    def state_dict(self) -> dict:
+        """The state, as named arrays (safetensors holds them: a checkpoint needs no pickle).
+
+        ``"{i}.{key}"`` is parameter ``i``'s ``key`` (``state_keys``): the live arrays, on the
+        parameters' device, and step counts as 0-d int64 NumPy arrays. Empty before the first step.
+        """
+        return {
+            f"{i}.{key}": np.asarray(value, dtype=np.int64) if isinstance(value, numbers.Integral) else value
+            for i, entry in enumerate(self.state or ())
+            for key, value in entry.items()
+        }
+
+    def load_state_dict(self, state: dict, params) -> None:
+        """Continue from ``state`` (``state_dict``'s, arrays from any device, e.g. read from a
+        file) for ``params``: each array must have its parameter's shape and is copied to the
+        parameter's device and dtype, so the next ``step`` is the one the saved optimizer would
+        have taken.
+
+        Raises
+        ------
+        ValueError
+            A name this optimizer does not keep for these parameters, a missing name, or a shape
+            that is not the parameter's.
+        """
+        params = list(params)
+        if not state:
+            self.state = None
+            return
+        entries = [{} for _ in params]
+        for name, value in state.items():
+            index, _, key = name.partition(".")
+            if not (index.isdigit() and int(index) < len(params) and key in self.state_keys):
+                raise ValueError(
+                    f"optimizer state {name!r} is not one {self!r} keeps for {len(params)} parameters "
+                    f"(each has {', '.join(self.state_keys) or 'none'})"
+                )
+            p = params[int(index)]
+            if key == "t":
+                entries[int(index)][key] = int(value)
+                continue
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
+                )
+            xp = namespace_of(p)
+            copy = xp.empty_like(p)  # C-contiguous, the parameter's dtype: what a fused update takes
+            copy[...] = xp.asarray(value)
+            entries[int(index)][key] = copy
+        for i, entry in enumerate(entries):
+            missing = [f"{i}.{key}" for key in self.state_keys if key not in entry]
+            if missing:
+                raise ValueError(f"optimizer state for {self!r} lacks {', '.join(missing)}")
+        self.state = entries
+
     def _decay(self, p, g):
         """The gradient with weight decay applied (coupled L2: ``g + weight_decay * p``)."""
         return g + self.weight_decay * p if self.weight_decay else g
@@ -170,12 +233,13 @@ class SGD(Optimizer):
     ``p -= lr * step``. ``momentum=0`` is plain SGD. State: ``v`` (with momentum).
     """
 
-    def __init__(self, lr=0.01, *, momentum=0.0, nesterov=False, weight_decay=0.0, schedule=None):
+    def __init__(self, lr=DEFAULT_LR["sgd"], *, momentum=0.0, nesterov=False, weight_decay=0.0, schedule=None):
         super().__init__(lr, weight_decay=weight_decay, schedule=schedule)
         self.momentum = _check_rate("momentum", momentum, upper=1.0)
         if nesterov and not self.momentum:
             raise ValueError("nesterov=True needs momentum > 0")
         self.nesterov = bool(nesterov)
+        self.state_keys = ("v",) if self.momentum else ()
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "momentum": self.momentum, "nesterov": self.nesterov}
@@ -210,11 +274,13 @@ class Adam(Optimizer):
     ``p -= lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)``. State: ``m``, ``v``, ``t``.
     """
 
-    def __init__(self, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, schedule=None):
+    def __init__(self, lr=DEFAULT_LR["adam"], *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, schedule=None):
         super().__init__(lr, weight_decay=weight_decay, schedule=schedule)
         self.beta1 = _check_rate("betas[0]", betas[0], upper=1.0)
         self.beta2 = _check_rate("betas[1]", betas[1], upper=1.0)
         self.eps = _check_rate("eps", eps)
+
+    state_keys = ("m", "v", "t")
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
@@ -251,7 +317,7 @@ class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter, as ``torch.optim.AdamW``):
     ``p *= 1 - lr * weight_decay``, then Adam's step on the plain gradient."""
 
-    def __init__(self, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, schedule=None):
+    def __init__(self, lr=DEFAULT_LR["adamw"], *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, schedule=None):
         super().__init__(lr, betas=betas, eps=eps, weight_decay=weight_decay, schedule=schedule)
 
     def _decay(self, p, g):

@@ -15,6 +15,11 @@ A run folder holds
 - ``model.safetensors``: the model after the last finished epoch (replaced atomically each epoch),
   so the last line of metrics.jsonl always describes it; weights that ``EarlyStopping`` restores
   once training has ended are the caller's model, not the folder's;
+- ``checkpoint.safetensors``: what training needs besides the weights to go on exactly where
+  that epoch ended (replaced with the model, atomically, before the epoch's metrics line): the
+  optimizer's state (moments, step counts), the shuffling and dropout generators' states, the
+  epoch, and a fingerprint of the weights it goes with. ``RunRecorder(resume=True)`` (``fit(...,
+  run_dir=DIR, resume=True)``, ``xpnet train --resume DIR``) continues from it;
 - ``summary.json``: written when training ends: the status (completed, stopped early, diverged
   or interrupted), the epoch whose weights ``model.safetensors`` holds (``model_epoch``, numbered
   as in metrics.jsonl), the training's ``warnings``, and the evaluation and plots of that model
@@ -46,6 +51,7 @@ import numpy as np
 
 from .callbacks import Callback
 from .files import atomic_write_bytes
+from .training import rng_states, set_rng_states
 
 try:
     import fcntl
@@ -67,6 +73,7 @@ __all__ = [
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
 SUMMARY = "summary.json"
 LOCK = "run.lock"
 PLOTS = ("curves.png", "confusion.png", "per_class_accuracy.png", "worst_misclassified.png")  # all it draws
@@ -89,24 +96,34 @@ class RunRecorder(Callback):
         Draw the plots at the end of training (skipped, and said so, without matplotlib).
     overwrite : bool
         Replace a run already recorded in ``run_dir`` (never one still running).
+    resume : bool
+        Continue the unfinished run recorded in ``run_dir`` (interrupted or killed) from its
+        checkpoint: ``on_train_begin`` checks that the model and fit settings are the recorded
+        ones, restores the weights, optimizer state and generators, sets ``initial_epoch``, and
+        drops a metrics line cut short by a kill. ``config`` is recorded under ``resumed``.
 
     The folder is claimed (see ``claim``) when training begins and released when it ends.
     """
 
-    def __init__(self, run_dir, config=None, *, eval_data=None, plots=True, overwrite=False):
+    def __init__(self, run_dir, config=None, *, eval_data=None, plots=True, overwrite=False, resume=False):
         if config is not None and not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         if eval_data is not None and len(eval_data) != 2:
             raise ValueError("eval_data must be a pair (X, y)")
+        if overwrite and resume:
+            raise ValueError("overwrite replaces the run in the folder, resume continues it: not both")
         self.run_dir = Path(run_dir)
         self.extra_config = dict(config or {})
         self.eval_data = eval_data
         self.plots = plots
         self.overwrite = overwrite
+        self.resume = resume
+        self.summary = None  # summary.json's content, once written
         self._planned_epochs = None
         self._epochs_done = 0
         self._start = None
         self._lock = None  # the open run.lock while this recorder holds the folder
+        self._claimed = False  # whether this recorder ever held it
         self._saved_epoch = None  # the epoch whose weights model.safetensors holds
         self._saved_fingerprint = None  # and those weights' fingerprint
 
@@ -120,21 +137,30 @@ class RunRecorder(Callback):
         ------
         FileExistsError
             Another run is recording into ``run_dir`` (its pid, host and start time are named), or
-            ``run_dir`` already holds a run and ``overwrite`` is false.
+            ``run_dir`` already holds a run and neither ``overwrite`` nor ``resume`` is set.
+        FileNotFoundError, ValueError
+            With ``resume``: ``run_dir`` holds no recorded run, or a finished one.
         """
         if self._lock is not None:
             return
         run = self.run_dir
+        if self.resume and not (run / CONFIG).is_file():
+            raise FileNotFoundError(f"{run} holds no recorded run to resume (no {CONFIG})")
         run.mkdir(parents=True, exist_ok=True)
         lock = _lock_folder(run)
         try:
             # checked under the lock, so two runs cannot both find the folder free
-            if (run / CONFIG).exists() or (run / METRICS).exists():
+            if self.resume:
+                status = _read_json_object(run / SUMMARY).get("status") if (run / SUMMARY).exists() else None
+                if status not in (None, "interrupted"):
+                    raise ValueError(f"{run} holds a finished run ({status}): there is nothing to resume")
+            elif (run / CONFIG).exists() or (run / METRICS).exists():
                 if not self.overwrite:
                     raise FileExistsError(
-                        f"{run} already holds a recorded run; choose another folder or pass overwrite=True"
+                        f"{run} already holds a recorded run; choose another folder, replace it (overwrite=True, "
+                        f"xpnet train --overwrite) or, if unfinished, continue it (resume=True, xpnet train --resume)"
                     )
-                for name in (CONFIG, METRICS, SUMMARY, MODEL, *PLOTS):
+                for name in (CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT, *PLOTS):
                     (run / name).unlink(missing_ok=True)
             owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
             lock.seek(0)
@@ -144,13 +170,26 @@ class RunRecorder(Callback):
         except BaseException:
             lock.close()
             raise
-        self._lock = lock
+        self._lock, self._claimed = lock, True
 
     def release(self) -> None:
         """Give ``run_dir`` back (``on_train_end`` does this)."""
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def discard(self) -> None:
+        """After a start that failed: give ``run_dir`` back and, if no epoch was recorded in it,
+        remove what this recorder wrote there (and the folder, if that empties it), so a failed
+        start leaves no empty run. A resumed run, or a folder this recorder never claimed, is kept."""
+        claimed = self._claimed
+        self.release()
+        if not claimed or self.resume or read_metrics(self.run_dir):
+            return
+        for name in (CONFIG, METRICS, SUMMARY, LOCK):
+            (self.run_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()  # only when empty
 
     # -- the hooks ---------------------------------------------------------------------------
 
@@ -163,6 +202,9 @@ class RunRecorder(Callback):
             raise
 
     def _begin(self, logs):
+        if self.resume:
+            self._resume(logs)
+            return
         run = self.run_dir
         self._start = time.time()
         self._planned_epochs = logs.get("epochs")
@@ -184,16 +226,80 @@ class RunRecorder(Callback):
             _sync(f)
         _write_text_atomic(run / CONFIG, json.dumps(config, indent=2) + "\n")
 
+    def _resume(self, logs):
+        """Continue the run in the folder (see ``resume``)."""
+        run, model = self.run_dir, self.model
+        config = _read_json_object(run / CONFIG)
+        recorded = _flatten({"model": config.get("model"), "fit": config.get("fit")})
+        now = _flatten(_jsonable({"model": model.config, "fit": dict(logs)}))
+        differ = [k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+        if differ:
+            shown = "; ".join(f"{k} was {recorded.get(k)!r}, now {now.get(k)!r}" for k in differ[:3])
+            raise ValueError(
+                f"{run} was recorded with other settings ({shown}): resume it with the same model and fit settings"
+            )
+        metrics = read_metrics(run)
+        epoch = self._restore_checkpoint(metrics)
+        lines = "".join(json.dumps(m, allow_nan=False) + "\n" for m in metrics)  # without a line cut by a kill
+        _write_text_atomic(run / METRICS, lines)
+        (run / SUMMARY).unlink(missing_ok=True)  # the run goes on: it is running again, not interrupted
+        entry = {"started": _now(), "from_epoch": epoch + 1, "backend": model.backend.name}
+        config["resumed"] = [*config.get("resumed", []), _merge(entry, _jsonable(self.extra_config))]
+        _write_text_atomic(run / CONFIG, json.dumps(config, indent=2) + "\n")
+        self._start = time.time() - (metrics[-1].get("elapsed") or 0.0)
+        self._planned_epochs = logs.get("epochs")
+        self._epochs_done = epoch + 1
+        self._saved_epoch, self._saved_fingerprint = epoch, _fingerprint(model)
+        self.initial_epoch = epoch + 1
+
+    def _restore_checkpoint(self, metrics) -> int:
+        """Put the model, its generators and the optimizer back as the checkpoint has them; return its epoch."""
+        from .io import CHECKPOINT_FORMATS, read_model_file
+        from .model import load
+
+        run, model = self.run_dir, self.model
+        if not metrics:
+            raise ValueError(f"{run} finished no epoch: there is nothing to resume; start it again (overwrite)")
+        if not (run / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{run / CHECKPOINT} is missing, so the run cannot be resumed")
+        tensors, meta = read_model_file(run / CHECKPOINT, formats=CHECKPOINT_FORMATS)
+        epoch = int(meta.get("epoch", -1))
+        if epoch != metrics[-1]["epoch"]:
+            raise ValueError(f"{run / CHECKPOINT} holds epoch {epoch + 1} but {METRICS} ends at epoch "
+                             f"{metrics[-1]['epoch'] + 1} (the run was killed while saving): it cannot be resumed")
+        model.set_weights(load(run / MODEL, backend=model.backend).get_weights())
+        if _fingerprint(model) != meta.get("model_fingerprint"):
+            raise ValueError(f"{run / CHECKPOINT} does not go with the weights in {run / MODEL} "
+                             "(the run was killed while saving): it cannot be resumed")
+        set_rng_states(model, json.loads(meta.get("rng", "{}")))
+        state = {name.removeprefix("optimizer."): array for name, array in tensors.items()}
+        self.optimizer.load_state_dict(state, model.parameters())
+        return epoch
+
+    def _save_checkpoint(self, epoch, fingerprint):
+        from .io import CHECKPOINT_FORMATS, write_model_file
+
+        to_numpy = self.model.backend.to_numpy
+        tensors = {f"optimizer.{name}": to_numpy(a) for name, a in self.optimizer.state_dict().items()}
+        (kind, version), = CHECKPOINT_FORMATS.items()
+        metadata = {"format": kind, "format_version": version, "epoch": str(int(epoch)),
+                    "model_fingerprint": fingerprint, "rng": json.dumps(rng_states(self.model)),
+                    "optimizer": repr(self.optimizer)}
+        write_model_file(self.run_dir / CHECKPOINT, tensors, metadata)
+
     def on_epoch_end(self, epoch, logs):
         line = {"epoch": int(epoch), **_jsonable(dict(logs)), "elapsed": round(time.time() - self._start, 3)}
-        # A Ctrl-C waits until the model and its metrics line are both on disk, so the last line
-        # of metrics.jsonl always describes the model file beside it.
+        fingerprint = _fingerprint(self.model)
+        # A Ctrl-C waits until the model, its checkpoint and its metrics line are all on disk, so
+        # the last line of metrics.jsonl always describes the model and the checkpoint beside it.
         with _sigint_deferred():
             self.model.save(self.run_dir / MODEL)
+            if self.optimizer is not None:  # a recorder driven by hand, not by fit, keeps no checkpoint
+                self._save_checkpoint(epoch, fingerprint)
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line, allow_nan=False) + "\n")
                 _sync(f)
-        self._saved_epoch, self._saved_fingerprint = int(epoch), _fingerprint(self.model)
+        self._saved_epoch, self._saved_fingerprint = int(epoch), fingerprint
         self._epochs_done += 1
 
     def on_train_end(self, logs):
@@ -231,6 +337,7 @@ class RunRecorder(Callback):
         if self.plots and done:
             summary["plots"] = self._draw_plots(proba)
         _write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        self.summary = summary
 
     def _saved_model(self):
         """The model in model.safetensors: the model in memory when training left it with the
@@ -258,8 +365,16 @@ class RunRecorder(Callback):
         y_pred = proba.argmax(axis=1)
         plots.confusion_matrix(y, y_pred, path=run / confusion)
         plots.per_class_accuracy(y, y_pred, path=run / per_class)
+        if not _images(X):  # rows of features (a data file), not pictures to show
+            return [curves, confusion, per_class]
         plots.worst_misclassified(X, y, proba, path=run / worst)
         return list(PLOTS)
+
+
+def _images(X) -> bool:
+    """Whether the rows of ``X`` are images: (N, H, W[, C]), or flat rows of a square's size."""
+    shape = np.shape(X)
+    return len(shape) >= 3 or (len(shape) == 2 and math.isqrt(shape[1]) ** 2 == shape[1])
 
 
 def _fingerprint(model) -> str:

@@ -23,10 +23,10 @@ import numpy as np
 
 from . import functional as F
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
-from .layers import Dense
+from .layers import Dense, Dropout
 from .optim import make_optimizer
 
-__all__ = ["fit", "relu_mlp", "training_step_for", "ReferenceStep"]
+__all__ = ["fit", "relu_mlp", "training_step_for", "ReferenceStep", "rng_states", "set_rng_states"]
 
 
 def _check_int(name, value, minimum):
@@ -190,13 +190,25 @@ def fit(
     callbacks=(),
     verbose=1,
     run_dir=None,
+    resume=False,
+    initial_epoch=0,
     on_divergence="warn",
 ) -> History:
     """Train ``model`` by mini-batch gradient descent on the mean cross-entropy.
 
     See ``Sequential.fit`` for the parameters. Returns the History of per-epoch metrics.
+
+    ``initial_epoch`` (as Keras's): the epoch to start from, so that epochs ``initial_epoch`` to
+    ``epochs - 1`` run, with the schedule where those epochs have it. ``resume=True`` continues
+    the run recorded in ``run_dir`` from its checkpoint: the weights, the optimizer's state,
+    the shuffling and dropout generators and the epoch are those the run had after its last
+    finished epoch, so the rest of the run is bit for bit the one it would have been; the
+    settings must be those the run was recorded with.
     """
     epochs = _check_int("epochs", epochs, 0)
+    initial_epoch = _check_int("initial_epoch", initial_epoch, 0)
+    if initial_epoch > epochs:
+        raise ValueError(f"initial_epoch must be <= epochs ({epochs}), got {initial_epoch}")
     batch_size = _check_int("batch_size", batch_size, 1)
     opt = make_optimizer(
         optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule
@@ -217,7 +229,9 @@ def fit(
     if run_dir is not None:
         from .runs import RunRecorder
 
-        callbacks.append(RunRecorder(run_dir))
+        callbacks.append(RunRecorder(run_dir, resume=resume))
+    elif resume:
+        raise ValueError("resume=True continues the run recorded in run_dir: give run_dir")
     for cb in callbacks:
         if not isinstance(cb, Callback):
             raise TypeError(f"callbacks must be xpnet.callbacks.Callback objects, got {cb!r}")
@@ -241,15 +255,20 @@ def fit(
     }
     # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
     in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
-    graphs = _graph_trainer(model, opt, X, y, batch_size)
     model.stop_training = False
     begun = []  # the callbacks whose run has started, and so must be told it ended
     try:
         for cb in callbacks:
-            cb.model = model
+            cb.model, cb.optimizer = model, opt
             cb.on_train_begin(dict(settings))
             begun.append(cb)
-        for epoch in range(epochs):
+        resumed = [cb.initial_epoch for cb in callbacks if cb.initial_epoch is not None]
+        if resumed and initial_epoch:
+            raise ValueError("give initial_epoch or resume a recorded run, not both")
+        start = resumed[0] if resumed else initial_epoch
+        # after the callbacks began: a resumed optimizer's state is the one the graph adopts
+        graphs = _graph_trainer(model, opt, X, y, batch_size)
+        for epoch in range(start, epochs):
             start = time.perf_counter()
             opt.start_epoch(epoch, epochs)
             last_good = _copies(backend.xp, params)
@@ -303,6 +322,29 @@ def _copies(xp, arrays) -> list:
     for copy, a in zip(copies, arrays):
         copy[...] = a
     return copies
+
+
+def rng_states(model) -> dict:
+    """The state of every generator training draws from (JSON-able): the model's, which
+    shuffles, as ``"model"``, and each ``Dropout`` layer's as ``"layers.<i>"``."""
+    return {name: rng.bit_generator.state for name, rng in _rngs(model).items()}
+
+
+def set_rng_states(model, states: dict) -> None:
+    """Put back the generators' states ``rng_states`` gave; ValueError if they are not this model's."""
+    rngs = _rngs(model)
+    if set(states) != set(rngs):
+        raise ValueError(f"random states for {sorted(states)} do not match this model's generators {sorted(rngs)}")
+    for name, rng in rngs.items():
+        try:
+            rng.bit_generator.state = states[name]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"the random state of {name!r} does not fit its generator: {exc}") from None
+
+
+def _rngs(model) -> dict:
+    layers = {f"layers.{i}": layer._rng for i, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+    return {"model": model._rng, **layers}
 
 
 def _chance_accuracy(xp, y, n_classes: int) -> float:
