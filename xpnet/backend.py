@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
 import types
 
@@ -60,6 +61,11 @@ class Backend:
 
     def __hash__(self):
         return hash((self.name, id(self.xp)))
+
+    def __reduce__(self):
+        # a backend travels by name (its array module cannot be pickled), so a pickled or
+        # deep-copied model comes back on the same backend, or fails saying which is missing
+        return _backend_by_name, (self.name,)
 
     # -- arrays in and out --------------------------------------------------------------------
 
@@ -147,6 +153,14 @@ def _cuda_backend() -> Backend:
     import array_api_compat.cupy
 
     return Backend("cuda", array_api_compat.cupy, device=cupy.cuda.Device())
+
+
+def _backend_by_name(name: str) -> Backend:
+    """The backend a pickled ``Backend`` named: ``"cpu"``, ``"cuda"`` or a namespace module's name."""
+    try:
+        return get_backend(name if name in ("cpu", "cuda") else importlib.import_module(name))
+    except (BackendError, ImportError) as exc:
+        raise BackendError(f"cannot unpickle an object of the {name!r} backend: {exc}") from exc
 
 
 _cache: dict[object, Backend] = {}
