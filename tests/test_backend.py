@@ -87,7 +87,7 @@ def test_default_backend_set_and_scoped(monkeypatch):
 def test_import_is_light():
     code = (
         "import sys, xpnet; heavy = [m for m in ('numba', 'cupy', 'matplotlib', 'torch', 'safetensors', 'pooch', "
-        "'tqdm', 'array_api_compat', 'requests') if m in sys.modules]; print(heavy)"
+        "'tqdm', 'array_api_compat', 'requests', 'sklearn', 'scipy', 'joblib') if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
