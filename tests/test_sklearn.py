@@ -1,0 +1,276 @@
+"""xpnet.sklearn: scikit-learn's estimator checks, the same numbers as scikit-learn's own
+MLPClassifier for the same settings, labels, partial_fit, warm_start, stopping, sparse input,
+and use inside Pipeline, cross_val_score and GridSearchCV(n_jobs=2)."""
+
+from __future__ import annotations
+
+import io
+
+import joblib
+import numpy as np
+import pytest
+import scipy.sparse
+from sklearn import neural_network
+from sklearn.datasets import load_digits, make_blobs
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import xpnet
+from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten
+from xpnet.sklearn import MLPClassifier, NeuralNetClassifier
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+def two_dense(n_classes):
+    return [Dense(8, activation="relu"), Dense(n_classes)]
+
+
+def small_cnn(n_classes):
+    return [Conv2D(4, 3, activation="relu", padding="same"), AvgPool2D(2), Flatten(), Dense(n_classes)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's 8x8 digits (1797 samples, 10 classes), scaled to [0, 1], split 3:1."""
+    X, y = load_digits(return_X_y=True)
+    return train_test_split((X / 16).astype(np.float32), y, random_state=0, stratify=y)
+
+
+def blobs(n=120, classes=3, seed=0):
+    return make_blobs(n_samples=n, centers=classes, n_features=5, random_state=seed)
+
+
+# -- scikit-learn's own checks --------------------------------------------------------------------
+
+#: checks these estimators are known to fail, with the reason (scikit-learn's mechanism for it):
+#: none today. ``check_classifier_data_not_an_array`` skips itself without pandas, and
+#: ``check_array_api_input`` because the estimators take host (NumPy/SciPy) data only.
+EXPECTED_FAILED_CHECKS: dict[str, str] = {}
+
+
+@parametrize_with_checks(
+    [
+        # a few epochs at a higher rate: every check fits, so they must be quick, and learn enough
+        MLPClassifier((16,), max_iter=30, learning_rate_init=0.01, random_state=0),
+        NeuralNetClassifier(two_dense, max_iter=30, learning_rate_init=0.01, random_state=0),
+    ],
+    expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS,
+)
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_import_xpnet_sklearn_is_lazy_and_documented():
+    assert "MLPClassifier" in xpnet.sklearn.__all__ and "alpha / (2 n)" in MLPClassifier.__doc__
+
+
+# -- the same meaning as scikit-learn's parameters ---------------------------------------------------
+
+def trained_from(estimator, weights, X, y):
+    """``estimator`` trained for its ``max_iter`` epochs from ``weights`` (a first fit creates
+    the coefficients, then a warm start goes on from the ones set, with a new optimizer)."""
+    estimator.set_params(warm_start=True).fit(X, y)
+    if isinstance(estimator, MLPClassifier):
+        estimator.model_.set_weights(weights)
+    else:
+        estimator.coefs_ = [w.astype(np.float64) for w in weights[0::2]]
+        estimator.intercepts_ = [b.astype(np.float64) for b in weights[1::2]]
+    return estimator.fit(X, y)
+
+
+@pytest.mark.parametrize("settings", [
+    {"solver": "sgd", "momentum": 0.0, "learning_rate_init": 0.1, "alpha": 0.5},
+    {"solver": "sgd", "momentum": 0.9, "nesterovs_momentum": True, "learning_rate_init": 0.05, "alpha": 0.1},
+    {"solver": "sgd", "momentum": 0.8, "nesterovs_momentum": False, "learning_rate_init": 0.05, "alpha": 0.0},
+    {"solver": "adam", "learning_rate_init": 0.01, "alpha": 0.3, "beta_1": 0.8, "beta_2": 0.99},
+])
+def test_the_same_settings_train_to_the_same_weights_as_scikit_learn(settings, rng):
+    """Same data, same start, same batches (no shuffling): the same
+    weights after 3 epochs. Holds ``alpha`` (an L2 on the kernels only, divided by the batch
+    size), both solvers and the momentum variants to scikit-learn's meaning. The tolerance is
+    float32's: scikit-learn computes in float64 here."""
+    X, y = blobs(n=90)  # 3 full batches: on a smaller last one the penalty differs (see alpha)
+    params = dict(hidden_layer_sizes=(7, 5), activation="tanh", batch_size=30, max_iter=3, shuffle=False,
+                  random_state=0, **settings)
+    shapes = [(5, 7), (7,), (7, 5), (5,), (5, 3), (3,)]
+    start = [rng.uniform(-0.5, 0.5, size=shape).astype(np.float32) for shape in shapes]
+    ours = trained_from(MLPClassifier(**params), start, X, y)
+    sk = trained_from(neural_network.MLPClassifier(**params), start, X, y)
+    for ours_w, sk_w in zip(ours.coefs_ + ours.intercepts_, sk.coefs_ + sk.intercepts_, strict=True):
+        np.testing.assert_allclose(ours_w, sk_w, rtol=1e-4, atol=1e-5)
+    # the loss adds the penalty at each epoch's end weights, where scikit-learn takes each batch's
+    np.testing.assert_allclose(ours.loss_curve_[3:], sk.loss_curve_[3:], rtol=0.02)
+    assert ours.n_iter_ == sk.n_iter_ == 3 and len(ours.loss_curve_) == len(sk.loss_curve_) == 6
+
+
+def test_stopping_on_the_training_loss_counts_epochs_as_scikit_learn_does():
+    """With ``tol`` larger than any gain, both stop after ``n_iter_no_change + 1`` epochs."""
+    X, y = blobs()
+    params = dict(hidden_layer_sizes=(8,), tol=1e3, n_iter_no_change=2, max_iter=50, random_state=0)
+    ours, sk = MLPClassifier(**params).fit(X, y), neural_network.MLPClassifier(**params).fit(X, y)
+    assert ours.n_iter_ == sk.n_iter_ == 4 and len(ours.loss_curve_) == 4
+    assert ours.best_loss_ == min(ours.loss_curve_) and ours.validation_scores_ is None
+
+
+def test_running_out_of_epochs_or_samples_warns_as_scikit_learn_does():
+    X, y = blobs()
+    with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(3\) reached"):
+        MLPClassifier((8,), max_iter=3).fit(X, y)
+    with pytest.warns(UserWarning) as record:
+        clf = MLPClassifier((8,), max_iter=5, batch_size=500, tol=1e3, n_iter_no_change=1).fit(X, y)
+    # stopped by tol, so no ConvergenceWarning
+    assert [str(w.message) for w in record] == ["batch_size=500 is larger than the 120 samples: clipped to 120"]
+    assert clf.n_iter_ == 3
+
+
+def test_lbfgs_and_bad_settings_are_refused_by_name():
+    X, y = blobs()
+    with pytest.raises(ValueError, match="solver='lbfgs' is not supported"):
+        MLPClassifier(solver="lbfgs").fit(X, y)
+    with pytest.raises(ValueError, match="'alpha' parameter .* Got -1"):
+        MLPClassifier(alpha=-1).fit(X, y)
+    with pytest.raises(ValueError, match="hidden_layer_sizes must be positive integers"):
+        MLPClassifier(hidden_layer_sizes=(4.5,)).fit(X, y)
+
+
+# -- labels, methods and fitted attributes ---------------------------------------------------------
+
+@pytest.mark.parametrize("labels", [["cat", "dog", "eel"], [1, 2, 3], [-1, 0, 10]], ids=["str", "1-based", "gaps"])
+def test_any_labels_come_back_as_given(labels):
+    X, codes = blobs()
+    y = np.asarray(labels)[codes]
+    clf = MLPClassifier((8,), max_iter=40, learning_rate_init=0.02, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(clf.classes_, np.sort(np.asarray(labels)))
+    assert clf.predict(X).dtype == y.dtype and clf.score(X, y) > 0.9
+    proba = clf.predict_proba(X)
+    assert proba.shape == (len(X), 3)
+    np.testing.assert_array_equal(clf.predict(X), clf.classes_[proba.argmax(axis=1)])
+    np.testing.assert_allclose(clf.predict_log_proba(X), np.log(proba))
+    assert [w.shape for w in clf.coefs_] == [(5, 8), (8, 3)] and [b.shape for b in clf.intercepts_] == [(8,), (3,)]
+
+
+def test_partial_fit_goes_on_as_fit_does_and_takes_the_classes_first():
+    X, y = blobs()
+    params = dict(hidden_layer_sizes=(8,), random_state=0, max_iter=3)
+    whole = MLPClassifier(**params).fit(X, y)
+    with pytest.raises(ValueError, match="classes must be passed on the first call"):
+        MLPClassifier(**params).partial_fit(X, y)
+    parts = MLPClassifier(**params)
+    for _ in range(3):  # three epochs, one optimizer: bit for bit fit's three
+        parts.partial_fit(X, y, classes=[0, 1, 2])
+    assert parts.n_iter_ == 1 and parts.t_ == whole.t_ == 3 * len(X)
+    assert parts.loss_curve_ == whole.loss_curve_
+    for a, b in zip(parts.coefs_ + parts.intercepts_, whole.coefs_ + whole.intercepts_, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a batch may lack classes; one with a class never declared is refused
+    later = MLPClassifier(**params).partial_fit(X[y < 2], y[y < 2], classes=[0, 1, 2])
+    assert later.predict_proba(X).shape == (len(X), 3)
+    with pytest.raises(ValueError, match=r"y has classes not in classes_ \[0, 1, 2\]: \[7\]"):
+        later.partial_fit(X[:2], [0, 7])
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping"):
+        MLPClassifier(early_stopping=True).partial_fit(X, y, classes=[0, 1, 2])
+
+
+def test_warm_start_goes_on_from_the_fitted_weights():
+    X, y = blobs()
+    cold = MLPClassifier((8,), max_iter=3, random_state=0)
+    first = cold.fit(X, y).coefs_
+    assert cold.fit(X, y).loss_curve_ == cold.loss_curve_[:3] and len(cold.loss_curve_) == 3  # a new start
+    np.testing.assert_array_equal(cold.coefs_[0], first[0])
+    warm = MLPClassifier((8,), max_iter=3, random_state=0, warm_start=True).fit(X, y)
+    warm.fit(X, y)
+    assert warm.n_iter_ == 3 and len(warm.loss_curve_) == 6 and warm.loss_curve_[5] < warm.loss_curve_[2]
+    assert not np.array_equal(warm.coefs_[0], first[0])
+    with pytest.raises(ValueError, match=r"warm_start needs y with the classes of the previous fit, \[0, 1, 2\]"):
+        warm.fit(X[y < 2], y[y < 2])
+
+
+def test_early_stopping_keeps_the_weights_of_the_best_validation_score():
+    X, y = blobs(n=300, seed=1)
+    clf = MLPClassifier((8,), early_stopping=True, validation_fraction=0.2, n_iter_no_change=3, tol=0.05,
+                        max_iter=200, learning_rate_init=0.05, random_state=0).fit(X, y)
+    assert clf.n_iter_ < 200 and len(clf.validation_scores_) == clf.n_iter_ and clf.best_loss_ is None
+    assert clf.best_validation_score_ == max(clf.validation_scores_)
+    # the same stratified split scikit-learn's MLPClassifier takes: the kept weights score the best
+    _, X_val, _, y_val = train_test_split(X, y, test_size=0.2, stratify=y, random_state=np.random.RandomState(0))
+    assert clf.score(X_val, y_val) == clf.best_validation_score_
+
+
+def test_sparse_input_gives_what_dense_input_gives():
+    X, y = blobs()
+    X[X < 0] = 0
+    dense = MLPClassifier((8,), max_iter=5, random_state=0).fit(X, y)
+    sparse = MLPClassifier((8,), max_iter=5, random_state=0).fit(scipy.sparse.csr_matrix(X), y)
+    np.testing.assert_array_equal(sparse.predict_proba(scipy.sparse.csc_matrix(X)), dense.predict_proba(X))
+
+
+def test_a_fitted_estimator_pickles_and_predicts_the_same():
+    X, y = blobs()
+    clf = MLPClassifier((8,), max_iter=5, random_state=0).fit(X, y)
+    buffer = io.BytesIO()
+    joblib.dump(clf, buffer)
+    buffer.seek(0)
+    same = joblib.load(buffer)
+    np.testing.assert_array_equal(same.predict_proba(X), clf.predict_proba(X))
+    same.partial_fit(X, y)  # the optimizer's state came along too
+    clf.partial_fit(X, y)
+    np.testing.assert_array_equal(same.predict_proba(X), clf.predict_proba(X))
+
+
+def test_the_estimator_trains_on_each_backend(backend):
+    X, y = blobs()
+    clf = MLPClassifier((8,), max_iter=30, learning_rate_init=0.02, random_state=0, backend=backend).fit(X, y)
+    reference = MLPClassifier((8,), max_iter=30, learning_rate_init=0.02, random_state=0, backend="cpu").fit(X, y)
+    assert clf.model_.backend is backend and clf.score(X, y) > 0.9
+    np.testing.assert_allclose(clf.predict_proba(X), reference.predict_proba(X), atol=1e-4)
+
+
+# -- networks from a function: CNNs ---------------------------------------------------------------
+
+def test_a_cnn_from_a_function_learns_the_digits(digits):
+    X_train, X_test, y_train, y_test = digits
+    clf = NeuralNetClassifier(small_cnn, input_shape=(8, 8, 1), max_iter=15, learning_rate_init=0.01,
+                              random_state=0).fit(X_train, y_train)
+    assert isinstance(clf.model_.layers[0], Conv2D) and clf.model_.input_shape == (8, 8, 1)
+    assert clf.score(X_test, y_test) > 0.9
+    same = joblib.load(_dumped(clf))
+    np.testing.assert_array_equal(same.predict_proba(X_test), clf.predict_proba(X_test))
+
+
+def _dumped(obj):
+    buffer = io.BytesIO()
+    joblib.dump(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_network_that_does_not_fit_the_data_is_refused_by_name(digits):
+    X_train, _, y_train, _ = digits
+    with pytest.raises(ValueError, match=r"input_shape=\(7, 7, 1\) holds 49 values but X has 64 features"):
+        NeuralNetClassifier(small_cnn, input_shape=(7, 7, 1)).fit(X_train, y_train)
+    with pytest.raises(ValueError, match="the network outputs 4 scores but y has 10 classes"):
+        NeuralNetClassifier(lambda n_classes: [Dense(4)]).fit(X_train, y_train)
+
+
+# -- inside scikit-learn's tools ------------------------------------------------------------------
+
+def test_pipeline_and_cross_val_score(digits):
+    X_train, _, y_train, _ = digits
+    pipe = make_pipeline(StandardScaler(), MLPClassifier((32,), max_iter=20, learning_rate_init=0.01, random_state=0))
+    scores = cross_val_score(pipe, X_train, y_train, cv=3)
+    assert scores.shape == (3,) and scores.min() > 0.9
+
+
+def test_grid_search_in_two_processes(digits):
+    """n_jobs=2 sends estimators to worker processes and fitted ones back: by pickle."""
+    X_train, X_test, y_train, y_test = digits
+    search = GridSearchCV(MLPClassifier(max_iter=10, random_state=0),
+                          {"hidden_layer_sizes": [(8,), (32,)], "learning_rate_init": [1e-3, 1e-2]}, cv=2, n_jobs=2)
+    search.fit(X_train, y_train)
+    assert search.best_params_ == {"hidden_layer_sizes": (32,), "learning_rate_init": 1e-2}
+    assert search.best_estimator_.score(X_test, y_test) > 0.9
+    assert len(search.cv_results_["mean_test_score"]) == 4
