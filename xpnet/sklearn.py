@@ -13,6 +13,7 @@ MLPClassifier`` that xpnet supports, with their meaning. Needs scikit-learn
 
 from __future__ import annotations
 
+import math
 import numbers
 import types
 import warnings
@@ -56,7 +57,18 @@ class _SGD(_KernelL2, SGD):
 
 
 class _Adam(_KernelL2, Adam):
-    pass
+    """scikit-learn's Adam adds ``epsilon`` to ``sqrt(v)`` before the bias correction: that is
+    xpnet's Adam with ``eps = epsilon / sqrt(1 - beta_2**t)`` at step ``t``. It matters where
+    gradients are as small as ``epsilon`` (weights of always-zero pixels, moved by alpha alone)."""
+
+    def __init__(self, lr, *, betas, eps):
+        super().__init__(lr, betas=betas, eps=eps)
+        self.epsilon = self.eps
+
+    def _moments(self, p, state):
+        m, v, t = super()._moments(p, state)
+        self.eps = self.epsilon / math.sqrt(1 - self.beta2**t)
+        return m, v, t
 
 
 class _EpochEnd(Callback):
@@ -336,9 +348,8 @@ _TRAINING_PARAMETERS = """\
         the best epoch are kept.
     validation_fraction : float in (0, 1), default=0.1
     beta_1, beta_2, epsilon : float, defaults 0.9, 0.999, 1e-8
-        Adam's; ``epsilon`` is added to the bias-corrected ``sqrt(v)`` (Kingma & Ba, as in
-        PyTorch), where scikit-learn adds it to the uncorrected one (a difference of order
-        ``epsilon``).
+        Adam's, as scikit-learn uses them (``epsilon`` added to ``sqrt(v)`` before the bias
+        correction, where ``xpnet.optim.Adam`` adds it after).
     n_iter_no_change : int, default=10
         Stop after more than this many epochs without improvement by ``tol``.
     backend : "cpu", "cuda", "auto", a Backend, a namespace module or None, default=None
