@@ -21,6 +21,10 @@ import pytest
 
 QUICK = os.environ.get("XPNET_BENCH_QUICK", "") not in ("", "0")
 
+#: lines benchmarks leave for the end of the run (a comparison across rows, which pytest-benchmark's
+#: table cannot show); printed by ``pytest_terminal_summary``
+SUMMARIES: list[str] = []
+
 
 def _cpu_model() -> str:
     try:
@@ -49,6 +53,21 @@ def _versions() -> dict:
     return versions
 
 
+def _isa() -> dict:
+    """What the CPU offers (NumPy's SIMD levels found) and what BLAS picked for it."""
+    import numpy as np
+
+    isa = {"numpy_simd": np.__config__.CONFIG.get("SIMD Extensions", {}).get("found")}
+    try:
+        import threadpoolctl  # comes with scikit-learn
+
+        isa["blas"] = [(i.get("internal_api"), i.get("architecture"), i.get("num_threads"))
+                       for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        pass
+    return isa
+
+
 def pytest_configure(config):
     """Refuse to time benchmarks under coverage's tracer (pyproject's addopts turn it on)."""
     timing = not config.getoption("benchmark_disable", default=False)
@@ -63,6 +82,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["versions"] = _versions()
     machine_info["loadavg_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     machine_info["quick_mode"] = QUICK
+    machine_info["cpu_isa"] = _isa()
     try:
         import numba
 
@@ -86,6 +106,11 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
             info["GB/s"] = info["bytes"] / stats["min"] / 1e9
             info["GB/s median"] = info["bytes"] / stats["median"] / 1e9
     output_json["machine_info"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARIES:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture
