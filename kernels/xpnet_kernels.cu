@@ -475,11 +475,20 @@ __global__ void softmax_cross_entropy(const T* z, const L* labels, T* grad, T* l
                                       unsigned long long* correct) {
     rows_grouped<T, L, G, true>(z, labels, grad, loss_sum, rows, cols, grad_scale, loss_scale, correct);
 }
-// At most 40 registers: 6 blocks of THREADS = 256 per SM (cuda.py launches 256 threads). Measured on
-// an H100 (bench/cuda_softmax_ce_check.py, float32, 4096 columns, 10 launches back to back): 55
+// Blocks of THREADS = 256 per SM (cuda.py launches 256 threads) the kernel below is compiled to
+// fit, which caps its registers at 65536 / (256 * blocks). float32: 6 blocks, 40 registers; measured
+// on an H100 (bench/cuda_softmax_ce_check.py, float32, 4096 columns, 10 launches back to back): 55
 // registers (4 blocks) 84% of copy, 48 (5 blocks) 80%, 40 (6 blocks, a few bytes spilled) 91%.
+// float64 holds twice the bytes per value: at 40 registers it spilled 104-184 bytes, so 4 blocks
+// (64 registers, no spill; not yet timed on a GPU). An sm_75 SM takes at most 1024 threads, 4
+// blocks: 6 is out of range there (a ptxas warning, an error under -Werror).
+template <typename T> struct WideBlocks { static constexpr int value = 4; };
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ != 750
+template <> struct WideBlocks<float> { static constexpr int value = 6; };
+#endif
+
 template <typename T, typename L, int V>
-__global__ void __launch_bounds__(256, 6)
+__global__ void __launch_bounds__(256, WideBlocks<T>::value)
 softmax_cross_entropy_block(const T* z, const L* labels, T* grad, T* loss_sum, index_t rows, index_t cols,
                             T grad_scale, T loss_scale, unsigned long long* correct) {
     rows_blocked<T, L, V, true>(z, labels, grad, loss_sum, rows, cols, grad_scale, loss_scale, correct);
