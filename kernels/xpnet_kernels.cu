@@ -114,11 +114,31 @@ __global__ void bias_relu(const T* x, const T* __restrict__ b, T* out, index_t n
 }
 
 // --- row reductions: online max and sum ----------------------------------------------------
+//
+// Special values follow the reference (xp.max, then exp(x - max)) exactly: a NaN anywhere makes
+// the row's max NaN, so every output of the row is NaN; a +inf max makes the sum NaN (its own
+// term is exp(inf - inf)); a row of only -inf has max -inf and NaN outputs; a -inf beside a
+// finite max gives exactly 0. The first-max index of a row with a NaN is its first NaN's, as
+// numpy.argmax has it, except on the in-register wide path (unspecified there; the loss is NaN).
+
+// a > b in the order of a max that propagates NaN: NaN is above every number.
+template <typename T>
+__device__ __forceinline__ bool above(T a, T b) {
+    return a > b || (a != a && b == b);
+}
+
+// The row's sum as the reference has it, from the online max m and sum s: those count a +inf
+// maximum's own term as exp(0) = 1 where the reference has exp(inf - inf) = NaN.
+template <typename T>
+__device__ __forceinline__ T reference_sum(T m, T s) {
+    return m == -Num<T>::neg_inf() ? Num<T>::nan() : s;
+}
 
 // Fold (m2, s2), a max and a sum of exp(x - m2), into (m, s). Empty parts carry m = -inf, s = 0.
+// A NaN m2 takes over (m = NaN, s = NaN); parts whose max is -inf add nothing.
 template <typename T>
 __device__ __forceinline__ void combine(T& m, T& s, T m2, T s2) {
-    if (m2 > m) {
+    if (above(m2, m)) {
         s = s * Num<T>::exp(m - m2) + s2;
         m = m2;
     } else if (m2 > Num<T>::neg_inf()) {
@@ -126,10 +146,12 @@ __device__ __forceinline__ void combine(T& m, T& s, T m2, T s2) {
     }
 }
 
-// As combine, and keep the index of the first maximum (ties go to the smaller index).
+// As combine, and keep the index of the first maximum (ties go to the smaller index; NaN is the
+// maximum, so k is the first NaN's, as numpy.argmax has it).
 template <typename T>
 __device__ __forceinline__ void combine_arg(T& m, T& s, int& k, T m2, T s2, int k2) {
-    if (m2 > m || (m2 == m && k2 < k)) k = k2;
+    const bool tie = m2 == m || (m2 != m2 && m != m);
+    if (above(m2, m) || (tie && k2 < k)) k = k2;
     combine(m, s, m2, s2);
 }
 
@@ -279,7 +301,7 @@ __device__ __forceinline__ void rows_narrow(const T* x, const L* labels, T* y, T
             T m = Num<T>::neg_inf(), s = T(0);
             index_t k = 0;
             for (index_t c = 0; c < cols; ++c)
-                if (row[c] > m) { m = row[c]; k = c; }
+                if (above(row[c], m)) { m = row[c]; k = c; }
             const index_t label = CE ? label_of<T>(labels, r0 + threadIdx.x) : 0;
             const T zy = CE ? logit_at(row, label, cols) : T(0);
             for (index_t c = 0; c < cols; ++c) {  // keep exp(x - m): one exp per value
@@ -321,6 +343,7 @@ __device__ __forceinline__ void rows_grouped(const T* x, const L* labels, T* y, 
         if (on)
             for (index_t c = lane; c < cols; c += G) combine_arg(m, s, k, xr[c], T(1), (int)c);
         group_reduce<T, G>(m, s, k);  // every lane has passed its reads: writing may begin
+        s = reference_sum(m, s);
         if (on) {
             const RowOut<T, CE> out(m, s, grad_scale, label, cols);
             T* yr = y + r * cols;
@@ -378,18 +401,25 @@ __device__ __forceinline__ void rows_blocked(const T* x, const L* labels, T* y, 
                         if (e == le) zy = a[j].v[e];
                 }
             }
-            if (m > Num<T>::neg_inf()) {  // keep exp(x - thread max): one exp per value
+            // keep exp(x - thread max): one exp per value. A share of only -inf values (thread
+            // max -inf) keeps exp(-inf - 0) = 0s rather than exp(-inf + inf) = NaN: the rescale
+            // below turns them into 0 * exp(-inf - m) / s, which is 0, or NaN where the reference
+            // has NaN (the row's max is -inf, +inf or NaN).
+            const T base = m == Num<T>::neg_inf() ? T(0) : m;
 #pragma unroll
-                for (int j = 0; j < R; ++j) {
-                    const index_t c = threadIdx.x + (index_t)j * blockDim.x;
+            for (int j = 0; j < R; ++j) {
+                const index_t c = threadIdx.x + (index_t)j * blockDim.x;
 #pragma unroll
-                    for (int e = 0; e < V; ++e)
-                        if (c < cv) {
-                            a[j].v[e] = Num<T>::exp(a[j].v[e] - m);
-                            s += a[j].v[e];
-                        }
-                }
+                for (int e = 0; e < V; ++e)
+                    if (c < cv) {
+                        a[j].v[e] = Num<T>::exp(a[j].v[e] - base);
+                        s += a[j].v[e];
+                    }
             }
+            // A NaN in the share (dropped by > above, which keeps registers free: a check there
+            // spills) or a +inf max makes s NaN; the reference's row is then all NaN: say so
+            // with a NaN max, which block_reduce spreads.
+            if (s != s) m = s;
         } else {
             for (index_t c = threadIdx.x; c < cv; c += blockDim.x) {
                 const Vec<T, V> b = xr[c];
@@ -405,6 +435,7 @@ __device__ __forceinline__ void rows_blocked(const T* x, const L* labels, T* y, 
         }
         const T thread_max = m;
         block_reduce(m, s, k);  // all reads of the row happen before this barrier
+        s = reference_sum(m, s);
         const T inv = T(1) / s;
         // softmax: p; cross-entropy: (p - [column == label]) * grad_scale, NaN for a bad label
         const T gs = valid ? grad_scale : Num<T>::nan();
@@ -413,8 +444,8 @@ __device__ __forceinline__ void rows_blocked(const T* x, const L* labels, T* y, 
             return (at_label ? p - T(1) : p) * gs;
         };
         if (in_registers) {
-            // a holds exp(x - thread_max); rescale to exp(x - m) / s
-            const T scale = thread_max > Num<T>::neg_inf() ? Num<T>::exp(thread_max - m) * inv : T(0);
+            // a holds exp(x - thread_max) (0s for a share of -inf); rescale to exp(x - m) / s
+            const T scale = Num<T>::exp(thread_max - m) * inv;
 #pragma unroll
             for (int j = 0; j < R; ++j) {
                 const index_t c = threadIdx.x + (index_t)j * blockDim.x;
@@ -475,11 +506,20 @@ __global__ void softmax_cross_entropy(const T* z, const L* labels, T* grad, T* l
                                       unsigned long long* correct) {
     rows_grouped<T, L, G, true>(z, labels, grad, loss_sum, rows, cols, grad_scale, loss_scale, correct);
 }
-// At most 40 registers: 6 blocks of THREADS = 256 per SM (cuda.py launches 256 threads). Measured on
-// an H100 (bench/cuda_softmax_ce_check.py, float32, 4096 columns, 10 launches back to back): 55
+// Blocks of THREADS = 256 per SM (cuda.py launches 256 threads) the kernel below is compiled to
+// fit, which caps its registers at 65536 / (256 * blocks). float32: 6 blocks, 40 registers; measured
+// on an H100 (bench/cuda_softmax_ce_check.py, float32, 4096 columns, 10 launches back to back): 55
 // registers (4 blocks) 84% of copy, 48 (5 blocks) 80%, 40 (6 blocks, a few bytes spilled) 91%.
+// float64 holds twice the bytes per value: at 40 registers it spilled 104-184 bytes, so 4 blocks
+// (64 registers, no spill; not yet timed on a GPU). An sm_75 SM takes at most 1024 threads, 4
+// blocks: 6 is out of range there (a ptxas warning, an error under -Werror).
+template <typename T> struct WideBlocks { static constexpr int value = 4; };
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ != 750
+template <> struct WideBlocks<float> { static constexpr int value = 6; };
+#endif
+
 template <typename T, typename L, int V>
-__global__ void __launch_bounds__(256, 6)
+__global__ void __launch_bounds__(256, WideBlocks<T>::value)
 softmax_cross_entropy_block(const T* z, const L* labels, T* grad, T* loss_sum, index_t rows, index_t cols,
                             T grad_scale, T loss_scale, unsigned long long* correct) {
     rows_blocked<T, L, V, true>(z, labels, grad, loss_sum, rows, cols, grad_scale, loss_scale, correct);
@@ -614,6 +654,9 @@ __global__ void update_parameters(const unsigned long long* __restrict__ params,
     const index_t total = offsets[tensors];
     const T lr = T(hyper[0]), momentum = T(hyper[1]), wd = T(hyper[2]);
     const T beta1 = T(hyper[3]), beta2 = T(hyper[4]), eps = T(hyper[5]);
+    // 1 - beta in double, then rounded, as xpnet.optim passes it: T(1) - T(beta) differs (float32,
+    // beta2 = 0.999: by 1.3e-5 relative)
+    const T one_minus_beta1 = T(1.0 - hyper[3]), one_minus_beta2 = T(1.0 - hyper[4]);
     const bool nesterov = hyper[6] != 0.0;
     T step = lr, c2 = T(1);
     if (ADAM) {  // the corrections in double, as xpnet.optim.Adam computes them on the host
@@ -627,8 +670,8 @@ __global__ void update_parameters(const unsigned long long* __restrict__ params,
         T* p = reinterpret_cast<T*>(params[j]) + (i - offsets[j]);
         const T g = grads[i] + wd * *p;
         if (ADAM) {
-            const T m = beta1 * state1[i] + (T(1) - beta1) * g;
-            const T v = beta2 * state2[i] + (T(1) - beta2) * (g * g);
+            const T m = beta1 * state1[i] + one_minus_beta1 * g;
+            const T v = beta2 * state2[i] + one_minus_beta2 * (g * g);
             state1[i] = m;
             state2[i] = v;
             *p -= step * m / (Num<T>::sqrt(v / c2) + eps);

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 import xpnet
 from conftest import central_differences
 from xpnet import functional as F
-from xpnet import kernels
+from xpnet import kernels, optim
 from xpnet.kernels import cuda
 
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels"
@@ -40,11 +41,12 @@ def test_there_are_cuda_sources():
     assert cuda.source_path().samefile(KERNEL_DIR / "xpnet_kernels.cu")
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
 @pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
 def test_every_cu_file_compiles_with_nvcc(path, arch, tmp_path):
     """Each .cu compiles with every instantiation xpnet launches (taking a kernel template's
-    address instantiates it, so the compiler sees the real code, not just the templates)."""
+    address instantiates it, so the compiler sees the real code, not just the templates), with
+    warnings as errors: ptxas's too (on sm_75, a launch bound of more threads than an SM holds)."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (on PATH or at /usr/local/bin/nvcc)")
@@ -65,8 +67,9 @@ def test_every_cu_file_compiles_with_nvcc(path, arch, tmp_path):
 
 def test_every_name_expression_is_a_kernel_of_the_source():
     source = cuda.source_path().read_text()
-    defined = set(re.findall(r"__global__ void (?:__launch_bounds__\([\d, ]+\)\s*)?(\w+)\(", source))
-    defined |= set(re.findall(r"__launch_bounds__\([\d, ]+\)\s*\n(\w+)\(", source))
+    bounds = r"__launch_bounds__\([\w<>:, ]+\)"
+    defined = set(re.findall(rf"__global__ void (?:{bounds}\s*)?(\w+)\(", source))
+    defined |= set(re.findall(rf"{bounds}\s*\n(\w+)\(", source))
     used = {name.split("<")[0] for name in cuda.NAME_EXPRESSIONS}
     assert used <= defined, used - defined
     assert not re.search(r"#include\s*<", source), "no CUDA toolkit header: pip-installed CuPy lacks them"
@@ -106,6 +109,140 @@ def test_unavailable_gives_the_reason_or_none():
         assert reason is None
     else:
         assert isinstance(reason, str) and reason.startswith("CuPy found no") and "GPU" in reason
+
+
+def test_compiled_kernels_are_cached_per_device(monkeypatch):
+    """A kernel loaded on one GPU is never launched on another: run against a stand-in for
+    CuPy with two devices, whose modules load functions into the current device only."""
+    current = {"device": 0}
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.device = current["device"]
+
+        def get_function(self, name):
+            assert current["device"] == self.device
+            return (self.device, name)
+
+    runtime = types.SimpleNamespace(getDevice=lambda: current["device"])
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime),
+                                                                   RawModule=RawModule))
+    monkeypatch.setattr(cuda, "_modules", {})
+    monkeypatch.setattr(cuda, "_functions", {})
+    name = cuda.NAME_EXPRESSIONS[0]
+    assert cuda.kernel(name) == (0, name)
+    current["device"] = 1
+    assert cuda.kernel(name) == (1, name)
+    current["device"] = 0
+    assert cuda.kernel(name) == (0, name)
+    assert sorted(cuda._modules) == [0, 1]
+
+
+# --- the row reductions' rules for NaN and inf, modelled on the host ----------------------------
+# A model of xpnet_kernels.cu's above / combine / reference_sum and of its in-register pass, in
+# the kernels' own folding orders, checked against the reference on rows of special values: it
+# checks the rules (the kernels themselves run in the GPU tests below, on the same rows).
+
+
+def _above(a, b):
+    return a > b or (a != a and b == b)
+
+
+def _combine(m, s, m2, s2):
+    if _above(m2, m):
+        return m2, s * np.exp(m - m2) + s2
+    if m2 > -np.inf:
+        return m, s + s2 * np.exp(m2 - m)
+    return m, s
+
+
+def _reference_sum(m, s):
+    return np.nan if m == np.inf else s
+
+
+def _grouped_model(row, lanes):
+    """rows_grouped (and the streamed wide path): each lane folds its strided values, then the
+    lanes fold by a butterfly of shuffles."""
+    parts = []
+    for lane in range(lanes):
+        m, s = -np.inf, 0.0
+        for x in row[lane::lanes]:
+            m, s = _combine(m, s, x, 1.0)
+        parts.append((m, s))
+    o = lanes // 2
+    while o:
+        parts = [_combine(*parts[i], *parts[i ^ o]) for i in range(lanes)]
+        o //= 2
+    m, s = parts[0]
+    s = _reference_sum(m, s)
+    return np.exp(row - m) / s
+
+
+def _in_register_model(row, threads):
+    """rows_blocked with the row in registers: each thread keeps exp(x - its max), then the
+    block folds the threads' (max, sum), then each thread rescales its values."""
+    shares = [row[t::threads] for t in range(threads)]
+    kept = []
+    for share in shares:
+        m = -np.inf
+        for x in share:
+            if x > m:
+                m = x
+        a = np.exp(share - (0.0 if m == -np.inf else m))
+        s = a.sum()
+        if s != s:
+            m = s
+        kept.append((m, s, a))
+    m, s = -np.inf, 0.0
+    for m2, s2, _ in kept:
+        m, s = _combine(m, s, m2, s2)
+    s = _reference_sum(m, s)
+    out = np.empty_like(row)
+    for t, (m2, _, a) in enumerate(kept):
+        out[t::threads] = a * (np.exp(m2 - m) / s)
+    return out
+
+
+def _special_rows(cols, rng):
+    """Rows of special values, by name: each a case where a combine rule decides the answer."""
+    inf, nan = np.inf, np.nan
+    finite = rng.standard_normal(cols) * 4
+    rows = {"finite": finite}
+    rows["some -inf"] = np.where(rng.random(cols) < 0.5, -inf, finite)
+    rows["some -inf"][0] = 1.0
+    rows["one finite"] = np.full(cols, -inf)
+    rows["one finite"][cols // 3] = 2.0
+    rows["all -inf"] = np.full(cols, -inf)
+    rows["a NaN"] = finite.copy()
+    rows["a NaN"][cols // 2] = nan
+    rows["a NaN among -inf"] = np.full(cols, -inf)
+    rows["a NaN among -inf"][[0, cols - 1]] = [1.0, nan]
+    rows["a +inf"] = finite.copy()
+    rows["a +inf"][cols - 1] = inf
+    rows["two +inf"] = finite.copy()
+    rows["two +inf"][[0, cols // 2]] = inf
+    rows["+inf and -inf"] = np.full(cols, -inf)
+    rows["+inf and -inf"][cols // 2] = inf
+    return rows
+
+
+def _softmax_reference(row):
+    with np.errstate(all="ignore"):
+        e = np.exp(row - np.max(row))
+        return e / e.sum()
+
+
+@pytest.mark.parametrize("cols", [1, 2, 7, 33, 100])
+def test_the_combine_rules_give_the_reference_on_special_values(rng, cols):
+    with np.errstate(all="ignore"):
+        for name, row in _special_rows(cols, rng).items():
+            expected = _softmax_reference(row)
+            for lanes in (1, 2, 8, 32):
+                np.testing.assert_allclose(_grouped_model(row, lanes), expected, rtol=1e-13, atol=0,
+                                           err_msg=f"{name}, {lanes} lanes")
+            for threads in (1, 3, 16):
+                np.testing.assert_allclose(_in_register_model(row, threads), expected, rtol=1e-13, atol=0,
+                                           err_msg=f"{name}, {threads} threads")
 
 
 # --- on a GPU --------------------------------------------------------------------------------
@@ -173,7 +310,10 @@ def test_bias_relu_equals_reference(cp, rng, dtype, shape, misaligned):
     np.testing.assert_array_equal(cp.asnumpy(xd), expected)
 
 
-COLS = [1, 2, 3, 10, 16, 17, 33, 100, 257, 1000, 1024, 1025, 3000, 4099, 12288]
+# Block-per-row widths (> 1024) by path: in registers while cols / V <= R * THREADS, with V = 4 floats
+# or 2 doubles where cols allows it (else 1): float32 2048, 3000, 3076 (the fourth register slot,
+# 3073-4096), 4096; float64 1026, 2048 (1026-2048). Streamed: 1025, 4099, 12288; float64 3000-4096.
+COLS = [1, 2, 3, 10, 16, 17, 33, 100, 257, 1000, 1024, 1025, 1026, 2048, 3000, 3076, 4096, 4099, 12288]
 
 
 @pytest.mark.cuda
@@ -212,7 +352,8 @@ def test_softmax_in_place(cp, rng, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("label_dtype", ["int32", "int64", "uint8"])
 @pytest.mark.parametrize("rows,cols", [(1, 1), (1, 2), (7, 10), (128, 10), (300, 16), (129, 17), (129, 33),
-                                       (50, 257), (13, 1025), (9, 3000), (5, 4099), (3, 12288)])
+                                       (50, 257), (13, 1025), (11, 1026), (7, 2048), (9, 3000), (6, 3076),
+                                       (5, 4096), (5, 4099), (3, 12288)])
 def test_softmax_cross_entropy_equals_reference(cp, rng, dtype, label_dtype, rows, cols):
     z = _random(rng, (rows, cols), dtype, scale=4.0)
     y = rng.integers(0, cols, rows).astype(label_dtype)
@@ -223,6 +364,132 @@ def test_softmax_cross_entropy_equals_reference(cp, rng, dtype, label_dtype, row
     np.testing.assert_allclose(cp.asnumpy(got), (_softmax64(z) - onehot) / rows, **TOL[dtype])
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(float(loss), _xent64(z, y), **tol)
+
+
+def _wide_path(cp, x):
+    """How a block-per-row kernel takes rows like x's: "in registers" or "streamed"."""
+    name, _, _ = cuda._row_kernel("softmax", cuda._c_type(x), None, x, x, None)
+    v = int(name.rsplit(", ", 1)[1].rstrip(">"))
+    registers = int(re.search(r"constexpr int R = (\d+);", cuda.source_path().read_text()).group(1))
+    return "in registers" if x.shape[1] // v <= registers * cuda.THREADS else "streamed"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_wide_widths_reach_both_block_paths(cp, dtype):
+    """The widths the tests use do run where COLS says (so no wide path goes untested)."""
+    paths = {cols: _wide_path(cp, cp.empty((2, cols), dtype)) for cols in (1025, 1026, 2048, 3076, 4096, 4099)}
+    if dtype == "float32":
+        assert paths == {1025: "streamed", 1026: "streamed", 2048: "in registers", 3076: "in registers",
+                         4096: "in registers", 4099: "streamed"}
+    else:
+        assert paths == {1025: "streamed", 1026: "in registers", 2048: "in registers", 3076: "streamed",
+                         4096: "streamed", 4099: "streamed"}
+
+
+SPECIAL_COLS = [10, 17, 100, 1000, 1026, 2048, 3076, 4096, 4099, 12288]  # every path, both dtypes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", SPECIAL_COLS)
+def test_softmax_of_special_values_equals_the_reference(cp, rng, dtype, cols):
+    """-inf gives 0 beside a finite max (NaN on the in-register path once); NaN anywhere and a
+    +inf max give a NaN row (the grouped and streamed paths once dropped NaN): as the reference."""
+    rows = _special_rows(cols, rng)
+    x = np.stack(list(rows.values())).astype(dtype)
+    with np.errstate(all="ignore"):
+        expected = np.stack([_softmax_reference(row.astype(np.float64)) for row in x])
+    groups = [None] + ([1, 8, 32] if cols <= cuda.WIDE_ROW else [])
+    for group in groups:
+        got = cp.asnumpy(cuda.softmax(cp.asarray(x), out=_poisoned(cp, x.shape, dtype), group=group))
+        for i, name in enumerate(rows):
+            np.testing.assert_allclose(got[i], expected[i], **TOL[dtype], err_msg=f"{name}, group {group}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", SPECIAL_COLS)
+def test_softmax_cross_entropy_of_special_values_equals_the_reference(cp, rng, dtype, cols):
+    """Per kind of row, three rows labelled at a finite logit where there is one: the gradient is
+    the reference's, and the loss is logsumexp(z) - z[y] (finite beside -inf logits, NaN for a
+    NaN or +inf logit or a row of -inf)."""
+    for name, row in _special_rows(cols, rng).items():
+        z = np.stack([row] * 3).astype(dtype)
+        finite = np.flatnonzero(np.isfinite(row))
+        label = int(finite[-1]) if finite.size else 0
+        y = np.full(3, label)
+        with np.errstate(all="ignore"):
+            p = _softmax_reference(row.astype(dtype).astype(np.float64))
+            loss = np.log(np.sum(np.exp(z[0].astype(np.float64) - np.max(z[0])))) + np.max(z[0]) - z[0, label]
+        onehot = np.eye(cols)[label]
+        got_loss, grad = cuda.softmax_cross_entropy(cp.asarray(z), cp.asarray(y),
+                                                    grad_out=_poisoned(cp, z.shape, dtype))
+        np.testing.assert_allclose(cp.asnumpy(grad), np.stack([(p - onehot) / 3] * 3), **TOL[dtype], err_msg=name)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(float(got_loss), loss, **tol, err_msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [10, 17, 100, 1000, 1025, 1026, 2048, 3076, 4096, 4099, 12288])
+def test_correct_count_is_the_argmax_hits(cp, rng, dtype, cols):
+    """The count of rows whose first maximal logit is at the label, on every path: about half
+    the rows hit, exact ties count for the first maximum (as argmax has it), -inf logits beside."""
+    rows = 300
+    z = _random(rng, (rows, cols), dtype)
+    y = rng.integers(0, cols, rows)
+    hit = rng.random(rows) < 0.5
+    z[hit, y[hit]] = z[hit].max(axis=1) + 1
+    z[:5] = 1.0  # ties: column 0 is the first maximum, the label in rows 0-2
+    y[:3], y[3:5] = 0, cols - 1
+    z[5:8, : cols // 2] = -np.inf
+    y[5:8] = cols - 1
+    expected = int(np.sum(np.argmax(z, axis=1) == y))
+    assert 50 < expected < rows - 50
+    correct, loss = cp.zeros((), cp.uint64), cp.zeros((), dtype)
+    cuda.accumulate_cross_entropy(cp.asarray(z), cp.asarray(y), cp.empty(z.shape, dtype), loss, 1.0 / rows,
+                                  1.0 / rows, correct)
+    assert int(correct) == expected
+    np.testing.assert_allclose(float(loss), _xent64(z, y), rtol=1e-5 if dtype == "float32" else 1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_kernels_past_their_unrolled_loops(cp, dtype):
+    """So many elements (~52-80M on an H100) that every thread of the capped grid runs the
+    unrolled loop (U vector loads in flight), then the vector and scalar remainders: each
+    element equals the reference."""
+    U = int(re.search(r"constexpr int U = (\d+);", cuda.source_path().read_text()).group(1))
+    v = 16 // np.dtype(dtype).itemsize
+    stride = cuda.blocks_for(10**15) * cuda.THREADS  # threads of the capped grid
+    vectors = U * stride + stride // 2 + 1  # all threads once through the unrolled loop, half of them on
+    draw = cp.random.RandomState(7)
+    n = vectors * v + 3  # and a scalar tail
+    dy, y = draw.standard_normal(n, dtype=dtype), draw.standard_normal(n, dtype=dtype)
+    y[::5] = 0
+    assert cuda.blocks_for(-(-n // v)) * cuda.THREADS == stride
+    got = cuda.relu_backward(dy, y, out=_poisoned(cp, n, dtype))
+    assert int(cp.count_nonzero(got != cp.where(y > 0, dy, 0))) == 0
+    del got, dy, y
+    f = 24 * v  # a row of 24 vectors: the column is a vector index modulo 24
+    x = draw.standard_normal((-(-vectors * v // f), f), dtype=dtype)
+    b = draw.standard_normal(f, dtype=dtype)
+    got = cuda.bias_relu(x, b, out=_poisoned(cp, x.shape, dtype))
+    assert int(cp.count_nonzero(got != cp.maximum(x + b, 0))) == 0
+
+
+@pytest.mark.cuda
+def test_kernels_run_on_every_gpu(cp, rng):
+    """Each device gets the kernels compiled for it (they were once cached by name only)."""
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one GPU here; the per-device cache is tested against a stand-in above")
+    x = _random(rng, (5, 40), "float32")
+    for device in (0, 1, 0):
+        with cp.cuda.Device(device):
+            got = cuda.softmax(cp.asarray(x))
+            assert got.device.id == device
+            np.testing.assert_allclose(cp.asnumpy(got), _softmax64(x), **TOL["float32"])
 
 
 @pytest.mark.cuda
@@ -350,6 +617,58 @@ def test_gemm_forms_equal_matmul(cp, rng, dtype, M, N, K):
     close(cp.asnumpy(db), dy.sum(axis=0), M * eps * np.abs(dy).sum(axis=0))
 
 
+OPTIMIZERS = {
+    "sgd": lambda: optim.SGD(0.1),
+    "momentum": lambda: optim.SGD(0.1, momentum=0.9, weight_decay=1e-2),
+    "nesterov": lambda: optim.SGD(0.1, momentum=0.9, nesterov=True),
+    "adam": lambda: optim.Adam(1e-2, betas=(0.9, 0.999)),
+    "adam, other betas": lambda: optim.Adam(3e-3, betas=(0.8, 0.99), eps=1e-6),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_the_fused_update_equals_the_optimizers_step(cp, rng, dtype, name):
+    """update_parameters, three steps over two tensors, against xpnet.optim on the host. In float32
+    Adam with beta2 = 0.999, v tells 1 - beta2 rounded from double (as xpnet.optim passes it) from
+    1 - float32(beta2): they are 1.3e-5 apart."""
+    from xpnet.kernels.cuda_graph import update_hyperparameters
+
+    host_opt, opt = OPTIMIZERS[name](), OPTIMIZERS[name]()
+    adam = isinstance(opt, optim.Adam)
+    shapes = [(7, 5), (5,)]
+    host = [_random(rng, shape, dtype) for shape in shapes]
+    flat = cp.asarray(np.concatenate([p.ravel() for p in host]))
+    offsets = np.cumsum([0] + [int(np.prod(shape)) for shape in shapes])
+    params = [flat[lo:hi].reshape(shape) for lo, hi, shape in zip(offsets[:-1], offsets[1:], shapes)]
+    total = int(offsets[-1])
+    state1, state2 = cp.zeros(total, dtype), cp.zeros(total, dtype)
+    counters = cp.zeros(2, cp.int64)
+    update = cuda.kernel(f"update_parameters<{cuda.FLOATS[dtype]}, {int(adam)}>")
+    for t in (1, 2, 3):
+        grads = [_random(rng, shape, dtype) for shape in shapes]
+        host_opt.step(host, grads)
+        counters[1] = t  # Adam's update count, which gather_rows advances in a training step
+        update((1,), (cuda.THREADS,), (
+            cp.asarray(np.array([p.data.ptr for p in params], np.uint64)), cp.asarray(offsets), np.int32(len(shapes)),
+            cp.asarray(np.concatenate([g.ravel() for g in grads])), state1, state2,
+            cp.asarray(update_hyperparameters(opt)), counters))
+    # a few ulps: the kernel's fused multiply-adds round once where NumPy rounds twice
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=1e-13, atol=1e-14)
+    for got, expected in zip(params, host):
+        np.testing.assert_allclose(cp.asnumpy(got), expected, **tol)
+    if adam:
+        m = np.concatenate([s["m"].ravel() for s in host_opt.state])
+        v = np.concatenate([s["v"].ravel() for s in host_opt.state])
+        np.testing.assert_allclose(cp.asnumpy(state1), m, **tol)
+        # a sum of squares, no cancellation: relative to the value alone (a NumPy emulation of the
+        # kernel's rounding stays within 0.3 of this bound; the old 1 - float32(beta2), 13 times over)
+        np.testing.assert_allclose(cp.asnumpy(state2), v, rtol=tol["rtol"], atol=0)
+    elif opt.momentum:
+        np.testing.assert_allclose(cp.asnumpy(state1), np.concatenate([s["v"].ravel() for s in host_opt.state]), **tol)
+
+
 def _eager_epoch(model, opt, X, y, order, batch):
     xp = model.backend.xp
     params = model.parameters()
@@ -366,40 +685,183 @@ def _eager_epoch(model, opt, X, y, order, batch):
     return loss_sum, correct
 
 
+# graph vs eager: float64 agrees to rounding; float32 to the different summation orders of the
+# graph's GEMMs and cuBLAS, a few ulps per step
+GRAPH_TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=1e-4, atol=1e-5)}
+LOSS_REL = {"float64": 1e-12, "float32": 1e-5}
+
+
+def _assert_same_weights(model0, model1, dtype):
+    for (W0, b0), (W1, b1) in zip(model0.get_weights(), model1.get_weights()):
+        np.testing.assert_allclose(W0, W1, **GRAPH_TOL[dtype])
+        np.testing.assert_allclose(b0, b1, **GRAPH_TOL[dtype])
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer", [
     dict(name="sgd", lr=0.05),
     dict(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3),
     dict(name="sgd", lr=0.05, momentum=0.9, nesterov=True),
     dict(name="adam", lr=1e-3, weight_decay=1e-4),
+    dict(name="adam", lr=1e-3, schedule="cosine"),
 ])
-def test_graph_trainer_equals_the_eager_loop(cp, rng, optimizer):
-    """Two epochs through the captured graphs leave the same float64 weights as the eager loop,
-    with a last batch shorter than the others (103 = 3 * 32 + 7)."""
+def test_graph_trainer_equals_the_eager_loop(cp, rng, dtype, optimizer):
+    """Three epochs through the captured graphs leave the same weights as the eager loop, with a
+    last batch shorter than the others (103 = 3 * 32 + 7), in both dtypes."""
     from xpnet.kernels.cuda_graph import GraphTrainer
     from xpnet.optim import make_optimizer
 
     settings = dict(optimizer)
     name = settings.pop("name")
-    X = cp.asarray(rng.standard_normal((103, 20)))
+    X = cp.asarray(rng.standard_normal((103, 20)).astype(dtype))
     y = cp.asarray(rng.integers(0, 7, 103))
-    models = [xpnet.MLP([20, 33, 17, 7], dtype="float64", seed=3, backend="cuda") for _ in range(2)]
+    models = [xpnet.MLP([20, 33, 17, 7], dtype=dtype, seed=3, backend="cuda") for _ in range(2)]
     opts = [make_optimizer(name, **settings) for _ in range(2)]
     trainer = GraphTrainer(models[0], opts[0], X, y, batch_size=32)
     assert trainer.launches_per_step == 3 * 3 + 2
-    for epoch in range(2):
+    for epoch in range(3):
         order = cp.asarray(np.random.default_rng(epoch).permutation(103))
         for opt in opts:
-            opt.start_epoch(epoch, 2)
+            opt.start_epoch(epoch, 3)
         loss_sum, correct = trainer.run_epoch(order)
         eager_loss, eager_correct = _eager_epoch(models[1], opts[1], X, y, order, 32)
-        assert float(loss_sum) == pytest.approx(eager_loss, rel=1e-12)
+        assert float(loss_sum) == pytest.approx(eager_loss, rel=LOSS_REL[dtype])
         assert int(correct) == eager_correct
-    for (W0, b0), (W1, b1) in zip(models[0].get_weights(), models[1].get_weights()):
-        np.testing.assert_allclose(W0, W1, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(b0, b1, rtol=1e-10, atol=1e-12)
+    _assert_same_weights(*models, dtype)
     if name == "adam":
-        assert opts[0].state[0]["t"] == 2 * 4
+        assert opts[0].state[0]["t"] == 3 * 4
+
+
+@pytest.mark.cuda
+def test_graph_trainer_refuses_momentum_turned_on_after_capture(cp, rng):
+    """Momentum 0 at capture means no velocity buffer (a one-element stand-in): turning momentum on
+    later (as a callback may) is refused before any launch, where it once wrote past that
+    buffer. Momentum on at capture may change, and off, as xpnet.optim allows."""
+    from xpnet.kernels.cuda_graph import GraphTrainer
+
+    X = cp.asarray(rng.standard_normal((103, 20)))
+    y = cp.asarray(rng.integers(0, 7, 103))
+    model = xpnet.MLP([20, 33, 17, 7], dtype="float64", seed=3, backend="cuda")
+    opt = optim.SGD(0.05)
+    trainer = GraphTrainer(model, opt, X, y, batch_size=32)
+    trainer.run_epoch()
+    before = model.get_weights()
+    opt.momentum = 0.9
+    with pytest.raises(ValueError, match="momentum is 0.9 but was 0 when this GraphTrainer captured"):
+        trainer.run_epoch()
+    for (W0, b0), (W1, b1) in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(W0, W1)
+        np.testing.assert_array_equal(b0, b1)
+
+    models = [xpnet.MLP([20, 33, 17, 7], dtype="float64", seed=3, backend="cuda") for _ in range(2)]
+    opts = [optim.SGD(0.05, momentum=0.9), optim.SGD(0.05, momentum=0.9)]
+    trainer = GraphTrainer(models[0], opts[0], X, y, batch_size=32)
+    for epoch, momentum in enumerate((0.9, 0.5, 0.0)):
+        for o in opts:
+            o.momentum = momentum
+        order = cp.asarray(np.random.default_rng(epoch).permutation(103))
+        trainer.run_epoch(order)
+        _eager_epoch(models[1], opts[1], X, y, order, 32)
+    _assert_same_weights(*models, "float64")
+
+
+@pytest.mark.cuda
+def test_graph_trainer_refuses_data_its_kernels_would_misread(cp, rng, monkeypatch):
+    """X of another dtype or width, labels that are not integers, and an epoch order outside
+    [0, N) are refused at the trainer's own boundary (fit never passes them; a caller might)."""
+    from xpnet.kernels.cuda_graph import GraphTrainer, why_not
+
+    monkeypatch.delenv("XPNET_CUDA_GRAPHS", raising=False)
+    model = xpnet.MLP([20, 8, 3], dtype="float32", seed=0, backend="cuda")
+    opt = optim.SGD(0.1)
+    X = cp.asarray(rng.standard_normal((10, 20)).astype(np.float32))
+    y = cp.asarray(rng.integers(0, 3, 10))
+    assert why_not(model, opt, X, 4) is None
+    assert why_not(model, opt, X.astype(cp.float64), 4).startswith("X has dtype float64")
+    with pytest.raises(TypeError, match="X has dtype float64, the model float32"):
+        GraphTrainer(model, opt, X.astype(cp.float64), y, 4)
+    with pytest.raises(ValueError, match=r"shape \(N >= 1, 20\)"):
+        GraphTrainer(model, opt, cp.ascontiguousarray(X[:, :19]), y, 4)
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        GraphTrainer(model, opt, cp.asnumpy(X), y, 4)
+    with pytest.raises(TypeError, match="integer labels"):
+        GraphTrainer(model, opt, X, y.astype(cp.float32), 4)
+    with pytest.raises(ValueError, match=r"y must have shape \(10,\)"):
+        GraphTrainer(model, opt, X, y[:9], 4)
+    trainer = GraphTrainer(model, opt, X, y, 4)
+    for order, error, match in [
+        (cp.arange(1, 11), ValueError, r"in \[0, 10\), got values in \[1, 10\]"),
+        (cp.arange(-1, 9), ValueError, r"in \[0, 10\)"),
+        (cp.arange(9), ValueError, r"shape \(10,\)"),
+        (cp.arange(10.0), TypeError, "row indices"),
+        (np.arange(10), TypeError, "row indices"),
+    ]:
+        with pytest.raises(error, match=match):
+            trainer.run_epoch(order)
+    loss_sum, correct = trainer.run_epoch(cp.arange(10)[::-1])  # a valid order still trains
+    assert np.isfinite(float(loss_sum)) and 0 <= int(correct) <= 10
+
+
+def _fit_metrics(history):
+    return {k: history[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", [dict(optimizer="sgd", lr=0.05, momentum=0.9), dict(optimizer="adam", lr=3e-3)])
+def test_fit_through_graphs_equals_fit_eager(cp, rng, monkeypatch, dtype, optimizer):
+    """fit through the graph trainer and through the eager CUDA loop (XPNET_CUDA_GRAPHS=0): the
+    same history and weights, with a learning-rate schedule, validation data and early stopping
+    (which ends both runs after their second epoch of six)."""
+    from xpnet.callbacks import EarlyStopping
+    from xpnet.kernels.cuda_graph import GraphTrainer
+
+    replays = []
+    run_epoch = GraphTrainer.run_epoch
+    monkeypatch.setattr(GraphTrainer, "run_epoch", lambda self, order=None: replays.append(1) or run_epoch(self, order))
+    X = rng.standard_normal((300, 20)).astype(dtype)
+    y = rng.integers(0, 5, 300)
+    runs = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("XPNET_CUDA_GRAPHS", graphs)
+        model = xpnet.MLP([20, 32, 16, 5], dtype=dtype, seed=4, backend="cuda")
+        stop = EarlyStopping("val_loss", patience=1, min_delta=1.0, restore_best_weights=False)
+        history = model.fit(X, y, epochs=6, batch_size=32, schedule="cosine", validation_split=0.2,
+                            callbacks=[stop], verbose=0, on_divergence="ignore", **optimizer)
+        runs[graphs] = (model, history)
+        assert len(history.epoch) == 2 and stop.stopped_epoch == 1
+        assert len(replays) == (2 if graphs == "1" else 0)
+        replays.clear()
+    (graph_model, graph_history), (eager_model, eager_history) = runs["1"], runs["0"]
+    assert graph_history["lr"] == eager_history["lr"] and graph_history["lr"][1] < graph_history["lr"][0]
+    for key, values in _fit_metrics(graph_history).items():
+        if "loss" in key:
+            assert values == pytest.approx(eager_history[key], rel=LOSS_REL[dtype]), key
+        else:  # float32: a logit tie may fall the other way, one sample of 60 validation rows
+            assert values == pytest.approx(eager_history[key], abs=1 / 60 if dtype == "float32" else 0), key
+    _assert_same_weights(graph_model, eager_model, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_fit_on_the_eager_cuda_path_equals_the_cpu(cp, rng, monkeypatch, activation):
+    """fit with graphs off and layers the graph path does not cover, from uint8 images on the
+    device (scaled there, batches gathered there): the CPU's history and weights (float64)."""
+    monkeypatch.setenv("XPNET_CUDA_GRAPHS", "0")
+    X = rng.integers(0, 256, (200, 6, 6), dtype=np.uint8)
+    y = rng.integers(0, 4, 200)
+    runs = {}
+    for backend, data in (("cpu", X), ("cuda", cp.asarray(X))):
+        model = xpnet.MLP([36, 16, 8, 4], activation=activation, dtype="float64", seed=2, backend=backend)
+        history = model.fit(data, y, epochs=3, batch_size=32, lr=0.1, momentum=0.9, validation_split=0.2,
+                            verbose=0, on_divergence="ignore")
+        runs[backend] = (model, history)
+    (cpu_model, cpu_history), (cuda_model, cuda_history) = runs["cpu"], runs["cuda"]
+    assert len(cuda_history.epoch) == 3
+    for key, values in _fit_metrics(cuda_history).items():
+        assert values == pytest.approx(cpu_history[key], rel=1e-9), key
+    _assert_same_weights(cuda_model, cpu_model, "float64")
 
 
 @pytest.mark.cuda

@@ -115,13 +115,15 @@ def unavailable() -> str | None:
 
 _lock = threading.Lock()
 _modules: dict[int, object] = {}
+# (device, name) -> kernel: a function is loaded into one device's context, and launching it while
+# another device is current fails or runs on the wrong GPU, so it is cached per device like its module
+_functions: dict[tuple[int, str], object] = {}
 
 
-def _module():
-    """The compiled RawModule for the current device (compiled on first use)."""
+def _module(device: int):
+    """The compiled RawModule for ``device`` (compiled on first use)."""
     import cupy
 
-    device = cupy.cuda.runtime.getDevice()
     module = _modules.get(device)
     if module is None:
         with _lock:
@@ -138,9 +140,15 @@ def _module():
     return module
 
 
-@functools.cache
 def _function(name: str):
-    return _module().get_function(name)
+    """The kernel ``name`` on the current device."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), name)
+    function = _functions.get(key)
+    if function is None:
+        function = _functions[key] = _module(key[0]).get_function(name)
+    return function
 
 
 def kernel(name: str):

@@ -35,7 +35,8 @@ __all__ = ["GraphTrainer", "trainer_for"]
 
 
 def why_not(model, optimizer, X, batch_size) -> str | None:
-    """Why the graph path cannot train this model with this optimizer, or ``None`` if it can."""
+    """Why the graph path cannot train this model with this optimizer on ``X``, or ``None`` if
+    it can."""
     from ..optim import SGD, Adam
 
     if os.environ.get("XPNET_CUDA_GRAPHS", "1") == "0":
@@ -57,7 +58,31 @@ def why_not(model, optimizer, X, batch_size) -> str | None:
                 return "parameters must be C-contiguous arrays of the model's dtype"
     if max(widths) > 65535 * 32 or batch_size > 65535 * 32:
         return "layer or batch too wide for the GEMM grid"
+    problem = _problem_with_X(model, X)
+    return problem[1] if problem else None
+
+
+def _problem_with_X(model, X) -> tuple[type, str] | None:
+    """(exception type, message) for what makes ``X`` unfit for the gather kernel, or ``None``:
+    that kernel reads X's bytes as rows of the model's dtype and width, unchecked."""
+    import cupy
+
+    if not isinstance(X, cupy.ndarray):
+        return TypeError, f"X must be a cupy.ndarray on the GPU, got {type(X).__module__}.{type(X).__name__}"
+    if X.dtype != np.dtype(model.dtype):
+        return TypeError, f"X has dtype {X.dtype.name}, the model {model.dtype}: convert X first"
+    fan_in = layer_widths(model.layers)[0]
+    if X.ndim != 2 or X.shape[0] < 1 or X.shape[1] != fan_in:
+        return ValueError, f"X must have shape (N >= 1, {fan_in}) to fit the first layer, got {X.shape}"
     return None
+
+
+def update_hyperparameters(optimizer) -> np.ndarray:
+    """The update kernel's ``hyper`` array (float64): lr, momentum, weight_decay, beta1, beta2,
+    eps, nesterov, from ``optimizer.hyperparameters()`` (0 where it has no such setting)."""
+    h = optimizer.hyperparameters()
+    return np.asarray([h["lr"], h.get("momentum", 0.0), h["weight_decay"], h.get("beta1", 0.0), h.get("beta2", 0.0),
+                       h.get("eps", 0.0), float(h.get("nesterov", False))], dtype=np.float64)
 
 
 def layer_widths(layers) -> list[int]:
@@ -79,9 +104,13 @@ class GraphTrainer:
     ----------
     model : a model of Dense layers on the ``"cuda"`` backend, ReLU hidden layers and a linear
         output (``xpnet.training`` checks that before it asks)
-    optimizer : xpnet.optim.SGD or xpnet.optim.Adam (its ``lr`` is read every epoch)
+    optimizer : xpnet.optim.SGD or xpnet.optim.Adam (its hyperparameters are read every epoch;
+        SGD's momentum may not go from 0 to more after capture)
     X : cupy.ndarray (N, features) of the model's dtype; y : cupy.ndarray (N,) integer labels
     batch_size : int
+
+    The data are checked here (a raw kernel would read a wrong dtype or width as garbage), and
+    each epoch's ``order`` in ``run_epoch``.
     """
 
     def __init__(self, model, optimizer, X, y, batch_size):
@@ -89,6 +118,13 @@ class GraphTrainer:
 
         from ..optim import Adam
 
+        problem = _problem_with_X(model, X)
+        if problem:
+            raise problem[0](problem[1])
+        if not isinstance(y, cupy.ndarray) or y.dtype.kind not in "iu":
+            raise TypeError(f"y must be a cupy.ndarray of integer labels, got {getattr(y, 'dtype', type(y))}")
+        if y.shape != (X.shape[0],):
+            raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {y.shape}")
         self.model, self.optimizer = model, optimizer
         self.adam = isinstance(optimizer, Adam)
         self.X = cupy.ascontiguousarray(X)
@@ -112,7 +148,11 @@ class GraphTrainer:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         total = int(offsets[-1])
         self.grads = cupy.empty(total, self.dtype)
-        self.state1 = cupy.zeros(total if (self.adam or optimizer.momentum) else 1, self.dtype)
+        # SGD's velocity exists only with momentum, as in xpnet.optim (whose state_keys are fixed
+        # when it is made): run_epoch refuses momentum turned on after capture, which would
+        # write this one-element buffer in full
+        self.velocity = not self.adam and bool(optimizer.momentum)
+        self.state1 = cupy.zeros(total if (self.adam or self.velocity) else 1, self.dtype)
         self.state2 = cupy.zeros(total if self.adam else 1, self.dtype)
         self._views = lambda flat: [
             flat[offsets[i] : offsets[i + 1]].reshape(p.shape) for i, p in enumerate(params)
@@ -226,8 +266,9 @@ class GraphTrainer:
     # -- epochs ---------------------------------------------------------------------------------
 
     def run_epoch(self, order=None):
-        """Train one epoch over the rows in ``order`` (a device int64 permutation, or ``None``
-        for 0..N-1) at the optimizer's current ``lr``.
+        """Train one epoch over the rows in ``order`` (a device integer array of N row indices
+        in [0, N), usually a permutation; or ``None`` for 0..N-1) at the optimizer's current
+        hyperparameters.
 
         Returns ``(loss_sum, correct)``: 0-d device arrays, the summed per-sample loss and the
         number of correct predictions (read them once, after the epoch).
@@ -235,13 +276,17 @@ class GraphTrainer:
         import cupy
 
         opt = self.optimizer
-        h = opt.hyperparameters()
-        hyper = [h["lr"], h.get("momentum", 0.0), h["weight_decay"], h.get("beta1", 0.0), h.get("beta2", 0.0),
-                 h.get("eps", 0.0), float(h.get("nesterov", False))]
-        self.hyper.set(np.asarray(hyper, dtype=np.float64))
+        hyper = update_hyperparameters(opt)
+        if hyper[1] and not self.velocity:
+            raise ValueError(
+                f"momentum is {hyper[1]} but was 0 when this GraphTrainer captured its graphs, which "
+                "keep no velocity then; set momentum when making the optimizer"
+            )
+        self.hyper.set(hyper)
         if order is None:
             self.perm[...] = cupy.arange(self.n, dtype=cupy.int64)
         else:
+            self._check_order(order)
             self.perm[...] = order
         self.counters[0] = 0
         self.loss_sum.fill(0)
@@ -257,3 +302,16 @@ class GraphTrainer:
             for entry in opt.state:
                 entry["t"] = self.t
         return self.loss_sum.copy(), self.correct.copy()
+
+    def _check_order(self, order):
+        """The gather kernel indexes X with ``order`` unchecked: refuse what would read outside it
+        (at the cost of reading its min and max back once per epoch)."""
+        import cupy
+
+        if not isinstance(order, cupy.ndarray) or order.dtype.kind not in "iu":
+            raise TypeError(f"order must be a cupy.ndarray of row indices, got {getattr(order, 'dtype', type(order))}")
+        if order.shape != (self.n,):
+            raise ValueError(f"order must have shape ({self.n},), one index per row of X, got {order.shape}")
+        low, high = int(order.min()), int(order.max())
+        if low < 0 or high >= self.n:
+            raise ValueError(f"order must hold row indices in [0, {self.n}), got values in [{low}, {high}]")
