@@ -165,3 +165,17 @@ def test_out_of_range_labels_are_refused_by_the_reference(backend):
             F.cross_entropy(z, backend.asarray(np.array(bad)))
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
             F.softmax_cross_entropy(z, backend.asarray(np.array(bad)), impl="xp")
+
+
+@pytest.mark.parametrize("impl", ["xp", "auto"])
+def test_a_minus_inf_logit_of_another_class_is_a_probability_of_zero(impl):
+    """``-inf`` is a valid logit (probability 0): the loss stays ``logsumexp(z) - z[y]``."""
+    z = np.array([[0.0, -np.inf, 1.0], [2.0, 0.5, -np.inf]])
+    y = np.array([0, 1])
+    expected = np.array([np.log(1 + np.e), np.log(np.exp(2.0) + np.exp(0.5)) - 0.5])
+    np.testing.assert_allclose(F.cross_entropy(z, y, reduction="none", impl="xp"), expected, rtol=1e-12)
+    loss, grad = F.softmax_cross_entropy(z, y, impl=impl)
+    np.testing.assert_allclose(loss, expected.mean(), rtol=1e-12)
+    assert np.isfinite(grad).all() and grad[0, 1] == 0 and grad[1, 2] == 0
+    minus_inf_label = F.cross_entropy(np.array([[0.0, -np.inf]]), np.array([1]), reduction="none", impl="xp")
+    assert minus_inf_label[0] == np.inf  # the true class has probability 0: an infinite loss, not NaN

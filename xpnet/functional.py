@@ -212,7 +212,9 @@ def cross_entropy(logits, labels, /, *, reduction="mean", impl="auto"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     xp = _namespace(logits)
     _check_label_range(labels, logits.shape[1], xp)
-    picked = xp.sum(logits * _onehot(labels, logits.shape[1], logits.dtype, xp), axis=1)
+    # z[y] by selection, not by a product with the one-hot: -inf * 0 is NaN for another class's -inf
+    is_label = labels[:, None] == xp.arange(logits.shape[1], dtype=labels.dtype)[None, :]
+    picked = xp.sum(xp.where(is_label, logits, xp.zeros_like(logits)), axis=1)
     losses = logsumexp(logits, axis=1) - picked
     if reduction == "none":
         return losses
