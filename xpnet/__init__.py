@@ -29,7 +29,7 @@ _LAZY = {
     "Callback": "callbacks",
 }
 _SUBMODULES = ("files", "functional", "kernels", "layers", "model", "optim", "callbacks", "training", "datasets",
-               "baselines", "io", "plots", "runs", "draw", "cli", "sklearn")
+               "baselines", "io", "plots", "runs", "draw", "cli", "sklearn", "export", "recipes")
 
 __all__ = ["Backend", "BackendError", "current_backend", "get_backend", "set_backend", "use_backend",
            *_LAZY, *_SUBMODULES, "__version__"]
