@@ -521,3 +521,15 @@ def test_rng_states_name_the_shuffling_and_each_dropout_generator_and_put_them_b
     assert np.array_equal(model.layers[1]._rng.random(4), draws[1])
     with pytest.raises(ValueError, match=r"random states for \['model'\] do not match"):
         set_rng_states(model, {"model": states["model"]})
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_non_finite_first_epoch_restores_the_starting_weights(rng):
+    X, y = separable(rng)
+    model = xpnet.MLP([12, 64, 4], seed=0)
+    start = model.get_weights()
+    with pytest.warns(DivergenceWarning, match="in epoch 1; .* the weights it started with were restored"):
+        history = model.fit(X, y, epochs=3, lr=1e30, verbose=0)
+    assert history.epoch == [] and history.diverged
+    for (W, b), (W0, b0) in zip(model.get_weights(), start):
+        assert np.array_equal(W, W0) and np.array_equal(b, b0)

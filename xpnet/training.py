@@ -265,10 +265,10 @@ def fit(
         resumed = [cb.initial_epoch for cb in callbacks if cb.initial_epoch is not None]
         if resumed and initial_epoch:
             raise ValueError("give initial_epoch or resume a recorded run, not both")
-        start = resumed[0] if resumed else initial_epoch
+        first_epoch = resumed[0] if resumed else initial_epoch
         # after the callbacks began: a resumed optimizer's state is the one the graph adopts
         graphs = _graph_trainer(model, opt, X, y, batch_size)
-        for epoch in range(start, epochs):
+        for epoch in range(first_epoch, epochs):
             start = time.perf_counter()
             opt.start_epoch(epoch, epochs)
             last_good = _copies(backend.xp, params)
@@ -283,9 +283,10 @@ def fit(
                 # the weights are no longer numbers: end with those of the last finished epoch
                 for p, good in zip(params, last_good):
                     p[...] = good
+                restored = f"the weights of epoch {epoch}" if epoch > first_epoch else "the weights it started with"
                 history.warnings.append(
                     f"training diverged: the loss became {logs['loss']} in epoch {epoch + 1}; lower the learning "
-                    f"rate (lr={opt.lr:.4g}); the weights of epoch {epoch} were restored and training stopped"
+                    f"rate (lr={opt.lr:.4g}); {restored} were restored and training stopped"
                 )
                 history.diverged = True
                 warnings.warn(history.warnings[-1], DivergenceWarning, stacklevel=3)
