@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = {
     "callbacks": ("xpnet/callbacks.py", ["tests/test_callbacks.py"]),
     "io": ("xpnet/io.py", ["tests/test_io.py"]),
-    "functional": ("xpnet/functional.py", ["tests/test_functional.py", "tests/test_gradcheck.py"]),
+    "functional": (
+        "xpnet/functional.py", ["tests/test_functional.py", "tests/test_gradcheck.py", "tests/test_conv_kernels.py"]
+    ),
     "layers": ("xpnet/layers.py", ["tests/test_layers.py", "tests/test_init.py"]),
     "model": ("xpnet/model.py", ["tests/test_model.py", "tests/test_inputs.py"]),
     "optim": ("xpnet/optim.py", ["tests/test_optim.py"]),
