@@ -7,6 +7,7 @@ for them, so the tests can tell which epoch's weights a callback kept and restor
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -72,6 +73,18 @@ def test_history_records_every_key_per_epoch_and_the_settings():
         h["val_accuracy"]
 
 
+def test_a_new_history_is_empty_and_not_diverged():
+    h = History()
+    assert h.epoch == [] and h.history == {} and h.params == {}
+    assert h.warnings == [] and h.diverged is False
+
+
+def test_history_repr_shows_the_last_values_to_four_places():
+    h = History()
+    h.on_epoch_end(0, {"loss": 0.123456})
+    assert repr(h) == "History(epochs=1, last={'loss': 0.1235})"
+
+
 def test_history_keeps_its_own_copy_of_the_settings():
     settings = {"epochs": 2}
     h = History()
@@ -116,6 +129,15 @@ def test_explicit_mode_overrides_the_name():
 def test_patience_must_be_a_non_negative_integer(patience):
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=patience)
+
+
+def test_defaults_watch_the_validation_loss_for_three_epochs_and_restore_the_best():
+    cb = EarlyStopping()
+    assert cb.stopped_epoch is None and cb.best_epoch is None  # nothing known before training
+    model, ran = drive(cb, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert ran == [0, 1, 2, 3] and cb.stopped_epoch == 3
+    (W, _), = model.weights
+    np.testing.assert_array_equal(W, np.zeros((2, 3)))  # epoch 0's weights are back
 
 
 # --- min_delta: sign and strictness -----------------------------------------------------------
@@ -242,6 +264,12 @@ def test_a_missing_monitored_key_is_a_clear_error():
     assert not cb.model.stop_training
 
 
+def test_a_first_epoch_without_a_value_counts_against_patience():
+    cb = EarlyStopping("val_loss", patience=2)
+    model, ran = drive(cb, [math.nan, math.nan, 0.1])
+    assert ran == [0, 1] and cb.stopped_epoch == 1 and cb.best_epoch is None
+
+
 def test_nan_is_never_an_improvement():
     cb = EarlyStopping("val_loss", patience=1)
     model, ran = drive(cb, [0.5, math.nan, 0.4])
@@ -305,6 +333,45 @@ def test_just_over_the_margin_above_chance_is_progress():
         monitor_run(monitor, [(1.0, 0.1099)])
 
 
+def test_accuracy_exactly_at_chance_plus_margin_is_no_progress():
+    monitor = DivergenceMonitor(patience=1, margin=0.0)  # a zero margin is allowed
+    with pytest.warns(DivergenceWarning, match="at chance"):
+        monitor_run(monitor, [(1.0, 0.1)], chance=0.1)
+
+
+def test_by_default_three_epochs_without_progress_warn():
+    monitor = DivergenceMonitor()
+    monitor_run(monitor, [(1.0, 0.1)] * 2)
+    assert monitor.warnings == [] and monitor.diverged is False
+    with pytest.warns(DivergenceWarning, match="3 epochs in a row"):
+        monitor_run(monitor, [(1.0, 0.1)] * 3)
+
+
+def test_the_message_names_every_symptom_and_the_learning_rate_only_when_logged():
+    monitor = DivergenceMonitor(patience=2)
+    monitor.model = StandIn()
+    monitor.on_train_begin({"chance_accuracy": 0.1})
+    monitor.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.1})
+    with pytest.warns(DivergenceWarning):
+        monitor.on_epoch_end(1, {"loss": 2.0, "accuracy": 0.1})  # no "lr" in these logs
+    assert monitor.warnings == [
+        "training diverged: at epoch 2, loss 2 above the first epoch's 1 and accuracy 10.0% at chance (10.0%), "
+        "2 epochs in a row without progress; lower the learning rate"
+    ]
+
+
+# mutmut calls every function of a mutated module through a trampoline: one more stack frame
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines shift the stack")
+def test_the_warning_points_at_the_users_fit_call():
+    import xpnet
+
+    X, y = np.zeros((40, 4), dtype="float32"), np.arange(40) % 4  # nothing to learn: chance
+    model = xpnet.MLP([4, 3, 4], seed=0)
+    with pytest.warns(DivergenceWarning, match="at chance") as caught:
+        model.fit(X, y, epochs=3, batch_size=40, lr=0.01, verbose=0)
+    assert [w.filename for w in caught] == [__file__]
+
+
 def test_a_falling_loss_at_equal_first_value_is_not_divergence():
     monitor = DivergenceMonitor(patience=1)
     monitor_run(monitor, [(1.0, 0.9), (1.0, 0.9)])  # equal to the first: not above it
@@ -316,6 +383,8 @@ def test_stop_ends_training_and_says_so():
     with pytest.warns(DivergenceWarning, match="training stopped"):
         ran = monitor_run(monitor, [(2.3, 0.1)] * 6)
     assert ran == 2 and monitor.diverged
+    assert monitor.warnings[0].startswith("training diverged: at epoch 2")
+    assert monitor.warnings[0].endswith("(lr=0.5); training stopped")
 
 
 def test_without_a_chance_level_only_the_loss_counts():

@@ -179,3 +179,215 @@ def test_a_minus_inf_logit_of_another_class_is_a_probability_of_zero(impl):
     assert np.isfinite(grad).all() and grad[0, 1] == 0 and grad[1, 2] == 0
     minus_inf_label = F.cross_entropy(np.array([[0.0, -np.inf]]), np.array([1]), reduction="none", impl="xp")
     assert minus_inf_label[0] == np.inf  # the true class has probability 0: an infinite loss, not NaN
+
+
+# --- which implementation runs: the dispatch rules, seen from outside ----------------------------
+
+
+@pytest.fixture
+def numba_calls(monkeypatch):
+    """The names of the numba kernels called (each still runs), in call order."""
+    from xpnet import kernels
+
+    module = kernels.kernel_module("numba")
+    if module.unavailable():
+        pytest.skip(module.unavailable())
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    calls = []
+    for op in kernels.OPS_OF_IMPL["numba"]:
+        def spy(*args, _op=op, _kernel=getattr(module, op), **kwargs):
+            calls.append(_op)
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(module, op, spy)
+    return calls
+
+
+def kernel_cases(rng):
+    """op -> (function, its array arguments, the keyword naming the output array)."""
+    z = rng.normal(size=(4, 3))
+    labels = np.array([0, 2, 1, 2])
+    return {
+        "relu_backward": (F.relu_backward, (rng.normal(size=(4, 3)), np.maximum(z, 0)), "out"),
+        "bias_relu": (F.bias_relu, (z, rng.normal(size=3)), "out"),
+        "softmax": (F.softmax, (z,), "out"),
+        "softmax_cross_entropy": (F.softmax_cross_entropy, (z, labels), "grad_out"),
+        "softmax_cross_entropy_backward": (F.softmax_cross_entropy_backward, (z, labels), "out"),
+    }
+
+
+def _output(result):
+    return result[1] if isinstance(result, tuple) else result  # softmax_cross_entropy: (loss, grad)
+
+
+@pytest.mark.parametrize("impl", ["auto", "numba", "xp"])
+@pytest.mark.parametrize("op", ["relu_backward", "bias_relu", "softmax", "softmax_cross_entropy",
+                                "softmax_cross_entropy_backward"])
+def test_numpy_floats_run_the_numba_kernel_unless_xp_is_asked_and_out_is_honoured(numba_calls, rng, op, impl):
+    function, args, out_name = kernel_cases(rng)[op]
+    want = function(*args, impl="xp")
+    assert numba_calls == []  # the reference calls no kernel
+    out = np.full_like(args[0], np.nan)
+    kwargs = {} if impl == "auto" else {"impl": impl}  # "auto" is the default
+    got = function(*args, **kwargs, **{out_name: out})
+    assert _output(got) is out
+    np.testing.assert_allclose(out, _output(want), rtol=1e-12, atol=1e-15)
+    if op == "softmax_cross_entropy":
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    assert numba_calls == ([] if impl == "xp" else [op.replace("cross_entropy_backward", "cross_entropy")])
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax_over_the_rows_of_a_2d_array_runs_the_kernel(numba_calls, rng, axis):
+    z = rng.normal(size=(4, 3))
+    np.testing.assert_allclose(F.softmax(z, axis=axis), np.exp(ref_log_softmax(z)), rtol=1e-12)
+    assert numba_calls == ["softmax"]
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 3), 0), ((2, 4, 3), -1), ((2, 4, 3), 1)])
+def test_softmax_and_log_softmax_along_any_axis_run_the_reference(numba_calls, rng, shape, axis):
+    z = rng.normal(size=shape)
+    want = np.exp(z) / np.exp(z).sum(axis=axis, keepdims=True)
+    np.testing.assert_allclose(F.softmax(z, axis=axis), want, rtol=1e-12)
+    np.testing.assert_allclose(F.log_softmax(z, axis=axis), np.log(want), rtol=1e-12, atol=1e-15)
+    assert numba_calls == []
+    with pytest.raises(ValueError, match="has no kernel for this call"):
+        F.softmax(z, axis=axis, impl="numba")
+
+
+@pytest.mark.parametrize("op, args", [
+    ("relu_backward", (np.ones((4, 3), np.float32), np.ones((4, 3)))),
+    ("relu_backward", (np.ones((4, 3)), np.ones((4, 3), np.float32))),
+    ("bias_relu", (np.ones((4, 3), np.float32), np.ones(3))),
+    ("bias_relu", (np.ones((4, 3)), np.ones(3, np.float32))),
+])
+def test_mixed_dtypes_run_the_reference_or_are_refused_when_a_kernel_is_forced(numba_calls, op, args):
+    function = getattr(F, op)
+    np.testing.assert_array_equal(function(*args), function(*args, impl="xp"))
+    assert numba_calls == []
+    with pytest.raises(ValueError, match=f"impl='numba' cannot run {op}: operands of different dtypes"):
+        function(*args, impl="numba")
+
+
+def test_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"^logits expects a 2-D array \(rows, classes\), got shape \(4,\)$"):
+        F.softmax_cross_entropy(np.ones(4), np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match=r"^x expects a 2-D array \(rows, classes\), got shape \(4,\)$"):
+        F.bias_relu(np.ones(4), np.ones(4))
+    with pytest.raises(ValueError, match=r"^labels must have shape \(3,\) to match logits \(3, 5\), got \(2,\)$"):
+        F.cross_entropy(np.ones((3, 5)), np.zeros(2, dtype=int))
+
+
+@pytest.mark.parametrize("label_dtype", ["uint8", "int32", "uint64"])
+def test_labels_of_any_integer_dtype_give_the_same_loss(backend, label_dtype):
+    z = np.arange(12.0).reshape(4, 3) / 7
+    y = np.array([0, 2, 1, 2])
+    want = F.cross_entropy(z, y)
+    zd, yd = backend.asarray(z), backend.asarray(y.astype(label_dtype))
+    np.testing.assert_allclose(backend.to_numpy(F.cross_entropy(zd, yd)), want, rtol=1e-15)
+    loss, _ = F.softmax_cross_entropy(zd, yd, impl="xp")
+    np.testing.assert_allclose(backend.to_numpy(loss), want, rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scale_pixels_is_x_over_255_rounded_once_in_dtype(backend, dtype):
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    got = backend.to_numpy(F.scale_pixels(backend.asarray(pixels), getattr(backend.xp, dtype)))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, (pixels / 255).astype(dtype))
+
+
+# --- convolution and pooling: geometry, refusals, dispatch ---------------------------------------
+
+
+@pytest.mark.parametrize("size, window, stride, padding, expected", [
+    (5, 3, 1, "valid", (3, 0, 0)),
+    (6, 3, 2, "valid", (2, 0, 0)),
+    (4, 1, 1, "same", (4, 0, 0)),
+    (5, 2, 1, "same", (5, 0, 1)),  # the odd padding goes after, as in Keras
+    (7, 6, 1, "same", (7, 2, 3)),
+    (6, 3, 2, "same", (3, 0, 1)),
+])
+def test_conv_output_size_and_padding(size, window, stride, padding, expected):
+    assert F.conv_output_size(size, window, stride, padding) == expected
+
+
+def test_same_padding_on_one_side_only_keeps_the_size(rng):
+    x, kernel = rng.normal(size=(2, 3, 5, 2)), rng.normal(size=(1, 2, 2, 4))
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 0)))  # the one column of padding goes after
+    want = padded[:, :, :-1] @ kernel[0, 0] + padded[:, :, 1:] @ kernel[0, 1]
+    np.testing.assert_allclose(F.conv2d(x, kernel, padding="same", impl="xp"), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: F.conv_output_size(5, 6, 1, "valid"), "a window of 6 does not fit an input of size 5 without padding"),
+    (lambda: F.conv_output_size(5, 3, 1, "full"), "padding must be 'valid' or 'same', got 'full'"),
+    (lambda: F.conv2d(np.ones((2, 5, 5)), np.ones((3, 3, 1, 2))),
+     "conv2d expects images of shape (N, H, W, C), got shape (2, 5, 5)"),
+    (lambda: F.conv2d(np.ones((2, 5, 5, 3)), np.ones((3, 3, 1, 2))),
+     "kernel of shape (3, 3, 1, 2) does not fit images of shape (2, 5, 5, 3): expected (kh, kw, in_channels, filters)"),
+    (lambda: F.conv2d(np.ones((2, 5, 5, 1)), np.ones((3, 3, 1, 2)), strides=0),
+     "strides must be a positive int or a pair of them, got 0"),
+    (lambda: F.conv2d_backward(np.ones((2, 2, 2, 2)), np.ones((2, 5, 5, 1)), np.ones((3, 3, 1, 2)), impl="xp"),
+     "dy has shape (2, 2, 2, 2); conv2d's output here is (2, 3, 3, 2)"),
+    (lambda: F.max_pool2d_backward(np.ones((1, 2, 2, 1)), np.ones((1, 4, 4, 1)), np.ones((1, 2, 1, 1)), impl="xp"),
+     "dy (1, 2, 2, 1) and y (1, 2, 1, 1) must have the same shape"),
+    (lambda: F.max_pool2d(np.ones((4, 4, 1))), "pooling expects images of shape (N, H, W, C), got shape (4, 4, 1)"),
+    (lambda: F.avg_pool2d(np.ones((1, 4, 4, 1)), pool_size=1.5),
+     "pool_size must be a positive int or a pair of them, got 1.5"),
+    (lambda: F.avg_pool2d(np.ones((1, 4, 4, 1)), pool_size=(2, True)),
+     "pool_size must be a positive int or a pair of them, got (2, True)"),
+    (lambda: F.avg_pool2d(np.ones((1, 4, 4, 1)), pool_size=(0, 2)),
+     "pool_size must be a positive int or a pair of them, got (0, 2)"),
+    (lambda: F.max_pool2d(np.ones((1, 4, 4, 1)), strides=(1, 1, 1)),
+     "strides must be a positive int or a pair of them, got (1, 1, 1)"),
+])
+def test_conv_and_pool_refusals_say_what_is_wrong(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message
+
+
+def conv_cases(rng):
+    """op -> (function, its array arguments), small float64 inputs."""
+    x, kernel = rng.normal(size=(2, 5, 5, 2)), rng.normal(size=(3, 3, 2, 3))
+    images = rng.normal(size=(2, 4, 4, 2))
+    pooled, dy = F.max_pool2d(images, impl="xp"), rng.normal(size=(2, 2, 2, 2))
+    return {
+        "conv2d": (F.conv2d, (x, kernel)),
+        "conv2d_backward": (F.conv2d_backward, (rng.normal(size=(2, 3, 3, 3)), x, kernel)),
+        "max_pool2d": (F.max_pool2d, (images,)),
+        "max_pool2d_backward": (F.max_pool2d_backward, (dy, images, pooled)),
+        "avg_pool2d": (F.avg_pool2d, (images,)),
+        "avg_pool2d_backward": (F.avg_pool2d_backward, (dy, images)),
+    }
+
+
+def _assert_close(got, want):
+    for g, w in zip(got, want) if isinstance(want, tuple) else [(got, want)]:
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d",
+                                "avg_pool2d_backward"])
+def test_image_ops_run_their_numba_kernel_by_default_and_the_reference_for_mixed_dtypes(numba_calls, rng, op):
+    function, args = conv_cases(rng)[op]
+    want = function(*args, impl="xp")
+    _assert_close(function(*args), want)
+    assert numba_calls == [op]
+    mixed_cases = range(len(args)) if len(args) > 1 else []  # any one operand in float32
+    for i in mixed_cases:
+        mixed = args[:i] + (args[i].astype(np.float32),) + args[i + 1:]
+        function(*mixed)
+        assert numba_calls == [op]
+        with pytest.raises(ValueError, match=f"impl='numba' cannot run {op}: operands of different dtypes"):
+            function(*mixed, impl="numba")
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(backend):
+    x = np.array([[5.0, 5.0, 1.0, 2.0],
+                  [5.0, 0.0, 3.0, 3.0]]).reshape(1, 2, 4, 1)  # ties: the first in row-major order wins
+    xd = backend.asarray(x)
+    y = F.max_pool2d(xd, impl="xp")
+    dx = F.max_pool2d_backward(backend.asarray(np.array([10.0, 20.0]).reshape(1, 1, 2, 1)), xd, y, impl="xp")
+    np.testing.assert_array_equal(backend.to_numpy(dx).reshape(2, 4), [[10, 0, 0, 0], [0, 0, 20, 0]])

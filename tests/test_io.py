@@ -315,3 +315,104 @@ def test_a_checkpoint_keeps_0d_step_counts_and_is_not_a_model(tmp_path):
     assert tensors["optimizer.0.t"].shape == () and int(tensors["optimizer.0.t"]) == 7
     with pytest.raises(ValueError, match="its metadata does not say format='xpnet.model'"):
         xpnet.load(path)
+
+
+# --- read_model_file: what it accepts, and the reason it gives for what it refuses --------------
+
+META = {"format": "xpnet.model"}
+
+
+@pytest.mark.parametrize("tensors", [{}, {"a": np.arange(3, dtype=np.float32), "b": np.ones((2, 2))}])
+def test_files_round_trip_and_bytes_after_the_tensors_are_not_read(tmp_path, tensors):
+    from xpnet.io import read_model_file, write_model_file
+
+    path = tmp_path / "m"
+    write_model_file(path, tensors, META)
+    path.write_bytes(path.read_bytes() + b"junk")  # e.g. padding added in transfer
+    got, metadata = read_model_file(path)
+    assert got.keys() == tensors.keys() and metadata["format"] == "xpnet.model"
+    for name, a in tensors.items():
+        assert got[name].dtype == a.dtype
+        np.testing.assert_array_equal(got[name], a)
+
+
+def _raw_file(path, header, data=b""):
+    """A file in safetensors' layout with any header: 8 bytes of length, JSON, data."""
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    return path
+
+
+def _tensor(dtype="F32", shape=(1,), offsets=(0, 4)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+@pytest.mark.parametrize("header, data, why", [
+    ([META], b"", "its header is not a JSON object"),
+    ({"__metadata__": {"format": "safetensors"}}, b"", "its metadata does not say format='xpnet.model'"),
+    ({"__metadata__": META, "a": [0, 4]}, b"\0" * 4, "tensor 'a' is not described by dtype, shape and data_offsets"),
+    ({"__metadata__": META, "a": {**_tensor(), "extra": 1}}, b"\0" * 4,
+     "tensor 'a' is not described by dtype, shape and data_offsets"),
+    ({"__metadata__": META, "a": _tensor(dtype="I32")}, b"\0" * 4,
+     "tensor 'a' has dtype 'I32'; xpnet writes F32, F64 or I64 only"),
+    ({"__metadata__": META, "a": _tensor(shape=[-1])}, b"\0" * 4, "tensor 'a' has shape [-1]"),
+    ({"__metadata__": META, "a": _tensor(shape=[0.5])}, b"\0" * 4, "tensor 'a' has shape [0.5]"),
+    ({"__metadata__": META, "a": _tensor(offsets=[0])}, b"\0" * 4, "tensor 'a' has data_offsets [0]"),
+    ({"__metadata__": META, "a": _tensor(offsets=[0, 4.0])}, b"\0" * 4, "tensor 'a' has data_offsets [0, 4.0]"),
+    ({"__metadata__": META, "a": _tensor(offsets=[-4, 0])}, b"\0" * 4,
+     "tensor 'a' claims bytes [-4, 0] that the file does not hold"),
+    ({"__metadata__": META, "a": _tensor(offsets=[0, 8])}, b"\0" * 8,
+     "tensor 'a' claims bytes [0, 8] that the file does not hold"),
+    ({"__metadata__": META, "a": _tensor()}, b"\0" * 3,  # truncated in the data
+     "tensor 'a' claims bytes [0, 4] that the file does not hold"),
+    ({"__metadata__": META, "a": _tensor(offsets=[4, 8])}, b"\0" * 8,  # a gap safetensors refuses
+     "SafetensorError: Error while deserializing: invalid offset for tensor `a`"),
+])
+def test_each_malformed_header_is_refused_naming_the_file_and_the_fault(tmp_path, header, data, why):
+    from xpnet.io import read_model_file
+
+    path = _raw_file(tmp_path / "m", header, data)
+    with pytest.raises(ValueError) as info:
+        read_model_file(path)
+    assert str(info.value) == f"{path} is not a readable xpnet model file: {why}"
+
+
+def test_a_file_cut_short_is_refused_naming_the_fault(tmp_path):
+    from xpnet.io import read_model_file
+
+    path = tmp_path / "m"
+    path.write_bytes(b"\1\0\0")
+    with pytest.raises(ValueError, match=r"m is not a readable xpnet model file: only 3 bytes$"):
+        read_model_file(path)
+    _raw_file(path, {"__metadata__": META})
+    path.write_bytes(path.read_bytes()[:-1])  # the header's last byte is missing
+    with pytest.raises(ValueError) as info:
+        read_model_file(path)
+    assert str(info.value) == (f"{path} is not a readable xpnet model file: its header length runs past the end "
+                               "of the file or over 1 MB (truncated, or not safetensors)")
+    path.write_bytes((4).to_bytes(8, "little") + b"{]}}")
+    with pytest.raises(ValueError) as info:
+        read_model_file(path)
+    assert str(info.value) == f"{path} is not a readable xpnet model file: its header is not JSON (JSONDecodeError)"
+
+
+def test_refusals_of_special_and_damaged_files_name_the_file(tmp_path, trained):
+    from xpnet.io import read_model_file
+
+    with pytest.raises(ValueError) as info:
+        read_model_file(tmp_path)
+    assert str(info.value) == f"{tmp_path} is not a readable xpnet model file: it is not a regular file"
+    path = tmp_path / "m"
+    trained[0].save(path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as info:
+        read_model_file(path)
+    assert str(info.value) == (f"{path} is not a readable xpnet model file: its weights do not match the checksum "
+                               "saved with them (the file is damaged)")
+
+
+def test_saving_to_a_folder_suggests_a_file_name(tmp_path, trained):
+    with pytest.raises(IsADirectoryError, match=f"give a file name such as {tmp_path / 'model.safetensors'}$"):
+        trained[0].save(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 import xpnet
 from xpnet import optim
 from xpnet.callbacks import Callback, EarlyStopping
-from xpnet.layers import Dense
+from xpnet.layers import Conv2D, Dense, Flatten
 
 
 def blobs(rng, n=600, features=12, classes=4):
@@ -241,6 +241,14 @@ def test_a_built_model_refuses_another_input_shape_and_accepts_its_own():
     model.build((5,))  # the same shape again: nothing to do
     with pytest.raises(ValueError, match=r"built for inputs of shape \(5,\), not \(6,\)"):
         model.build((6,))
+
+
+def test_layers_of_a_failed_build_can_go_into_a_corrected_model():
+    conv, dense = Conv2D(2, 3), Dense(3)
+    with pytest.raises(ValueError, match="put a Flatten"):
+        xpnet.Sequential([conv, dense], input_shape=(8, 8, 1))
+    model = xpnet.Sequential([conv, Flatten(), dense], input_shape=(8, 8, 1))  # as the message advises
+    assert model.built and conv.output_shape == (6, 6, 2) and dense.output_shape == (3,)
 
 
 def test_set_weights_checks_count_shape_dtype_and_values():

@@ -99,15 +99,20 @@ class Sequential:
         first = shape
         limit = _DRAW_LIMIT.get()
         rng = self._rng if limit is None else _LimitedDraws(self._rng, limit)
-        for i, layer in enumerate(self.layers):
-            try:
-                shape = layer.setup(shape, rng=rng, dtype=self.dtype, backend=self.backend)
-            except ValueError as exc:
-                raise ValueError(f"layers[{i}] {type(layer).__name__}: {exc}") from None
-        if len(shape) != 1 or shape[0] < 2:
-            raise ValueError(
-                f"the last layer must output class scores of shape (n_classes,) with n_classes >= 2, got {shape}"
-            )
+        try:
+            for i, layer in enumerate(self.layers):
+                try:
+                    shape = layer.setup(shape, rng=rng, dtype=self.dtype, backend=self.backend)
+                except ValueError as exc:
+                    raise ValueError(f"layers[{i}] {type(layer).__name__}: {exc}") from None
+            if len(shape) != 1 or shape[0] < 2:
+                raise ValueError(
+                    f"the last layer must output class scores of shape (n_classes,) with n_classes >= 2, got {shape}"
+                )
+        except Exception:
+            for layer in self.layers:  # unbuilt again, so that the same layers can go into a corrected model
+                layer.input_shape = layer.output_shape = None
+            raise
         self._input_shape = first
 
     @property
