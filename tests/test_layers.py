@@ -311,3 +311,116 @@ def test_a_new_layer_is_one_class_that_trains_saves_and_loads(tmp_path, rng, bac
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
     with pytest.raises(TypeError, match="already exists"):
         type("Dense", (Layer,), {"__module__": "mine"})
+
+
+# --- what each layer promises, checked exactly -----------------------------------------------
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: Dense(0), ValueError, "units must be a positive integer, got 0"),
+    (lambda: Dense(2.5), ValueError, "units must be a positive integer, got 2.5"),
+    (lambda: Dense(3, init="xavier"), ValueError, "unknown init 'xavier': expected one of ('he', 'glorot')"),
+    (lambda: Conv2D(0, 3), ValueError, "filters must be a positive integer, got 0"),
+    (lambda: Conv2D(2, 0), ValueError, "kernel_size must be a positive int or a pair of them, got 0"),
+    (lambda: Conv2D(2, 3, strides=0), ValueError, "strides must be a positive int or a pair of them, got 0"),
+    (lambda: Conv2D(2, 3, activation="gelu"), ValueError,
+     "unknown activation 'gelu': expected one of ('relu', 'tanh', 'sigmoid') or None"),
+    (lambda: MaxPool2D(0), ValueError, "pool_size must be a positive int or a pair of them, got 0"),
+    (lambda: AvgPool2D(2, strides=0), ValueError, "strides must be a positive int or a pair of them, got 0"),
+    (lambda: Dropout("0.5"), ValueError, "rate must be a fraction in [0, 1), got '0.5'"),
+    (lambda: xpnet.Sequential([Conv2D(2, 3), Flatten(), Dense(2)], input_shape=(6,)), ValueError,
+     "layers[0] Conv2D: Conv2D takes images (H, W, C), got inputs of shape (6,)"),
+])
+def test_bad_layer_arguments_are_refused_saying_what_is_wrong(make, error, message):
+    with pytest.raises(error) as info:
+        make()
+    assert str(info.value) == message
+
+
+def test_repr_shows_the_constructor_arguments():
+    assert repr(Dense(3)) == "Dense(units=3, activation=None, init='he')"
+
+
+def _built(layer, input_shape, dtype="float32"):
+    layer.setup(input_shape, rng=np.random.default_rng(0), dtype=dtype, backend=xpnet.get_backend("cpu"))
+    return layer
+
+
+@pytest.mark.parametrize("make, shape", LAYER_CASES + [(lambda: Dropout(0.5), (4,))])
+def test_parameters_and_outputs_keep_the_model_dtype(make, shape):
+    layer = _built(make(), shape)
+    assert all(p.dtype == np.float32 for p in layer.params)
+    x = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    assert layer.forward(x, training=True).dtype == np.float32
+
+
+@pytest.mark.parametrize("make, shape", [case for case in LAYER_CASES if "Flatten" not in repr(case[0]())]
+                         + [(lambda: Dropout(0.5), (4,))])
+def test_backward_needs_a_training_forward_and_need_dx_false_gives_no_input_gradient(make, shape):
+    layer = _built(make(), shape)
+    x = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    name = type(layer).__name__
+    if name != "Dropout":  # dropout keeps nothing at inference: its backward is the identity
+        with pytest.raises(RuntimeError) as info:
+            layer.backward(np.ones((2, *layer.output_shape), np.float32))
+        assert str(info.value) == f"{name}.backward() needs a forward(..., training=True) first"
+        y = layer.forward(x)  # inference (the default) keeps nothing either
+        with pytest.raises(RuntimeError):
+            layer.backward(np.ones_like(y))
+    y = layer.forward(x, training=True)
+    assert layer.backward(np.ones_like(y), need_dx=False) is None
+    assert layer.backward(np.ones_like(y)).shape == x.shape
+
+
+def test_flatten_gives_no_input_gradient_when_not_needed():
+    layer = _built(Flatten(), (3, 2))
+    assert layer.backward(np.ones((4, 6)), need_dx=False) is None
+
+
+def test_dropout_at_inference_or_rate_zero_passes_values_and_gradients_through():
+    x, dy = np.arange(8.0).reshape(2, 4), np.ones((2, 4))
+    for layer, training in [(_built(Dropout(0.5), (4,)), False), (_built(Dropout(0.0), (4,)), True)]:
+        np.testing.assert_array_equal(layer.forward(x, training=training), x)
+        np.testing.assert_array_equal(layer.backward(dy), dy)
+
+
+def test_conv2d_uses_its_strides_and_padding_per_axis(rng):
+    layer = _built(Conv2D(2, 3, strides=(2, 1), padding="same", activation="relu"), (7, 5, 1), dtype="float64")
+    assert layer.output_shape == (4, 5, 2)
+    x = rng.normal(size=(3, 7, 5, 1))
+    want = np.maximum(xpnet.functional.conv2d(x, layer.W, strides=(2, 1), padding="same", impl="xp") + layer.b, 0)
+    np.testing.assert_allclose(layer.forward(x), want, rtol=1e-12)
+
+
+def test_pooling_defaults_to_two_by_two_windows_on_any_image_shape():
+    assert _built(MaxPool2D(), (6, 4, 1)).output_shape == (3, 2, 1)
+    assert _built(AvgPool2D(3, strides=(1, 2)), (6, 7, 1)).output_shape == (4, 3, 1)
+
+
+@pytest.mark.parametrize("init, check", [
+    ("glorot", lambda W, fan_in, fan_out: 0.98 < np.abs(W).max() / np.sqrt(6 / (fan_in + fan_out)) <= 1),
+    ("he", lambda W, fan_in, fan_out: abs(W.std() / np.sqrt(2 / fan_in) - 1) < 0.05),
+])
+def test_conv2d_initial_weights_follow_its_fan_in_and_fan_out(init, check):
+    layer = _built(Conv2D(32, (3, 2), init=init), (6, 6, 8), dtype="float64")  # 1536 weights
+    assert check(layer.W, 3 * 2 * 8, 3 * 2 * 32)
+
+
+def test_a_user_layer_registers_by_name_and_may_be_redefined_but_not_shadow_a_builtin(monkeypatch):
+    import xpnet.layers
+
+    monkeypatch.setattr(xpnet.layers, "LAYERS", dict(LAYERS))  # leave the real registry as it was
+
+    class Scale(Layer):  # no build: the shape passes through
+        def forward(self, x, *, training=False):
+            return 2 * x
+
+    assert xpnet.layers.LAYERS["Scale"] is Scale
+    assert _built(Scale(), (3, 4)).output_shape == (3, 4)
+
+    class Scale(Layer):  # noqa: F811 -- redefined, as when a notebook cell runs again
+        pass
+
+    assert xpnet.layers.LAYERS["Scale"] is Scale
+    with pytest.raises(TypeError, match="a layer class named 'Dense' already exists in xpnet.layers"):
+        type("Dense", (Layer,), {})
