@@ -30,7 +30,9 @@ MODULES = {
         "xpnet/functional.py", ["tests/test_functional.py", "tests/test_gradcheck.py", "tests/test_conv_kernels.py"]
     ),
     "layers": ("xpnet/layers.py", ["tests/test_layers.py", "tests/test_init.py"]),
-    "model": ("xpnet/model.py", ["tests/test_model.py", "tests/test_inputs.py"]),
+    # save/load and summary live in model.py; their tests sit with the file format and the layers
+    "model": ("xpnet/model.py", ["tests/test_model.py", "tests/test_inputs.py", "tests/test_io.py",
+                                 "tests/test_layers.py"]),
     "optim": ("xpnet/optim.py", ["tests/test_optim.py"]),
     "training": ("xpnet/training.py", ["tests/test_training.py"]),
     "runs": ("xpnet/runs.py", ["tests/test_runs.py"]),
