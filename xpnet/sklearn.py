@@ -105,6 +105,13 @@ _TRAINING_CONSTRAINTS = {
 }
 
 
+def _keep_parameters(estimator, arguments: dict) -> None:
+    """scikit-learn's convention: ``__init__`` stores each of its arguments, unchanged, under its name."""
+    for name, value in arguments.items():
+        if name != "self":
+            setattr(estimator, name, value)
+
+
 class _NeuralNetBase(ClassifierMixin, BaseEstimator):
     """What both classifiers share: the training loop and the fitted attributes. A subclass
     says how to build its network (``_layers``, ``_input_shape``)."""
@@ -412,27 +419,7 @@ class MLPClassifier(_NeuralNetBase):
                  tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
                  n_iter_no_change=10, backend=None):
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate_init = learning_rate_init
-        self.max_iter = max_iter
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.tol = tol
-        self.verbose = verbose
-        self.warm_start = warm_start
-        self.momentum = momentum
-        self.nesterovs_momentum = nesterovs_momentum
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.epsilon = epsilon
-        self.n_iter_no_change = n_iter_no_change
-        self.backend = backend
+        _keep_parameters(self, locals())
 
     def _layers(self, n_features, n_classes):
         sizes = np.atleast_1d(self.hidden_layer_sizes).tolist()
@@ -485,27 +472,7 @@ class NeuralNetClassifier(_NeuralNetBase):
                  warm_start=False, momentum=0.9, nesterovs_momentum=True, early_stopping=False,
                  validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10,
                  backend=None):
-        self.build_fn = build_fn
-        self.input_shape = input_shape
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate_init = learning_rate_init
-        self.max_iter = max_iter
-        self.shuffle = shuffle
-        self.random_state = random_state
-        self.tol = tol
-        self.verbose = verbose
-        self.warm_start = warm_start
-        self.momentum = momentum
-        self.nesterovs_momentum = nesterovs_momentum
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.epsilon = epsilon
-        self.n_iter_no_change = n_iter_no_change
-        self.backend = backend
+        _keep_parameters(self, locals())
 
     def _layers(self, n_features, n_classes):
         return self.build_fn(n_classes)
