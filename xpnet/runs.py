@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -51,6 +50,7 @@ import numpy as np
 
 from .callbacks import Callback
 from .files import atomic_write_bytes
+from .io import tensors_sha256
 from .training import rng_states, set_rng_states
 
 try:
@@ -379,10 +379,8 @@ def _images(X) -> bool:
 
 def _fingerprint(model) -> str:
     """The sha256 of the model's parameters: tells whether a model holds the saved weights."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(np.ascontiguousarray(model.backend.to_numpy(p)))
-    return digest.hexdigest()
+    to_numpy = model.backend.to_numpy
+    return tensors_sha256({str(i): to_numpy(p) for i, p in enumerate(model.parameters())})
 
 
 def _lock_folder(run: Path):
