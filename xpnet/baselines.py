@@ -1,8 +1,8 @@
 """Baselines that a neural network has to beat.
 
-``NearestCentroid`` is seed 001's "average digit" classifier: average the training images of
-each class, then give a new image the class whose average it is closest to in mean squared
-error. It reaches 0.8203 on the MNIST test set.
+``NearestCentroid`` is the "average digit" classifier of the Deep Learning from Scratch post:
+average the training images of each class, then give a new image the class whose average it is
+closest to in mean squared error. It reaches 0.8203 on the MNIST test set.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ class History(Callback):
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
 
-    With ``restore_best_weights`` the model ends with the weights of its best epoch (seed 001
-    used patience 3 on the validation loss).
+    With ``restore_best_weights`` the model ends with the weights of its best epoch (the Deep
+    Learning from Scratch post used patience 3 on the validation loss).
     """
 
     def __init__(self, monitor="val_loss", *, patience=3, min_delta=0.0, mode="auto", restore_best_weights=True):

@@ -1,7 +1,7 @@
 """The ``xpnet`` command: train and evaluate on MNIST (or a data file), list runs, draw digits.
 
     xpnet train                       # 784-50-25-10, batch 128, 10 epochs, SGD lr 0.1
-    xpnet train --arch lenet5         # the LeNet-5 of seed 001's write-up, with its recipe
+    xpnet train --arch lenet5         # the LeNet-5 of the Deep Learning from Scratch post
     xpnet train --layers 784,256,128,10 --optimizer adam --lr 1e-3 --out runs/big
     xpnet train --resume runs/big     # continue an interrupted run where it stopped
     xpnet train --data digits.npz     # x_train, y_train, x_test, y_test; or a CSV: label, features

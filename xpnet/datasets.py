@@ -1,4 +1,4 @@
-"""The real MNIST, read from its original IDX files, and seed 000's CSV layout.
+"""The real MNIST, read from its original IDX files, and the CSV layout of the NumPy notebook (README, Results).
 
 ``load_mnist`` looks for the four IDX files (gzip or raw) in one folder: the ``root`` argument,
 else ``$XPNET_DATA/mnist``, else the user cache dir. Missing files are downloaded from public
@@ -279,14 +279,14 @@ def _missing_message(split, names, root, why) -> str:
     )
 
 
-# -- seed 000's CSV ----------------------------------------------------------------------------
+# -- the NumPy notebook's CSV ---------------------------------------------------------------------
 
 _CSV_HEADER = ["label"] + [f"{r}x{c}" for r in range(1, _SIDE + 1) for c in range(1, _SIDE + 1)]
 _INT = re.compile(r"\s*[+-]?\d+\s*")
 
 
 def load_csv(path):
-    """Load MNIST from seed 000's CSV: a header ``label,1x1,1x2,...,28x28``, one image a row.
+    """Load MNIST from the NumPy notebook's CSV: a header ``label,1x1,1x2,...,28x28``, one image a row.
 
     Column ``RxC`` is the pixel in row R, column C (1-based), so a row is the image in
     row-major order.
@@ -389,7 +389,7 @@ def load_file(path):
 
     - ``.npz``: the arrays ``x_train`` (N, ...) and ``y_train`` (N,), and optionally ``x_test``
       and ``y_test``, as Keras's mnist.npz holds them; read without pickle.
-    - ``.csv``: one example a row, the integer label first, then the features (seed 000's
+    - ``.csv``: one example a row, the integer label first, then the features (the NumPy notebook's
       layout, any number of features); a first line that does not start with a number is a
       header. It holds one split: the training rows.
 

@@ -14,7 +14,7 @@ __all__ = ["lenet5", "build", "RECIPES", "ARCHS"]
 
 
 def lenet5(*, dtype="float32", seed=None, backend=None) -> Sequential:
-    """The LeNet-5 of seed 001's write-up (Keras there, 98.58% on MNIST): two 3x3 ReLU
+    """The LeNet-5 of the Deep Learning from Scratch post (Keras there, 98.58% on MNIST): two 3x3 ReLU
     convolutions (6 and 16 filters), each followed by 2x2 average pooling, then dense layers of
     120 and 84 ReLU units and 10 logits; input (28, 28, 1)."""
     layers = [
@@ -28,7 +28,7 @@ def lenet5(*, dtype="float32", seed=None, backend=None) -> Sequential:
 
 #: the fit settings each architecture trains with by default (``xpnet train --arch NAME``)
 RECIPES = {
-    # seed 002's net and batch, at the like-for-like rate on a mean loss (README, results)
+    # the Digit Recognition write-up's net and batch, at the like-for-like rate on a mean loss (README, results)
     "mlp": {"epochs": 10, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "schedule": "constant"},
     # measured on MNIST: see README, "Results", for the accuracy over seeds 0-2
     "lenet5": {"epochs": 15, "batch_size": 128, "optimizer": "adam", "lr": 2e-3, "schedule": "cosine"},
