@@ -558,17 +558,23 @@ __global__ void gather_rows(const T* __restrict__ x, const L* __restrict__ label
 // Epilogues: EPI 0 plain; 1 + bias[n]; 2 relu(+ bias[n]); 3 zero where aux[m, n] <= 0 (the ReLU
 // mask of a backward pass, aux laid out like C). BIAS_ROW appends a row of ones to A, so that row
 // M of the product is the column sum of B; it is written to aux[n] (the bias gradient, fused into
-// the weight-gradient GEMM). Grid: (ceil(N / 32), ceil((M + BIAS_ROW) / 32)). Sizes here are
+// the weight-gradient GEMM). Grid: (ceil(N / 32), ceil((M + BIAS_ROW) / 32), S). Sizes here are
 // small (a batch of 128 against layers of up to a few hundred): latency, not FLOPs, matters.
+// Split K: block z sums k in [z * kc, (z + 1) * kc) into slice z of C, an (S, M, ldc) array of
+// partial sums that sum_splits adds up; with S = 1 (and kc >= K) it is the whole product. A
+// product with few output tiles and a long K (x @ W1 at batch 128: 8 tiles, K = 784) otherwise
+// runs on a few SMs, one long loop each. Only EPI 0 without BIAS_ROW is launched with S > 1.
 template <typename T, bool TA, bool TB, int EPI, bool BIAS_ROW>
 __global__ void __launch_bounds__(256)
 gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, T* aux, int M, int N, int K,
-     int lda, int ldb, int ldc) {
+     int lda, int ldb, int ldc, int kc) {
     __shared__ T As[32][33];  // As[k][m]; the pad keeps transposed stores free of bank conflicts
     __shared__ T Bs[32][33];  // Bs[k][n]
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
     const int rows_a = M + (BIAS_ROW ? 1 : 0);
+    const int k_lo = blockIdx.z * kc, k_hi = min(K, k_lo + kc);
+    C += (index_t)blockIdx.z * M * ldc;
     T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
     T ra[4], rb[4];
 
@@ -580,14 +586,14 @@ gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, T* aux
             const int am = TA ? fast : slow, ak = TA ? slow : fast;
             const int m = m0 + am, k = k0 + ak;
             T a = T(0);
-            if (k < K) {
+            if (k < k_hi) {
                 if (m < M) a = TA ? A[(index_t)k * lda + m] : A[(index_t)m * lda + k];
                 else if (BIAS_ROW && m == M) a = T(1);
             }
             ra[q] = a;
             const int bn = TB ? slow : fast, bk = TB ? fast : slow;
             const int n = n0 + bn, kb = k0 + bk;
-            rb[q] = (kb < K && n < N) ? (TB ? B[(index_t)n * ldb + kb] : B[(index_t)kb * ldb + n]) : T(0);
+            rb[q] = (kb < k_hi && n < N) ? (TB ? B[(index_t)n * ldb + kb] : B[(index_t)kb * ldb + n]) : T(0);
         }
     };
     auto store = [&]() {
@@ -599,11 +605,11 @@ gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, T* aux
         }
     };
 
-    load(0);
+    load(k_lo);
     store();
     __syncthreads();
-    for (int k0 = 0; k0 < K; k0 += 32) {
-        const bool more = k0 + 32 < K;
+    for (int k0 = k_lo; k0 < k_hi; k0 += 32) {
+        const bool more = k0 + 32 < k_hi;
         if (more) load(k0 + 32);  // the next tile's loads fly while this one is multiplied
 #pragma unroll
         for (int k = 0; k < 32; ++k) {
@@ -634,6 +640,22 @@ gemm(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, T* aux
             if (EPI == 3) v = aux[(index_t)m * ldc + n] > T(0) ? v : T(0);
             C[(index_t)m * ldc + n] = v;
         }
+    }
+}
+
+// C[m, n] = epilogue(sum over z of P[z, m, n]): the split-K partial sums of gemm added up, in
+// order of z, then the bias (EPI 1) and ReLU (EPI 2) as gemm's epilogues apply them. C is
+// M x N, row-major and contiguous; P is S such arrays one after another.
+template <typename T, int EPI>
+__global__ void sum_splits(const T* __restrict__ P, T* __restrict__ C, const T* __restrict__ bias, int M,
+                           int N, int S) {
+    const index_t size = (index_t)M * N;
+    for (index_t i = global_thread(); i < size; i += grid_threads()) {
+        T v = P[i];
+        for (int z = 1; z < S; ++z) v += P[z * size + i];
+        if (EPI == 1 || EPI == 2) v += bias[i % N];
+        if (EPI == 2) v = v > T(0) ? v : T(0);
+        C[i] = v;
     }
 }
 

@@ -65,6 +65,32 @@ def test_every_cu_file_compiles_with_nvcc(path, arch, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.parametrize("sms", [1, 8, 132])
+@pytest.mark.parametrize("M,N,K", [(128, 50, 784), (128, 256, 784), (96, 50, 784), (128, 25, 50), (128, 128, 256),
+                                   (1, 1, 257), (1, 1, 100_000), (7, 300, 1000), (4096, 4096, 784)])
+def test_k_splits_cover_k_in_whole_tiles(M, N, K, sms):
+    """The slices cover K exactly once, in whole 32-wide tiles but the last, none empty; K is
+    split only where the output's tiles fill less than half the GPU and K is longer than 8 tiles."""
+    from xpnet.kernels.cuda_graph import k_splits
+
+    S, kc = k_splits(M, N, K, sms)
+    tiles = -(-M // 32) * -(-N // 32)
+    if K <= 256 or 2 * tiles >= sms:
+        assert (S, kc) == (1, K)
+        return
+    assert S > 1 and kc % 32 == 0 and kc >= 64
+    assert (S - 1) * kc < K <= S * kc
+    assert S * tiles <= max(sms, tiles) * 2  # enough blocks to fill the GPU, not many more
+
+
+def test_seed_002s_first_product_splits_13_ways_on_132_sms():
+    from xpnet.kernels.cuda_graph import k_splits
+
+    assert k_splits(128, 50, 784, 132) == (13, 64)  # 8 tiles -> 104 blocks of 2 steps of K each
+    assert k_splits(96, 50, 784, 132) == (13, 64)  # the epoch's last batch of 96
+    assert k_splits(128, 256, 784, 132) == (5, 160)
+
+
 def test_every_name_expression_is_a_kernel_of_the_source():
     source = cuda.source_path().read_text()
     bounds = r"__launch_bounds__\([\w<>:, ]+\)"
@@ -598,7 +624,7 @@ def test_gemm_forms_equal_matmul(cp, rng, dtype, M, N, K):
 
     def run(form, A_, B_, C, aux, m, n, k, lda, ldb, ldc, extra=0):
         cuda.kernel(f"gemm<{t}, {cuda.GEMM_FORMS[form]}>")(
-            grid(m + extra, n), (256,), (A_, B_, C, aux, i32(m), i32(n), i32(k), i32(lda), i32(ldb), i32(ldc)))
+            grid(m + extra, n), (256,), (A_, B_, C, aux, i32(m), i32(n), i32(k), i32(lda), i32(ldb), i32(ldc), i32(k)))
         return cp.asnumpy(C)
 
     a64, w64 = a.astype(np.float64), w.astype(np.float64)
@@ -615,6 +641,38 @@ def test_gemm_forms_equal_matmul(cp, rng, dtype, M, N, K):
     dW = run("weight_grad", cp.asarray(h.astype(dtype)), dyd, _poisoned(cp, (K, N), dtype), db, K, N, M, K, N, N, extra=1)
     close(dW, h.T @ dy, M * eps * (np.abs(h.T) @ np.abs(dy)))
     close(cp.asnumpy(db), dy.sum(axis=0), M * eps * np.abs(dy).sum(axis=0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,kc", [(128, 50, 784, 64), (128, 50, 784, 96), (33, 65, 300, 64), (1, 1, 257, 32),
+                                      (7, 300, 1000, 320), (96, 10, 40, 32)])
+def test_split_k_products_equal_matmul(cp, rng, dtype, M, N, K, kc):
+    """x @ W in slices of K (the last one short where kc does not divide K), each into its own
+    slice of the partial sums, then added up with the bias (and ReLU): the forward product the
+    graph trainer splits (k_splits). Every partial and every output is poisoned first."""
+    i32 = np.int32
+    t = cuda.FLOATS[dtype]
+    S = -(-K // kc)
+    a, w, b = _random(rng, (M, K), dtype), _random(rng, (K, N), dtype), _random(rng, (N,), dtype)
+    A, W, Bv = cp.asarray(a), cp.asarray(w), cp.asarray(b)
+    partials = _poisoned(cp, (S, M, N), dtype)
+    cuda.kernel(f"gemm<{t}, {cuda.GEMM_FORMS['partial']}>")(
+        (-(-N // 32), -(-M // 32), S), (256,), (A, W, partials, Bv, i32(M), i32(N), i32(K), i32(K), i32(N), i32(N), i32(kc)))
+    a64, w64 = a.astype(np.float64), w.astype(np.float64)
+    eps = np.finfo(dtype).eps
+    for z in range(S):  # each slice holds its own part of K and nothing else
+        lo, hi = z * kc, min(K, (z + 1) * kc)
+        part = a64[:, lo:hi] @ w64[lo:hi]
+        bound = (hi - lo) * eps * (np.abs(a64[:, lo:hi]) @ np.abs(w64[lo:hi]))
+        assert np.all(np.abs(cp.asnumpy(partials[z]) - part) <= bound), z
+    bound = (K + S + 1) * eps * (np.abs(a64) @ np.abs(w64) + np.abs(b))
+    for epi, expected in ((1, a64 @ w64 + b), (2, np.maximum(a64 @ w64 + b, 0))):
+        out = _poisoned(cp, (M, N), dtype)
+        cuda.kernel(f"sum_splits<{t}, {epi}>")((cuda.blocks_for(M * N),), (cuda.THREADS,),
+                                               (partials, out, Bv, i32(M), i32(N), i32(S)))
+        got = cp.asnumpy(out)
+        assert np.all(np.abs(got - expected) <= bound), np.max(np.abs(got - expected) / bound)
 
 
 OPTIMIZERS = {
@@ -698,6 +756,7 @@ def _assert_same_weights(model0, model1, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("widths", [[20, 33, 17, 7], [300, 33, 7]], ids=["short K", "first product split"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer", [
     dict(name="sgd", lr=0.05),
@@ -706,20 +765,23 @@ def _assert_same_weights(model0, model1, dtype):
     dict(name="adam", lr=1e-3, weight_decay=1e-4),
     dict(name="adam", lr=1e-3, schedule="cosine"),
 ])
-def test_graph_trainer_equals_the_eager_loop(cp, rng, dtype, optimizer):
+def test_graph_trainer_equals_the_eager_loop(cp, rng, dtype, optimizer, widths):
     """Three epochs through the captured graphs leave the same weights as the eager loop, with a
-    last batch shorter than the others (103 = 3 * 32 + 7), in both dtypes."""
+    last batch shorter than the others (103 = 3 * 32 + 7), in both dtypes; with a first layer
+    whose forward product is split along K (300 inputs) and one whose is not."""
     from xpnet.kernels.cuda_graph import GraphTrainer
     from xpnet.optim import make_optimizer
 
     settings = dict(optimizer)
     name = settings.pop("name")
-    X = cp.asarray(rng.standard_normal((103, 20)).astype(dtype))
+    X = cp.asarray(rng.standard_normal((103, widths[0])).astype(dtype))
     y = cp.asarray(rng.integers(0, 7, 103))
-    models = [xpnet.MLP([20, 33, 17, 7], dtype=dtype, seed=3, backend="cuda") for _ in range(2)]
+    models = [xpnet.MLP(widths, dtype=dtype, seed=3, backend="cuda") for _ in range(2)]
     opts = [make_optimizer(name, **settings) for _ in range(2)]
     trainer = GraphTrainer(models[0], opts[0], X, y, batch_size=32)
-    assert trainer.launches_per_step == 3 * 3 + 2
+    split = sum(S > 1 for S, _ in trainer.splits[32])
+    assert split == (widths[0] == 300)  # the GPU has more SMs than 2 x the 2 output tiles
+    assert trainer.launches_per_step == 3 * (len(widths) - 1) + 2 + split
     for epoch in range(3):
         order = cp.asarray(np.random.default_rng(epoch).permutation(103))
         for opt in opts:

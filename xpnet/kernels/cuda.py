@@ -50,6 +50,7 @@ GEMM_FORMS = {
     "input_grad": "false, true, 0, false",  # dy @ W.T
     "input_grad_relu": "false, true, 3, false",  # (dy @ W.T) where h > 0
     "weight_grad": "true, false, 0, true",  # x.T @ dy, and its column sums for the bias
+    "partial": "false, false, 0, false",  # x @ W over a slice of K (split K; sum_splits adds them)
 }
 
 
@@ -71,6 +72,7 @@ def _name_expressions() -> list[str]:
             names += [f"softmax_cross_entropy_block<{t}, {lab}, {v}>" for v in _vec_widths(t)]
             names.append(f"gather_rows<{t}, {lab}>")
         names += [f"gemm<{t}, {form}>" for form in GEMM_FORMS.values()]
+        names += [f"sum_splits<{t}, {epi}>" for epi in (1, 2)]
         names += [f"update_parameters<{t}, {adam}>" for adam in (0, 1)]
     return names
 

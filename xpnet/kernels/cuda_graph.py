@@ -3,10 +3,14 @@
 Why: a small MLP on a big GPU is bound by launches, not FLOPs (a 784-256-128-10 step at batch
 128 is ~129 MFLOP, about 2 us of H100 arithmetic, against 5-20 us of host time per launch).
 The eager loop in ``xpnet.training`` issues ~40 launches per step from Python. Here one step is
-3L + 2 kernels for L layers (11 for 784-50-25-10), all from ``kernels/xpnet_kernels.cu``:
+3L + 2 kernels for L layers, one more per split product (12 for 784-50-25-10), all from
+``kernels/xpnet_kernels.cu``:
 
     gather_rows                       batch = X[perm[step * B : ...]], labels likewise
-    gemm forward(_relu)   x L         h_l = act(h_{l-1} @ W_l + b_l), bias and ReLU fused
+    gemm forward(_relu)   x L         h_l = act(h_{l-1} @ W_l + b_l), bias and ReLU fused; where
+                                      the output has too few tiles for the GPU and K is long
+                                      (x @ W1), K is split across blocks and sum_splits adds the
+                                      slices, then the bias and ReLU (``k_splits``)
     softmax_cross_entropy             dlogits, and the loss sum and correct count (on device)
     gemm weight_grad      x L         dW_l = h_{l-1}.T @ dh_l; db_l = column sums (fused row)
     gemm input_grad_relu  x L - 1     dh_{l-1} = (dh_l @ W_l.T) where h_{l-1} > 0
@@ -88,6 +92,20 @@ def update_hyperparameters(optimizer) -> np.ndarray:
 def layer_widths(layers) -> list[int]:
     """``[fan_in, units_1, ..., units_L]`` of a stack of dense layers (``W`` of (fan_in, units))."""
     return [int(layers[0].W.shape[0])] + [int(layer.W.shape[1]) for layer in layers]
+
+
+def k_splits(M: int, N: int, K: int, multiprocessors: int) -> tuple[int, int]:
+    """``(S, kc)``: how many slices of ``kc`` values of K (a multiple of 32) the product of an
+    ``M x K`` and a ``K x N`` matrix is split into. Split only where the 32 x 32 output tiles
+    fill less than half the GPU and each would loop over more than 8 tiles of K (x @ W1 at batch
+    128: 8 tiles, 25 steps of K each); then into enough slices to fill the GPU, of >= 2 steps each.
+    """
+    tiles = -(-M // 32) * -(-N // 32)
+    if K <= 256 or 2 * tiles >= multiprocessors:
+        return 1, K
+    splits = min(-(-multiprocessors // tiles), -(-K // 64))
+    kc = (-(-K // splits) + 31) // 32 * 32  # ceil(K / splits), rounded up to whole tiles of K
+    return -(-K // kc), kc
 
 
 def trainer_for(model, optimizer, X, y, batch_size):
@@ -172,12 +190,21 @@ class GraphTrainer:
         self.k_gather = cuda.kernel(f"gather_rows<{t}, {lab}>")
         self.k_gemm = {form: cuda.kernel(f"gemm<{t}, {args}>") for form, args in cuda.GEMM_FORMS.items()}
         self.k_update = cuda.kernel(f"update_parameters<{t}, {int(self.adam)}>")
+        self.k_sum_splits = {epi: cuda.kernel(f"sum_splits<{t}, {epi}>") for epi in (1, 2)}
         cuda.warmup()  # every kernel loaded now: no module load in the middle of a capture
         cuda.blocks_for(1)  # and the device properties read
 
+        # split K where a forward product has too few output tiles to fill the GPU (k_splits)
+        sms = cuda._multiprocessors(cupy.cuda.runtime.getDevice())
+        row_counts = {B, self.n % B} - {0}
+        self.splits = {rows: [k_splits(rows, widths[l], widths[l - 1], sms) for l in range(1, len(widths))]
+                       for rows in row_counts}
+        self.partials = cupy.empty(max(S * rows * widths[l + 1] for rows, plan in self.splits.items()
+                                       for l, (S, _) in enumerate(plan)), self.dtype)
+
         self.launches_per_step = 0
         self.graphs = {}
-        for rows in {B, self.n % B} - {0}:
+        for rows in row_counts:
             self.graphs[rows] = self._capture(rows)
 
     # -- optimizer state shared with xpnet.optim ----------------------------------------------
@@ -215,10 +242,12 @@ class GraphTrainer:
         i32, i64 = np.int32, np.int64
         launches = 0
 
-        def gemm(form, A, Bm, C, aux, M, N, K, lda, ldb, ldc, extra_row=False):
+        def gemm(form, A, Bm, C, aux, M, N, K, lda, ldb, ldc, extra_row=False, splits=(1, None)):
             nonlocal launches
-            grid = (-(-N // 32), -(-(M + (1 if extra_row else 0)) // 32))
-            self.k_gemm[form](grid, (256,), (A, Bm, C, aux, i32(M), i32(N), i32(K), i32(lda), i32(ldb), i32(ldc)))
+            S, kc = splits
+            grid = (-(-N // 32), -(-(M + (1 if extra_row else 0)) // 32), S)
+            self.k_gemm[form](grid, (256,), (A, Bm, C, aux, i32(M), i32(N), i32(K), i32(lda), i32(ldb), i32(ldc),
+                                             i32(kc or K)))
             launches += 1
 
         F0 = widths[0]
@@ -229,9 +258,17 @@ class GraphTrainer:
         launches += 1
         layers = self.model.layers
         for l in range(1, L + 1):
-            form = "forward_relu" if l < L else "forward"
-            gemm(form, self.h[l - 1], layers[l - 1].W, self.h[l], layers[l - 1].b,
-                 rows, widths[l], widths[l - 1], widths[l - 1], widths[l], widths[l])
+            relu = l < L
+            M, N, K = rows, widths[l], widths[l - 1]
+            S, kc = self.splits[rows][l - 1]
+            W, b = layers[l - 1].W, layers[l - 1].b
+            if S == 1:
+                gemm("forward_relu" if relu else "forward", self.h[l - 1], W, self.h[l], b, M, N, K, K, N, N)
+                continue
+            gemm("partial", self.h[l - 1], W, self.partials, b, M, N, K, K, N, N, splits=(S, kc))
+            self.k_sum_splits[2 if relu else 1](
+                (cuda.blocks_for(M * N),), (cuda.THREADS,), (self.partials, self.h[l], b, i32(M), i32(N), i32(S)))
+            launches += 1
         logits, dlogits = self.h[L][:rows], self.dh[L][:rows]
         cuda.accumulate_cross_entropy(logits, self.labels[:rows], dlogits, self.loss_sum,
                                       1.0 / rows, 1.0, self.correct)
