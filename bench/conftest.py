@@ -65,6 +65,15 @@ def _isa() -> dict:
                        for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
     except ImportError:
         pass
+    try:  # the target numba's kernels are compiled for (NUMBA_CPU_NAME overrides the host's)
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+        isa["numba_target"] = os.environ.get("NUMBA_CPU_NAME") or llvm.get_host_cpu_name()
+        isa["host_vector_features"] = sorted(k for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl")
+                                             if features.get(k))
+    except Exception as exc:  # llvmlite missing or a platform without these queries: say so
+        isa["numba_target"] = f"unknown ({exc})"
     return isa
 
 

@@ -12,7 +12,7 @@ for step in $steps; do
     tests) timeout ${T_TESTS:-200} python3 -m pytest tests/test_cuda.py --require-cuda -q -p no:cacheprovider -ra 2>&1 | tail -60 > "$OUT/test_cuda.log" ;;
     suite) timeout ${T_SUITE:-300} python3 -m pytest tests --require-cuda -q -p no:cacheprovider -ra 2>&1 | tail -80 > "$OUT/tests_all.log" ;;
     bench) timeout ${T_BENCH:-330} python3 bench/test_cuda_bench.py --out "$OUT/cuda-H100.json" > "$OUT/bench.log" 2>&1 ;;
-    peers) timeout ${T_PEERS:-150} python3 bench/cuda_peers.py --seeds 3 --out "$OUT/cuda-peers.json" > "$OUT/peers.log" 2>&1 ;;
+    peers) timeout ${T_PEERS:-150} python3 bench/peers.py --seeds 3 --out "$OUT/cuda-peers.json" > "$OUT/peers.log" 2>&1 ;;
   esac
   echo "== $step done ($SECONDS s)"
 done

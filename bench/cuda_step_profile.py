@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: every kernel of one epoch, timed by CUPTI (through
 ``torch.profiler``, which also sees CuPy's and XLA's launches), for xpnet's graph epoch and the
-two compiled peers of ``cuda_peers.py``, on both of its networks.
+two compiled peers of ``peers.py``, on both of its networks.
 
 Per implementation and network: the epoch's wall time per step, the kernels' summed time per
 step (the rest is the gap between kernels: launch latency and dependencies), and each kernel's
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cuda_peers import BATCH, RECIPES, JaxScanEpoch, TorchGraphEpoch, environment, load_host  # noqa: E402
+from peers import BATCH, RECIPES, JaxScanEpoch, TorchGraphEpoch, environment, load_host  # noqa: E402
 
 import xpnet  # noqa: E402
 

@@ -87,11 +87,14 @@ def kernel_tables(benches):
         lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for shape in sorted(s for o, s in groups if o == op):
             row = groups[(op, shape)]
-            t_xp = row.get("xp", {}).get("stats", {}).get("min")
-            t_torch = row.get("torch", {}).get("stats", {}).get("min")
-            for impl in ("xp", "numba", "numba-serial", "numba-parallel", "cuda", "torch"):
+            for impl in ("xp", "numba", "numba-serial", "numba-parallel", "cuda", "torch",
+                         "xp fresh", "numba fresh", "torch fresh"):
                 if impl not in row:
                     continue
+                # a fresh result is compared with the others' fresh results, an out= call with out= calls
+                suffix = " fresh" if impl.endswith(" fresh") else ""
+                t_xp = row.get("xp" + suffix, {}).get("stats", {}).get("min")
+                t_torch = row.get("torch" + suffix, {}).get("stats", {}).get("min")
                 t = row[impl]["stats"]["min"]
                 gbs = row[impl]["extra_info"].get("GB/s", 0)
                 share = f"{100 * gbs / limit:.0f}%" if limit else "-"
@@ -119,7 +122,7 @@ def training_tables(benches):
             if not row:
                 continue
             ref = {k: row.get(k, {}).get("stats", {}).get("min") for k in ("torch", "gemm-floor", "xpnet-xp")}
-            for impl in ("xpnet", "xpnet-float32", "xpnet-xp", "torch", "gemm-floor", "gemm-floor+gather"):
+            for impl in ("xpnet", "xpnet-float32", "xpnet-xp", "torch", "jax-scan", "gemm-floor", "gemm-floor+gather"):
                 if impl not in row:
                     continue
                 info, t = row[impl]["extra_info"], row[impl]["stats"]["min"]

@@ -8,11 +8,13 @@ Groups are ``"<op> <rows>x<cols>"``; implementations:
   the measurements behind ``numba_cpu.PARALLEL_MIN_ELEMENTS``;
 - ``torch``: PyTorch CPU eager on the same memory (``torch.from_numpy``), skipped without torch.
 
+Each row is one of two calls: ``out`` writes into a preallocated output where the
+implementation allows one (torch's cross-entropy gradient cannot take one: it is autograd's),
+``fresh`` returns a new result, the call users make (``F.softmax(x)``, ``torch.softmax(x, 1)``);
+the forced serial and parallel drivers are measured with ``out`` only.
 Before timing, every benchmark runs its call once and checks the result against the ``xp``
 reference (in float64); a numba benchmark whose kernel cannot run, or that ``impl="auto"``
-would not send to the kernel, fails rather than skips. Every call writes into a preallocated
-output where the implementation allows one (torch's
-cross-entropy gradient cannot take one: it is autograd's). ``extra_info["bytes"]`` is what the
+would not send to the kernel, fails rather than skips. ``extra_info["bytes"]`` is what the
 op must read and write at least; conftest.py turns it into GB/s. The ``copy`` group is the
 machine's limit measured in the same run: one NumPy thread, all numba threads, and all numba
 threads with streaming (non-temporal) stores.
@@ -99,9 +101,9 @@ def _check_against_reference(op, call, shape):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(w).max())))
 
 
-def _xpnet_call(op, impl, shape):
+def _xpnet_call(op, impl, shape, fresh=False):
     x, dy, labels, b = _arrays(shape)
-    out = np.empty_like(x)
+    out = None if fresh else np.empty_like(x)
     y = np.maximum(x, 0)
     return {
         "softmax": lambda: F.softmax(x, out=out, impl=impl),
@@ -111,11 +113,18 @@ def _xpnet_call(op, impl, shape):
     }[op]
 
 
-def _torch_call(op, shape):
+def _torch_call(op, shape, fresh=False):
     torch = pytest.importorskip("torch")
     x, dy, labels, b = (torch.from_numpy(a) for a in _arrays(shape))
     out = torch.empty_like(x)
     y = torch.clamp_min(x, 0)
+    if fresh:
+        return {
+            "softmax": lambda: torch.softmax(x, 1),
+            "softmax_xent": lambda: _torch_call(op, shape)(),  # autograd's gradient is always fresh
+            "relu_backward": lambda: torch.ops.aten.threshold_backward(dy, y, 0),
+            "bias_relu": lambda: torch.relu(x + b),
+        }[op]
 
     def xent():
         logits = x.detach().requires_grad_()
@@ -135,15 +144,20 @@ def _torch_call(op, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("result", ["out", "fresh"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", OPS)
-def test_kernel(benchmark, op, impl, shape, monkeypatch):
+def test_kernel(benchmark, op, impl, result, shape, monkeypatch):
+    if result == "fresh" and impl in ("numba-serial", "numba-parallel"):
+        pytest.skip("the forced drivers are measured into out= only")
+    fresh = result == "fresh"
     benchmark.group = f"{op} {shape[0]}x{shape[1]}"
-    benchmark.extra_info.update(op=op, impl=impl, shape=list(shape), dtype="float32", bytes=_bytes(op, shape))
+    benchmark.extra_info.update(op=op, impl=impl if not fresh else f"{impl} fresh", result=result,
+                                shape=list(shape), dtype="float32", bytes=_bytes(op, shape))
     if impl == "torch":
-        call = _torch_call(op, shape)
+        call = _torch_call(op, shape, fresh)
     elif impl == "xp":
-        call = _xpnet_call(op, "xp", shape)
+        call = _xpnet_call(op, "xp", shape, fresh)
     else:
         module = _numba_kernels_or_fail()
         kernel_op = "softmax_cross_entropy" if op == "softmax_xent" else op
@@ -156,7 +170,7 @@ def test_kernel(benchmark, op, impl, shape, monkeypatch):
         operands = {"softmax": (x,), "softmax_cross_entropy": (x, labels), "relu_backward": (dy, x), "bias_relu": (x, b)}
         chosen = kernels.select(kernel_op, "auto", *operands[kernel_op])
         assert chosen is getattr(module, kernel_op), f"impl='auto' would not run the numba {kernel_op} here"
-        call = _xpnet_call(op, "auto" if impl == "numba" else "numba", shape)
+        call = _xpnet_call(op, "auto" if impl == "numba" else "numba", shape, fresh)
     _check_against_reference(op, call, shape)  # also compiles / warms caches outside the timing
     benchmark(call)
 

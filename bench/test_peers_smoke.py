@@ -1,6 +1,6 @@
-"""The GPU peers of ``cuda_peers.py`` kept runnable without a GPU: each peer's training code
+"""The GPU peers of ``peers.py`` kept runnable without a GPU: each peer's training code
 (PyTorch's epoch, JAX's scanned epoch where JAX is installed) on 2,048 images for 2 epochs on
-the CPU. No timing: the GPU numbers come from ``python3 bench/cuda_peers.py`` on a GPU.
+the CPU. No timing: the GPU numbers come from ``python3 bench/peers.py`` on a GPU.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 
-import cuda_peers
+import peers
 
 PEERS = ["torch-graph"] + (["jax-scan"] if importlib.util.find_spec("jax") else [])
 
@@ -17,7 +17,7 @@ PEERS = ["torch-graph"] + (["jax-scan"] if importlib.util.find_spec("jax") else 
 @pytest.fixture(scope="module")
 def host():
     try:
-        return cuda_peers.load_host(2048)
+        return peers.load_host(2048)
     except Exception as exc:  # no MNIST here (XPNET_DATA unset and no download)
         pytest.skip(f"MNIST unavailable: {exc}")
 
@@ -25,10 +25,10 @@ def host():
 @pytest.mark.parametrize("peer", PEERS)
 def test_each_peer_learns_the_same_recipe_from_xpnets_weights(peer, host):
     pytest.importorskip("torch" if peer.startswith("torch") else "jax")
-    recipe = {**cuda_peers.RECIPES["784-50-25-10 SGD lr 0.1, 10 epochs"], "epochs": 2}
-    trainer = (cuda_peers.TorchGraphEpoch(recipe, host, device="cpu") if peer == "torch-graph"
-               else cuda_peers.JaxScanEpoch(recipe, host))
-    runs = [cuda_peers.train(trainer, recipe, seed) for seed in (0, 0, 1)]
+    recipe = {**peers.RECIPES["784-50-25-10 SGD lr 0.1, 10 epochs"], "epochs": 2}
+    trainer = (peers.TorchGraphEpoch(recipe, host, device="cpu") if peer == "torch-graph"
+               else peers.JaxScanEpoch(recipe, host))
+    runs = [peers.train(trainer, recipe, seed) for seed in (0, 0, 1)]
     # 2 epochs of 16 steps: far above chance (10%), and the reset makes a seed repeatable
     assert all(run["test_accuracy"] > 0.5 for run in runs), runs
     assert runs[0]["test_accuracy"] == pytest.approx(runs[1]["test_accuracy"], abs=1e-3)

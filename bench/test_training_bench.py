@@ -10,6 +10,10 @@ lr 0.1, float32) and each implementation:
 - ``xpnet-xp``: float32 with ``XPNET_KERNELS=xp``: the reference path, no kernels;
 - ``torch``: the same model in PyTorch CPU eager (float32, same batches and epochs, its default
   threads), skipped when torch is not installed;
+- ``jax-scan``: JAX with each epoch one jitted XLA program (``lax.scan`` over the batches,
+  ``peers.JaxScanEpoch``, its own shuffling), from xpnet's initial weights; compiled before the
+  clock starts; skipped with a reason where JAX is not installed (``pip install -e ".[jax]"``);
+  not in the one-step rows (its step exists only inside the epoch program);
 - ``gemm-floor``: only the step's matrix products (3 forward, 3 ``dW``, 2 ``dx``), same shapes
   and dtype, the same number of steps: what a step can never beat;
 - ``gemm-floor+gather`` (step only): the same products plus gathering a random batch of 128
@@ -47,8 +51,8 @@ if QUICK:
     CONFIGS = {"784-50-25-10": CONFIGS["784-50-25-10"]}
 BATCH, LR, SEED = 128, 0.1, 2
 RUN_EPOCHS = 2 if QUICK else 10
-IMPLS = ["xpnet", "xpnet-float32", "xpnet-xp", "torch", "gemm-floor"]
-STEP_IMPLS = IMPLS + ["gemm-floor+gather"]
+IMPLS = ["xpnet", "xpnet-float32", "xpnet-xp", "torch", "jax-scan", "gemm-floor"]
+STEP_IMPLS = [impl for impl in IMPLS if impl != "jax-scan"] + ["gemm-floor+gather"]
 # Test accuracy a training must reach. Measured (seed 2, 784-50-25-10 / 784-256-128-10): one epoch
 # 0.904 / 0.939 (PyTorch 0.901), ten epochs 0.970. Quick mode's 2,048 images allow no absolute
 # bar (PyTorch's init learns slowly: 0.16 after one quick epoch), so there only the gain over the
@@ -244,6 +248,11 @@ def _check_step(impl, widths):
         inputs = _train_inputs(impl)[:BATCH]
         model.fit(inputs, yb, epochs=1, batch_size=BATCH, lr=LR, shuffle=False, verbose=0)
         _assert_step_matches(model.get_weights(), expected, impl)
+    elif impl == "jax-scan":  # an epoch of one batch is one step, whatever order it shuffles
+        trainer = _jax_trainer(widths, (xb, yb, xb, yb))
+        trainer.epoch()
+        after = [tuple(np.asarray(a) for a in layer) for layer in trainer.params]
+        _assert_step_matches(after, expected, impl)
     elif impl == "torch":
         torch, net, opt, _, _ = _torch_setup(widths, xb, yb)
         with torch.no_grad():
@@ -273,7 +282,20 @@ def _check_accuracy(scope, before, after):
 # --- benchmarks ------------------------------------------------------------------------------------
 
 
+def _jax_trainer(widths, data):
+    """JAX's epoch program from xpnet's seeded initial weights, compiled (by one untimed epoch)."""
+    import peers
+
+    recipe = {"widths": widths, "optimizer": "sgd", "lr": LR}
+    trainer = peers.JaxScanEpoch(recipe, data)
+    trainer.reset(SEED)
+    return trainer
+
+
 def _prepare(impl, monkeypatch):
+    if impl == "jax-scan":
+        pytest.importorskip("jax", reason="JAX is not installed (pip install -e '.[jax]')")
+        pytest.importorskip("optax", reason="optax is not installed (pip install -e '.[jax]')")
     if impl == "xpnet-xp":
         monkeypatch.setenv("XPNET_KERNELS", "xp")
     else:
@@ -321,6 +343,16 @@ def _run(impl, widths, X, y, epochs, monkeypatch):
         X = _train_inputs(impl)
         train = lambda: model.fit(X, y, epochs=epochs, batch_size=BATCH, optimizer="sgd", lr=LR, verbose=0)
         return train, lambda: model.score(Xt, yt)
+    if impl == "jax-scan":
+        trainer = _jax_trainer(widths, (X, y, Xt, yt))
+        trainer.epoch()  # compiles the epoch program; then back to the initial weights
+        trainer.reset(SEED)
+
+        def train():
+            for _ in range(epochs):
+                trainer.epoch()
+
+        return train, trainer.test_accuracy
     if impl == "gemm-floor":
         step = _gemm_floor_step_fn(widths, X)
         n_steps = epochs * _steps_per_epoch(X.shape[0])

@@ -454,3 +454,93 @@ def test_nan_logits_give_nan_rows_as_in_the_reference(kernel_arrays, rng):
         want = F.softmax(x, impl="xp")
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         _assert_close(got[[0, 1, 3, 4]], want[[0, 1, 3, 4]], RTOL[np.float64])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [1, 7, 300, 3000])
+def test_rows_with_nan_or_infinities_anywhere_match_the_reference(kernel_arrays, rng, dtype, width):
+    """The row maximum skips NaN (a SIMD maxnum reduction), so a NaN in the first, a middle or
+    the last place must still make its row NaN through ``x - max``; +inf gives ``inf - inf``;
+    a row all -inf is NaN in the reference too. Other rows keep their values."""
+    ka = kernel_arrays
+    x = rng.standard_normal((7, width)).astype(dtype)
+    x[0, 0] = np.nan
+    x[1, width // 2] = np.nan
+    x[2, -1] = np.nan
+    x[3, width // 3] = np.inf
+    x[4, :] = -np.inf
+    x[5, : width // 2] = -np.inf  # some -inf beside finite values: those give 0, not NaN
+    got = ka.host(F.softmax(ka.to(x), impl=ka.impl))
+    want = F.softmax(x.astype(np.float64), impl="xp")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=RTOL[dtype] * 10, atol=np.finfo(dtype).tiny)
+
+
+def test_large_fresh_results_reuse_only_buffers_no_array_holds(rng):
+    """Results of >= RECYCLE_MIN_BYTES come from buffers that earlier results gave back: never
+    one that a live result, or a live view of one, still uses; and within the keep limit."""
+    from xpnet.kernels import numba_cpu
+
+    numba_cpu.release_kept_buffers()
+    shape = (1024, numba_cpu.RECYCLE_MIN_BYTES // 4096 + 3)  # float32, just over the threshold
+    x = rng.standard_normal(shape).astype(np.float32)
+    first = F.softmax(x, impl="numba")
+    second = F.softmax(x, impl="numba")
+    assert not np.may_share_memory(first, second)
+    address = first.ctypes.data
+    view = first[5:, 1:]
+    del first
+    third = F.softmax(x, impl="numba")  # first's buffer is still held by its view
+    assert third.ctypes.data != address and not np.may_share_memory(third, view)
+    del view
+    fourth = F.softmax(x, impl="numba")  # now it is free to reuse
+    assert fourth.ctypes.data == address
+    np.testing.assert_allclose(fourth, F.softmax(x.astype(np.float64), impl="xp"), rtol=1e-5)
+    assert fourth.flags.c_contiguous and fourth.flags.writeable and fourth.dtype == np.float32
+    del second, third, fourth
+    assert 0 < numba_cpu._kept_bytes <= numba_cpu.RECYCLE_KEEP_BYTES
+    assert numba_cpu.release_kept_buffers() > 0 and numba_cpu._kept_bytes == 0
+    small = F.softmax(x[:4], impl="numba")  # under the threshold: a plain array of its own
+    assert small.base is None
+
+
+def test_the_keep_limit_bounds_what_is_held(monkeypatch, rng):
+    from xpnet.kernels import numba_cpu
+
+    numba_cpu.release_kept_buffers()
+    monkeypatch.setattr(numba_cpu, "RECYCLE_KEEP_BYTES", 3 * numba_cpu.RECYCLE_MIN_BYTES)
+    x = rng.standard_normal((256, numba_cpu.RECYCLE_MIN_BYTES // 1024)).astype(np.float32)  # 1 MB each
+    results = [F.relu_backward(x, x, impl="numba") for _ in range(5)]
+    assert len({r.ctypes.data for r in results}) == 5
+    del results
+    assert numba_cpu._kept_bytes == 3 * x.nbytes
+    numba_cpu.release_kept_buffers()
+
+
+def test_the_kernels_compiled_for_avx2_alone_equal_the_reference(tmp_path):
+    """numba compiles for the machine it runs on (AVX-512 where there is some). The same kernel
+    tests again in a process whose numba targets Haswell (AVX2 + FMA, no AVX-512), with an empty
+    cache, so that both builds are checked on an AVX-512 machine; the compiled softmax must then
+    hold no 512-bit register."""
+    # an empty feature list means the named CPU's own features (else numba adds the host's)
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "",
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "XPNET_KERNELS": "numba"}
+    tests = "test_softmax_equals_reference or test_softmax_cross_entropy_equals_reference or " \
+            "test_relu_backward_equals_reference or test_bias_relu_equals_reference or " \
+            "test_rows_with_nan_or_infinities or test_large_rows_and_many_rows"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "--no-cov", "-x",
+         "-k", f"({tests}) and not cuda"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+    probe = ("import re, numpy as np; from xpnet.kernels import _numba_loops as L; "
+             "x = np.ones((4, 100), np.float32); o = np.empty_like(x); "
+             "L.softmax_serial(x, o, o.reshape(-1), L.block_rows(100)); "
+             "asm = ''.join(L.softmax_serial.inspect_asm().values()); "
+             "print(len(re.findall('zmm', asm)), len(re.findall('ymm', asm)))")
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "NUMBA_CACHE_DIR": str(tmp_path / "probe")},
+                         capture_output=True, text=True, timeout=300)
+    zmm, ymm = map(int, out.stdout.split())
+    assert zmm == 0 and ymm > 0, (zmm, ymm)

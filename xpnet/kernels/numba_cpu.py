@@ -12,6 +12,8 @@ neither ``import xpnet`` nor importing this module imports numba.
 - compiled with ``cache=True``; ``NUMBA_CACHE_DIR`` is pointed at a writable user cache when
   unset, so a read-only install still caches (numba otherwise fails with "no locator
   available");
+- a fresh result of 1 MB or more reuses the memory of an earlier result that is gone (no page
+  faults in the kernel; ``RECYCLE_MIN_BYTES``, ``release_kept_buffers()``);
 - ``warmup()`` compiles (or loads from the cache) every kernel for float32 and float64 up front,
   so a first training epoch is not a compile;
 - convolution and pooling (channels-last images) copy a strided input to C order first and run
@@ -47,6 +49,7 @@ __all__ = [
     "unsupported",
     "worth_it",
     "warmup",
+    "release_kept_buffers",
 ]
 
 # Elements (rows x columns) from which the parallel driver beats the serial one. Measured with
@@ -202,6 +205,74 @@ def _check_out(out, shape, dtype, name="out"):
     return out
 
 
+# --- fresh results ---------------------------------------------------------------------------
+# A result of several MB comes from the operating system as untouched pages, and the kernel's
+# first write to each page faults: on a 2-core KVM guest (AMD EPYC, AVX-512) a fresh 32 MB
+# relu_backward result took 4-37 ms against 2 ms into a reused ``out=`` (bench/README.md).
+# Results from RECYCLE_MIN_BYTES up are carved from buffers that earlier results gave back when
+# their last array (views included) was freed, up to RECYCLE_KEEP_BYTES kept in all; a loop that
+# calls an op and drops each result pays the faults twice, then never.
+RECYCLE_MIN_BYTES = 1 << 20
+RECYCLE_KEEP_BYTES = 128 << 20
+_kept: dict[int, list] = {}  # bytes -> buffers (uint8 arrays) whose arrays are gone
+_kept_bytes = 0
+_kept_lock = threading.Lock()
+
+
+class _Recycled:
+    """One kept buffer presented as an array through ``__array_interface__``: NumPy makes this
+    object the array's base, so it lives exactly as long as the result and its views, and then
+    hands its buffer back."""
+
+    __slots__ = ("buffer", "__array_interface__")
+
+    def __init__(self, buffer, shape, dtype):
+        self.buffer = buffer
+        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "version": 3,
+                                    "data": (buffer.ctypes.data, False)}
+
+    def __del__(self):
+        try:
+            _keep(self.buffer)
+        except Exception:  # interpreter shutdown: the module's globals may be gone
+            pass
+
+
+def _keep(buffer):
+    global _kept_bytes
+    with _kept_lock:
+        if _kept_bytes + buffer.nbytes <= RECYCLE_KEEP_BYTES:
+            _kept.setdefault(buffer.nbytes, []).append(buffer)
+            _kept_bytes += buffer.nbytes
+
+
+def _fresh(shape, dtype):
+    """A new C-ordered array for a result (its contents undefined), from a kept buffer of the
+    same size when there is one."""
+    global _kept_bytes
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < RECYCLE_MIN_BYTES:
+        return np.empty(shape, dtype)
+    with _kept_lock:
+        buffers = _kept.get(nbytes)
+        buffer = buffers.pop() if buffers else None
+        if buffer is not None:
+            _kept_bytes -= nbytes
+    if buffer is None:
+        buffer = np.empty(nbytes, np.uint8)
+    return np.asarray(_Recycled(buffer, tuple(shape), dtype))
+
+
+def release_kept_buffers() -> int:
+    """Give every kept result buffer back to the allocator; returns the bytes released."""
+    global _kept_bytes
+    with _kept_lock:
+        released, _kept_bytes = _kept_bytes, 0
+        _kept.clear()
+    return released
+
+
 def _target(out, shape, dtype, inputs, *, contiguous=False):
     """Where a kernel writes: ``out`` itself when safe, else a fresh array copied into ``out``.
 
@@ -209,13 +280,13 @@ def _target(out, shape, dtype, inputs, *, contiguous=False):
     a partial overlap, or a strided ``out`` where the kernel needs C order, goes via a scratch.
     """
     if out is None:
-        return np.empty(shape, dtype)
+        return _fresh(shape, dtype)
     _check_out(out, shape, dtype)
     overlaps = False
     for a in inputs:
         overlaps = overlaps or (out is not a and np.may_share_memory(out, a))
     if overlaps or (contiguous and not out.flags.c_contiguous):
-        return np.empty(shape, dtype)
+        return _fresh(shape, dtype)
     return out
 
 

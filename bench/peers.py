@@ -1,4 +1,5 @@
-"""xpnet ``fit`` on the GPU against the compiled peers, on the same GPU in the same run.
+"""xpnet ``fit`` on the GPU against the compiled peers, on the same GPU in the same run; the
+peers' trainers (``TorchGraphEpoch``, ``JaxScanEpoch``) also serve the CPU training benchmark.
 
 Two recipes on MNIST (60,000 train / 10,000 test images scaled to [0, 1], float32, batch 128,
 every image once per epoch in a fresh random order, the last batch 96 images), each model
@@ -25,8 +26,8 @@ Implementations (each reads the epoch's summed loss and correct count once per e
 
 Every timed run is preceded by a warm-up run of the same kind (compilation, CUDA init).
 
-    python3 bench/cuda_peers.py --seeds 3 --out bench/results/cuda-H200-peers.json   # a GPU
-    python3 bench/cuda_peers.py --smoke      # CPU: the peers' code on 2,048 images, no timing claims
+    python3 bench/peers.py --seeds 3 --out bench/results/cuda-H200-peers.json   # a GPU
+    python3 bench/peers.py --smoke      # CPU: the peers' code on 2,048 images, no timing claims
 """
 
 from __future__ import annotations
