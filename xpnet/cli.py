@@ -235,13 +235,16 @@ def _resumed(args, parser):
 
 def cmd_train(args) -> int:
     from .backend import get_backend
-    from .recipes import build
+    from .distributed import launched_rank
     from .runs import RunRecorder
 
     if args.resume:
         args = _resumed(args, _parser())
     backend = get_backend(args.backend)  # no CuPy for "cuda": said now, before any folder or data
     settings = _settings(args)
+    # under mpiexec or srun every rank trains (fit finds the launcher); rank 0 alone records and prints
+    if launched_rank() != 0:
+        return _train_as_follower(args, backend, settings)
     out = Path(args.out) if args.out else _new_run_folder(args.arch)
     config = {"command": ["xpnet", *args.argv], "cwd": os.getcwd()}
     recorder = RunRecorder(out, config=config, overwrite=args.overwrite, resume=bool(args.resume))
@@ -251,12 +254,7 @@ def cmd_train(args) -> int:
         if args.resume and sorted(hashes.values()) != sorted((args.recorded_data or {}).values()):
             raise ValueError(f"the data differ from those {out} was trained on (sha256 {args.recorded_data})")
         recorder.extra_config["data"] = hashes
-        layers = args.layers
-        if layers is None and args.arch == "mlp" and _is_data_file(args.data):
-            classes = int(max(y_train.max(), -1 if y_test is None else y_test.max())) + 1
-            layers = [int(np.prod(X_train.shape[1:])), 50, 25, max(classes, 2)]
-        model = build(args.arch, layers=layers, activation=args.activation, dtype=args.dtype, seed=args.seed,
-                      backend=backend)
+        model = _model_for(args, backend, X_train, y_train, y_test)
         test = None if X_test is None else (X_test, y_test)
         recorder.eval_data = test
         print(f"{model}: {model.count_params():,} parameters", file=sys.stderr)
@@ -286,6 +284,32 @@ def cmd_train(args) -> int:
         print(f"xpnet train: stopped: {history.warnings[-1]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _model_for(args, backend, X_train, y_train, y_test):
+    """The model ``xpnet train`` builds for these settings and data."""
+    from .recipes import build
+
+    layers = args.layers
+    if layers is None and args.arch == "mlp" and _is_data_file(args.data):
+        classes = int(max(y_train.max(), -1 if y_test is None else y_test.max())) + 1
+        layers = [int(np.prod(X_train.shape[1:])), 50, 25, max(classes, 2)]
+    return build(args.arch, layers=layers, activation=args.activation, dtype=args.dtype, seed=args.seed,
+                 backend=backend)
+
+
+def _train_as_follower(args, backend, settings) -> int:
+    """A rank other than 0 of a distributed ``xpnet train``: the same training, silently, with no
+    run folder; rank 0 records, prints and saves. Its exit status is rank 0's."""
+    if args.resume:
+        raise ValueError("--resume is not supported with distributed training yet")
+    X_train, y_train, X_test, y_test, _ = _load_data(args.data, args.test_data)
+    model = _model_for(args, backend, X_train, y_train, y_test)
+    test = None if X_test is None else (X_test, y_test)
+    history = model.fit(X_train, y_train, **settings, momentum=args.momentum, nesterov=args.nesterov,
+                        weight_decay=args.weight_decay, validation_data=test, verbose=0,
+                        on_divergence=args.on_divergence)
+    return 1 if history.diverged else 0
 
 
 def _model_file(path) -> Path:

@@ -393,6 +393,9 @@ class Sequential:
             row, the loss stays above the first epoch's or accuracy is at chance (a
             ``DivergenceWarning``, also in ``History.warnings`` and the run record). A loss that
             is not finite always ends training, with the weights of the last finished epoch.
+        distributed : None (default: when started by ``mpiexec``/``srun`` with several
+            processes), True or False: data-parallel training (``xpnet.distributed``);
+            ``batch_size`` is then the global batch, split between the ranks
         """
         from .training import fit
 

@@ -14,6 +14,7 @@ they have never seen gets the reference); each is tested against the reference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -23,6 +24,8 @@ import numpy as np
 
 from . import functional as F
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
+from .distributed import GradientSum, shard
+from .distributed import for_fit as distributed_for_fit
 from .layers import Dense, Dropout
 from .optim import make_optimizer
 
@@ -148,20 +151,32 @@ def _graph_trainer(model, opt, X, y, batch_size):
     return cuda_graph.trainer_for(model, opt, X, y, batch_size)
 
 
-def _run_epoch(step, opt, params, X, y, order, batch_size, progress):
-    """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count."""
+def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum=None):
+    """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count.
+
+    With ``gradient_sum`` (a ``distributed.GradientSum``) each batch is a global one: this rank
+    trains on its shard of the rows, and the step's gradients are summed over the ranks, each
+    weighted by its share of the rows, before the update."""
     n = int(X.shape[0])
     loss_sum = correct = 0
+    grads = None
     for lo in progress(range(0, n, batch_size)):
         hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
-        if order is not None:
-            xb, yb = step.take_batch(X, y, order[lo:hi])
-        else:
-            xb, yb = X[lo:hi, ...], y[lo:hi]
-        batch_loss, batch_correct = step(xb, yb)
-        opt.step(params, step.gradients())
-        loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
-        correct = correct + batch_correct
+        rows = hi - lo
+        if gradient_sum is not None:
+            lo, hi = shard(lo, hi, gradient_sum.comm.rank, gradient_sum.comm.size)
+        if hi > lo:  # a rank's shard of a short last batch may be empty
+            if order is not None:
+                xb, yb = step.take_batch(X, y, order[lo:hi])
+            else:
+                xb, yb = X[lo:hi, ...], y[lo:hi]
+            batch_loss, batch_correct = step(xb, yb)
+            grads = step.gradients()
+            loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
+            correct = correct + batch_correct
+        if gradient_sum is not None:
+            gradient_sum(grads, (hi - lo) / rows)
+        opt.step(params, grads)
     return loss_sum, correct
 
 
@@ -193,6 +208,7 @@ def fit(
     resume=False,
     initial_epoch=0,
     on_divergence="warn",
+    distributed=None,
 ) -> History:
     """Train ``model`` by mini-batch gradient descent on the mean cross-entropy.
 
@@ -205,112 +221,147 @@ def fit(
     finished epoch, so the rest of the run is bit for bit the one it would have been; the
     settings must be those the run was recorded with.
     """
-    epochs = _check_int("epochs", epochs, 0)
-    initial_epoch = _check_int("initial_epoch", initial_epoch, 0)
-    if initial_epoch > epochs:
-        raise ValueError(f"initial_epoch must be <= epochs ({epochs}), got {initial_epoch}")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    opt = make_optimizer(
-        optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule
-    )
-    if not model.built:
-        model.build(model._shape_from_data(X))
-    rows = getattr(X, "shape", (None,))[0]
-    step = _training_step(model, min(batch_size, rows) if isinstance(rows, int) and rows > 0 else batch_size)
-    X, y, val = _split_validation(
-        model, X, y, validation_data, validation_split, keep_pixels=step.takes_pixels
-    )
-    if on_divergence not in ON_DIVERGENCE:
-        raise ValueError(f"on_divergence must be one of {ON_DIVERGENCE}, got {on_divergence!r}")
-    callbacks = list(callbacks)
-    monitor = None if on_divergence == "ignore" else DivergenceMonitor(stop=on_divergence == "stop")
-    if monitor is not None:
-        callbacks.insert(0, monitor)
-    if run_dir is not None:
-        from .runs import RunRecorder
-
-        callbacks.append(RunRecorder(run_dir, resume=resume))
-    elif resume:
-        raise ValueError("resume=True continues the run recorded in run_dir: give run_dir")
-    for cb in callbacks:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks must be xpnet.callbacks.Callback objects, got {cb!r}")
-    history = History()
-    callbacks.insert(0, history)
-
-    backend = model.backend
-    n = int(X.shape[0])
-    params = model.parameters()
-    settings = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "optimizer": repr(opt),
-        "lr": opt.base_lr,
-        "weight_decay": opt.weight_decay,
-        "schedule": repr(opt.schedule) if opt.schedule else "constant",
-        "shuffle": bool(shuffle),
-        "n_train": n,
-        "n_val": int(val[0].shape[0]) if val else 0,
-        "chance_accuracy": _chance_accuracy(backend.xp, y, model.n_classes),
-    }
-    # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
-    in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
-    model.stop_training = False
-    begun = []  # the callbacks whose run has started, and so must be told it ended
-    try:
-        for cb in callbacks:
-            cb.model, cb.optimizer = model, opt
-            cb.on_train_begin(dict(settings))
-            begun.append(cb)
-        resumed = [cb.initial_epoch for cb in callbacks if cb.initial_epoch is not None]
-        if resumed and initial_epoch:
-            raise ValueError("give initial_epoch or resume a recorded run, not both")
-        first_epoch = resumed[0] if resumed else initial_epoch
-        # after the callbacks began: a resumed optimizer's state is the one the graph adopts
-        graphs = _graph_trainer(model, opt, X, y, batch_size)
-        for epoch in range(first_epoch, epochs):
-            start = time.perf_counter()
-            opt.start_epoch(epoch, epochs)
-            last_good = _copies(backend.xp, params)
-            order = backend.asarray(model._rng.permutation(n)) if shuffle else in_sequence
-            if graphs is not None:
-                loss_sum, correct = graphs.run_epoch(order)
-            else:
-                progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
-                loss_sum, correct = _run_epoch(step, opt, params, X, y, order, batch_size, progress)
-            logs = {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
-            if not math.isfinite(logs["loss"]):
-                # the weights are no longer numbers: end with those of the last finished epoch
-                for p, good in zip(params, last_good):
-                    p[...] = good
-                restored = f"the weights of epoch {epoch}" if epoch > first_epoch else "the weights it started with"
-                history.warnings.append(
-                    f"training diverged: the loss became {logs['loss']} in epoch {epoch + 1}; lower the learning "
-                    f"rate (lr={opt.lr:.4g}); {restored} were restored and training stopped"
-                )
-                history.diverged = True
-                warnings.warn(history.warnings[-1], DivergenceWarning, stacklevel=3)
-                break
-            if val is not None:
-                scores = model._evaluate_prepared(*val)
-                logs.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
-            logs["seconds"] = time.perf_counter() - start
-            logs["lr"] = opt.lr
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, logs)
-            if verbose:
-                line = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k not in ("seconds", "lr"))
-                print(f"epoch {epoch + 1}/{epochs} - {logs['seconds']:.2f}s - {line}", file=sys.stderr)
-            if model.stop_training:
-                break
-    finally:
+    comm = distributed_for_fit(distributed, model.backend.name)
+    if comm is not None and comm.rank != 0:
+        verbose, run_dir = 0, None  # rank 0 alone prints and records
+    with _failure_ends_the_job(comm):
+        epochs = _check_int("epochs", epochs, 0)
+        initial_epoch = _check_int("initial_epoch", initial_epoch, 0)
+        if initial_epoch > epochs:
+            raise ValueError(f"initial_epoch must be <= epochs ({epochs}), got {initial_epoch}")
+        batch_size = _check_int("batch_size", batch_size, 1)
+        if comm is not None:
+            if batch_size < comm.size:
+                raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {comm.size} ranks")
+            if resume:
+                raise ValueError("resume=True is not supported with distributed training yet")
+        opt = make_optimizer(
+            optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule
+        )
+        if not model.built:
+            model.build(model._shape_from_data(X))
+        rows = getattr(X, "shape", (None,))[0]
+        step = _training_step(model, min(batch_size, rows) if isinstance(rows, int) and rows > 0 else batch_size)
+        X, y, val = _split_validation(
+            model, X, y, validation_data, validation_split, keep_pixels=step.takes_pixels
+        )
+        if on_divergence not in ON_DIVERGENCE:
+            raise ValueError(f"on_divergence must be one of {ON_DIVERGENCE}, got {on_divergence!r}")
+        callbacks = list(callbacks)
+        monitor = None if on_divergence == "ignore" else DivergenceMonitor(stop=on_divergence == "stop")
         if monitor is not None:
-            history.warnings[:0] = monitor.warnings
-            history.diverged = history.diverged or monitor.diverged
-        end = {"epochs_run": len(history.epoch), "warnings": list(history.warnings), "diverged": history.diverged}
-        for cb in begun:
-            cb.on_train_end(dict(end))
-    return history
+            callbacks.insert(0, monitor)
+        if run_dir is not None:
+            from .runs import RunRecorder
+
+            callbacks.append(RunRecorder(run_dir, resume=resume))
+        elif resume:
+            raise ValueError("resume=True continues the run recorded in run_dir: give run_dir")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be xpnet.callbacks.Callback objects, got {cb!r}")
+        history = History()
+        callbacks.insert(0, history)
+
+        backend = model.backend
+        n = int(X.shape[0])
+        params = model.parameters()
+        settings = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "optimizer": repr(opt),
+            "lr": opt.base_lr,
+            "weight_decay": opt.weight_decay,
+            "schedule": repr(opt.schedule) if opt.schedule else "constant",
+            "shuffle": bool(shuffle),
+            "n_train": n,
+            "n_val": int(val[0].shape[0]) if val else 0,
+            "chance_accuracy": _chance_accuracy(backend.xp, y, model.n_classes),
+        }
+        if comm is not None:
+            settings["ranks"] = comm.size
+        # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
+        in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
+        model.stop_training = False
+        begun = []  # the callbacks whose run has started, and so must be told it ended
+        try:
+            for cb in callbacks:
+                cb.model, cb.optimizer = model, opt
+                cb.on_train_begin(dict(settings))
+                begun.append(cb)
+            resumed = [cb.initial_epoch for cb in callbacks if cb.initial_epoch is not None]
+            if resumed and initial_epoch:
+                raise ValueError("give initial_epoch or resume a recorded run, not both")
+            first_epoch = resumed[0] if resumed else initial_epoch
+            gradient_sum = None
+            if comm is not None:  # every rank starts from rank 0's weights
+                for p in params:
+                    comm.broadcast(p)
+                gradient_sum = GradientSum(comm, backend.xp, params)
+            # after the callbacks began: a resumed optimizer's state is the one the graph adopts;
+            # distributed training takes the eager loop, whose steps the all-reduce goes between
+            graphs = None if comm is not None else _graph_trainer(model, opt, X, y, batch_size)
+            for epoch in range(first_epoch, epochs):
+                start = time.perf_counter()
+                opt.start_epoch(epoch, epochs)
+                last_good = _copies(backend.xp, params)
+                order = model._rng.permutation(n) if shuffle else in_sequence
+                if comm is not None and shuffle:
+                    comm.broadcast(order)  # rank 0's shuffle, whatever the others' seeds
+                order = backend.asarray(order) if shuffle else order
+                if graphs is not None:
+                    loss_sum, correct = graphs.run_epoch(order)
+                else:
+                    progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
+                    loss_sum, correct = _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum)
+                totals = np.array([float(loss_sum), float(correct)])
+                if comm is not None:
+                    comm.sum(totals)
+                logs = {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n}
+                if not math.isfinite(logs["loss"]):
+                    # the weights are no longer numbers: end with those of the last finished epoch
+                    for p, good in zip(params, last_good):
+                        p[...] = good
+                    restored = f"the weights of epoch {epoch}" if epoch > first_epoch else "the weights it started with"
+                    history.warnings.append(
+                        f"training diverged: the loss became {logs['loss']} in epoch {epoch + 1}; lower the learning "
+                        f"rate (lr={opt.lr:.4g}); {restored} were restored and training stopped"
+                    )
+                    history.diverged = True
+                    warnings.warn(history.warnings[-1], DivergenceWarning, stacklevel=3)
+                    break
+                if val is not None:
+                    scores = model._evaluate_prepared(*val)
+                    logs.update(val_loss=scores["loss"], val_accuracy=scores["accuracy"])
+                logs["seconds"] = time.perf_counter() - start
+                logs["lr"] = opt.lr
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, logs)
+                if verbose:
+                    line = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k not in ("seconds", "lr"))
+                    print(f"epoch {epoch + 1}/{epochs} - {logs['seconds']:.2f}s - {line}", file=sys.stderr)
+                if model.stop_training:
+                    break
+        finally:
+            if monitor is not None:
+                history.warnings[:0] = monitor.warnings
+                history.diverged = history.diverged or monitor.diverged
+            end = {"epochs_run": len(history.epoch), "warnings": list(history.warnings), "diverged": history.diverged}
+            for cb in begun:
+                cb.on_train_end(dict(end))
+        return history
+
+
+@contextlib.contextmanager
+def _failure_ends_the_job(comm):
+    """An exception on one rank of several ends every rank (the others may be waiting in a
+    collective call for this one), after a line naming the rank and the error."""
+    try:
+        yield
+    except Exception as exc:
+        if comm is not None and comm.size > 1:
+            comm.abort(f"{type(exc).__name__}: {exc}")
+        raise
 
 
 #: what ``fit`` does when training diverges (see ``callbacks.DivergenceMonitor``)
