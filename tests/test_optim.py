@@ -504,3 +504,26 @@ def test_one_stateless_optimizer_steps_numpy_and_then_other_arrays():
     for a, b, e in zip(np_live, xs_live, expected):
         np.testing.assert_allclose(a, e, rtol=1e-13)
         np.testing.assert_allclose(np.asarray(b), e, rtol=1e-13)
+
+
+def test_a_new_optimizer_is_one_subclass_and_its_subclasses_keep_its_formula():
+    """The module's promise: a new optimizer is a subclass with ``_update``; no weight decay unless asked."""
+
+    class Plain(optim.Optimizer):
+        def _update(self, p, g, state):
+            p -= self.lr * g
+
+    p, g = np.array([1.0, 2.0]), np.array([0.5, -1.0])
+    Plain(0.1).step([p], [g])
+    np.testing.assert_allclose(p, [0.95, 2.1], rtol=1e-15)
+
+    class SignSGD(SGD):
+        def _update(self, p, g, state):
+            p -= self.lr * np.sign(g)
+
+    class Deeper(SignSGD):  # inherits the changed formula, and still no kernel for it
+        pass
+
+    p = np.array([1.0, 2.0, 3.0])
+    Deeper(lr=0.1).step([p], [np.array([0.5, -4.0, 0.0])])
+    np.testing.assert_array_equal(p, [0.9, 2.1, 3.0])
