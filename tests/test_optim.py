@@ -10,6 +10,7 @@ Everything in float64, several steps with a fresh gradient each.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -404,3 +405,125 @@ def test_a_state_that_is_not_this_optimizers_is_refused(state, match):
     params, _ = problem()
     with pytest.raises(ValueError, match=match):
         Adam().load_state_dict(state, params)
+
+
+# --- messages, defaults and the fused-kernel switch, as a user meets them -------------------------
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: SGD(lr=-0.1), ValueError, "lr must be in >= 0, got -0.1"),
+    (lambda: SGD(lr=0), ValueError, "lr must be > 0, got 0"),
+    (lambda: SGD(momentum=1.0), ValueError, "momentum must be in [0, 1.0), got 1.0"),
+    (lambda: SGD(weight_decay=-0.1), ValueError, "weight_decay must be in >= 0, got -0.1"),
+    (lambda: SGD(nesterov=True), ValueError, "nesterov=True needs momentum > 0"),
+    (lambda: Adam(betas=(1.0, 0.9)), ValueError, "betas[0] must be in [0, 1.0), got 1.0"),
+    (lambda: Adam(betas=(0.9, -1)), ValueError, "betas[1] must be in [0, 1.0), got -1"),
+    (lambda: Adam(eps=-1), ValueError, "eps must be in >= 0, got -1"),
+    (lambda: Adam(eps=float("nan")), TypeError, "eps must be a finite number, got nan"),
+    (lambda: CosineLR(min_factor=-1.0), ValueError, "min_factor must be in >= 0, got -1.0"),
+    (lambda: StepLR(2, gamma=-0.5), ValueError, "gamma must be in >= 0, got -0.5"),
+    (lambda: make_optimizer(SGD(), lr=0.1, momentum=0.9, schedule="cosine", weight_decay=0.1), ValueError,
+     "set lr, momentum, schedule, weight_decay on the optimizer object, not beside it"),
+    (lambda: SGD().load_state_dict({"0.v": np.zeros(3)}, [np.zeros(3)]), ValueError,
+     "optimizer state '0.v' is not one SGD(lr=0.01, momentum=0.0, nesterov=False) keeps for 1 parameters "
+     "(each has none)"),
+])
+def test_refusals_name_the_setting_and_the_allowed_range(make, error, message):
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        make()
+
+
+def test_defaults_a_user_relies_on():
+    assert StepLR(1)(2, 10) == pytest.approx(0.01)  # gamma 0.1
+    opt = make_optimizer()
+    assert type(opt) is SGD and opt.lr == 0.01
+    opt = SGD(lr=0.1)
+    opt.start_epoch(3, 10)  # no schedule: the base rate every epoch
+    assert opt.lr == 0.1
+    assert repr(AdamW()) == "AdamW(lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01)"
+
+
+def test_adamw_follows_its_schedule():
+    opt = AdamW(lr=0.01, schedule="cosine")
+    opt.start_epoch(5, 10)
+    assert opt.lr == pytest.approx(0.005)
+
+
+def test_a_subclass_that_changes_the_formula_is_used_instead_of_the_kernel():
+    class SignSGD(SGD):
+        def _update(self, p, g, state):
+            p -= self.lr * np.sign(g)
+
+    p, g = np.array([1.0, 2.0, 3.0]), np.array([0.5, -4.0, 0.0])
+    SignSGD(lr=0.1).step([p], [g])
+    np.testing.assert_array_equal(p, [0.9, 2.1, 3.0])
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(lr=0.1, momentum=0.9), lambda: Adam(lr=0.01)], ids=["sgd", "adam"])
+def test_any_parameter_layout_or_namespace_takes_the_same_steps(make):
+    """Views, mixed precision, other namespaces: the update is the same (the kernel takes only what it can)."""
+    import array_api_strict as xs
+
+    params, grads = problem(3)
+    expected = run(make(), params, grads)
+    # a non-contiguous view of a parameter, updated in place
+    base = np.zeros((3, 4))
+    base[...] = params[0].T
+    live = [base.T, params[1].copy()]
+    opt = make()
+    for step_grads in grads:
+        opt.step(live, [g.copy() for g in step_grads])
+    np.testing.assert_allclose(base.T, expected[0], rtol=1e-13)
+    # float32 gradients for float64 parameters
+    live = [p.copy() for p in params]
+    opt = make()
+    for step_grads in grads:
+        opt.step(live, [g.astype(np.float32) for g in step_grads])
+    for a, e in zip(live, run(make(), params, [[g.astype(np.float32).astype(np.float64) for g in s] for s in grads])):
+        np.testing.assert_allclose(a, e, rtol=1e-6)  # Adam squares the float32 gradient in float32
+    # array_api_strict arrays
+    live = [xs.asarray(p.copy()) for p in params]
+    opt = make()
+    for step_grads in grads:
+        opt.step(live, [xs.asarray(g.copy()) for g in step_grads])
+    for a, e in zip(live, expected):
+        np.testing.assert_allclose(np.asarray(a), e, rtol=1e-12)
+
+
+def test_one_stateless_optimizer_steps_numpy_and_then_other_arrays():
+    import array_api_strict as xs
+
+    params, grads = problem(4)
+    expected = run(SGD(lr=0.1), params, grads)
+    opt = SGD(lr=0.1)
+    np_live = [p.copy() for p in params]
+    xs_live = [xs.asarray(p.copy()) for p in params]
+    for step_grads in grads:
+        opt.step(np_live, [g.copy() for g in step_grads])
+        opt.step(xs_live, [xs.asarray(g.copy()) for g in step_grads])
+    for a, b, e in zip(np_live, xs_live, expected):
+        np.testing.assert_allclose(a, e, rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(b), e, rtol=1e-13)
+
+
+def test_a_new_optimizer_is_one_subclass_and_its_subclasses_keep_its_formula():
+    """The module's promise: a new optimizer is a subclass with ``_update``; no weight decay unless asked."""
+
+    class Plain(optim.Optimizer):
+        def _update(self, p, g, state):
+            p -= self.lr * g
+
+    p, g = np.array([1.0, 2.0]), np.array([0.5, -1.0])
+    Plain(0.1).step([p], [g])
+    np.testing.assert_allclose(p, [0.95, 2.1], rtol=1e-15)
+
+    class SignSGD(SGD):
+        def _update(self, p, g, state):
+            p -= self.lr * np.sign(g)
+
+    class Deeper(SignSGD):  # inherits the changed formula, and still no kernel for it
+        pass
+
+    p = np.array([1.0, 2.0, 3.0])
+    Deeper(lr=0.1).step([p], [np.array([0.5, -4.0, 0.0])])
+    np.testing.assert_array_equal(p, [0.9, 2.1, 3.0])
