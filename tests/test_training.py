@@ -602,13 +602,15 @@ def test_verbose_prints_one_line_of_metrics_per_epoch_to_stderr(rng, capsys):
     history = xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=2, batch_size=8, validation_split=0.25, verbose=1)
     out, err = capsys.readouterr()
     assert out == ""
-    lines = [line for line in err.splitlines() if line.startswith("epoch ") and " - loss: " in line]
+    # a progress bar per epoch, of its 4 batches, erased when the epoch ends: then the line of metrics
+    assert "epoch 1/2:   0%|" in err and "epoch 2/2:   0%|" in err and "| 0/4 [" in err and "batch/s]" in err
+    lines = [line.split("\r")[-1] for line in err.split("\n") if line.strip()]
     assert len(lines) == 2
     for epoch, line in enumerate(lines):
         assert re.fullmatch(
             rf"epoch {epoch + 1}/2 - \d+\.\d\ds - loss: {history['loss'][epoch]:.4f} - accuracy: "
             rf"{history['accuracy'][epoch]:.4f} - val_loss: {history['val_loss'][epoch]:.4f} - val_accuracy: "
-            rf"{history['val_accuracy'][epoch]:.4f}", line.split("\r")[-1]), line
+            rf"{history['val_accuracy'][epoch]:.4f}", line), line
     xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=2, verbose=0)
     assert capsys.readouterr() == ("", "")
 
@@ -959,3 +961,24 @@ def test_the_divergence_warning_names_the_epoch_the_rate_and_what_was_restored(r
     assert re.fullmatch(r"training diverged: the loss became (nan|inf) in epoch 3; lower the learning rate "
                         r"\(lr=5e\+28\); the weights of epoch 2 were restored and training stopped", message), message
     assert history.warnings == [message] and history.epoch == [0, 1]
+
+
+def test_one_training_row(rng):
+    """The smallest data set, one row (chance is then 1), even with a huge batch size (the CPU
+    step's buffers are sized by the rows, not by batch_size)."""
+    import tracemalloc
+
+    X, y = small_problem(rng, n=1)
+    xpnet.MLP([5, 4, 3], dtype="float64", seed=0).fit(X, y, epochs=1, batch_size=1, verbose=0)  # compiles the step
+    model = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+    start = model.get_weights()
+    tracemalloc.start()
+    try:
+        history = model.fit(X, y, epochs=1, batch_size=10**7, lr=0.5, verbose=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"fit allocated {peak / 2**20:.0f} MiB for 1 row"
+    assert history.params["chance_accuracy"] == 1.0 and history.params["n_train"] == 1
+    assert_weights_close(model.get_weights(), np_sgd_step(start, X, y, 0.5), rtol=1e-12)
+    assert history["loss"] == [pytest.approx(np_loss(start, X, y), rel=1e-12)]
