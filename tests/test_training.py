@@ -982,3 +982,63 @@ def test_one_training_row(rng):
     assert history.params["chance_accuracy"] == 1.0 and history.params["n_train"] == 1
     assert_weights_close(model.get_weights(), np_sgd_step(start, X, y, 0.5), rtol=1e-12)
     assert history["loss"] == [pytest.approx(np_loss(start, X, y), rel=1e-12)]
+
+
+@pytest.mark.filterwarnings("ignore::xpnet.callbacks.DivergenceWarning")
+def test_the_defaults(rng, capsys):
+    """10 epochs of shuffled batches of 128, plain SGD at 0.01, no validation, a line per epoch."""
+    X, y = separable(rng, n=300)
+    history = xpnet.MLP([12, 4], seed=0).fit(X, y)
+    assert history.epoch == list(range(10))
+    params = history.params
+    assert (params["epochs"], params["batch_size"], params["shuffle"], params["n_val"]) == (10, 128, True, 0)
+    assert params["optimizer"] == "SGD(lr=0.01, momentum=0.0, nesterov=False)" and params["schedule"] == "constant"
+    err = capsys.readouterr().err
+    assert "epoch 1/10 - " in err and "epoch 10/10 - " in err
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_run_warned_of_divergence_then_diverging_keeps_both_warnings_in_order(rng):
+    X, y = separable(rng)
+    seen = EndLogs()
+    with pytest.warns(DivergenceWarning) as caught:
+        history = xpnet.MLP([12, 32, 4], seed=0).fit(X, y, epochs=6, lr=3.0, verbose=0, callbacks=[seen],
+                                                     schedule=lambda epoch, epochs: 1.0 if epoch < 4 else 1e30)
+    messages = [str(w.message) for w in caught if w.category is DivergenceWarning]
+    assert len(messages) == 2
+    assert "at epoch 4, loss" in messages[0] and "the loss became" in messages[1]
+    assert history.warnings == messages and seen.end["warnings"] == messages
+    assert history.diverged and seen.end["diverged"] and history.epoch == [0, 1, 2, 3]
+
+
+def test_fit_on_the_array_api_reference_namespace_reports_numpys_numbers(monkeypatch):
+    """array_api_strict allows only what the standard does: the reference step, validation and
+    chance level computed there give the NumPy run's numbers."""
+    xs = pytest.importorskip("array_api_strict")
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    rng = np.random.default_rng(25)
+    X, y = small_problem(rng)
+    y[:4] = 1  # the most common class: chance above a third
+    settings = dict(epochs=2, batch_size=8, lr=0.2, validation_split=0.25, verbose=0)
+    strict = xpnet.MLP([5, 4, 3], dtype="float64", seed=0, backend=xs)
+    history = strict.fit(X, y, **settings)
+    plain = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+    expected = plain.fit(X, y, **settings)
+    assert history.params["chance_accuracy"] == expected.params["chance_accuracy"] > 1 / 3
+    assert history["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+    assert history["accuracy"] == expected["accuracy"]
+    assert history["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-12)
+    assert_weights_close(strict.get_weights(), plain.get_weights(), rtol=1e-10)
+
+
+def test_the_training_loss_is_that_of_the_network_with_dropout_on(monkeypatch, kernels):
+    """Dropout is on while training (the reference step): the epoch's loss, at a learning rate too
+    small to move the weights, is not the loss of the same weights evaluated without it."""
+    from xpnet.layers import Dense, Dropout
+
+    rng = np.random.default_rng(26)
+    X, y = small_problem(rng, n=64)
+    model = xpnet.Sequential([Dense(32, activation="relu"), Dropout(0.8), Dense(3)], input_shape=(5,),
+                             dtype="float64", seed=0)
+    history = model.fit(X, y, epochs=1, batch_size=64, lr=1e-12, shuffle=False, verbose=0)
+    assert history["loss"][0] != pytest.approx(model.evaluate(X, y)["loss"], rel=1e-3)
