@@ -9,10 +9,11 @@ mini-batch is back-propagated by hand. Everything is float64.
 from __future__ import annotations
 
 import itertools
-import re
-import threading
 import json
 import math
+import os
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -731,7 +732,7 @@ class ThreadRanks:
 
     def __init__(self, size):
         self.size = size
-        self.barrier = threading.Barrier(size, timeout=30)
+        self.barrier = threading.Barrier(size, timeout=10)
         self.slots = [None] * size
         self.aborted = []
         self.local = threading.local()
@@ -755,7 +756,7 @@ class ThreadRanks:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
+            t.join(30)
         return results, errors
 
 
@@ -1042,3 +1043,21 @@ def test_the_training_loss_is_that_of_the_network_with_dropout_on(monkeypatch, k
                              dtype="float64", seed=0)
     history = model.fit(X, y, epochs=1, batch_size=64, lr=1e-12, shuffle=False, verbose=0)
     assert history["loss"][0] != pytest.approx(model.evaluate(X, y)["loss"], rel=1e-3)
+
+
+# mutmut calls every function of a mutated module through a trampoline: one more stack frame
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines shift the stack")
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_the_non_finite_loss_warning_points_at_the_users_fit_call(rng):
+    X, y = separable(rng)
+    with pytest.warns(DivergenceWarning, match="the loss became") as caught:
+        xpnet.MLP([12, 64, 4], seed=0).fit(X, y, epochs=2, lr=1e30, verbose=0)
+    assert [w.filename for w in caught if w.category is DivergenceWarning] == [__file__]
+
+
+def test_a_label_per_row(rng):
+    X, y = small_problem(rng)
+    with pytest.raises(ValueError, match=r"^X has 40 rows but y has 39 labels$"):
+        xpnet.MLP([5, 3]).fit(X, y[:-1], verbose=0)
+    with pytest.raises(ValueError, match=r"^X has 40 rows but y has 41 labels$"):
+        xpnet.MLP([5, 3]).fit(X, np.append(y, 0), verbose=0)
