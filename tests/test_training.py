@@ -1061,3 +1061,6 @@ def test_a_label_per_row(rng):
         xpnet.MLP([5, 3]).fit(X, y[:-1], verbose=0)
     with pytest.raises(ValueError, match=r"^X has 40 rows but y has 41 labels$"):
         xpnet.MLP([5, 3]).fit(X, np.append(y, 0), verbose=0)
+    Xv, yv = small_problem(rng, n=13)
+    with pytest.raises(ValueError, match=r"^X has 13 rows but y has 12 labels$"):
+        xpnet.MLP([5, 3]).fit(X, y, validation_data=(Xv, yv[:-1]), verbose=0)
