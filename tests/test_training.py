@@ -507,7 +507,7 @@ def test_initial_epoch_runs_the_remaining_epochs_at_their_scheduled_rates(rng):
     assert xpnet.MLP([12, 8, 4]).fit(X, y, epochs=3, initial_epoch=3, verbose=0).epoch == []
     with pytest.raises(ValueError, match=r"initial_epoch must be <= epochs \(3\), got 4"):
         xpnet.MLP([12, 8, 4]).fit(X, y, epochs=3, initial_epoch=4)
-    with pytest.raises(ValueError, match="resume=True continues the run recorded in run_dir"):
+    with pytest.raises(ValueError, match="^resume=True continues the run recorded in run_dir: give run_dir$"):
         xpnet.MLP([12, 8, 4]).fit(X, y, resume=True)
 
 
@@ -795,7 +795,7 @@ def thread_ranks(monkeypatch):
     return ranks
 
 
-@pytest.mark.parametrize("n,batch_size,shuffle", [(41, 8, True), (33, 16, False), (17, 32, True)])
+@pytest.mark.parametrize("n,batch_size,shuffle", [(41, 8, True), (33, 16, False), (17, 32, True), (9, 2, True)])
 def test_two_ranks_train_as_one_process_with_the_global_batch(thread_ranks, n, batch_size, shuffle):
     """Seeded differently, the ranks start from rank 0's weights and follow rank 0's shuffle; each
     global batch's gradient is summed from the ranks' shares (33 rows in 16s: a last batch of 1
@@ -826,18 +826,20 @@ def test_rank_0_alone_prints_and_records(thread_ranks, tmp_path, capsys):
     rng = np.random.default_rng(22)
     X, y = small_problem(rng)
 
-    def train(rank):
+    def train(rank):  # each rank with a folder of its own, as on nodes of their own
         return xpnet.MLP([5, 3], seed=rank).fit(X, y, epochs=2, batch_size=8, verbose=1, distributed=True,
-                                                 run_dir=tmp_path / "run")
+                                                 run_dir=tmp_path / f"node{rank}" / "run")
 
     (history, _), errors = thread_ranks.run(train)
     assert errors == [None, None]
+    assert (tmp_path / "node0" / "run").is_dir() and not (tmp_path / "node1").exists()
     err = capsys.readouterr().err
     assert len(re.findall(r"epoch 1/2 - \S+s - loss", err)) == 1
     assert len(re.findall(r"epoch 2/2 - \S+s - loss", err)) == 1
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    run = tmp_path / "node0" / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in metrics] == history["loss"]
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["fit"]["ranks"] == 2
+    assert json.loads((run / "config.json").read_text())["fit"]["ranks"] == 2
 
 
 def test_a_failing_rank_ends_every_rank_saying_why(thread_ranks):
@@ -1064,3 +1066,36 @@ def test_a_label_per_row(rng):
     Xv, yv = small_problem(rng, n=13)
     with pytest.raises(ValueError, match=r"^X has 13 rows but y has 12 labels$"):
         xpnet.MLP([5, 3]).fit(X, y, validation_data=(Xv, yv[:-1]), verbose=0)
+
+
+def test_nesterov_is_passed_on_to_sgd(rng):
+    X, y = small_problem(rng)
+    runs = {}
+    for nesterov in (False, True):
+        model = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+        history = model.fit(X, y, epochs=1, batch_size=8, lr=0.1, momentum=0.9, nesterov=nesterov, verbose=0)
+        assert f"nesterov={nesterov}" in history.params["optimizer"]
+        runs[nesterov] = model.get_weights()
+    assert not close(runs[False], runs[True], rtol=1e-6)
+
+
+def test_inputs_given_as_lists_train_as_arrays_do(rng):
+    X, y = small_problem(rng)
+    runs = []
+    for Xs, ys in ((X, y), (X.tolist(), y.tolist())):
+        model = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+        model.fit(Xs, ys, epochs=1, batch_size=8, lr=0.1, verbose=0)
+        runs.append(model.get_weights())
+    assert_weights_close(runs[0], runs[1], rtol=0)
+    with pytest.raises(ValueError, match=r"X is empty \(0 rows\)"):
+        xpnet.MLP([5, 3]).fit(np.zeros((0, 5)), np.zeros(0, dtype=int), verbose=0)
+
+
+def test_an_unbuilt_model_is_built_for_the_rows_of_X(rng):
+    from xpnet.layers import Dense
+
+    X, y = small_problem(rng)
+    model = xpnet.Sequential([Dense(4, activation="relu"), Dense(3)], seed=0)
+    history = model.fit(X, y, epochs=1, verbose=0)
+    assert [w.shape for w in model.get_weights()] == [(5, 4), (4,), (4, 3), (3,)]
+    assert len(history["loss"]) == 1 and math.isfinite(history["loss"][0])
