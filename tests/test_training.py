@@ -11,6 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -504,7 +507,7 @@ def test_initial_epoch_runs_the_remaining_epochs_at_their_scheduled_rates(rng):
     assert xpnet.MLP([12, 8, 4]).fit(X, y, epochs=3, initial_epoch=3, verbose=0).epoch == []
     with pytest.raises(ValueError, match=r"initial_epoch must be <= epochs \(3\), got 4"):
         xpnet.MLP([12, 8, 4]).fit(X, y, epochs=3, initial_epoch=4)
-    with pytest.raises(ValueError, match="resume=True continues the run recorded in run_dir"):
+    with pytest.raises(ValueError, match="^resume=True continues the run recorded in run_dir: give run_dir$"):
         xpnet.MLP([12, 8, 4]).fit(X, y, resume=True)
 
 
@@ -533,3 +536,566 @@ def test_a_non_finite_first_epoch_restores_the_starting_weights(rng):
     assert history.epoch == [] and history.diverged
     for (W, b), (W0, b0) in zip(model.get_weights(), start):
         assert np.array_equal(W, W0) and np.array_equal(b, b0)
+
+
+# --- the arguments fit checks, and what it reports ---------------------------------------------------
+
+
+def small_problem(rng, n=40, features=5, classes=3):
+    X = rng.normal(size=(n, features))
+    return X, rng.integers(0, classes, size=n)
+
+
+@pytest.mark.parametrize("name,value,error,message", [
+    ("epochs", 1.5, TypeError, "epochs must be an integer, got 1.5"),
+    ("epochs", True, TypeError, "epochs must be an integer, got True"),
+    ("epochs", "3", TypeError, "epochs must be an integer, got '3'"),
+    ("epochs", -1, ValueError, "epochs must be >= 0, got -1"),
+    ("initial_epoch", -1, ValueError, "initial_epoch must be >= 0, got -1"),
+    ("initial_epoch", 0.0, TypeError, "initial_epoch must be an integer, got 0.0"),
+    ("batch_size", 0, ValueError, "batch_size must be >= 1, got 0"),
+    ("batch_size", False, TypeError, "batch_size must be an integer, got False"),
+])
+def test_counts_must_be_integers_in_range(rng, name, value, error, message):
+    X, y = small_problem(rng)
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        xpnet.MLP([5, 3]).fit(X, y, verbose=0, **{name: value})
+
+
+def test_numpy_integers_are_accepted_as_counts(rng):
+    X, y = small_problem(rng)
+    history = xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=np.int64(1), batch_size=np.int32(1), verbose=0)
+    assert history.epoch == [0] and history.params["epochs"] == 1 and history.params["batch_size"] == 1
+    # zero epochs are allowed: nothing runs
+    assert xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=0, verbose=0).epoch == []
+
+
+def test_the_run_settings_are_reported_to_the_callbacks(rng):
+    X, y = small_problem(rng, n=40)
+    y[:] = [0] * 18 + [1] * 12 + [2] * 10  # the validation split keeps the first 30: chance 18/30
+    history = xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=2, batch_size=7, lr=0.3, weight_decay=0.01,
+                                            validation_split=0.25, shuffle=0, verbose=0)
+    params = history.params
+    assert params["epochs"] == 2 and params["batch_size"] == 7
+    assert params["lr"] == 0.3 and params["weight_decay"] == 0.01
+    assert params["schedule"] == "constant" and params["shuffle"] is False
+    assert params["n_train"] == 30 and params["n_val"] == 10
+    assert params["chance_accuracy"] == 0.6
+    assert params["optimizer"].startswith("SGD(")
+    assert "ranks" not in params
+    history = xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=1, optimizer="adam", schedule="cosine", verbose=0)
+    assert history.params["schedule"] != "constant" and "Cosine" in history.params["schedule"]
+    assert history.params["shuffle"] is True and history.params["n_val"] == 0 and history.params["n_train"] == 40
+    assert history.params["optimizer"].startswith("Adam(") and history.params["lr"] == 1e-3
+
+
+def test_each_epoch_logs_its_seconds_and_learning_rate(rng):
+    X, y = small_problem(rng)
+    history = xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=3, lr=0.2, schedule=StepLR(1, gamma=0.5), verbose=0,
+                                            on_divergence="ignore")
+    assert history["lr"] == [0.2, 0.1, 0.05]
+    assert len(history["seconds"]) == 3 and all(0 < s < 60 for s in history["seconds"])
+    assert set(history.history) == {"loss", "accuracy", "seconds", "lr"}
+
+
+def test_verbose_prints_one_line_of_metrics_per_epoch_to_stderr(rng, capsys):
+    X, y = small_problem(rng)
+    history = xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=2, batch_size=8, validation_split=0.25, verbose=1)
+    out, err = capsys.readouterr()
+    assert out == ""
+    # a progress bar per epoch, of its 4 batches, erased when the epoch ends: then the line of metrics
+    assert "epoch 1/2:   0%|" in err and "epoch 2/2:   0%|" in err and "| 0/4 [" in err and "batch/s]" in err
+    lines = [line.split("\r")[-1] for line in err.split("\n") if line.strip()]
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines):
+        assert re.fullmatch(
+            rf"epoch {epoch + 1}/2 - \d+\.\d\ds - loss: {history['loss'][epoch]:.4f} - accuracy: "
+            rf"{history['accuracy'][epoch]:.4f} - val_loss: {history['val_loss'][epoch]:.4f} - val_accuracy: "
+            rf"{history['val_accuracy'][epoch]:.4f}", line), line
+    xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=2, verbose=0)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_callbacks_must_be_callback_objects(rng):
+    X, y = small_problem(rng)
+    with pytest.raises(TypeError, match="callbacks must be xpnet.callbacks.Callback objects, got 'print'"):
+        xpnet.MLP([5, 3]).fit(X, y, verbose=0, callbacks=["print"])
+
+
+# --- validation data -----------------------------------------------------------------------------
+
+
+def test_validation_data_is_scored_with_each_epochs_final_weights(rng):
+    X, y = small_problem(rng)
+    Xv, yv = small_problem(rng, n=13)
+    model = xpnet.MLP([5, 4, 3], dtype="float64", seed=1)
+    snapshots = WeightsPerEpoch()
+    history = model.fit(X, y, epochs=2, batch_size=8, lr=0.3, validation_data=[Xv, yv], callbacks=[snapshots],
+                        verbose=0)
+    for epoch, weights in enumerate(snapshots.snapshots):
+        assert history["val_loss"][epoch] == pytest.approx(np_loss(weights, Xv, yv), rel=1e-12)
+        assert history["val_accuracy"][epoch] == np_accuracy(weights, Xv, yv)
+    assert history.params["n_val"] == 13 and history.params["n_train"] == 40
+
+
+@pytest.mark.parametrize("settings,error,message", [
+    (dict(validation_data=None, validation_split=1.0), ValueError,
+     "validation_split must be a fraction in [0, 1), got 1.0"),
+    (dict(validation_split=-0.1), ValueError, "validation_split must be a fraction in [0, 1), got -0.1"),
+    (dict(validation_split=True), ValueError, "validation_split must be a fraction in [0, 1), got True"),
+    (dict(validation_split="0.2"), ValueError, "validation_split must be a fraction in [0, 1), got '0.2'"),
+    (dict(validation_split=0.01), ValueError, "validation_split=0.01 leaves no data on one side of 40 rows"),
+    (dict(validation_split=0.99), ValueError, "validation_split=0.99 leaves no data on one side of 40 rows"),
+    (dict(validation_data="val"), TypeError, "validation_data must be a pair (X_val, y_val)"),
+    (dict(validation_data=(1, 2, 3)), TypeError, "validation_data must be a pair (X_val, y_val)"),
+])
+def test_validation_settings_are_checked(rng, settings, error, message):
+    X, y = small_problem(rng)
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        xpnet.MLP([5, 3]).fit(X, y, verbose=0, **settings)
+
+
+def test_validation_data_and_split_cannot_both_be_given(rng):
+    X, y = small_problem(rng)
+    with pytest.raises(ValueError, match="^give validation_data or validation_split, not both$"):
+        xpnet.MLP([5, 3]).fit(X, y, verbose=0, validation_data=(X, y), validation_split=0.2)
+    # a split of 0 is no split: validation_data alone
+    history = xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=1, verbose=0, validation_data=(X, y), validation_split=0)
+    assert history.params["n_val"] == 40
+
+
+def test_the_smallest_and_largest_splits_leave_a_row_on_each_side(rng):
+    X, y = small_problem(rng, n=10)
+    assert xpnet.MLP([5, 3]).fit(X, y, epochs=1, validation_split=0.06, verbose=0).params["n_val"] == 1  # 0.6 rows
+    assert xpnet.MLP([5, 3]).fit(X, y, epochs=1, validation_split=0.9, verbose=0).params["n_val"] == 9
+    assert xpnet.MLP([5, 3]).fit(X, y, epochs=1, validation_split=0.94, verbose=0).params["n_val"] == 9
+
+
+# --- which step trains a model -------------------------------------------------------------------
+
+
+def test_relu_mlp_is_exactly_dense_layers_with_relu_hidden_and_a_linear_output():
+    from xpnet.layers import Dense, Dropout
+    from xpnet.training import relu_mlp
+
+    class MyDense(Dense):
+        pass
+
+    assert relu_mlp([Dense(4, activation="relu"), Dense(3)])
+    assert relu_mlp([Dense(3)])
+    assert not relu_mlp([])
+    assert not relu_mlp([Dense(4, activation="relu"), Dropout(0.5), Dense(3)])
+    assert not relu_mlp([MyDense(4, activation="relu"), Dense(3)])
+    assert not relu_mlp([Dense(4, activation="relu"), MyDense(3)])
+    assert not relu_mlp([Dense(4, activation="tanh"), Dense(3)])
+    assert not relu_mlp([Dense(4, activation="relu"), Dense(3, activation="relu")])
+
+
+def test_training_step_for_covers_numpy_relu_mlps_only(monkeypatch):
+    pytest.importorskip("numba")
+    from xpnet.layers import Dense, Dropout
+    from xpnet.training import training_step_for
+
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    for dtype in ("float32", "float64"):
+        model = xpnet.MLP([6, 5, 3], dtype=dtype, seed=0)
+        assert training_step_for(model.layers, 16) is not None
+    dropout = xpnet.Sequential([Dense(5, activation="relu"), Dropout(0.5), Dense(3)], input_shape=(6,), seed=0)
+    assert training_step_for(dropout.layers, 16) is None
+    model = xpnet.MLP([6, 5, 3], dtype="float64", seed=0)
+    model.layers[1].b = model.layers[1].b.astype(np.float32)  # parameters of mixed dtypes
+    assert training_step_for(model.layers, 16) is None
+    model = xpnet.MLP([6, 5, 3], dtype="float64", seed=0)
+    model.layers[0].W = np.asfortranarray(model.layers[0].W).view(np.matrix)  # not a plain ndarray
+    assert training_step_for(model.layers, 16) is None
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    assert training_step_for(xpnet.MLP([6, 5, 3], seed=0).layers, 16) is None
+
+
+def test_training_step_for_leaves_other_dtypes_to_the_reference(rng):
+    pytest.importorskip("numba")
+    from xpnet.training import training_step_for
+
+    model = xpnet.MLP([5, 4, 3], seed=0)
+    for layer in model.layers:
+        layer.W, layer.b = layer.W.astype(np.float16), layer.b.astype(np.float16)
+    assert training_step_for(model.layers, 8) is None
+
+
+# --- data-parallel training, its ranks played by threads -------------------------------------------
+# (tests/test_distributed.py runs real ``mpiexec -n 2`` jobs; here the ranks are threads of this
+# process, joined by a Communicator of barriers, so that fit's side of it runs where it is measured)
+
+
+class ThreadRanks:
+    """``size`` ranks as threads: broadcasts and sums through shared slots and a barrier."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=10)
+        self.slots = [None] * size
+        self.aborted = []
+        self.local = threading.local()
+
+    def communicator(self, backend_name):
+        return self.local.comm
+
+    def run(self, train):
+        """``train(rank)`` on every rank, each in its own thread; their results by rank."""
+        results, errors = [None] * self.size, [None] * self.size
+
+        def target(rank):
+            self.local.comm = ThreadCommunicator(self, rank)
+            try:
+                results[rank] = train(rank)
+            except BaseException as exc:  # noqa: BLE001 - handed back to the test
+                errors[rank] = exc
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return results, errors
+
+
+class ThreadCommunicator:
+    def __init__(self, ranks, rank):
+        self.ranks, self.rank, self.size = ranks, rank, ranks.size
+
+    def _exchange(self, array):
+        self.ranks.slots[self.rank] = np.array(array, copy=True)
+        self.ranks.barrier.wait()
+        slots = list(self.ranks.slots)
+        self.ranks.barrier.wait()
+        return slots
+
+    def broadcast(self, array, root=0):
+        array[...] = self._exchange(array)[root]
+
+    def sum(self, array):
+        slots = self._exchange(array)
+        array[...] = sum(slots[1:], slots[0])
+
+    def abort(self, message):
+        self.ranks.aborted.append((self.rank, message))
+        self.ranks.barrier.abort()
+
+
+@pytest.fixture
+def thread_ranks(monkeypatch):
+    """Two ranks played by threads, found by ``distributed=True``; the reference step (the Numba
+    kernels' thread pool is not for two callers at once)."""
+    from xpnet import distributed
+
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    ranks = ThreadRanks(2)
+    monkeypatch.setattr(distributed, "communicator", ranks.communicator)
+    return ranks
+
+
+@pytest.mark.parametrize("n,batch_size,shuffle", [(41, 8, True), (33, 16, False), (17, 32, True), (9, 2, True)])
+def test_two_ranks_train_as_one_process_with_the_global_batch(thread_ranks, n, batch_size, shuffle):
+    """Seeded differently, the ranks start from rank 0's weights and follow rank 0's shuffle; each
+    global batch's gradient is summed from the ranks' shares (33 rows in 16s: a last batch of 1
+    row, which rank 1 takes part in with no rows), so both end with the weights of one process."""
+    rng = np.random.default_rng(21)
+    X, y = small_problem(rng, n=n)
+    Xv, yv = small_problem(rng, n=9)
+    settings = dict(epochs=2, batch_size=batch_size, optimizer="adam", lr=0.05, shuffle=shuffle,
+                    validation_data=(Xv, yv), verbose=0)
+
+    def train(rank):
+        model = xpnet.MLP([5, 6, 3], dtype="float64", seed=10 + rank)
+        return model.fit(X, y, distributed=True, **settings), model.get_weights()
+
+    results, errors = thread_ranks.run(train)
+    assert errors == [None, None] and thread_ranks.aborted == []
+    alone = xpnet.MLP([5, 6, 3], dtype="float64", seed=10)
+    history = alone.fit(X, y, distributed=False, **settings)
+    for rank_history, weights in results:
+        assert_weights_close(weights, alone.get_weights(), rtol=1e-9)
+        assert rank_history["loss"] == pytest.approx(history["loss"], rel=1e-12)
+        assert rank_history["accuracy"] == history["accuracy"]
+        assert rank_history["val_loss"] == pytest.approx(history["val_loss"], rel=1e-9)
+        assert rank_history.params["ranks"] == 2 and rank_history.params["n_train"] == n
+
+
+def test_rank_0_alone_prints_and_records(thread_ranks, tmp_path, capsys):
+    rng = np.random.default_rng(22)
+    X, y = small_problem(rng)
+
+    def train(rank):  # each rank with a folder of its own, as on nodes of their own
+        return xpnet.MLP([5, 3], seed=rank).fit(X, y, epochs=2, batch_size=8, verbose=1, distributed=True,
+                                                 run_dir=tmp_path / f"node{rank}" / "run")
+
+    (history, _), errors = thread_ranks.run(train)
+    assert errors == [None, None]
+    assert (tmp_path / "node0" / "run").is_dir() and not (tmp_path / "node1").exists()
+    err = capsys.readouterr().err
+    assert len(re.findall(r"epoch 1/2 - \S+s - loss", err)) == 1
+    assert len(re.findall(r"epoch 2/2 - \S+s - loss", err)) == 1
+    run = tmp_path / "node0" / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics] == history["loss"]
+    assert json.loads((run / "config.json").read_text())["fit"]["ranks"] == 2
+
+
+def test_a_failing_rank_ends_every_rank_saying_why(thread_ranks):
+    rng = np.random.default_rng(23)
+    X, y = small_problem(rng)
+
+    class FailsOnRank1(Callback):
+        def on_epoch_end(self, epoch, logs):
+            if thread_ranks.local.comm.rank == 1:
+                raise RuntimeError("a planted failure")
+
+    def train(rank):
+        return xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=3, batch_size=8, verbose=0, distributed=True,
+                                             callbacks=[FailsOnRank1()])
+
+    _, errors = thread_ranks.run(train)
+    assert isinstance(errors[1], RuntimeError) and str(errors[1]) == "a planted failure"
+    assert isinstance(errors[0], threading.BrokenBarrierError)  # rank 0 no longer waits for rank 1
+    assert thread_ranks.aborted[0] == (1, "RuntimeError: a planted failure")
+
+
+class OneOfTwoRanks:
+    """Rank 0 of two that never reaches a collective call (fit refuses first)."""
+
+    rank, size = 0, 2
+
+    def __init__(self):
+        self.aborted = []
+
+    def abort(self, message):
+        self.aborted.append(message)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(batch_size=1), "batch_size (1) is the global batch: it must be >= the 2 ranks"),
+    (dict(resume=True, run_dir="run"), "resume=True is not supported with distributed training yet"),
+    (dict(epochs=-2), "epochs must be >= 0, got -2"),
+])
+def test_a_rank_that_refuses_its_settings_ends_the_job(monkeypatch, rng, settings, message):
+    from xpnet import distributed
+
+    comm = OneOfTwoRanks()
+    monkeypatch.setattr(distributed, "communicator", lambda backend_name: comm)
+    X, y = small_problem(rng)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        xpnet.MLP([5, 3]).fit(X, y, verbose=0, distributed=True, **settings)
+    assert comm.aborted == [f"ValueError: {message}"]
+
+
+def test_a_one_rank_job_fails_as_a_plain_run(monkeypatch, rng):
+    from xpnet import distributed
+
+    comm = OneOfTwoRanks()
+    comm.size = 1
+    monkeypatch.setattr(distributed, "communicator", lambda backend_name: comm)
+    X, y = small_problem(rng)
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        xpnet.MLP([5, 3]).fit(X, y, epochs=-1, verbose=0, distributed=True)
+    assert comm.aborted == []  # nothing to end but this process
+
+
+# --- resuming, and the generators' states ------------------------------------------------------------
+
+
+def test_a_resumed_run_goes_on_from_its_last_epoch_and_refuses_an_initial_epoch(rng, tmp_path):
+    X, y = small_problem(rng)
+    from xpnet.runs import RunRecorder
+
+    settings = dict(epochs=3, batch_size=8, lr=0.1, verbose=0)
+    run = tmp_path / "run"
+
+    class InterruptedAfterFirst(Callback):
+        def on_epoch_end(self, epoch, logs):
+            raise KeyboardInterrupt
+
+    whole = xpnet.MLP([5, 4, 3], dtype="float64", seed=3)
+    whole_history = whole.fit(X, y, run_dir=tmp_path / "whole", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        xpnet.MLP([5, 4, 3], dtype="float64", seed=3).fit(
+            X, y, callbacks=[RunRecorder(run, plots=False), InterruptedAfterFirst()], **settings)
+    with pytest.raises(ValueError, match="^give initial_epoch or resume a recorded run, not both$"):
+        xpnet.MLP([5, 4, 3], dtype="float64", seed=3).fit(X, y, run_dir=run, resume=True, initial_epoch=1, **settings)
+    resumed = xpnet.MLP([5, 4, 3], dtype="float64", seed=3)
+    history = resumed.fit(X, y, run_dir=run, resume=True, **settings)
+    assert history.epoch == [1, 2]
+    assert history["loss"] == whole_history["loss"][1:]
+    assert_weights_close(resumed.get_weights(), whole.get_weights(), rtol=0)
+
+
+def test_set_rng_states_refuses_a_state_that_does_not_fit():
+    from xpnet.training import rng_states, set_rng_states
+
+    model = xpnet.MLP([5, 3], seed=0)
+    states = rng_states(model)
+    for bad in ("junk", {"bit_generator": "MT19937"}, dict(states["model"], state={})):
+        with pytest.raises(ValueError, match="^the random state of 'model' does not fit its generator: "):
+            set_rng_states(model, {"model": bad})
+    with pytest.raises(ValueError, match=r"random states for \['layers.1', 'model'\] do not match this model's "
+                                         r"generators \['model'\]"):
+        set_rng_states(model, {"model": states["model"], "layers.1": states["model"]})
+
+
+def test_uint8_images_in_order_are_scaled_like_float_ones(kernels):
+    rng = np.random.default_rng(24)
+    X = rng.integers(0, 256, size=(30, 6), dtype=np.uint8)
+    y = rng.integers(0, 3, size=30)
+    model = xpnet.MLP([6, 5, 3], dtype="float64", seed=8)
+    start = model.get_weights()
+    history = model.fit(X, y, epochs=1, batch_size=8, lr=0.3, shuffle=False, verbose=0)
+    Xf = X.astype(np.float64) / 255.0
+    assert_weights_close(model.get_weights(), np_sgd_epoch(start, Xf, y, 0.3, 8, np.arange(30)), rtol=1e-10)
+    assert history["loss"][0] < np_loss(start, X.astype(np.float64), y)  # not the unscaled pixels' loss
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_the_divergence_warning_names_the_epoch_the_rate_and_what_was_restored(rng):
+    X, y = separable(rng)
+    with pytest.warns(DivergenceWarning) as caught:
+        history = xpnet.MLP([12, 64, 4], seed=0).fit(X, y, epochs=5, lr=0.05, verbose=0,
+                                                     schedule=lambda epoch, epochs: 1.0 if epoch < 2 else 1e30)
+    (message,) = [str(w.message) for w in caught if w.category is DivergenceWarning]
+    assert re.fullmatch(r"training diverged: the loss became (nan|inf) in epoch 3; lower the learning rate "
+                        r"\(lr=5e\+28\); the weights of epoch 2 were restored and training stopped", message), message
+    assert history.warnings == [message] and history.epoch == [0, 1]
+
+
+def test_one_training_row(rng):
+    """The smallest data set, one row (chance is then 1), even with a huge batch size (the CPU
+    step's buffers are sized by the rows, not by batch_size)."""
+    import tracemalloc
+
+    X, y = small_problem(rng, n=1)
+    xpnet.MLP([5, 4, 3], dtype="float64", seed=0).fit(X, y, epochs=1, batch_size=1, verbose=0)  # compiles the step
+    model = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+    start = model.get_weights()
+    tracemalloc.start()
+    try:
+        history = model.fit(X, y, epochs=1, batch_size=10**7, lr=0.5, verbose=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"fit allocated {peak / 2**20:.0f} MiB for 1 row"
+    assert history.params["chance_accuracy"] == 1.0 and history.params["n_train"] == 1
+    assert_weights_close(model.get_weights(), np_sgd_step(start, X, y, 0.5), rtol=1e-12)
+    assert history["loss"] == [pytest.approx(np_loss(start, X, y), rel=1e-12)]
+
+
+@pytest.mark.filterwarnings("ignore::xpnet.callbacks.DivergenceWarning")
+def test_the_defaults(rng, capsys):
+    """10 epochs of shuffled batches of 128, plain SGD at 0.01, no validation, a line per epoch."""
+    X, y = separable(rng, n=300)
+    history = xpnet.MLP([12, 4], seed=0).fit(X, y)
+    assert history.epoch == list(range(10))
+    params = history.params
+    assert (params["epochs"], params["batch_size"], params["shuffle"], params["n_val"]) == (10, 128, True, 0)
+    assert params["optimizer"] == "SGD(lr=0.01, momentum=0.0, nesterov=False)" and params["schedule"] == "constant"
+    err = capsys.readouterr().err
+    assert "epoch 1/10 - " in err and "epoch 10/10 - " in err
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_a_run_warned_of_divergence_then_diverging_keeps_both_warnings_in_order(rng):
+    X, y = separable(rng)
+    seen = EndLogs()
+    with pytest.warns(DivergenceWarning) as caught:
+        history = xpnet.MLP([12, 32, 4], seed=0).fit(X, y, epochs=6, lr=3.0, verbose=0, callbacks=[seen],
+                                                     schedule=lambda epoch, epochs: 1.0 if epoch < 4 else 1e30)
+    messages = [str(w.message) for w in caught if w.category is DivergenceWarning]
+    assert len(messages) == 2
+    assert "at epoch 4, loss" in messages[0] and "the loss became" in messages[1]
+    assert history.warnings == messages and seen.end["warnings"] == messages
+    assert history.diverged and seen.end["diverged"] and history.epoch == [0, 1, 2, 3]
+
+
+def test_fit_on_the_array_api_reference_namespace_reports_numpys_numbers(monkeypatch):
+    """array_api_strict allows only what the standard does: the reference step, validation and
+    chance level computed there give the NumPy run's numbers."""
+    xs = pytest.importorskip("array_api_strict")
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    rng = np.random.default_rng(25)
+    X, y = small_problem(rng)
+    y[:4] = 1  # the most common class: chance above a third
+    settings = dict(epochs=2, batch_size=8, lr=0.2, validation_split=0.25, verbose=0)
+    strict = xpnet.MLP([5, 4, 3], dtype="float64", seed=0, backend=xs)
+    history = strict.fit(X, y, **settings)
+    plain = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+    expected = plain.fit(X, y, **settings)
+    assert history.params["chance_accuracy"] == expected.params["chance_accuracy"] > 1 / 3
+    assert history["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+    assert history["accuracy"] == expected["accuracy"]
+    assert history["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-12)
+    assert_weights_close(strict.get_weights(), plain.get_weights(), rtol=1e-10)
+
+
+def test_the_training_loss_is_that_of_the_network_with_dropout_on(monkeypatch, kernels):
+    """Dropout is on while training (the reference step): the epoch's loss, at a learning rate too
+    small to move the weights, is not the loss of the same weights evaluated without it."""
+    from xpnet.layers import Dense, Dropout
+
+    rng = np.random.default_rng(26)
+    X, y = small_problem(rng, n=64)
+    model = xpnet.Sequential([Dense(32, activation="relu"), Dropout(0.8), Dense(3)], input_shape=(5,),
+                             dtype="float64", seed=0)
+    history = model.fit(X, y, epochs=1, batch_size=64, lr=1e-12, shuffle=False, verbose=0)
+    assert history["loss"][0] != pytest.approx(model.evaluate(X, y)["loss"], rel=1e-3)
+
+
+# mutmut calls every function of a mutated module through a trampoline: one more stack frame
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines shift the stack")
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_the_non_finite_loss_warning_points_at_the_users_fit_call(rng):
+    X, y = separable(rng)
+    with pytest.warns(DivergenceWarning, match="the loss became") as caught:
+        xpnet.MLP([12, 64, 4], seed=0).fit(X, y, epochs=2, lr=1e30, verbose=0)
+    assert [w.filename for w in caught if w.category is DivergenceWarning] == [__file__]
+
+
+def test_a_label_per_row(rng):
+    X, y = small_problem(rng)
+    with pytest.raises(ValueError, match=r"^X has 40 rows but y has 39 labels$"):
+        xpnet.MLP([5, 3]).fit(X, y[:-1], verbose=0)
+    with pytest.raises(ValueError, match=r"^X has 40 rows but y has 41 labels$"):
+        xpnet.MLP([5, 3]).fit(X, np.append(y, 0), verbose=0)
+    Xv, yv = small_problem(rng, n=13)
+    with pytest.raises(ValueError, match=r"^X has 13 rows but y has 12 labels$"):
+        xpnet.MLP([5, 3]).fit(X, y, validation_data=(Xv, yv[:-1]), verbose=0)
+
+
+def test_nesterov_is_passed_on_to_sgd(rng):
+    X, y = small_problem(rng)
+    runs = {}
+    for nesterov in (False, True):
+        model = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+        history = model.fit(X, y, epochs=1, batch_size=8, lr=0.1, momentum=0.9, nesterov=nesterov, verbose=0)
+        assert f"nesterov={nesterov}" in history.params["optimizer"]
+        runs[nesterov] = model.get_weights()
+    assert not close(runs[False], runs[True], rtol=1e-6)
+
+
+def test_inputs_given_as_lists_train_as_arrays_do(rng):
+    X, y = small_problem(rng)
+    runs = []
+    for Xs, ys in ((X, y), (X.tolist(), y.tolist())):
+        model = xpnet.MLP([5, 4, 3], dtype="float64", seed=0)
+        model.fit(Xs, ys, epochs=1, batch_size=8, lr=0.1, verbose=0)
+        runs.append(model.get_weights())
+    assert_weights_close(runs[0], runs[1], rtol=0)
+    with pytest.raises(ValueError, match=r"X is empty \(0 rows\)"):
+        xpnet.MLP([5, 3]).fit(np.zeros((0, 5)), np.zeros(0, dtype=int), verbose=0)
+
+
+def test_an_unbuilt_model_is_built_for_the_rows_of_X(rng):
+    from xpnet.layers import Dense
+
+    X, y = small_problem(rng)
+    model = xpnet.Sequential([Dense(4, activation="relu"), Dense(3)], seed=0)
+    history = model.fit(X, y, epochs=1, verbose=0)
+    assert [w.shape for w in model.get_weights()] == [(5, 4), (4,), (4, 3), (3,)]
+    assert len(history["loss"]) == 1 and math.isfinite(history["loss"][0])
