@@ -889,6 +889,18 @@ def test_a_rank_that_refuses_its_settings_ends_the_job(monkeypatch, rng, setting
     assert comm.aborted == [f"ValueError: {message}"]
 
 
+def test_fewer_training_rows_than_ranks_are_refused_on_every_rank(monkeypatch, rng):
+    from xpnet import distributed
+
+    comm = OneOfTwoRanks()
+    monkeypatch.setattr(distributed, "communicator", lambda backend_name: comm)
+    X, y = small_problem(rng)
+    message = "distributed training needs a training row per rank, got 1 for 2 ranks"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        xpnet.MLP([5, 3]).fit(X[:1], y[:1], batch_size=2, verbose=0, distributed=True)
+    assert comm.aborted == [f"ValueError: {message}"]
+
+
 def test_a_one_rank_job_fails_as_a_plain_run(monkeypatch, rng):
     from xpnet import distributed
 

@@ -265,6 +265,8 @@ def fit(
 
         backend = model.backend
         n = int(X.shape[0])
+        if comm is not None and n < comm.size:  # a rank with no rows in the first batch has no gradients
+            raise ValueError(f"distributed training needs a training row per rank, got {n} for {comm.size} ranks")
         params = model.parameters()
         settings = {
             "epochs": epochs,
