@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import _cpu_model  # bench/conftest.py: the CPU model every result file records
+
 CONFIGS = {"784-50-25-10": [784, 50, 25, 10], "784-256-128-10": [784, 256, 128, 10]}
 
 
@@ -90,17 +92,6 @@ def main(argv=None):
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

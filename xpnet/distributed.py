@@ -172,11 +172,12 @@ class GradientSum:
 
     def __init__(self, comm: Communicator, xp, params):
         self.comm = comm
-        self.flat = xp.zeros(sum(int(p.size) for p in params), dtype=params[0].dtype)
-        self.offsets = np.cumsum([0] + [int(p.size) for p in params])
+        offsets = np.cumsum([0] + [int(p.size) for p in params]).tolist()
+        self.spans = list(zip(offsets[:-1], offsets[1:]))  # each gradient's slice of the buffer
+        self.flat = xp.zeros(offsets[-1], dtype=params[0].dtype)
 
     def __call__(self, grads, share: float):
-        flat, spans = self.flat, list(zip(self.offsets[:-1], self.offsets[1:]))
+        flat, spans = self.flat, self.spans
         if share == 0:  # no rows here (a short last batch): take part with zeros
             flat[...] = 0
         else:
