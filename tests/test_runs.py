@@ -122,13 +122,14 @@ def test_an_exception_mid_run_keeps_the_finished_epochs(mnist, tmp_path):
 
 INTERRUPTED_TRAINING = textwrap.dedent(
     """
-    import hashlib, json, sys
+    import hashlib, json, signal, sys
     import numpy as np
     import xpnet
     from xpnet.callbacks import Callback
     from xpnet.runs import RunRecorder
 
     run = sys.argv[1]
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with Ctrl-C ignored
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, size=(20000, 784), dtype=np.uint8)
     y = rng.integers(0, 10, size=20000)
@@ -257,8 +258,16 @@ def test_the_xpnet_runs_command(mnist, tmp_path):
     assert "fit.lr" in compared.stdout and "val_accuracy A" in compared.stdout
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler, even where pytest started with Ctrl-C ignored (`cmd &` in a script)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
-def test_a_ctrl_c_while_saving_waits_until_the_epoch_is_on_disk(tmp_path):
+def test_a_ctrl_c_while_saving_waits_until_the_epoch_is_on_disk(tmp_path, ctrl_c_raises):
     """Deterministic: the Ctrl-C arrives in the middle of saving the model."""
     model = xpnet.MLP([784, 8, 10], seed=0)
     recorder = RunRecorder(tmp_path / "r")
