@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 
+import numpy as np
 import pytest
 
 QUICK = os.environ.get("XPNET_BENCH_QUICK", "") not in ("", "0")
@@ -125,3 +126,47 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture
 def quick():
     return QUICK
+
+
+def gemm_floor_step(widths, X, batch, gather=False):
+    """A function doing only the matrix products of one training step of an MLP of ``widths``
+    (3 forward, 3 ``dW``, 2 ``dx`` for 4 widths) at batch ``batch``, float32, each written into a
+    preallocated output as the xpnet step does (a fresh 128x256 float32 result is over glibc's
+    mmap threshold: allocating it costs page faults on every call). The floor every
+    implementation's step stands on: they all run these products through the same BLAS.
+
+    ``gather=True`` adds the batch gather ``X[random rows]`` (into a buffer) to each step.
+    """
+    rng = np.random.default_rng(0)
+    order = rng.permutation(X.shape[0])
+    gathered = np.empty((batch, X.shape[1]), np.float32)
+    position = [0]
+    Ws = [rng.standard_normal((a, b), dtype=np.float32) * 0.05 for a, b in zip(widths[:-1], widths[1:])]
+    xb = np.ascontiguousarray(X[:batch])
+    acts = [xb] + [np.ones((batch, w), np.float32) for w in widths[1:]]
+    grads = [np.ones((batch, w), np.float32) * 0.01 for w in widths[1:]]
+    outs = [np.empty((batch, w), np.float32) for w in widths[1:]]  # forward products
+    dWs = [np.empty_like(W) for W in Ws]
+    dxs = [np.empty((batch, w), np.float32) for w in widths[:-1]]
+
+    def step():
+        h = xb
+        if gather:
+            lo = position[0]
+            position[0] = (lo + batch) % (X.shape[0] - batch + 1)
+            h = np.take(X, order[lo : lo + batch], axis=0, out=gathered, mode="clip")
+        for W, out in zip(Ws, outs):  # forward
+            h = np.matmul(h, W, out=out)
+        for i in range(len(Ws) - 1, -1, -1):  # backward: dW, and dx below the first layer
+            np.matmul(acts[i].T, grads[i], out=dWs[i])
+            if i > 0:
+                np.matmul(grads[i], Ws[i].T, out=dxs[i])
+
+    # checked once before any timing: the products are the ones a step needs, not just fast
+    step()
+    h = (gathered if gather else xb).astype(np.float64)
+    for W, out in zip(Ws, outs):
+        h = h @ W
+        np.testing.assert_allclose(out, h, rtol=1e-4, atol=1e-5 * float(np.abs(h).max()))
+    np.testing.assert_allclose(dWs[0], acts[0].T.astype(np.float64) @ grads[0], rtol=1e-4, atol=1e-6)
+    return step

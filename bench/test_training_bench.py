@@ -44,7 +44,7 @@ import pytest
 import xpnet
 from xpnet.optim import make_optimizer
 
-from conftest import QUICK
+from conftest import QUICK, gemm_floor_step
 
 CONFIGS = {"784-50-25-10": [784, 50, 25, 10], "784-256-128-10": [784, 256, 128, 10]}
 if QUICK:
@@ -158,44 +158,6 @@ def _torch_epoch(torch, net, opt, Xt, yt):
 def _torch_accuracy(torch, net, X, y):
     with torch.no_grad():
         return float((net(torch.from_numpy(X)).argmax(1).numpy() == y).mean())
-
-
-# --- the GEMM floor --------------------------------------------------------------------------------
-
-
-def _gemm_floor_step_fn(widths, X, gather=False):
-    """Only the step's matrix products, on arrays of the step's shapes and dtype, each written
-    into a preallocated output as the xpnet step does (a fresh 128x256 float32 result is over
-    glibc's mmap threshold: allocating it costs page faults on every call).
-
-    ``gather=True`` adds the batch gather ``X[random rows]`` (into a buffer) to each step.
-    """
-    rng = np.random.default_rng(0)
-    order = rng.permutation(X.shape[0])
-    batch = np.empty((BATCH, X.shape[1]), np.float32)
-    position = [0]
-    Ws = [rng.standard_normal((a, b), dtype=np.float32) * 0.05 for a, b in zip(widths[:-1], widths[1:])]
-    xb = np.ascontiguousarray(X[:BATCH])
-    acts = [xb] + [np.ones((BATCH, w), np.float32) for w in widths[1:]]
-    grads = [np.ones((BATCH, w), np.float32) * 0.01 for w in widths[1:]]
-    outs = [np.empty((BATCH, w), np.float32) for w in widths[1:]]  # forward products
-    dWs = [np.empty_like(W) for W in Ws]
-    dxs = [np.empty((BATCH, w), np.float32) for w in widths[:-1]]
-
-    def step():
-        h = xb
-        if gather:
-            lo = position[0]
-            position[0] = (lo + BATCH) % (X.shape[0] - BATCH + 1)
-            h = np.take(X, order[lo : lo + BATCH], axis=0, out=batch, mode="clip")
-        for W, out in zip(Ws, outs):  # forward
-            h = np.matmul(h, W, out=out)
-        for i in range(len(Ws) - 1, -1, -1):  # backward: dW, and dx below the first layer
-            np.matmul(acts[i].T, grads[i], out=dWs[i])
-            if i > 0:
-                np.matmul(grads[i], Ws[i].T, out=dxs[i])
-
-    return step
 
 
 # --- the check before timing -------------------------------------------------------------------------
@@ -318,7 +280,7 @@ def test_step(benchmark, config, impl, monkeypatch):
     if impl.startswith("xpnet"):
         step = _xpnet_step_fn(_xpnet_model(widths), _train_inputs(impl), y)
     elif impl.startswith("gemm-floor"):
-        step = _gemm_floor_step_fn(widths, X, gather=impl.endswith("gather"))
+        step = gemm_floor_step(widths, X, BATCH, gather=impl.endswith("gather"))
     else:
         torch, net, opt, Xt, yt = _torch_setup(widths, X, y)
         order = torch.randperm(Xt.shape[0])
@@ -354,7 +316,7 @@ def _run(impl, widths, X, y, epochs, monkeypatch):
 
         return train, trainer.test_accuracy
     if impl == "gemm-floor":
-        step = _gemm_floor_step_fn(widths, X)
+        step = gemm_floor_step(widths, X, BATCH)
         n_steps = epochs * _steps_per_epoch(X.shape[0])
 
         def train():

@@ -565,6 +565,41 @@ def test_a_recorder_that_fails_to_begin_gives_the_folder_back(tmp_path):
     assert is_running(tmp_path / "r") is False
 
 
+
+def test_discard_after_a_failed_start_removes_only_an_empty_run(tmp_path):
+    def begun(run, **kwargs):
+        recorder = RunRecorder(run, plots=False, **kwargs)
+        recorder.model = xpnet.MLP([20, 8, 3], seed=0)
+        recorder.on_train_begin({"epochs": 3})
+        return recorder
+
+    begun(tmp_path / "empty").discard()  # no epoch recorded: the folder goes
+    assert not (tmp_path / "empty").exists()
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "notes.txt").write_text("mine")
+    begun(tmp_path / "shared").discard()  # the run's files go, the user's file and folder stay
+    assert sorted(f.name for f in (tmp_path / "shared").iterdir()) == ["notes.txt"]
+
+    started_recorder(tmp_path / "one-epoch").discard()  # an epoch on disk is a record: kept
+    assert len(read_metrics(tmp_path / "one-epoch")) == 1 and is_running(tmp_path / "one-epoch") is False
+
+    started_recorder(tmp_path / "held").on_train_end({"epochs_run": 1})
+    resumed = RunRecorder(tmp_path / "held", resume=True)
+    resumed.claim()
+    (tmp_path / "held" / "metrics.jsonl").write_text("")  # even with no epoch left, a resumed run's
+    resumed.discard()                                       # folder is the user's: kept
+    assert (tmp_path / "held" / "config.json").is_file()
+
+    holder = started_recorder(tmp_path / "busy")
+    refused = RunRecorder(tmp_path / "busy", overwrite=True)
+    with pytest.raises(FileExistsError):
+        refused.claim()
+    refused.discard()  # it never held the folder: the other run's files stay
+    assert len(read_metrics(tmp_path / "busy")) == 1 and is_running(tmp_path / "busy") is True
+    holder.release()
+
+
 # -- a run stopped and resumed ends bit for bit as the uninterrupted one --------------------------
 
 class InterruptAfter(Callback):
@@ -717,3 +752,84 @@ def test_a_checkpoint_that_does_not_go_with_the_model_file_is_refused(tmp_path):
     other.save(run / "model.safetensors")  # killed after the model, before its checkpoint
     with pytest.raises(ValueError, match="does not go with the weights in"):
         resume(run)
+
+
+# -- what `xpnet runs` prints, pinned: made-up run folders, every character checked ---------------
+
+def hand_written_run(folder, *, lr, epochs, metrics, started, summary=None, layers=None):
+    """A run folder written by hand, as RunRecorder lays it out (the model file's bytes are not read)."""
+    folder.mkdir(parents=True)
+    layers = layers or [{"type": "Dense", "units": 16}, {"type": "Dense", "units": 10}]
+    config = {"name": folder.name, "started": started,
+              "model": {"layers": layers, "input_shape": [784], "seed": 0},
+              "fit": {"epochs": epochs, "batch_size": 64, "optimizer": "Adam(b1=0.9)", "lr": lr}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (folder / "model.safetensors").write_bytes(b"\0")
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def made_up_runs(root):
+    a = hand_written_run(
+        root / "alpha", lr=0.001, epochs=2, started="2026-01-02T03:04:05.678+00:00",
+        metrics=[{"epoch": 0, "loss": 0.5, "accuracy": 0.875, "val_loss": 0.625, "val_accuracy": 0.8125,
+                  "seconds": 1.25},
+                 {"epoch": 1, "loss": 0.25, "accuracy": 0.9375, "val_loss": 0.375, "val_accuracy": 0.90625,
+                  "seconds": 1.5}],
+        summary={"status": "completed", "warnings": []})
+    b = hand_written_run(
+        root / "beta", lr=0.01, epochs=3, started="2026-01-01T00:00:00.000+00:00",
+        metrics=[{"epoch": 0, "loss": 2.5, "accuracy": 0.125, "seconds": 2.0}],
+        summary={"status": "stopped early", "warnings": ["loss rose", "lr too high"]},
+        layers=[{"type": "Conv2D", "filters": 6}, {"type": "Flatten"}, {"type": "Dense", "units": 10}])
+    return a, b
+
+
+def test_runs_are_listed_oldest_first_in_a_pinned_table(tmp_path):
+    made_up_runs(tmp_path)
+    runs = list_runs(tmp_path)
+    assert [r["name"] for r in runs] == ["beta", "alpha"]  # by start time, not by name
+    alpha = runs[1]
+    assert alpha["best_val_accuracy"] == 0.90625 and alpha["final_accuracy"] == 0.9375
+    assert alpha["seconds"] == 2.75 and alpha["epochs"] == "2/2" and alpha["optimizer"] == "Adam"
+    assert runs[0]["best_val_accuracy"] is None and runs[0]["warnings"] == ["loss rose", "lr too high"]
+    assert format_runs_table(runs) == textwrap.dedent("""\
+        name   layers                   optimizer  lr     batch  epochs  best val acc  train time  started              status
+        -----  -----------------------  ---------  -----  -----  ------  ------------  ----------  -------------------  --------------------------
+        beta   Conv2D6-Flatten-Dense10  Adam       0.01   64     1/3     -             2.0 s       2026-01-01 00:00:00  stopped early (2 warnings)
+        alpha  Dense16-Dense10          Adam       0.001  64     2/2     90.62%        2.8 s       2026-01-02 03:04:05  completed""")
+    assert format_runs_table([]) == "no runs recorded"
+
+
+def test_two_runs_are_compared_in_a_pinned_text(tmp_path):
+    a, b = made_up_runs(tmp_path)
+    (b / "summary.json").write_text(json.dumps({"status": "completed", "warnings": ["loss rose"]}))
+    comparison = compare_runs(a, b)
+    # differences first, then the rest; each part by key; the runs' own names and start times kept
+    assert [key for key, _, _ in comparison["config"]] == [
+        "fit.epochs", "fit.lr", "model.layers", "name", "started",
+        "fit.batch_size", "fit.optimizer", "model.input_shape", "model.seed"]
+    assert comparison["config"][1] == ("fit.lr", 0.001, 0.01)
+    assert [(e, ma is None, mb is None) for e, ma, mb in comparison["metrics"]] == [(0, False, False), (1, False, True)]
+    assert format_comparison(comparison) == textwrap.dedent("""\
+        config (* = differs)
+           key                alpha                                                         beta
+        -  -----------------  ------------------------------------------------------------  ------------------------------------------------------------
+        *  fit.epochs         2                                                             3
+        *  fit.lr             0.001                                                         0.01
+        *  model.layers       [{"type": "Dense", "units": 16}, {"type": "Dense", "units...  [{"type": "Conv2D", "filters": 6}, {"type": "Flatten"}, {...
+           fit.batch_size     64                                                            64
+           fit.optimizer      Adam(b1=0.9)                                                  Adam(b1=0.9)
+           model.input_shape  [784]                                                         [784]
+           model.seed         0                                                             0
+
+        metrics per epoch (A = alpha, B = beta)
+        epoch  loss A  loss B  accuracy A  accuracy B  val_loss A  val_loss B  val_accuracy A  val_accuracy B  seconds A  seconds B
+        -----  ------  ------  ----------  ----------  ----------  ----------  --------------  --------------  ---------  ---------
+        1      0.5     2.5     0.875       0.125       0.625       -           0.8125          -               1.25       2
+        2      0.25            0.9375                  0.375                   0.9062                          1.5
+
+        best val accuracy: A 90.62%, B -; status: A completed, B completed (1 warning)
+        warning (B): loss rose""")
