@@ -833,3 +833,122 @@ def test_two_runs_are_compared_in_a_pinned_text(tmp_path):
 
         best val accuracy: A 90.62%, B -; status: A completed, B completed (1 warning)
         warning (B): loss rose""")
+
+
+def test_a_resumed_run_records_the_resumption_and_keeps_its_clock(tmp_path):
+    run = tmp_path / "r"
+    interrupted_run(run)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines[0]["elapsed"], lines[1]["elapsed"] = 500.0, 1000.0  # a run that had trained for 1000 s
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    (run / "summary.json").unlink()  # as a killed run leaves its folder
+
+    X, y = tiny_data()
+    with pytest.raises(KeyboardInterrupt):
+        xpnet.MLP([20, 8, 3], seed=0).fit(
+            X, y, epochs=4, verbose=0, optimizer="adam",
+            callbacks=[RunRecorder(run, plots=False, resume=True, config={"host": "second"}), InterruptAfter(2)])
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert 1000.0 <= metrics[2]["elapsed"] < 1060.0  # the clock goes on from the last recorded epoch
+    config_text = (run / "config.json").read_text()
+    config = json.loads(config_text)
+    assert config_text == json.dumps(config, indent=2) + "\n"  # the layout the file always has
+    (entry,) = config["resumed"]
+    assert entry.keys() == {"started", "from_epoch", "backend", "host"}
+    assert entry["from_epoch"] == 2 and entry["backend"] == "cpu" and entry["host"] == "second"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_run"] == 3 and summary["model_epoch"] == 2
+    assert 1000.0 <= summary["seconds"] < 1060.0
+
+    resume(run)  # a second resumption is added to the first
+    config = json.loads((run / "config.json").read_text())
+    assert [e["from_epoch"] for e in config["resumed"]] == [2, 3]
+    assert read_run(run)["status"] == "completed" and [m["epoch"] for m in read_metrics(run)] == [0, 1, 2, 3]
+
+
+def test_resume_names_what_differs_and_what_is_missing(tmp_path):
+    run = tmp_path / "r"
+    interrupted_run(run)
+    config = json.loads((run / "config.json").read_text())
+    del config["fit"]["batch_size"]  # a setting the record lacks is a difference too
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"other settings \(fit.batch_size was None, now 128\)"):
+        resume(run)
+    config["fit"]["batch_size"] = 128
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="other settings") as caught:
+        resume(run, lr=0.5, batch_size=64, schedule="cosine", weight_decay=0.5)
+    assert str(caught.value).split("other settings (")[1].count(", now ") == 3  # at most three named
+
+
+def test_resume_refuses_a_run_with_no_epoch_or_no_checkpoint_naming_the_file(tmp_path):
+    from xpnet.io import CHECKPOINT_FORMATS, read_model_file, write_model_file
+
+    run = tmp_path / "r"
+    interrupted_run(run)
+    checkpoint = run / "checkpoint.safetensors"
+    tensors, meta = read_model_file(checkpoint, formats=CHECKPOINT_FORMATS)
+    write_model_file(checkpoint, tensors, {k: v for k, v in meta.items() if k != "epoch"})
+    with pytest.raises(ValueError, match=r"checkpoint.safetensors holds epoch 0 but metrics.jsonl ends at epoch 2 "):
+        resume(run)
+    checkpoint.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{checkpoint} is missing, so the run cannot be resumed$"):
+        resume(run)
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match=rf"^{run} finished no epoch: there is nothing to resume"):
+        resume(run)
+
+
+@pytest.mark.parametrize("shape, images", [
+    ((5, 28, 28), True), ((5, 28, 28, 1), True), ((5, 8, 8, 3), True), ((5, 784), True), ((5, 9), True),
+    ((5, 785), False), ((5, 20), False), ((5, 3), False), ((5,), False),
+])
+def test_the_worst_misclassified_plot_is_drawn_only_for_images(shape, images):
+    from xpnet.runs import _images
+
+    assert _images(np.zeros(shape)) is images
+
+
+def test_an_unreadable_claim_names_no_holder(tmp_path):
+    from xpnet.runs import _lock_owner
+
+    for text in ("[1, 2]", "not json", '"a string"'):
+        (tmp_path / "run.lock").write_text(text)
+        assert _lock_owner(tmp_path) == {}
+    (tmp_path / "run.lock").write_text('{"pid": 7}')
+    assert _lock_owner(tmp_path) == {"pid": 7}
+
+
+def test_runs_without_a_summary_or_an_epoch_and_damaged_ones_are_listed(tmp_path, monkeypatch, capsys):
+    a, b = made_up_runs(tmp_path / "runs")
+    (b / "summary.json").unlink()
+    quiet = hand_written_run(tmp_path / "runs" / "gamma", lr=0.1, epochs=1, metrics=[],
+                             started="2026-01-03T00:00:00.000+00:00", layers=[{"type": "Dense", "units": 3}])
+    (quiet / "model.safetensors").unlink()
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "config.json").write_text("{")
+    (tmp_path / "runs" / "broken" / "metrics.jsonl").write_text("")
+    runs = list_runs(tmp_path / "runs")
+    assert [(r["name"], r.get("status")) for r in runs] == [
+        ("beta", "running or killed"), ("alpha", "completed"), ("gamma", "no epoch finished"), ("broken", None)]
+    assert runs[-1]["path"] == str(tmp_path / "runs" / "broken") and "config.json" in runs[-1]["error"]
+
+    monkeypatch.chdir(tmp_path)  # both default to ./runs
+    assert [(r["name"], r["path"]) for r in list_runs()] == [(r["name"], f"runs/{r['name']}") for r in runs]
+    assert cli_runs(types.SimpleNamespace(dir=None)) == 0
+    assert capsys.readouterr().out.strip() == format_runs_table(list_runs())
+    assert format_runs_table(runs[-1:]) == f"broken: unreadable: {runs[-1]['error']}"  # no table of no runs
+
+    comparison = compare_runs(b, quiet)
+    assert ("model.input_shape", [784], [784]) in comparison["config"]
+    config = json.loads((quiet / "config.json").read_text())
+    config["data"] = {"sha256": "abc"}  # a key one run has and the other lacks
+    (quiet / "config.json").write_text(json.dumps(config))
+    comparison = compare_runs(b, quiet)
+    assert ("data.sha256", None, "abc") in comparison["config"]
+    text = format_comparison(comparison)
+    assert "val_loss" not in text and "seconds A  seconds B" in text  # only the metrics some epoch has
+    assert text.splitlines()[-1] == "best val accuracy: A -, B -; status: A running or killed, B no epoch finished"
+    text = format_comparison(compare_runs(quiet, a))
+    assert "best val accuracy: A -, B 90.62%;" in text
