@@ -57,7 +57,7 @@ class Sequential:
         array is read as one channel).
     dtype : {"float32", "float64"}
     seed : int or None
-        Seeds the initial weights, dropout and the shuffling: the same seed on the same data
+        Seeds the initial weights, dropout, random shifts and the shuffling: the same seed on the same data
         gives bit-identical weights on a re-run.
     backend : "cpu", "cuda", "auto", a Backend, a namespace module, or None (the current default).
     """
@@ -609,7 +609,7 @@ def load(path, *, backend=None):
         for name, array in tensors.items():
             if array.dtype != np.dtype(dtype):
                 raise ValueError(f"tensor {name!r} is {array.dtype}, the model is {dtype}")
-        token = _DRAW_LIMIT.set(sum(int(a.size) for a in tensors.values()) + 1024)  # slack: a draw per Dropout
+        token = _DRAW_LIMIT.set(sum(int(a.size) for a in tensors.values()) + 1024)  # slack: a draw per Dropout or RandomShift
         try:
             model = cls.from_config(config, backend=backend)
         finally:
