@@ -132,6 +132,22 @@ def test_random_shift_is_seeded_by_the_model_and_the_identity_at_inference(rng):
     assert RandomShift().pixels == 2 and RandomShift(np.int64(3)).get_config() == {"pixels": 3}
 
 
+def test_a_model_stops_its_backward_pass_at_the_first_layer_with_parameters(rng):
+    """Layers in front of it have nothing to learn: the convolution behind a RandomShift computes
+    no input gradient, and the shift's backward does not run."""
+    model = xpnet.Sequential([RandomShift(1), Conv2D(2, 3, activation="relu"), Flatten(), Dense(3)],
+                             input_shape=(6, 6, 1), dtype="float64", seed=0)
+    calls = []
+    shift, conv = model.layers[0], model.layers[1]
+    shift.backward = lambda dy, *, need_dx=True: calls.append("shift")
+    conv_backward = conv.backward
+    conv.backward = lambda dy, *, need_dx=True: calls.append(("conv", need_dx)) or conv_backward(dy, need_dx=need_dx)
+    model.forward(rng.uniform(1, 2, size=(4, 6, 6, 1)), training=True)
+    model.backward(rng.normal(size=(4, 3)))
+    assert calls == [("conv", False)]
+    assert conv.dW is not None and np.abs(conv.dW).max() > 0
+
+
 # --- against PyTorch -----------------------------------------------------------------------------
 
 

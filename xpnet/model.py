@@ -203,10 +203,15 @@ class Sequential:
         return x
 
     def backward(self, dlogits) -> None:
-        """Back-propagate ``dL/dlogits``, leaving each layer's parameter gradients in place."""
+        """Back-propagate ``dL/dlogits``, leaving each layer's parameter gradients in place.
+
+        It stops at the first layer with parameters, which computes no input gradient: nothing
+        before it needs one (a ``RandomShift`` in front of a convolution would otherwise cost
+        the convolution's whole input gradient, for nothing)."""
+        first = next((i for i, layer in enumerate(self.layers) if layer.param_names), 0)
         dy = dlogits
-        for i in range(len(self.layers) - 1, -1, -1):
-            dy = self.layers[i].backward(dy, need_dx=i > 0)
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            dy = self.layers[i].backward(dy, need_dx=i > first)
 
     # -- input checking (the public boundary) -------------------------------------------------
 
