@@ -101,7 +101,7 @@ def test_every_help_shows_every_default():
             shown = parser._get_formatter()._get_help_string(action)
             assert "default" in (shown or ""), (parser.prog, action.dest)
     train = next(p for p in parsers if p.prog == "xpnet train")
-    assert "--seed SEED seeds the weights, shuffling and dropout (default: 0)" in " ".join(train.format_help().split())
+    assert "--seed SEED seeds the weights, shuffling, dropout and random shifts (default: 0)" in " ".join(train.format_help().split())
 
 
 def test_the_cli_takes_the_librarys_default_rate_where_no_recipe_gives_one():
@@ -111,6 +111,8 @@ def test_the_cli_takes_the_librarys_default_rate_where_no_recipe_gives_one():
     parse = lambda *a: _settings(_parser().parse_args(["train", *a]))  # noqa: E731
     assert parse()["lr"] == RECIPES["mlp"]["lr"] == 0.1  # the recipe's rate: a recipe, not a default
     assert parse("--arch", "lenet5", "--optimizer", "sgd")["lr"] == DEFAULT_LR["sgd"]
+    assert parse("--arch", "cnn_shift") == RECIPES["cnn_shift"]
+    assert parse("--arch", "cnn_shift", "--optimizer", "sgd")["lr"] == DEFAULT_LR["sgd"]
     assert parse("--optimizer", "adamw")["lr"] == DEFAULT_LR["adamw"]
 
 

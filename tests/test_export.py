@@ -15,7 +15,7 @@ import pytest
 import xpnet
 from xpnet.cli import main
 from xpnet.export import IR_VERSION, ONNX_OPS, OPSET, to_onnx
-from xpnet.layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D
+from xpnet.layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, RandomShift
 from xpnet.recipes import lenet5
 
 onnx = pytest.importorskip("onnx")
@@ -71,6 +71,9 @@ CASES = {
     "flatten-rows-not-images": lambda: xpnet.Sequential(
         [Flatten(), Dropout(0.5), Dense(3, activation="relu"), Dense(2)], input_shape=(5, 6), seed=7),
     "dropout-last": lambda: xpnet.Sequential([Dense(3), Dropout(0.2)], input_shape=(4,), seed=8),
+    "random-shift-first-and-between": lambda: xpnet.Sequential(
+        [RandomShift(2), Conv2D(2, 3, activation="relu"), RandomShift(1), MaxPool2D(2), Flatten(), Dense(3)],
+        input_shape=(8, 7, 1), seed=9),
 }
 
 
@@ -94,6 +97,15 @@ def test_the_graph_says_what_it_takes_and_gives():
     assert {t.name for t in proto.graph.initializer} == {f"layers.{i}.{w}" for i in (0, 2, 5, 6, 7) for w in "Wb"}
     # into NCHW before the first convolution, back to channels-last before Flatten: two transposes only
     assert [n.op_type for n in proto.graph.node].count("Transpose") == 2
+
+
+def test_training_only_layers_add_no_node():
+    """RandomShift and Dropout act in training only: the graph passes their input on."""
+    model = xpnet.Sequential([RandomShift(2), Conv2D(2, 3, activation="relu"), RandomShift(1), MaxPool2D(2), Flatten(),
+                              Dropout(0.5), Dense(3)], input_shape=(8, 7, 1), seed=9)
+    ops = [(n.name.split(".")[1], n.op_type) for n in to_onnx(model).graph.node if n.name.startswith("layers.")]
+    assert ops == [("1", "Transpose"), ("1", "Conv"), ("1", "Relu"), ("3", "MaxPool"), ("4", "Transpose"),
+                   ("4", "Flatten"), ("6", "Gemm")]
 
 
 def test_weights_are_float32_even_for_a_float64_model():

@@ -391,3 +391,59 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(backend):
     y = F.max_pool2d(xd, impl="xp")
     dx = F.max_pool2d_backward(backend.asarray(np.array([10.0, 20.0]).reshape(1, 1, 2, 1)), xd, y, impl="xp")
     np.testing.assert_array_equal(backend.to_numpy(dx).reshape(2, 4), [[10, 0, 0, 0], [0, 0, 20, 0]])
+
+
+# --- augmentation: shifted images ------------------------------------------------------------------
+
+
+def _shifted_by_loops(x, down, right):
+    """An independent reference: each pixel copied from where it came from, or 0."""
+    out = np.zeros_like(x)
+    n, h, w, _ = x.shape
+    for k in range(n):
+        for i in range(h):
+            for j in range(w):
+                if 0 <= i - down[k] < h and 0 <= j - right[k] < w:
+                    out[k, i, j] = x[k, i - down[k], j - right[k]]
+    return out
+
+
+def test_shift_images_moves_each_image_by_its_own_offsets_and_fills_zeros(backend, rng):
+    x = rng.uniform(1, 2, size=(6, 5, 7, 2))  # no zeros: every zero of the result is fill
+    down, right = np.array([0, 1, -2, 3, 0, 5]), np.array([0, -1, 2, 0, -7, 1])  # 5 and -7: off the image
+    got = backend.to_numpy(F.shift_images(backend.asarray(x), backend.asarray(down), backend.asarray(right)))
+    np.testing.assert_array_equal(got, _shifted_by_loops(x, down, right))
+    np.testing.assert_array_equal(got[0], x[0])  # no offset: the image itself
+    np.testing.assert_array_equal(got[1, 1:, :-1], x[1, :-1, 1:])  # one down, one left
+    assert (got[1, 0] == 0).all() and (got[1, :, -1] == 0).all()
+    assert (got[4] == 0).all() and (got[5] == 0).all()  # shifted out of the image entirely
+    for dtype in ("float32", "float64"):
+        xd = backend.asarray(x.astype(dtype))
+        assert F.shift_images(xd, backend.asarray(down), backend.asarray(right)).dtype == xd.dtype
+
+
+def test_shift_images_backward_is_the_adjoint_of_the_shift(backend, rng):
+    """The shift is linear, so its backward must be its adjoint: ``<S x, g> == <x, S* g>``."""
+    x, g = rng.normal(size=(4, 6, 5, 3)), rng.normal(size=(4, 6, 5, 3))
+    down, right = np.array([2, -1, 0, -3]), np.array([-2, 1, 4, 0])
+    offsets = backend.asarray(down), backend.asarray(right)
+    shifted = backend.to_numpy(F.shift_images(backend.asarray(x), *offsets))
+    back = backend.to_numpy(F.shift_images_backward(backend.asarray(g), *offsets))
+    assert abs(np.sum(shifted * g) - np.sum(x * back)) <= 1e-12 * np.sum(np.abs(shifted * g))
+    np.testing.assert_array_equal(back, _shifted_by_loops(g, -down, -right))  # the shift back, zero fill
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: F.shift_images(np.ones((2, 4, 4)), np.zeros(2, int), np.zeros(2, int)),
+     "shift_images expects images of shape (N, H, W, C), got shape (2, 4, 4)"),
+    (lambda: F.shift_images(np.ones((2, 4, 4, 1)), np.zeros(3, int), np.zeros(2, int)),
+     "down must be a 1-D integer array of 2 offsets (one per image), got shape (3,) and dtype int64"),
+    (lambda: F.shift_images_backward(np.ones((2, 4, 4, 1)), np.zeros(2, int), np.zeros(2)),
+     "right must be a 1-D integer array of 2 offsets (one per image), got shape (2,) and dtype float64"),
+    (lambda: F.shift_images(np.ones((1, 4, 4, 1)), np.zeros(1, int), np.zeros(1, int), impl="numba"),
+     "impl='numba' has no kernel for this call; use impl='auto' or 'xp'"),
+])
+def test_shift_images_refusals_say_what_is_wrong(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message

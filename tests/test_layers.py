@@ -8,7 +8,7 @@ import pytest
 
 import xpnet
 from conftest import central_differences
-from xpnet.layers import LAYERS, AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D
+from xpnet.layers import LAYERS, AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, RandomShift
 
 # (layer, input shape without the batch axis): every layer type, strides, paddings, activations
 LAYER_CASES = [
@@ -83,6 +83,69 @@ def test_dropout_zeroes_a_fraction_scales_the_rest_and_routes_the_gradient(rng):
     again = Dropout(0.3)
     again.setup((50, 40), rng=np.random.default_rng(4), dtype="float64", backend=xpnet.get_backend("cpu"))
     np.testing.assert_array_equal(again.forward(x, training=True), y)  # seeded: reproducible
+
+
+def _offsets_of(x, y, pixels):
+    """For each image, the (down, right) in [-pixels, pixels] that turns x into y (asserting one does)."""
+    found = []
+    candidates = [(a, b) for a in range(-pixels, pixels + 1) for b in range(-pixels, pixels + 1)]
+    for k in range(x.shape[0]):
+        matches = [(a, b) for a, b in candidates
+                   if np.array_equal(xpnet.functional.shift_images(x[k:k + 1], np.array([a]), np.array([b])), y[k:k + 1])]
+        assert len(matches) == 1, (k, matches)
+        found.append(matches[0])
+    return found
+
+
+def test_random_shift_moves_each_image_by_its_own_offsets_within_range(rng, backend):
+    layer = RandomShift(2)
+    layer.setup((9, 8, 2), rng=np.random.default_rng(3), dtype="float64", backend=backend)
+    x = rng.uniform(1, 2, size=(80, 9, 8, 2))  # no zeros: a shift is recognisable by its zero fill
+    y = backend.to_numpy(layer.forward(backend.asarray(x), training=True))
+    offsets = _offsets_of(x, y, 2)  # each image is x moved within [-2, 2] along each axis, zero fill
+    assert len(set(offsets)) >= 20  # of the 25 pairs: drawn per image, not one per batch
+    assert {a for a, _ in offsets} == {b for _, b in offsets} == {-2, -1, 0, 1, 2}
+    # the backward pass shifts back (the adjoint): <y, g> == <x, dx>
+    g = rng.normal(size=x.shape)
+    dx = backend.to_numpy(layer.backward(backend.asarray(g)))
+    assert abs(np.sum(y * g) - np.sum(x * dx)) <= 1e-12 * np.sum(np.abs(y * g))
+    down, right = (np.array(v) for v in zip(*offsets))
+    np.testing.assert_array_equal(dx, xpnet.functional.shift_images(g, -down, -right))
+    # the next batch gets new offsets
+    again = backend.to_numpy(layer.forward(backend.asarray(x), training=True))
+    assert _offsets_of(x, again, 2) != offsets
+
+
+def test_random_shift_is_seeded_by_the_model_and_the_identity_at_inference(rng):
+    x = rng.uniform(1, 2, size=(16, 6, 6, 1))
+
+    def shifted(seed):
+        model = xpnet.Sequential([RandomShift(1), Flatten(), Dense(3)], input_shape=(6, 6, 1), seed=seed)
+        return model.layers[0].forward(x, training=True)
+
+    np.testing.assert_array_equal(shifted(4), shifted(4))  # seeded: reproducible
+    assert not np.array_equal(shifted(4), shifted(5))
+    dy = rng.normal(size=x.shape)
+    for layer, training in [(_built(RandomShift(2), (6, 6, 1)), False), (_built(RandomShift(0), (6, 6, 1)), True)]:
+        assert layer.forward(x, training=training) is x  # inference, or pixels=0: the identity
+        assert layer.backward(dy) is dy and layer.backward(dy, need_dx=False) is None
+    assert RandomShift().pixels == 2 and RandomShift(np.int64(3)).get_config() == {"pixels": 3}
+
+
+def test_a_model_stops_its_backward_pass_at_the_first_layer_with_parameters(rng):
+    """Layers in front of it have nothing to learn: the convolution behind a RandomShift computes
+    no input gradient, and the shift's backward does not run."""
+    model = xpnet.Sequential([RandomShift(1), Conv2D(2, 3, activation="relu"), Flatten(), Dense(3)],
+                             input_shape=(6, 6, 1), dtype="float64", seed=0)
+    calls = []
+    shift, conv = model.layers[0], model.layers[1]
+    shift.backward = lambda dy, *, need_dx=True: calls.append("shift")
+    conv_backward = conv.backward
+    conv.backward = lambda dy, *, need_dx=True: calls.append(("conv", need_dx)) or conv_backward(dy, need_dx=need_dx)
+    model.forward(rng.uniform(1, 2, size=(4, 6, 6, 1)), training=True)
+    model.backward(rng.normal(size=(4, 3)))
+    assert calls == [("conv", False)]
+    assert conv.dW is not None and np.abs(conv.dW).max() > 0
 
 
 # --- against PyTorch -----------------------------------------------------------------------------
@@ -258,15 +321,15 @@ def test_bad_layer_arguments_and_reuse_are_refused():
 
 def test_config_rebuilds_the_same_architecture_through_the_registry():
     model = xpnet.Sequential(
-        [Conv2D(3, (3, 2), strides=(2, 1), padding="same", activation="tanh"), MaxPool2D(2, strides=1), Flatten(),
-         Dropout(0.25), Dense(4, init="glorot")],
+        [RandomShift(1), Conv2D(3, (3, 2), strides=(2, 1), padding="same", activation="tanh"), MaxPool2D(2, strides=1),
+         Flatten(), Dropout(0.25), Dense(4, init="glorot")],
         input_shape=(9, 8, 2), dtype="float64", seed=5,
     )
     again = xpnet.Sequential.from_config(model.config)
     assert again.config == model.config
     for a, b in zip(model.get_weights(), again.get_weights()):  # the same seed draws the same weights
         np.testing.assert_array_equal(a, b)
-    assert {"Dense", "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout"} <= set(LAYERS)
+    assert {"Dense", "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "RandomShift"} <= set(LAYERS)
 
 
 class Scale(Layer):
@@ -328,6 +391,14 @@ def test_a_new_layer_is_one_class_that_trains_saves_and_loads(tmp_path, rng, bac
     (lambda: MaxPool2D(0), ValueError, "pool_size must be a positive int or a pair of them, got 0"),
     (lambda: AvgPool2D(2, strides=0), ValueError, "strides must be a positive int or a pair of them, got 0"),
     (lambda: Dropout("0.5"), ValueError, "rate must be a fraction in [0, 1), got '0.5'"),
+    (lambda: RandomShift(-1), ValueError, "pixels must be >= 0, got -1"),
+    (lambda: RandomShift(1.5), TypeError, "pixels must be an int, got 1.5"),
+    (lambda: RandomShift(True), TypeError, "pixels must be an int, got True"),
+    (lambda: RandomShift("2"), TypeError, "pixels must be an int, got '2'"),
+    (lambda: xpnet.Sequential([RandomShift(2), Dense(2)], input_shape=(784,)), ValueError,
+     "layers[0] RandomShift: RandomShift takes images (H, W, C), got inputs of shape (784,)"),
+    (lambda: xpnet.Sequential([Flatten(), RandomShift(2), Dense(2)], input_shape=(4, 4, 1)), ValueError,
+     "layers[1] RandomShift: RandomShift takes images (H, W, C), got inputs of shape (16,)"),
     (lambda: xpnet.Sequential([Conv2D(2, 3), Flatten(), Dense(2)], input_shape=(6,)), ValueError,
      "layers[0] Conv2D: Conv2D takes images (H, W, C), got inputs of shape (6,)"),
 ])
@@ -346,7 +417,7 @@ def _built(layer, input_shape, dtype="float32"):
     return layer
 
 
-@pytest.mark.parametrize("make, shape", LAYER_CASES + [(lambda: Dropout(0.5), (4,))])
+@pytest.mark.parametrize("make, shape", LAYER_CASES + [(lambda: Dropout(0.5), (4,)), (lambda: RandomShift(1), (4, 5, 2))])
 def test_parameters_and_outputs_keep_the_model_dtype(make, shape):
     layer = _built(make(), shape)
     assert all(p.dtype == np.float32 for p in layer.params)
@@ -355,12 +426,12 @@ def test_parameters_and_outputs_keep_the_model_dtype(make, shape):
 
 
 @pytest.mark.parametrize("make, shape", [case for case in LAYER_CASES if "Flatten" not in repr(case[0]())]
-                         + [(lambda: Dropout(0.5), (4,))])
+                         + [(lambda: Dropout(0.5), (4,)), (lambda: RandomShift(1), (4, 5, 2))])
 def test_backward_needs_a_training_forward_and_need_dx_false_gives_no_input_gradient(make, shape):
     layer = _built(make(), shape)
     x = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
     name = type(layer).__name__
-    if name != "Dropout":  # dropout keeps nothing at inference: its backward is the identity
+    if name not in ("Dropout", "RandomShift"):  # they keep nothing at inference: their backward is the identity
         with pytest.raises(RuntimeError) as info:
             layer.backward(np.ones((2, *layer.output_shape), np.float32))
         assert str(info.value) == f"{name}.backward() needs a forward(..., training=True) first"

@@ -15,7 +15,7 @@ import pytest
 import xpnet
 from xpnet import backend as backend_module
 from xpnet.backend import Backend, BackendError
-from xpnet.layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D
+from xpnet.layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, RandomShift
 
 
 def joblib_round_trip(obj):
@@ -38,7 +38,7 @@ def mlp(backend):
 
 
 def cnn(backend):
-    layers = [Conv2D(4, 3, activation="relu", padding="same"), MaxPool2D(2), Conv2D(4, 2), AvgPool2D(2),
+    layers = [RandomShift(1), Conv2D(4, 3, activation="relu", padding="same"), MaxPool2D(2), Conv2D(4, 2), AvgPool2D(2),
               Flatten(), Dropout(0.3), Dense(8, activation="relu"), Dense(3)]
     return xpnet.Sequential(layers, input_shape=(6, 6, 1), seed=0, backend=backend)
 
@@ -69,8 +69,8 @@ def test_a_trained_model_round_trips_exactly(make, round_trip, backend, data):
     for a, b in zip(weights(same), weights(model), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(same.predict_proba(X), model.predict_proba(X))
-    # the copy owns its arrays, and goes on exactly as the original would (shuffling and dropout
-    # are seeded by generators that travel with the model)
+    # the copy owns its arrays, and goes on exactly as the original would (shuffling, dropout and
+    # the random shifts are seeded by generators that travel with the model)
     train(model, X, y)
     train(same, X, y)
     np.testing.assert_array_equal(same.predict_proba(X), model.predict_proba(X))

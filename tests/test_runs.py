@@ -618,9 +618,9 @@ def tiny_mlp():
 
 
 def tiny_cnn():
-    from xpnet.layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D
+    from xpnet.layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D, RandomShift
 
-    layers = [Conv2D(4, 3, activation="relu"), MaxPool2D(2), Flatten(), Dropout(0.3), Dense(3)]
+    layers = [RandomShift(1), Conv2D(4, 3, activation="relu"), MaxPool2D(2), Flatten(), Dropout(0.3), Dense(3)]
     return xpnet.Sequential(layers, input_shape=(8, 8, 1), seed=1)
 
 
@@ -647,7 +647,7 @@ def flat_weights(model):
     [dict(optimizer="sgd", lr=0.05, momentum=0.9), dict(optimizer="adam", lr=0.01, schedule="cosine")],
     ids=["sgd-momentum", "adam-cosine"],
 )
-@pytest.mark.parametrize("make, shape", [(tiny_mlp, (12,)), (tiny_cnn, (8, 8, 1))], ids=["mlp", "cnn-dropout"])
+@pytest.mark.parametrize("make, shape", [(tiny_mlp, (12,)), (tiny_cnn, (8, 8, 1))], ids=["mlp", "cnn-shift-dropout"])
 def test_a_run_stopped_after_epoch_k_and_resumed_ends_bit_identical(tmp_path, monkeypatch, kernels, optimizer, make,
                                                                    shape):
     if kernels == "xp":

@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import xpnet
-from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten
+from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten, RandomShift
 from xpnet.sklearn import MLPClassifier, NeuralNetClassifier
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -252,6 +252,20 @@ def test_a_cnn_from_a_function_learns_the_digits(digits):
     assert clf.score(X_test, y_test) > 0.9
     same = joblib.load(_dumped(clf))
     np.testing.assert_array_equal(same.predict_proba(X_test), clf.predict_proba(X_test))
+
+
+def shifted_cnn(n_classes):
+    return [RandomShift(1), *small_cnn(n_classes)]
+
+
+def test_a_cnn_with_random_shifts_trains_reproducibly_and_predicts_without_them(digits):
+    X_train, X_test, y_train, y_test = digits
+    fit = lambda: NeuralNetClassifier(shifted_cnn, input_shape=(8, 8, 1), max_iter=15,  # noqa: E731
+                                      learning_rate_init=0.01, random_state=0).fit(X_train, y_train)
+    clf = fit()
+    assert isinstance(clf.model_.layers[0], RandomShift) and clf.score(X_test, y_test) > 0.8  # 1 px of 8 is a lot
+    np.testing.assert_array_equal(fit().predict_proba(X_test), clf.predict_proba(X_test))  # seeded shifts
+    np.testing.assert_array_equal(clf.predict_proba(X_test), clf.predict_proba(X_test))  # no shift at inference
 
 
 def _dumped(obj):

@@ -675,7 +675,7 @@ def test_the_smallest_and_largest_splits_leave_a_row_on_each_side(rng):
 
 
 def test_relu_mlp_is_exactly_dense_layers_with_relu_hidden_and_a_linear_output():
-    from xpnet.layers import Dense, Dropout
+    from xpnet.layers import Dense, Dropout, Flatten, RandomShift
     from xpnet.training import relu_mlp
 
     class MyDense(Dense):
@@ -685,6 +685,7 @@ def test_relu_mlp_is_exactly_dense_layers_with_relu_hidden_and_a_linear_output()
     assert relu_mlp([Dense(3)])
     assert not relu_mlp([])
     assert not relu_mlp([Dense(4, activation="relu"), Dropout(0.5), Dense(3)])
+    assert not relu_mlp([RandomShift(1), Flatten(), Dense(4, activation="relu"), Dense(3)])
     assert not relu_mlp([MyDense(4, activation="relu"), Dense(3)])
     assert not relu_mlp([Dense(4, activation="relu"), MyDense(3)])
     assert not relu_mlp([Dense(4, activation="tanh"), Dense(3)])
@@ -693,7 +694,7 @@ def test_relu_mlp_is_exactly_dense_layers_with_relu_hidden_and_a_linear_output()
 
 def test_training_step_for_covers_numpy_relu_mlps_only(monkeypatch):
     pytest.importorskip("numba")
-    from xpnet.layers import Dense, Dropout
+    from xpnet.layers import Dense, Dropout, Flatten, RandomShift
     from xpnet.training import training_step_for
 
     monkeypatch.delenv("XPNET_KERNELS", raising=False)
@@ -702,6 +703,9 @@ def test_training_step_for_covers_numpy_relu_mlps_only(monkeypatch):
         assert training_step_for(model.layers, 16) is not None
     dropout = xpnet.Sequential([Dense(5, activation="relu"), Dropout(0.5), Dense(3)], input_shape=(6,), seed=0)
     assert training_step_for(dropout.layers, 16) is None
+    shifted = xpnet.Sequential([RandomShift(1), Flatten(), Dense(5, activation="relu"), Dense(3)], input_shape=(3, 2, 1),
+                               seed=0)
+    assert training_step_for(shifted.layers, 16) is None
     model = xpnet.MLP([6, 5, 3], dtype="float64", seed=0)
     model.layers[1].b = model.layers[1].b.astype(np.float32)  # parameters of mixed dtypes
     assert training_step_for(model.layers, 16) is None

@@ -2,6 +2,7 @@
 
     xpnet train                       # 784-50-25-10, batch 128, 10 epochs, SGD lr 0.1
     xpnet train --arch lenet5         # the LeNet-5 of the Deep Learning from Scratch post
+    xpnet train --arch cnn_shift      # a small CNN trained on randomly shifted digits
     xpnet train --layers 784,256,128,10 --optimizer adam --lr 1e-3 --out runs/big
     xpnet train --resume runs/big     # continue an interrupted run where it stopped
     xpnet train --data digits.npz     # x_train, y_train, x_test, y_test; or a CSV: label, features
@@ -84,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     train = command("train", help="train a model on MNIST (or a data file) and evaluate it on the test set",
                     description=f"Unset options take the architecture's recipe ({recipes}). The run is recorded "
                     "in a folder (--out): model, checkpoint, config, metrics, plots.")
-    train.add_argument("--arch", default="mlp", choices=ARCHS, help="mlp (widths from --layers) or lenet5")
+    train.add_argument("--arch", default="mlp", choices=ARCHS,
+                       help="mlp (widths from --layers), lenet5, or cnn_shift (a small CNN trained on shifted images)")
     train.add_argument("--backend", default=None, help=backend)
     train.add_argument("--layers", type=_layers, default=None,
                        help="MLP widths (default: 784,50,25,10; with a data file, its features,50,25,its classes)")
@@ -100,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=None, help="default: 0 (0.01 for adamw)")
     train.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="default: the recipe's")
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="of weights and math")
-    train.add_argument("--seed", type=int, default=0, help="seeds the weights, shuffling and dropout")
+    train.add_argument("--seed", type=int, default=0, help="seeds the weights, shuffling, dropout and random shifts")
     train.add_argument("--data", default=None, help=data)
     train.add_argument("--test-data", default=None, metavar="FILE",
                        help="test rows for a --data file, in the same layout (default: the file's x_test, y_test; "

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import functional as F
 from .files import atomic_write_bytes, check_file_target
-from .layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D
+from .layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, RandomShift
 
 __all__ = ["to_onnx", "export_onnx", "ONNX_OPS", "OPSET"]
 
@@ -149,6 +149,11 @@ def export_dropout(g: OnnxGraph, layer: Dropout, x: str) -> str:
     return x
 
 
+def export_random_shift(g: OnnxGraph, layer: RandomShift, x: str) -> str:
+    """The identity: the shifts act in training only."""
+    return x
+
+
 #: layer class -> the function that adds it to an ``OnnxGraph``
 ONNX_OPS = {
     Dense: export_dense,
@@ -157,6 +162,7 @@ ONNX_OPS = {
     AvgPool2D: _export_pool("AveragePool"),
     Flatten: export_flatten,
     Dropout: export_dropout,
+    RandomShift: export_random_shift,
 }
 
 

@@ -45,6 +45,8 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "shift_images",
+    "shift_images_backward",
 ]
 
 
@@ -476,3 +478,56 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None, impl="auto"):
     dx = xp.zeros_like(x)
     _scatter_windows(dx, [share] * (window[0] * window[1]), window, strides, out)
     return dx
+
+
+# --- augmentation ----------------------------------------------------------------------------
+
+
+def _check_offsets(x, down, right):
+    _check_images("shift_images", x)
+    xp = _namespace(x)
+    for name, offsets in (("down", down), ("right", right)):
+        if offsets.ndim != 1 or offsets.shape[0] != x.shape[0] or not xp.isdtype(offsets.dtype, "integral"):
+            raise ValueError(
+                f"{name} must be a 1-D integer array of {x.shape[0]} offsets (one per image), "
+                f"got shape {tuple(offsets.shape)} and dtype {offsets.dtype}"
+            )
+
+
+def shift_images(x, down, right, /, *, impl="auto"):
+    """Each image moved by its own whole number of pixels, the pixels it uncovers set to 0.
+
+    ``y[n, i, j, c] = x[n, i - down[n], j - right[n], c]`` where that pixel exists, else 0:
+    a positive ``down[n]`` moves image ``n``'s content down, a positive ``right[n]`` to the right;
+    an offset as large as the image leaves only zeros.
+
+    Parameters
+    ----------
+    x : (N, H, W, C) images; down, right : (N,) integer arrays on ``x``'s device
+
+    Returns (N, H, W, C) of ``x``'s dtype: one gather of ``x``'s values (nothing is rounded).
+    The map is linear; its adjoint is ``shift_images_backward``.
+    """
+    _check_offsets(x, down, right)
+    _no_kernel(impl, x)
+    xp = _namespace(x)
+    n, h, w, c = x.shape
+    index = xp.int64
+    down, right = xp.astype(down, index), xp.astype(right, index)
+    rows = xp.arange(h, dtype=index)[None, :] - down[:, None]  # (N, H): the source row of each output row
+    cols = xp.arange(w, dtype=index)[None, :] - right[:, None]  # (N, W)
+    inside = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :])[..., None]
+    rows, cols = xp.clip(rows, 0, h - 1), xp.clip(cols, 0, w - 1)  # any index in range: masked below
+    images = xp.arange(n, dtype=index)[:, None, None, None]
+    channels = xp.arange(c, dtype=index)[None, None, None, :]
+    flat = ((images * h + rows[:, :, None, None]) * w + cols[:, None, :, None]) * c + channels
+    gathered = xp.take(xp.reshape(x, (-1,)), xp.reshape(flat, (-1,)), axis=0)
+    return xp.where(inside, xp.reshape(gathered, (n, h, w, c)), xp.zeros_like(x))
+
+
+def shift_images_backward(dy, down, right, /, *, impl="auto"):
+    """Gradient of ``shift_images(x, down, right)`` given ``dy = dL/dy``: the adjoint, which is
+    the shift back, ``shift_images(dy, -down, -right)`` (a pixel that left the image has no
+    gradient; an uncovered one passed none on)."""
+    _check_offsets(dy, down, right)
+    return shift_images(dy, -down, -right, impl=impl)

@@ -22,7 +22,7 @@ from . import functional as F
 from .kernels import namespace_of
 
 __all__ = [
-    "Layer", "Dense", "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "LAYERS", "INITS",
+    "Layer", "Dense", "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "RandomShift", "LAYERS", "INITS",
     "init_weights", "check_activation",
 ]
 
@@ -354,3 +354,53 @@ class Dropout(Layer):
         if not need_dx:
             return None
         return dy if self._mask is None else dy * self._mask
+
+
+class RandomShift(Layer):
+    """Augmentation: in training, each image moved by its own random whole number of pixels,
+    drawn uniformly from ``[-pixels, pixels]`` along the rows and, independently, along the
+    columns, the uncovered pixels set to 0 (``F.shift_images``); at inference, the identity.
+
+    On channels-last images ``(N, H, W, C)``; it has no parameters. Put first, it shows the
+    network a slightly different copy of each training image at every epoch; anywhere else its
+    backward pass (the shift back) is still exact. The offsets come from a generator seeded from
+    the model's seed at build time, drawn on the host (then moved to the device), as
+    ``Dropout``'s masks.
+
+    Parameters
+    ----------
+    pixels : int >= 0, default 2
+        The largest shift along each axis; 0 makes the layer the identity.
+    """
+
+    def __init__(self, pixels=2):
+        if isinstance(pixels, bool) or not isinstance(pixels, (int, np.integer)):
+            raise TypeError(f"pixels must be an int, got {pixels!r}")
+        if pixels < 0:
+            raise ValueError(f"pixels must be >= 0, got {pixels!r}")
+        self.pixels = int(pixels)
+        self._offsets = None
+        self._rng = self._backend = None
+
+    def get_config(self):
+        return {"pixels": self.pixels}
+
+    def build(self, input_shape, *, rng, dtype, backend):
+        if len(input_shape) != 3:
+            raise ValueError(f"RandomShift takes images (H, W, C), got inputs of shape {input_shape}")
+        self._rng = np.random.default_rng(rng.integers(2**63))
+        self._backend = backend
+        return tuple(input_shape)
+
+    def forward(self, x, *, training=False):
+        if not training or self.pixels == 0:
+            self._offsets = None
+            return x
+        down, right = self._rng.integers(-self.pixels, self.pixels + 1, size=(2, x.shape[0]))
+        self._offsets = (self._backend.asarray(down), self._backend.asarray(right))
+        return F.shift_images(x, *self._offsets)
+
+    def backward(self, dy, *, need_dx=True):
+        if not need_dx:
+            return None
+        return dy if self._offsets is None else F.shift_images_backward(dy, *self._offsets)

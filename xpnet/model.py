@@ -57,7 +57,7 @@ class Sequential:
         array is read as one channel).
     dtype : {"float32", "float64"}
     seed : int or None
-        Seeds the initial weights, dropout and the shuffling: the same seed on the same data
+        Seeds the initial weights, dropout, random shifts and the shuffling: the same seed on the same data
         gives bit-identical weights on a re-run.
     backend : "cpu", "cuda", "auto", a Backend, a namespace module, or None (the current default).
     """
@@ -203,10 +203,15 @@ class Sequential:
         return x
 
     def backward(self, dlogits) -> None:
-        """Back-propagate ``dL/dlogits``, leaving each layer's parameter gradients in place."""
+        """Back-propagate ``dL/dlogits``, leaving each layer's parameter gradients in place.
+
+        It stops at the first layer with parameters, which computes no input gradient: nothing
+        before it needs one (a ``RandomShift`` in front of a convolution would otherwise cost
+        the convolution's whole input gradient, for nothing)."""
+        first = next((i for i, layer in enumerate(self.layers) if layer.param_names), 0)
         dy = dlogits
-        for i in range(len(self.layers) - 1, -1, -1):
-            dy = self.layers[i].backward(dy, need_dx=i > 0)
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            dy = self.layers[i].backward(dy, need_dx=i > first)
 
     # -- input checking (the public boundary) -------------------------------------------------
 
@@ -609,7 +614,7 @@ def load(path, *, backend=None):
         for name, array in tensors.items():
             if array.dtype != np.dtype(dtype):
                 raise ValueError(f"tensor {name!r} is {array.dtype}, the model is {dtype}")
-        token = _DRAW_LIMIT.set(sum(int(a.size) for a in tensors.values()) + 1024)  # slack: a draw per Dropout
+        token = _DRAW_LIMIT.set(sum(int(a.size) for a in tensors.values()) + 1024)  # slack: a draw per Dropout or RandomShift
         try:
             model = cls.from_config(config, backend=backend)
         finally:

@@ -26,7 +26,7 @@ from . import functional as F
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
 from .distributed import GradientSum, shard
 from .distributed import for_fit as distributed_for_fit
-from .layers import Dense, Dropout
+from .layers import Dense, Dropout, RandomShift
 from .optim import make_optimizer
 
 __all__ = ["fit", "relu_mlp", "training_step_for", "ReferenceStep", "rng_states", "set_rng_states"]
@@ -380,7 +380,7 @@ def _copies(xp, arrays) -> list:
 
 def rng_states(model) -> dict:
     """The state of every generator training draws from (JSON-able): the model's, which
-    shuffles, as ``"model"``, and each ``Dropout`` layer's as ``"layers.<i>"``."""
+    shuffles, as ``"model"``, and each ``Dropout`` or ``RandomShift`` layer's as ``"layers.<i>"``."""
     return {name: rng.bit_generator.state for name, rng in _rngs(model).items()}
 
 
@@ -397,7 +397,8 @@ def set_rng_states(model, states: dict) -> None:
 
 
 def _rngs(model) -> dict:
-    layers = {f"layers.{i}": layer._rng for i, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+    layers = {f"layers.{i}": layer._rng for i, layer in enumerate(model.layers)
+              if isinstance(layer, (Dropout, RandomShift))}
     return {"model": model._rng, **layers}
 
 
