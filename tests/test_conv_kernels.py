@@ -378,3 +378,26 @@ def test_large_scratch_is_not_kept(numba_cpu, monkeypatch, rng):
     x, kernel = rng.standard_normal((2, 9, 9, 3)), rng.standard_normal((3, 3, 3, 9))
     np.testing.assert_allclose(F.conv2d(x, kernel, impl="numba"), F.conv2d(x, kernel, impl="xp"), rtol=1e-12)
     assert "columns" not in numba_cpu._scratch_buffers.__dict__  # 98 x 27 float64: too large to keep
+
+
+def test_called_directly_the_kernels_defaults_are_the_references(numba_cpu, rng):
+    """The signature test compares defaults by name; this runs them (a caller may omit them)."""
+    x, kernel = rng.standard_normal((2, 7, 7, 3)), rng.standard_normal((3, 3, 3, 4))
+    y = numba_cpu.conv2d(x, kernel)
+    np.testing.assert_allclose(y, F.conv2d(x, kernel, impl="xp"), rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    got, want = numba_cpu.conv2d_backward(dy, x, kernel), F.conv2d_backward(dy, x, kernel, impl="xp")
+    assert got[0] is not None  # need_dx defaults to True
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+    pooled = numba_cpu.max_pool2d(x)
+    np.testing.assert_array_equal(pooled, F.max_pool2d(x, impl="xp"))
+    dp = rng.standard_normal(pooled.shape)
+    np.testing.assert_array_equal(numba_cpu.max_pool2d_backward(dp, x, pooled),
+                                  F.max_pool2d_backward(dp, x, pooled, impl="xp"))
+    np.testing.assert_array_equal(numba_cpu.avg_pool2d(x), F.avg_pool2d(x, impl="xp"))
+    np.testing.assert_array_equal(numba_cpu.avg_pool2d_backward(dp, x), F.avg_pool2d_backward(dp, x, impl="xp"))
+    with pytest.raises(ValueError, match=r"^y has shape \(2, 2, 2, 3\); the pooled output here is \(2, 3, 3, 3\)$"):
+        numba_cpu.max_pool2d_backward(dp[:, :2, :2], x, pooled[:, :2, :2])
+    with pytest.raises(ValueError, match=r"^dy has shape \(2, 2, 2, 3\); the pooled output here"):
+        numba_cpu.avg_pool2d_backward(dp[:, :2, :2], x)

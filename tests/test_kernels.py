@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -544,3 +545,32 @@ def test_the_kernels_compiled_for_avx2_alone_equal_the_reference(tmp_path):
                          capture_output=True, text=True, timeout=300)
     zmm, ymm = map(int, out.stdout.split())
     assert zmm == 0 and ymm > 0, (zmm, ymm)
+
+
+def test_the_numba_cache_dir_is_the_users_else_tmp_else_a_new_private_one(tmp_path, monkeypatch):
+    import tempfile
+
+    from xpnet.kernels import numba_cpu
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert numba_cpu._cache_dir() == str(tmp_path / "xdg" / "xpnet" / "numba")
+    assert (tmp_path / "xdg" / "xpnet" / "numba").is_dir()
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # unset or empty: ~/.cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert numba_cpu._cache_dir() == str(tmp_path / "home" / ".cache" / "xpnet" / "numba")
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # the folder cannot be made there
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert numba_cpu._cache_dir() == str(tmp_path / "tmp" / "xpnet" / "numba")
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # made, but not writable (root can't test it)
+    fresh = Path(numba_cpu._cache_dir())
+    assert fresh.parent == tmp_path / "tmp" and fresh.name.startswith("xpnet-numba-") and fresh.is_dir()
+
+
+def test_auto_runs_the_kernel_from_one_element_up():
+    from xpnet.kernels import numba_cpu
+
+    for op in ("softmax", "bias_relu", "relu_backward", "softmax_cross_entropy", "an unmeasured op"):
+        assert numba_cpu.worth_it(op, np.ones((1, 1))) is True
