@@ -574,3 +574,62 @@ def test_auto_runs_the_kernel_from_one_element_up():
 
     for op in ("softmax", "bias_relu", "relu_backward", "softmax_cross_entropy", "an unmeasured op"):
         assert numba_cpu.worth_it(op, np.ones((1, 1))) is True
+
+
+def _numba_cpu_or_skip():
+    _skip_without_numba()
+    from xpnet.kernels import numba_cpu
+
+    return numba_cpu
+
+
+def test_softmax_into_its_own_input_or_a_strided_out(rng):
+    numba_cpu = _numba_cpu_or_skip()
+    x = rng.standard_normal((7, 13)).astype(np.float32) * 10
+    want = F.softmax(x, impl="xp")
+    same = x.copy()
+    assert numba_cpu.softmax(same, out=same) is same
+    np.testing.assert_allclose(same, want, rtol=2e-6, atol=1e-7)
+    wide = np.full((7, 26), np.nan, np.float32)
+    out = wide[:, ::2]  # strided: the kernel writes C order, so it goes through a scratch
+    assert numba_cpu.softmax(x, out=out) is out
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-7)
+    assert np.isnan(wide[:, 1::2]).all()  # and nothing beside it
+    loss, grad = numba_cpu.softmax_cross_entropy(x, np.arange(7) % 13, grad_out=out)
+    assert grad is out
+    np.testing.assert_allclose(out, F.softmax_cross_entropy(x, np.arange(7) % 13, impl="xp")[1], rtol=2e-5, atol=1e-7)
+
+
+def test_a_bad_out_is_refused_with_its_name_and_kind(rng):
+    numba_cpu = _numba_cpu_or_skip()
+    x = rng.standard_normal((3, 4))
+    with pytest.raises(TypeError, match=r"^out must be a NumPy array, got builtins.list$"):
+        numba_cpu.relu_backward(x, x, out=[[0.0] * 4] * 3)
+    frozen = np.empty_like(x)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^out is read-only$"):
+        numba_cpu.softmax(x, out=frozen)
+
+
+def test_a_kept_buffer_handed_out_again_leaves_the_count(rng):
+    numba_cpu = _numba_cpu_or_skip()
+    numba_cpu.release_kept_buffers()
+    x = rng.standard_normal((256, numba_cpu.RECYCLE_MIN_BYTES // 1024)).astype(np.float32)  # 1 MB
+    y = numba_cpu.softmax(x)
+    del y  # its buffer is kept
+    assert numba_cpu._kept_bytes == x.nbytes
+    y = numba_cpu.softmax(x)  # and handed out again
+    assert numba_cpu._kept_bytes == 0
+    del y
+    numba_cpu.release_kept_buffers()
+
+
+def test_warmup_compiles_the_dtypes_asked_for_or_says_why_it_cannot(monkeypatch):
+    numba_cpu = _numba_cpu_or_skip()
+    numba_cpu.warmup(("float32",), ("int64",))
+    loops = numba_cpu._get_loops()
+    compiled = {str(sig[0]) for sig in loops.softmax_serial.signatures}
+    assert any(s.startswith("array(float32, 2d") for s in compiled), compiled
+    monkeypatch.setattr(numba_cpu, "unavailable", lambda: "numba is broken here")
+    with pytest.raises(RuntimeError, match="^the numba kernels cannot run here: numba is broken here$"):
+        numba_cpu.warmup()
