@@ -131,8 +131,8 @@ INTERRUPTED_TRAINING = textwrap.dedent(
     run = sys.argv[1]
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with Ctrl-C ignored
     rng = np.random.default_rng(0)
-    X = rng.integers(0, 256, size=(20000, 784), dtype=np.uint8)
-    y = rng.integers(0, 10, size=20000)
+    X = rng.integers(0, 256, size=(4000, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, size=4000)
 
     class Fingerprint(Callback):  # before the recorder: the weights each epoch ended with
         def on_epoch_end(self, epoch, logs):
@@ -141,7 +141,7 @@ INTERRUPTED_TRAINING = textwrap.dedent(
                 f.write(digest.hexdigest() + "\\n")
 
     recorder = RunRecorder(run, eval_data=(X[:500], y[:500]), plots=False)
-    xpnet.MLP([784, 128, 10], seed=0).fit(X, y, epochs=10_000, batch_size=32, optimizer="adam", lr=1e-4,
+    xpnet.MLP([784, 64, 10], seed=0).fit(X, y, epochs=10_000, batch_size=32, optimizer="adam", lr=1e-4,
                                           verbose=0, callbacks=[Fingerprint(), recorder])
     """
 )
@@ -191,8 +191,8 @@ def test_ctrl_c_leaves_the_last_finished_epochs_model_and_metrics(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["model_epoch"] == len(metrics) - 1
     rng = np.random.default_rng(0)
-    X = rng.integers(0, 256, size=(20000, 784), dtype=np.uint8)
-    y = rng.integers(0, 10, size=20000)
+    X = rng.integers(0, 256, size=(4000, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, size=4000)
     assert summary["eval_accuracy"] == saved.score(X[:500], y[:500])
     assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
 
