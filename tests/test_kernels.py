@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import xpnet
 import xpnet.functional as F
 from xpnet import kernels
 
@@ -633,3 +634,42 @@ def test_warmup_compiles_the_dtypes_asked_for_or_says_why_it_cannot(monkeypatch)
     monkeypatch.setattr(numba_cpu, "unavailable", lambda: "numba is broken here")
     with pytest.raises(RuntimeError, match="^the numba kernels cannot run here: numba is broken here$"):
         numba_cpu.warmup()
+
+
+def test_after_warmup_training_compiles_nothing_more(rng, monkeypatch):
+    """``warmup`` compiles every signature that training and the kernels use, serial and parallel,
+    for float32 and float64: after it, none of that work compiles anything."""
+    numba_cpu = _numba_cpu_or_skip()
+    numba_cpu.warmup()
+    loops = numba_cpu._get_loops()
+    dispatchers = {name: d for name, d in vars(loops).items() if hasattr(d, "signatures")}
+    before = {name: len(d.signatures) for name, d in dispatchers.items()}
+
+    from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D
+
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((8, 6)).astype(dtype)
+        for parallel in (False, True):
+            limits = {op: 0 if parallel else 1 << 60 for op in numba_cpu.PARALLEL_MIN_ELEMENTS}
+            monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_ELEMENTS", limits)
+            monkeypatch.setattr(numba_cpu, "STREAM_MIN_BYTES", 0 if parallel else 1 << 60)
+            numba_cpu.softmax(x)
+            for label_dtype in (np.int64, np.uint8):
+                numba_cpu.softmax_cross_entropy(x, np.arange(8, dtype=label_dtype) % 6)
+            numba_cpu.bias_relu(x, x[0])
+            numba_cpu.relu_backward(x, x)
+            numba_cpu.relu_backward(x[:, ::2], x[:, ::2])  # strided: the 2-D loop
+        monkeypatch.undo()
+        pixels = rng.integers(0, 256, (64, 12), dtype=np.uint8)
+        labels = rng.integers(0, 3, 64)
+        for optimizer, settings in (("sgd", {}), ("sgd", {"momentum": 0.9}), ("adam", {})):
+            for X in (pixels, pixels.astype(dtype) / 255):  # pixels are gathered and scaled per batch
+                xpnet.MLP([12, 8, 3], dtype=np.dtype(dtype).name, seed=0).fit(
+                    X, labels, epochs=1, batch_size=16, optimizer=optimizer, verbose=0, **settings)
+        images = rng.standard_normal((16, 8, 8, 1)).astype(dtype)
+        cnn = xpnet.Sequential([Conv2D(4, 3, activation="relu"), MaxPool2D(2), Conv2D(8, 2, activation="relu"),
+                                AvgPool2D(2), Flatten(), Dense(3)],
+                               input_shape=(8, 8, 1), dtype=np.dtype(dtype).name, seed=0)
+        cnn.fit(images, labels[:16], epochs=1, batch_size=8, optimizer="adam", verbose=0)
+    after = {name: len(d.signatures) for name, d in dispatchers.items()}
+    assert {n: (before[n], after[n]) for n in before if after[n] != before[n]} == {}

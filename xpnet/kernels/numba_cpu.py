@@ -555,6 +555,8 @@ def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> di
                 getattr(loops, f"softmax_xent_{tag}")(x, labels, out, out.reshape(-1), 1)
             getattr(loops, f"bias_relu_{tag}")(x, x[0], out)
             getattr(loops, f"relu_backward_2d_{tag}")(x, x, out)
+            # the 2-D loop's real use: strided views (numba's "A" layout) into a fresh result
+            getattr(loops, f"relu_backward_2d_{tag}")(x[:, ::2], x[:, ::2], np.empty((2, 2), dtype))
             getattr(loops, f"relu_backward_flat_{tag}")(x.reshape(-1), x.reshape(-1), out.reshape(-1))
         loops.relu_backward_flat_streaming(x.reshape(-1), x.reshape(-1), out.reshape(-1))
         for label_dtype in label_dtypes:
@@ -568,7 +570,7 @@ def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> di
         pixels = np.zeros((2, 3), np.uint8)
         loops.take_pixel_batch(pixels, labels, labels, pixels.copy(), out, labels.copy())
         s = dtype.type(0.5)
-        for p in (x.copy(), x[0].copy()):  # weights (2-D) and biases (1-D)
+        for p in (x.copy(), x[0].copy(), np.ones((1, 1, 1, 2), dtype)):  # weights, biases, conv kernels
             loops.sgd_update(p, p.copy(), s)
             loops.sgd_momentum_update(p, p.copy(), p.copy(), s, s, False)
             loops.adam_update(p, p.copy(), p.copy(), p.copy(), s, s, s, s, s, s, s)
