@@ -952,3 +952,35 @@ def test_runs_without_a_summary_or_an_epoch_and_damaged_ones_are_listed(tmp_path
     assert text.splitlines()[-1] == "best val accuracy: A -, B -; status: A running or killed, B no epoch finished"
     text = format_comparison(compare_runs(quiet, a))
     assert "best val accuracy: A -, B 90.62%;" in text
+
+
+def test_a_new_run_writes_this_config_and_claim(tmp_path):
+    import platform
+    import socket
+
+    started_recorder(tmp_path / "r")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert list(config) == ["name", "started", "model", "n_params", "backend", "fit", "versions", "platform"]
+    assert config["name"] == "r" and config["n_params"] == 20 * 8 + 8 + 8 * 3 + 3 and config["backend"] == "cpu"
+    assert config["platform"] == {"machine": platform.machine(), "system": platform.system(),
+                                  "processor": platform.processor()}
+    assert config["versions"]["xpnet"] == xpnet.__version__
+    owner = json.loads((tmp_path / "r" / "run.lock").read_text())
+    assert owner.keys() == {"pid", "host", "started"}
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+
+
+def test_a_folder_with_only_a_metrics_file_is_a_run_too(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match="already holds a recorded run"):
+        RunRecorder(tmp_path / "r").claim()
+
+
+def test_recorder_arguments_are_checked_where_given():
+    with pytest.raises(TypeError, match=r"^config must be a dict, got list$"):
+        RunRecorder("r", config=[1])
+    with pytest.raises(ValueError, match=r"^eval_data must be a pair \(X, y\)$"):
+        RunRecorder("r", eval_data=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"^overwrite replaces the run in the folder, resume continues it: not both$"):
+        RunRecorder("r", overwrite=True, resume=True)
