@@ -984,3 +984,53 @@ def test_recorder_arguments_are_checked_where_given():
         RunRecorder("r", eval_data=(1, 2, 3))
     with pytest.raises(ValueError, match=r"^overwrite replaces the run in the folder, resume continues it: not both$"):
         RunRecorder("r", overwrite=True, resume=True)
+
+
+def test_versions_name_the_installed_libraries_a_result_depends_on():
+    from importlib import metadata
+
+    from xpnet.runs import versions
+
+    got = versions()
+    for package in ("numba", "array-api-compat", "safetensors"):
+        assert got[package] == metadata.version(package)
+    assert got["numpy"] == np.__version__ and got["xpnet"] == xpnet.__version__
+
+
+def test_a_finished_run_writes_this_summary(tmp_path):
+    recorder = started_recorder(tmp_path / "r", eval_data=tiny_data(30))
+    recorder.on_train_end({"epochs_run": 1, "warnings": ["w"]})
+    text = (tmp_path / "r" / "summary.json").read_text()
+    summary = json.loads(text)
+    assert text == json.dumps(summary, indent=2) + "\n"
+    assert list(summary) == ["status", "epochs_run", "model_epoch", "warnings", "finished", "seconds",
+                             "eval_accuracy", "eval_size"]
+    assert summary["status"] == "interrupted" and summary["model_epoch"] == 0 and summary["eval_size"] == 30
+    assert summary["seconds"] == round(summary["seconds"], 3) and summary["warnings"] == ["w"]
+
+
+def test_a_folder_in_use_names_its_holder(tmp_path):
+    import socket
+
+    holder = started_recorder(tmp_path / "r")
+    started = json.loads((tmp_path / "r" / "run.lock").read_text())["started"]
+    try:
+        with pytest.raises(FileExistsError) as caught:
+            RunRecorder(tmp_path / "r", overwrite=True).claim()
+    finally:
+        holder.release()
+    assert f"(pid {os.getpid()} on {socket.gethostname()}, started {started})" in str(caught.value)
+
+
+def test_read_run_names_a_damaged_config_field_and_fills_in_missing_ones(tmp_path):
+    run = hand_written_run(tmp_path / "r", lr=0.1, epochs=2, metrics=[], started="2026-01-01T00:00:00.000+00:00")
+    config = json.loads((run / "config.json").read_text())
+    bare = {**config, "fit": {}}
+    (run / "config.json").write_text(json.dumps(bare))
+    got = read_run(run)
+    assert got["optimizer"] == "?" and got["epochs"] == "0/?" and got["summary"] is None
+    for key, value, where in (("model", {"layers": 3}, "'model.layers'"), ("started", 5, "'started'"),
+                              ("model", [], "'model'")):
+        (run / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=rf"config.json: {where}"):
+            read_run(run)
