@@ -71,6 +71,17 @@ def backend(request):
     return xpnet.get_backend("cpu")
 
 
+@pytest.fixture(scope="session")
+def numba_cpu():
+    """The Numba kernel module, or a skip where numba cannot run."""
+    from xpnet import kernels
+
+    module = kernels.kernel_module("numba")
+    if module.unavailable():
+        pytest.skip(module.unavailable())
+    return module
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261123)

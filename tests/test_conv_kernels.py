@@ -26,14 +26,6 @@ RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module")
-def numba_cpu():
-    module = kernels.kernel_module("numba")
-    if module.unavailable():
-        pytest.skip(module.unavailable())
-    return module
-
-
 class _PoisonedNumpy:
     """NumPy, except that ``empty`` hands out NaN-filled arrays."""
 

@@ -577,15 +577,7 @@ def test_auto_runs_the_kernel_from_one_element_up():
         assert numba_cpu.worth_it(op, np.ones((1, 1))) is True
 
 
-def _numba_cpu_or_skip():
-    _skip_without_numba()
-    from xpnet.kernels import numba_cpu
-
-    return numba_cpu
-
-
-def test_softmax_into_its_own_input_or_a_strided_out(rng):
-    numba_cpu = _numba_cpu_or_skip()
+def test_softmax_into_its_own_input_or_a_strided_out(numba_cpu, rng):
     x = rng.standard_normal((7, 13)).astype(np.float32) * 10
     want = F.softmax(x, impl="xp")
     same = x.copy()
@@ -601,8 +593,7 @@ def test_softmax_into_its_own_input_or_a_strided_out(rng):
     np.testing.assert_allclose(out, F.softmax_cross_entropy(x, np.arange(7) % 13, impl="xp")[1], rtol=2e-5, atol=1e-7)
 
 
-def test_a_bad_out_is_refused_with_its_name_and_kind(rng):
-    numba_cpu = _numba_cpu_or_skip()
+def test_a_bad_out_is_refused_with_its_name_and_kind(numba_cpu, rng):
     x = rng.standard_normal((3, 4))
     with pytest.raises(TypeError, match=r"^out must be a NumPy array, got builtins.list$"):
         numba_cpu.relu_backward(x, x, out=[[0.0] * 4] * 3)
@@ -612,8 +603,7 @@ def test_a_bad_out_is_refused_with_its_name_and_kind(rng):
         numba_cpu.softmax(x, out=frozen)
 
 
-def test_a_kept_buffer_handed_out_again_leaves_the_count(rng):
-    numba_cpu = _numba_cpu_or_skip()
+def test_a_kept_buffer_handed_out_again_leaves_the_count(numba_cpu, rng):
     numba_cpu.release_kept_buffers()
     x = rng.standard_normal((256, numba_cpu.RECYCLE_MIN_BYTES // 1024)).astype(np.float32)  # 1 MB
     y = numba_cpu.softmax(x)
@@ -625,8 +615,7 @@ def test_a_kept_buffer_handed_out_again_leaves_the_count(rng):
     numba_cpu.release_kept_buffers()
 
 
-def test_warmup_compiles_the_dtypes_asked_for_or_says_why_it_cannot(monkeypatch):
-    numba_cpu = _numba_cpu_or_skip()
+def test_warmup_compiles_the_dtypes_asked_for_or_says_why_it_cannot(numba_cpu, monkeypatch):
     numba_cpu.warmup(("float32",), ("int64",))
     loops = numba_cpu._get_loops()
     compiled = {str(sig[0]) for sig in loops.softmax_serial.signatures}
@@ -636,10 +625,9 @@ def test_warmup_compiles_the_dtypes_asked_for_or_says_why_it_cannot(monkeypatch)
         numba_cpu.warmup()
 
 
-def test_after_warmup_training_compiles_nothing_more(rng, monkeypatch):
+def test_after_warmup_training_compiles_nothing_more(numba_cpu, rng, monkeypatch):
     """``warmup`` compiles every signature that training and the kernels use, serial and parallel,
     for float32 and float64: after it, none of that work compiles anything."""
-    numba_cpu = _numba_cpu_or_skip()
     numba_cpu.warmup()
     loops = numba_cpu._get_loops()
     dispatchers = {name: d for name, d in vars(loops).items() if hasattr(d, "signatures")}
@@ -662,10 +650,10 @@ def test_after_warmup_training_compiles_nothing_more(rng, monkeypatch):
         monkeypatch.undo()
         pixels = rng.integers(0, 256, (64, 12), dtype=np.uint8)
         labels = rng.integers(0, 3, 64)
-        for optimizer, settings in (("sgd", {}), ("sgd", {"momentum": 0.9}), ("adam", {})):
+        for optimizer, extra in (("sgd", {}), ("sgd", {"momentum": 0.9}), ("adam", {})):
             for X in (pixels, pixels.astype(dtype) / 255):  # pixels are gathered and scaled per batch
                 xpnet.MLP([12, 8, 3], dtype=np.dtype(dtype).name, seed=0).fit(
-                    X, labels, epochs=1, batch_size=16, optimizer=optimizer, verbose=0, **settings)
+                    X, labels, epochs=1, batch_size=16, optimizer=optimizer, verbose=0, **extra)
         images = rng.standard_normal((16, 8, 8, 1)).astype(dtype)
         cnn = xpnet.Sequential([Conv2D(4, 3, activation="relu"), MaxPool2D(2), Conv2D(8, 2, activation="relu"),
                                 AvgPool2D(2), Flatten(), Dense(3)],

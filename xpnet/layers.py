@@ -319,7 +319,21 @@ class Flatten(Layer):
         return namespace_of(dy).reshape(dy, (dy.shape[0], *self.input_shape)) if need_dx else None
 
 
-class Dropout(Layer):
+class _Seeded(Layer):
+    """A layer that draws random numbers in training (``Dropout``'s masks, ``RandomShift``'s
+    offsets) from a generator of its own, seeded from the model's at build time so that a seeded
+    model trains reproducibly; a run's checkpoint saves its state (``training.rng_states``).
+    Draws happen on the host, then move to the device."""
+
+    _rng = None
+
+    def build(self, input_shape, *, rng, dtype, backend):
+        self._rng = np.random.default_rng(rng.integers(2**63))
+        self._backend, self._dtype = backend, dtype
+        return tuple(input_shape)
+
+
+class Dropout(_Seeded):
     """Inverted dropout: in training, each element is zeroed with probability ``rate`` and the
     others are scaled by ``1 / (1 - rate)``; at inference it is the identity.
 
@@ -332,15 +346,9 @@ class Dropout(Layer):
             raise ValueError(f"rate must be a fraction in [0, 1), got {rate!r}")
         self.rate = float(rate)
         self._mask = None
-        self._rng = self._backend = None
 
     def get_config(self):
         return {"rate": self.rate}
-
-    def build(self, input_shape, *, rng, dtype, backend):
-        self._rng = np.random.default_rng(rng.integers(2**63))
-        self._backend, self._dtype = backend, dtype
-        return tuple(input_shape)
 
     def forward(self, x, *, training=False):
         if not training or self.rate == 0.0:
@@ -356,7 +364,7 @@ class Dropout(Layer):
         return dy if self._mask is None else dy * self._mask
 
 
-class RandomShift(Layer):
+class RandomShift(_Seeded):
     """Augmentation: in training, each image moved by its own random whole number of pixels,
     drawn uniformly from ``[-pixels, pixels]`` along the rows and, independently, along the
     columns, the uncovered pixels set to 0 (``F.shift_images``); at inference, the identity.
@@ -380,7 +388,6 @@ class RandomShift(Layer):
             raise ValueError(f"pixels must be >= 0, got {pixels!r}")
         self.pixels = int(pixels)
         self._offsets = None
-        self._rng = self._backend = None
 
     def get_config(self):
         return {"pixels": self.pixels}
@@ -388,9 +395,7 @@ class RandomShift(Layer):
     def build(self, input_shape, *, rng, dtype, backend):
         if len(input_shape) != 3:
             raise ValueError(f"RandomShift takes images (H, W, C), got inputs of shape {input_shape}")
-        self._rng = np.random.default_rng(rng.integers(2**63))
-        self._backend = backend
-        return tuple(input_shape)
+        return super().build(input_shape, rng=rng, dtype=dtype, backend=backend)
 
     def forward(self, x, *, training=False):
         if not training or self.pixels == 0:

@@ -26,7 +26,7 @@ from . import functional as F
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
 from .distributed import GradientSum, shard
 from .distributed import for_fit as distributed_for_fit
-from .layers import Dense, Dropout, RandomShift
+from .layers import Dense, _Seeded
 from .optim import make_optimizer
 
 __all__ = ["fit", "relu_mlp", "training_step_for", "ReferenceStep", "rng_states", "set_rng_states"]
@@ -398,7 +398,7 @@ def set_rng_states(model, states: dict) -> None:
 
 def _rngs(model) -> dict:
     layers = {f"layers.{i}": layer._rng for i, layer in enumerate(model.layers)
-              if isinstance(layer, (Dropout, RandomShift))}
+              if isinstance(layer, _Seeded)}
     return {"model": model._rng, **layers}
 
 
