@@ -34,12 +34,14 @@ MODULES = {
     "model": ("xpnet/model.py", ["tests/test_model.py", "tests/test_inputs.py", "tests/test_io.py",
                                  "tests/test_layers.py"]),
     "optim": ("xpnet/optim.py", ["tests/test_optim.py"]),
-    "training": ("xpnet/training.py", ["tests/test_training.py"]),
+    "training": ("xpnet/training.py", ["tests/test_training.py", "tests/test_split_step.py"]),
     "runs": ("xpnet/runs.py", ["tests/test_runs.py"]),
     "numba_cpu": (
         "xpnet/kernels/numba_cpu.py",
-        ["tests/test_kernels.py", "tests/test_numba_parallel.py", "tests/test_conv_kernels.py"],
+        ["tests/test_kernels.py", "tests/test_numba_parallel.py", "tests/test_conv_kernels.py",
+         "tests/test_split_step.py"],
     ),
+    "split_step": ("xpnet/kernels/split_step.py", ["tests/test_split_step.py"]),
 }
 
 # mutmut's exit codes -> how a mutant ended (mutmut.stats.status_by_exit_code, simplified)

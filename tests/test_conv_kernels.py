@@ -393,3 +393,71 @@ def test_called_directly_the_kernels_defaults_are_the_references(numba_cpu, rng)
         numba_cpu.max_pool2d_backward(dp[:, :2, :2], x, pooled[:, :2, :2])
     with pytest.raises(ValueError, match=r"^dy has shape \(2, 2, 2, 3\); the pooled output here"):
         numba_cpu.avg_pool2d_backward(dp[:, :2, :2], x)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("strides,padding,kernel_size", [
+    ((2, 1), "valid", (3, 3)),   # a row stride on the direct path (its column stride must be 1)
+    ((1, 1), "same", (2, 4)),    # even kernels: more padding after the image than before it
+    ((2, 1), "same", (4, 2)),
+    ((1, 2), "same", (2, 3)),    # a column stride: im2col on either path
+])
+def test_strided_and_unevenly_padded_convolutions_equal_the_reference(poisoned_numpy, conv_path, rng, dtype,
+                                                                      strides, padding, kernel_size):
+    x = rng.standard_normal((3, 7, 9, 2)).astype(dtype)  # not square: rows and columns are not confused
+    kernel = rng.standard_normal((*kernel_size, 2, 3)).astype(dtype)
+    bias = rng.standard_normal(3).astype(dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    for b in (bias, None):
+        want = F.conv2d(x, kernel, b, strides=strides, padding=padding, impl="xp")
+        np.testing.assert_allclose(F.conv2d(x, kernel, b, strides=strides, padding=padding, impl="numba"), want, **tol)
+    dy = rng.standard_normal(want.shape).astype(dtype)
+    got = F.conv2d_backward(dy, x, kernel, strides=strides, padding=padding, impl="numba")
+    want = F.conv2d_backward(dy, x, kernel, strides=strides, padding=padding, impl="xp")
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, **tol)
+
+
+def test_few_channels_times_filters_take_the_direct_loop_up_to_the_limit(numba_cpu, monkeypatch, rng):
+    loops = numba_cpu._get_loops()
+    taken = []
+    for name in ("conv2d_rows", "im2col"):
+        kernel = getattr(loops, name)
+        monkeypatch.setattr(loops, name, lambda *args, name=name, kernel=kernel: taken.append(name) or kernel(*args))
+    limit = numba_cpu.DIRECT_MAX_CHANNEL_FILTERS
+    x = rng.standard_normal((2, 6, 6, 4))
+    for filters in (limit // 4, limit // 4 + 1):  # 4 channels x 6 filters = the limit; 4 x 7 above it
+        numba_cpu.conv2d(x, rng.standard_normal((3, 3, 4, filters)))
+    numba_cpu.conv2d(x, rng.standard_normal((3, 3, 4, 2)), strides=(1, 2))  # column stride 2: im2col
+    assert taken == ["conv2d_rows", "im2col", "im2col"]
+
+
+def test_scratch_is_kept_per_name_dtype_and_size(numba_cpu, monkeypatch):
+    monkeypatch.setattr(numba_cpu, "_scratch_buffers", type(numba_cpu._scratch_buffers)())
+    a = numba_cpu._scratch("a", (3, 4), np.float32)
+    assert a.shape == (3, 4) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert np.shares_memory(numba_cpu._scratch("a", (4, 3), np.float32), a)  # the same size: the same memory
+    assert np.shares_memory(numba_cpu._scratch("a", (2, 5), np.float32), a)  # smaller: the front of it
+    assert not np.shares_memory(numba_cpu._scratch("b", (3, 4), np.float32), a)  # another name
+    grown = numba_cpu._scratch("a", (13,), np.float32)
+    assert grown.shape == (13,) and not np.shares_memory(grown, a)
+    wide = numba_cpu._scratch("a", (13,), np.float64)
+    assert wide.dtype == np.float64 and not np.shares_memory(wide, grown)  # another dtype: a new buffer
+
+
+def test_scratch_up_to_the_limit_is_kept_and_larger_is_not(numba_cpu, monkeypatch):
+    monkeypatch.setattr(numba_cpu, "_scratch_buffers", type(numba_cpu._scratch_buffers)())
+    monkeypatch.setattr(numba_cpu, "SCRATCH_KEEP_BYTES", 400)
+    kept = numba_cpu._scratch("k", (10, 10), np.float32)  # 400 bytes: kept
+    assert np.shares_memory(numba_cpu._scratch("k", (10, 10), np.float32), kept)
+    big = numba_cpu._scratch("k", (101,), np.float32)  # 404 bytes: a fresh array each time
+    assert big.dtype == np.float32 and big.shape == (101,)
+    assert not np.shares_memory(numba_cpu._scratch("k", (101,), np.float32), big)
+    assert numba_cpu._scratch_buffers.__dict__["k"].size == 100
+
+
+def test_the_direct_loops_scratch_holds_padded_rows_in_the_inputs_dtype(numba_cpu, rng):
+    x = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
+    expanded = numba_cpu._expanded(x, (3, 2, 3, 4), (7, 1, 2))  # 4 filters; 1 padding column before, 2 after
+    assert expanded.shape == (5, 3, (7 + 1 + 2) * 4) and expanded.dtype == np.float32

@@ -14,9 +14,11 @@ Every output is pre-filled with NaN, so an element a kernel forgets to write fai
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -391,8 +393,10 @@ def test_warmup_compiles_both_dtypes():
     module = kernels.kernel_module("numba")
     if module.unavailable():
         pytest.skip(module.unavailable())
+    start = time.perf_counter()
     seconds = module.warmup()
-    assert set(seconds) == {"float32", "float64"} and all(s >= 0 for s in seconds.values())
+    took = time.perf_counter() - start
+    assert set(seconds) == {"float32", "float64"} and all(0 <= s <= took for s in seconds.values())
 
 
 def _skip_without_numba():
@@ -556,6 +560,7 @@ def test_the_numba_cache_dir_is_the_users_else_tmp_else_a_new_private_one(tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert numba_cpu._cache_dir() == str(tmp_path / "xdg" / "xpnet" / "numba")
     assert (tmp_path / "xdg" / "xpnet" / "numba").is_dir()
+    assert numba_cpu._cache_dir() == str(tmp_path / "xdg" / "xpnet" / "numba")  # and again, once it exists
     monkeypatch.setenv("XDG_CACHE_HOME", "")  # unset or empty: ~/.cache
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert numba_cpu._cache_dir() == str(tmp_path / "home" / ".cache" / "xpnet" / "numba")
@@ -583,11 +588,14 @@ def test_softmax_into_its_own_input_or_a_strided_out(numba_cpu, rng):
     same = x.copy()
     assert numba_cpu.softmax(same, out=same) is same
     np.testing.assert_allclose(same, want, rtol=2e-6, atol=1e-7)
-    wide = np.full((7, 26), np.nan, np.float32)
-    out = wide[:, ::2]  # strided: the kernel writes C order, so it goes through a scratch
+    wide = np.full((7, 30), np.nan, np.float32)
+    out = wide[:, 1:27:2]  # strided, and not one 1-D view either: the kernel writes C order, via a scratch
     assert numba_cpu.softmax(x, out=out) is out
     np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-7)
-    assert np.isnan(wide[:, 1::2]).all()  # and nothing beside it
+    np.testing.assert_array_equal(out, numba_cpu.softmax(x))  # computed in float32, as into a C array
+    written = np.zeros(wide.shape, bool)
+    written[:, 1:27:2] = True
+    assert np.isnan(wide[~written]).all()  # and nothing beside it
     loss, grad = numba_cpu.softmax_cross_entropy(x, np.arange(7) % 13, grad_out=out)
     assert grad is out
     np.testing.assert_allclose(out, F.softmax_cross_entropy(x, np.arange(7) % 13, impl="xp")[1], rtol=2e-5, atol=1e-7)
@@ -597,6 +605,8 @@ def test_a_bad_out_is_refused_with_its_name_and_kind(numba_cpu, rng):
     x = rng.standard_normal((3, 4))
     with pytest.raises(TypeError, match=r"^out must be a NumPy array, got builtins.list$"):
         numba_cpu.relu_backward(x, x, out=[[0.0] * 4] * 3)
+    with pytest.raises(TypeError, match=r"^out must be a NumPy array, got collections.deque$"):
+        numba_cpu.softmax(x, out=collections.deque())
     frozen = np.empty_like(x)
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match=r"^out is read-only$"):
@@ -655,9 +665,180 @@ def test_after_warmup_training_compiles_nothing_more(numba_cpu, rng, monkeypatch
                 xpnet.MLP([12, 8, 3], dtype=np.dtype(dtype).name, seed=0).fit(
                     X, labels, epochs=1, batch_size=16, optimizer=optimizer, verbose=0, **extra)
         images = rng.standard_normal((16, 8, 8, 1)).astype(dtype)
-        cnn = xpnet.Sequential([Conv2D(4, 3, activation="relu"), MaxPool2D(2), Conv2D(8, 2, activation="relu"),
-                                AvgPool2D(2), Flatten(), Dense(3)],
-                               input_shape=(8, 8, 1), dtype=np.dtype(dtype).name, seed=0)
-        cnn.fit(images, labels[:16], epochs=1, batch_size=8, optimizer="adam", verbose=0)
+        for optimizer, extra in (("sgd", {}), ("sgd", {"momentum": 0.9, "nesterov": True}), ("adam", {})):
+            cnn = xpnet.Sequential([Conv2D(4, 3, activation="relu"), MaxPool2D(2), Conv2D(8, 2, activation="relu"),
+                                    AvgPool2D(2), Flatten(), Dense(3)],
+                                   input_shape=(8, 8, 1), dtype=np.dtype(dtype).name, seed=0)
+            cnn.fit(images, labels[:16], epochs=1, batch_size=8, optimizer=optimizer, verbose=0, **extra)
     after = {name: len(d.signatures) for name, d in dispatchers.items()}
     assert {n: (before[n], after[n]) for n in before if after[n] != before[n]} == {}
+
+
+@pytest.mark.parametrize("rows,width", [(43265, 6), (64, 6), (60, 6), (5, 6), (11, 32)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bias_relu_regroups_narrow_rows_into_wide_ones(numba_cpu, rng, monkeypatch, rows, width, in_place):
+    """A convolution's (pixels, 6) output goes to the kernel as rows of 60 (the bias repeated
+    10 times; rows of 32 go in pairs), the rows that do not fill a group in a second call: the
+    same bits as the reference."""
+    x = rng.standard_normal((rows, width)).astype(np.float32)
+    b = rng.standard_normal(2 * width).astype(np.float32)[::2]  # a strided bias
+    want = F.bias_relu(x, b, impl="xp")
+    loops = numba_cpu._get_loops()
+    widths = []
+    kernel = loops.bias_relu_serial
+    monkeypatch.setattr(loops, "bias_relu_serial", lambda x, b, out: widths.append((x.shape, b.shape)) or kernel(x, b, out))
+    out = x if in_place else np.full_like(x, np.nan)
+    assert numba_cpu.bias_relu(x, b, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    group = 64 // width
+    whole = rows - rows % group
+    assert widths == ([((whole // group, group * width), (group * width,))] * (whole > 0)
+                      + [((rows - whole, width), (width,))] * (rows > whole))
+
+
+def test_bias_relu_of_rows_wider_than_a_group_or_strided_is_one_call(numba_cpu, rng, monkeypatch):
+    loops = numba_cpu._get_loops()
+    shapes = []
+    kernel = loops.bias_relu_serial
+    monkeypatch.setattr(loops, "bias_relu_serial", lambda x, b, out: shapes.append(x.shape) or kernel(x, b, out))
+    wide = rng.standard_normal((40, 33))
+    numba_cpu.bias_relu(wide, wide[0])
+    strided = rng.standard_normal((40, 12))[:, ::2]
+    np.testing.assert_array_equal(numba_cpu.bias_relu(strided, strided[0]), F.bias_relu(strided, strided[0], impl="xp"))
+    numba_cpu.bias_relu(np.ones((3, 0)), np.ones(0))  # no columns: nothing to do, and no error
+    assert shapes == [(40, 33), (40, 6), (3, 0)]
+
+
+# --- what the Numba kernels refuse, and why (the message kernels.select raises with) -----------
+
+
+def _images(*shape, dtype=np.float32):
+    return np.ones(shape, dtype)
+
+
+@pytest.mark.parametrize("op,arrays,reason", [
+    ("softmax", lambda: ([[1.0, 2.0]],), "the numba kernels take NumPy arrays, got builtins.list"),
+    ("softmax", lambda: (collections.deque([1.0]),), "the numba kernels take NumPy arrays, got collections.deque"),
+    ("relu_backward", lambda: (np.ones((2, 2)), [[1.0, 2.0]] * 2), "the numba kernels take NumPy arrays, got builtins.list"),
+    ("softmax", lambda: (np.ones((2, 2), np.float16),), "the numba kernels take float32 or float64, got float16"),
+    ("softmax", lambda: (np.ones((2, 2), np.int64),), "the numba kernels take float32 or float64, got int64"),
+    ("relu_backward", lambda: (np.ones((2, 2), np.float32), np.ones((2, 2))),
+     "operands of different dtypes: float32, float64"),
+    ("bias_relu", lambda: (np.ones((2, 2)), np.ones(2), np.ones(2, np.float32)),
+     "operands of different dtypes: float64, float64, float32"),
+    ("softmax", lambda: (np.ones((0, 3)),), "empty arrays"),
+    ("relu_backward", lambda: (np.ones((2, 2)), np.ones((2, 0))), "empty arrays"),
+    ("softmax_cross_entropy", lambda: (np.ones((2, 3)), np.ones(0, np.int64)), "empty arrays"),
+    ("softmax_cross_entropy", lambda: (np.ones((2, 3)), np.ones(2)), "labels must be integers, got float64"),
+    ("softmax_cross_entropy", lambda: (np.ones((2, 3)), np.ones(2, np.bool_)), "labels must be integers, got bool"),
+    ("conv2d", lambda: (_images(2, 5, 5), _images(2, 2, 1, 3)),
+     "conv2d takes images of shape (N, H, W, C), got shape (2, 5, 5)"),
+    ("max_pool2d_backward", lambda: (_images(2, 5, 5, 1, 1),),
+     "max_pool2d_backward takes images of shape (N, H, W, C), got shape (2, 5, 5, 1, 1)"),
+    ("conv2d", lambda: (_images(2, 5, 5, 1), _images(2, 2, 1, 3), _images(4)),
+     "the bias must have shape (filters,) = (3,), got (4,)"),
+    ("relu_backward", lambda: (np.ones((2, 3, 4))[:, :, ::2], np.ones((2, 3, 2))),
+     "non-contiguous arrays of 3 dimensions (2 are supported)"),
+    ("relu_backward", lambda: (np.ones((2, 3, 2)), np.ones((2, 3, 4))[:, :, ::2]),
+     "non-contiguous arrays of 3 dimensions (2 are supported)"),
+])
+def test_unsupported_names_the_reason(numba_cpu, op, arrays, reason):
+    assert numba_cpu.unsupported(op, *arrays()) == reason
+
+
+@pytest.mark.parametrize("op,arrays", [
+    ("softmax_cross_entropy", lambda: (np.ones((2, 3), np.float32), np.ones(2, np.uint8))),  # any integer labels
+    ("softmax_cross_entropy", lambda: (np.ones((2, 3)), np.ones(2, np.int32))),
+    ("relu_backward", lambda: (np.ones((2, 3, 2)), np.ones((2, 3, 2)))),  # 3-D, contiguous
+    ("relu_backward", lambda: (np.ones((3, 4))[:, ::2], np.ones((3, 2)))),  # 2-D, strided
+    ("conv2d", lambda: (_images(2, 5, 5, 1), _images(2, 2, 1, 3), _images(3))),
+    ("conv2d", lambda: (_images(2, 5, 5, 1), _images(2, 2, 1, 3))),
+    ("avg_pool2d", lambda: (_images(2, 5, 5, 3, dtype=np.float64),)),
+    ("bias_relu", lambda: (np.ones((2, 5)), np.ones(5))),
+])
+def test_supported_arrays_have_no_reason(numba_cpu, op, arrays):
+    assert numba_cpu.unsupported(op, *arrays()) is None
+
+
+def test_labels_outside_the_classes_are_named_with_their_index(numba_cpu):
+    logits = np.ones((5, 4))
+    for labels, message in (
+        (np.array([0, 3, 2, 4, 1]), r"^labels\[3\] = 4 is outside \[0, 4\)$"),
+        (np.array([0, -1, 9, 2, 1]), r"^labels\[1\] = -1 is outside \[0, 4\)$"),
+        (np.array([4, 0, 1, 2, 3]), r"^labels\[0\] = 4 is outside \[0, 4\)$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            numba_cpu.softmax_cross_entropy(logits, labels)
+
+
+def test_a_bad_grad_out_is_refused_by_name(numba_cpu, rng):
+    logits, labels = rng.standard_normal((4, 3)), np.array([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"^grad_out has shape \(4, 2\) and dtype float64; expected \(4, 3\) and float64$"):
+        numba_cpu.softmax_cross_entropy(logits, labels, grad_out=np.empty((4, 2)))
+    with pytest.raises(ValueError, match=r"^grad_out has shape \(4, 3\) and dtype float32; expected \(4, 3\) and float64$"):
+        numba_cpu.softmax_cross_entropy(logits, labels, grad_out=np.empty((4, 3), np.float32))
+    with pytest.raises(TypeError, match=r"^grad_out must be a NumPy array, got builtins.list$"):
+        numba_cpu.softmax_cross_entropy(logits, labels, grad_out=[[0.0] * 3] * 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_into_its_own_logits_or_a_strided_grad_out(numba_cpu, rng, dtype):
+    """``grad_out`` may be the logits themselves (each row is read before it is written) or a
+    strided view (the kernel writes C order: a scratch, then copied); the loss comes back as a
+    0-d array of the logits' dtype."""
+    logits = (rng.standard_normal((9, 5)) * 4).astype(dtype)
+    labels = rng.integers(0, 5, 9)
+    want_loss, want_grad = F.softmax_cross_entropy(logits, labels, impl="xp")
+    tol = dict(rtol=2e-5, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-15)
+    same = logits.copy()
+    loss, grad = numba_cpu.softmax_cross_entropy(same, labels, grad_out=same)
+    assert grad is same and loss.shape == () and loss.dtype == dtype
+    np.testing.assert_allclose(grad, want_grad, **tol)
+    np.testing.assert_allclose(loss, want_loss, **tol)
+    wide = np.full((9, 12), np.nan, dtype)
+    out = wide[:, 1:11:2]  # strided rows that no 1-D view covers
+    loss, grad = numba_cpu.softmax_cross_entropy(logits, labels, grad_out=out)
+    written = np.zeros(wide.shape, bool)
+    written[:, 1:11:2] = True
+    assert grad is out and np.isnan(wide[~written]).all()
+    np.testing.assert_allclose(out, want_grad, **tol)
+    np.testing.assert_allclose(loss, want_loss, **tol)
+
+
+def test_unavailable_says_why_numba_cannot_run_and_asks_once(numba_cpu, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(numba_cpu, "_unavailable_reason", [])
+    assert numba_cpu.unavailable() is None and numba_cpu._unavailable_reason == [None]
+    monkeypatch.setattr(numba_cpu, "_unavailable_reason", [])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert numba_cpu.unavailable() == "numba is not installed (pip install numba)"
+    monkeypatch.undo()
+
+    def broken():
+        raise ImportError("libllvmlite.so: cannot open shared object file")
+
+    monkeypatch.setattr(numba_cpu, "_unavailable_reason", [])
+    monkeypatch.setattr(numba_cpu, "_get_loops", broken)
+    expected = "numba failed to load: ImportError: libllvmlite.so: cannot open shared object file"
+    assert numba_cpu.unavailable() == expected
+    monkeypatch.setattr(numba_cpu, "_get_loops", lambda: None)  # asked once: the answer is kept
+    assert numba_cpu.unavailable() == expected
+
+
+def test_loading_the_loops_keeps_a_users_cache_dir_and_tells_an_imported_numba(numba_cpu, monkeypatch, tmp_path):
+    import numba
+
+    loops = numba_cpu._get_loops()
+    monkeypatch.setattr(numba_cpu, "_loops", None)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "mine"))
+    assert numba_cpu._get_loops() is loops
+    assert os.environ["NUMBA_CACHE_DIR"] == numba.config.CACHE_DIR == str(tmp_path / "mine")  # left alone
+
+    monkeypatch.setattr(numba_cpu, "_loops", None)
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")  # numba imported before the variable was set
+    monkeypatch.setattr(numba_cpu, "_cache_dir", lambda: str(tmp_path / "ours"))
+    assert numba_cpu._get_loops() is loops
+    assert os.environ["NUMBA_CACHE_DIR"] == numba.config.CACHE_DIR == str(tmp_path / "ours")

@@ -85,7 +85,9 @@ def test_bias_relu_parallel_equals_reference_on_odd_shapes(parallel_only, rng, s
     assert result is out
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(F.bias_relu(x, b, impl="numba"), expected)
-    assert parallel_only["bias_relu_parallel"] == 2
+    # narrow rows are regrouped into wide ones, the rows left over in a second call
+    assert parallel_only["bias_relu_parallel"] == 2 * (1 + (shape[1] <= 32 and shape[0] % (64 // shape[1]) > 0
+                                                            and shape[0] >= 64 // shape[1]))
 
 
 @pytest.mark.parametrize("dtype", ["float32"])  # layouts: one dtype (each is a compile)
@@ -279,3 +281,17 @@ def test_relu_backward_auto_above_the_real_threshold(rng, dtype, monkeypatch):
     # past STREAM_MIN_BYTES (float64 here) the contiguous call streams its stores instead
     flat = "relu_backward_flat_streaming" if dy_c.nbytes >= numba_cpu.STREAM_MIN_BYTES else "relu_backward_flat_parallel"
     assert ran == ["relu_backward_2d_parallel", flat]
+
+
+def test_relu_backward_streams_from_exactly_the_threshold(parallel_only, monkeypatch, rng):
+    """``STREAM_MIN_BYTES`` is the first size that streams: one byte-size below it, plain stores."""
+    loops = numba_cpu._get_loops()
+    ran = []
+    kernel = loops.relu_backward_flat_streaming
+    monkeypatch.setattr(loops, "relu_backward_flat_streaming", lambda *args: ran.append("streaming") or kernel(*args))
+    monkeypatch.setattr(numba_cpu, "STREAM_MIN_BYTES", 64 * 8 * 4)  # 64 float32 rows of 8
+    for rows in (64, 63):
+        dy, y = rng.standard_normal((rows, 8)).astype(np.float32), rng.standard_normal((rows, 8)).astype(np.float32)
+        np.testing.assert_array_equal(numba_cpu.relu_backward(dy, y), F.relu_backward(dy, y, impl="xp"))
+        ran.append(rows)
+    assert ran == ["streaming", 64, 63] and parallel_only == {"relu_backward_flat_parallel": 1}

@@ -1034,3 +1034,62 @@ def test_read_run_names_a_damaged_config_field_and_fills_in_missing_ones(tmp_pat
         (run / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=rf"config.json: {where}"):
             read_run(run)
+
+
+# --- reading back: each figure's type, and how values are shown --------------------------------
+
+
+@pytest.mark.parametrize("key", ["loss", "accuracy", "val_loss", "val_accuracy", "seconds"])
+def test_each_figure_of_a_metrics_line_must_be_a_number(tmp_path, key):
+    good = {"epoch": 0, "loss": 1.0, "accuracy": 0.5, "val_loss": None, "val_accuracy": 0.25, "seconds": 2}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, key: [1]}) + "\n")
+    with pytest.raises(ValueError, match=rf"metrics\.jsonl, line 2: '{key}' is not a number: \[1\]$"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(good) + "\n")
+    assert read_metrics(tmp_path) == [good]  # null, int and float figures are numbers enough
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": \n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: not valid JSON"):
+        read_metrics(tmp_path)
+
+
+def test_a_wrong_value_is_shown_whole_up_to_40_characters_then_cut(tmp_path):
+    from xpnet.runs import _expect
+
+    forty = "x" * 38  # 40 characters once quoted
+    with pytest.raises(ValueError, match=rf'^here is not a number: "{forty}"$'):
+        _expect(forty, (int, float), "here")
+    with pytest.raises(ValueError, match=rf'^here is not a number: "{forty[:36]}\.\.\.$'):
+        _expect(forty + "y", (int, float), "here")
+    assert _expect(None, dict, "here") is None and _expect([1], list, "here") == [1]
+
+
+def test_architecture_names_layers_by_type_and_size():
+    from xpnet.runs import _architecture
+
+    config = {"layers": [{"type": "Conv2D", "filters": 6}, {"type": "Flatten"}, {"units": 10}, 784]}
+    assert _architecture(config) == "Conv2D6-Flatten-?10-784"
+    assert _architecture({}) == _architecture({"layers": None}) == ""
+
+
+def test_a_table_value_is_a_dash_json_or_four_digits_and_at_most_60_characters():
+    from xpnet.runs import _value
+
+    assert _value(None) == "-" and _value([1, 2]) == "[1, 2]" and _value({"a": 1}) == '{"a": 1}'
+    assert _value(0.123456) == "0.1235" and _value(3) == "3" and _value("adam") == "adam"
+    assert _value("y" * 60) == "y" * 60 and _value("y" * 61) == "y" * 57 + "..."
+
+
+def test_elapsed_and_seconds_are_rounded_to_milliseconds(tmp_path, monkeypatch):
+    import xpnet.runs as runs
+
+    clock = iter([1000.0, 1001.23456789, 1002.5004999, 1003.0])
+    monkeypatch.setattr(runs.time, "time", lambda: next(clock, 1003.0))
+    recorder = runs.RunRecorder(tmp_path / "r")
+    recorder.model = xpnet.MLP([4, 3], seed=0)
+    recorder.on_train_begin({"epochs": 2})
+    recorder.on_epoch_end(0, {"loss": 1.0})
+    recorder.on_epoch_end(1, {"loss": 0.5})
+    assert [m["elapsed"] for m in read_metrics(tmp_path / "r")] == [1.235, 2.5]

@@ -28,8 +28,11 @@ from numba.extending import intrinsic, overload
 # reassoc lets LLVM vectorize the row sums and maxima; contract fuses multiply-adds. No
 # nnan/ninf: NaN and inf inputs must flow through as they do in the reference.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-_JIT = dict(cache=True, fastmath=FASTMATH, nogil=True)
-_INLINE = dict(cache=True, fastmath=FASTMATH, inline="always")
+# error_model="numpy": a float division is IEEE's (x / 0 is inf), with no zero test and no
+# exception path in the loop, which otherwise keeps LLVM from vectorizing any loop that divides
+# (Adam's update of a 400 x 120 float32 kernel: 154 us with the test, 21 us without, the same bits)
+_JIT = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+_INLINE = dict(cache=True, fastmath=FASTMATH, inline="always", error_model="numpy")
 
 # Rows are processed in blocks of about this many elements: small enough to stay in L1 across
 # the block's passes (max, shift, exp, sum and scale), large enough to amortise a loop.
@@ -643,7 +646,8 @@ def take_batch(X, y, idx, x_out, y_out):
         i += 1
 
 
-@njit(cache=True, nogil=True)  # no fastmath: the rounding below is exact only as written
+# no fastmath: the rounding below is exact only as written
+@njit(cache=True, nogil=True, error_model="numpy")
 def take_pixel_batch(X, y, idx, raw, x_out, y_out):
     """``take_batch`` for uint8 pixels: ``x_out = X[idx] / 255`` in ``x_out``'s dtype, bit for
     bit ``xpnet.functional.scale_pixels`` (tests check all 256 byte values, in both dtypes).
@@ -672,7 +676,7 @@ def take_pixel_batch(X, y, idx, raw, x_out, y_out):
 # ``p -= lr * g`` does and the result is bit for bit the reference update (tests check it).
 # Scalars come in already in the parameters' dtype, as NumPy casts a Python float operand.
 
-_EXACT = dict(cache=True, nogil=True)
+_EXACT = dict(cache=True, nogil=True, error_model="numpy")
 
 
 @njit(**_EXACT)
@@ -824,7 +828,7 @@ def _add_into(run, src):
         run[m] += src[m]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
 def _pool(x, kh, kw, sh, sw, y, is_max):
     h, w, c = x.shape[1], x.shape[2], x.shape[3]
     oh, ow = y.shape[1], y.shape[2]

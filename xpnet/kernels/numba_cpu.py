@@ -7,7 +7,8 @@ neither ``import xpnet`` nor importing this module imports numba.
 - float32 and float64, any strides (a transposed or sliced input is read in place);
 - each op runs serially below a size threshold and on all numba threads above it: thread
   start-up costs more than a (128, 10) softmax (thresholds measured on a 2-core AMD EPYC, see
-  ``PARALLEL_MIN_ELEMENTS``); ReLU backward of an output larger than the cache writes with
+  ``PARALLEL_MIN_ELEMENTS``), and always serially inside ``serial_kernels()`` (a training step
+  split over the cores); ReLU backward of an output larger than the cache writes with
   streaming stores (``STREAM_MIN_BYTES``), so it moves memory at the rate of a copy;
 - compiled with ``cache=True``; ``NUMBA_CACHE_DIR`` is pointed at a writable user cache when
   unset, so a read-only install still caches (numba otherwise fails with "no locator
@@ -15,7 +16,8 @@ neither ``import xpnet`` nor importing this module imports numba.
 - a fresh result of 1 MB or more reuses the memory of an earlier result that is gone (no page
   faults in the kernel; ``RECYCLE_MIN_BYTES``, ``release_kept_buffers()``);
 - ``warmup()`` compiles (or loads from the cache) every kernel for float32 and float64 up front,
-  so a first training epoch is not a compile;
+  from a table of the signatures in use (``WARMUP_SIGNATURES``), so a first training epoch is
+  not a compile;
 - convolution and pooling (channels-last images) copy a strided input to C order first and run
   serially; a convolution is im2col + one BLAS product, or, for few channels x filters, a
   direct loop along image rows (``DIRECT_MAX_CHANNEL_FILTERS``); pooling is bit for bit the
@@ -24,6 +26,7 @@ neither ``import xpnet`` nor importing this module imports numba.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -50,6 +53,7 @@ __all__ = [
     "worth_it",
     "warmup",
     "release_kept_buffers",
+    "serial_kernels",
 ]
 
 # Elements (rows x columns) from which the parallel driver beats the serial one. Measured with
@@ -188,8 +192,23 @@ def worth_it(op: str, *arrays) -> bool:
 # --- kernels -------------------------------------------------------------------------------------
 
 
+_this_thread = threading.local()  # .serial: set by serial_kernels()
+
+
+@contextlib.contextmanager
+def serial_kernels():
+    """Run every kernel serially in this thread (a split training step's parts: each core
+    already runs one, and numba's workqueue layer cannot run two parallel regions at once)."""
+    before = getattr(_this_thread, "serial", False)
+    _this_thread.serial = True
+    try:
+        yield
+    finally:
+        _this_thread.serial = before
+
+
 def _parallel(op: str, size: int) -> bool:
-    return size >= PARALLEL_MIN_ELEMENTS[op]
+    return size >= PARALLEL_MIN_ELEMENTS[op] and not getattr(_this_thread, "serial", False)
 
 
 def _check_out(out, shape, dtype, name="out"):
@@ -313,6 +332,13 @@ def relu_backward(dy, y, /, out=None):
     return _finish(target, out)
 
 
+# Rows narrower than half this are regrouped, as many as fit into one row against the bias
+# repeated as often: a convolution's output seen as (pixels, filters) has rows of 6 to 48 values,
+# too short for a vector loop (LeNet's first layer, 64 images, through ``F.bias_relu``: 0.16 ms
+# as (43264, 6) rows, 0.06 ms as (4326, 60) rows and the 4 rows of 6 left over).
+WIDE_ROW = 64
+
+
 def bias_relu(x, b, /, out=None):
     """``relu(x + b)`` in one pass; ``out=x`` works in place. See ``xpnet.functional``."""
     loops = _get_loops()
@@ -320,7 +346,13 @@ def bias_relu(x, b, /, out=None):
     if target is x:
         _check_out(out, x.shape, x.dtype)
     kernel = loops.bias_relu_parallel if _parallel("bias_relu", x.size) else loops.bias_relu_serial
-    kernel(x, b, target)
+    n, width = x.shape
+    group = WIDE_ROW // width if width else 0
+    whole = n - n % group if group > 1 and x.flags.c_contiguous and target.flags.c_contiguous else 0
+    if whole:
+        kernel(x[:whole].reshape(-1, group * width), np.tile(b, group), target[:whole].reshape(-1, group * width))
+    if whole < n:
+        kernel(x[whole:], b, target[whole:])
     return _finish(target, out)
 
 
@@ -531,8 +563,53 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
 # --- eager compilation ---------------------------------------------------------------------------
 
 
+# Every signature that training and the kernels compile, per float dtype, written as codes for
+# the arguments: x1-x4 a C-ordered float array of that many dimensions, a2 a 2-D float array of
+# any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, u2 uint8
+# pixels, i an integer, f a float, b a bool.
+WARMUP_SIGNATURES = {
+    ("softmax_serial", "softmax_parallel"): ["x2 x2 x1 i"],
+    ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x2 x1 i"],
+    ("labels_out_of_range",): ["l1 i"],
+    ("bias_relu_serial", "bias_relu_parallel"): ["x2 x1 x2"],
+    ("relu_backward_2d_serial", "relu_backward_2d_parallel"): ["x2 x2 x2", "a2 a2 x2"],
+    ("relu_backward_flat_serial", "relu_backward_flat_parallel", "relu_backward_flat_streaming"): ["x1 x1 x1"],
+    # the training step's fused pieces (cpu_step)
+    ("loss_head",): ["x2 i1 x2 x1 i x1"],
+    ("bias_add_inplace",): ["x2 x1"],
+    ("relu_backward_colsum_inplace",): ["x2 x2 x1"],
+    ("take_batch",): ["x2 i1 i1 x2 i1"],
+    ("take_pixel_batch",): ["u2 i1 i1 u2 x2 i1"],
+    # the optimizers' updates of Dense kernels, biases and Conv2D kernels
+    ("sgd_update",): ["x2 x2 f", "x1 x1 f", "x4 x4 f"],
+    ("sgd_momentum_update",): ["x2 x2 x2 f f b", "x1 x1 x1 f f b", "x4 x4 x4 f f b"],
+    ("adam_update",): [f"{p} {p} {p} {p} f f f f f f f" for p in ("x2", "x1", "x4")],
+    # convolution and pooling
+    ("im2col",): ["x4 i i i i i i i i x2"],
+    ("col2im",): ["x2 i i i i i i i i x4"],
+    ("max_pool", "avg_pool"): ["x4 i i i i x4"],
+    ("max_pool_backward",): ["x4 x4 x4 i i i i x4"],
+    ("avg_pool_backward",): ["x4 i i i i x4"],
+    ("conv2d_rows",): ["x4 x4 x1 i i i x3 x4"],
+    ("conv2d_rows_grads",): ["x4 x4 i i i x3 x4 x1"],
+}
+
+
+def _argument_types(dtype, label_dtype) -> dict:
+    """The numba type of each code in ``WARMUP_SIGNATURES``."""
+    from numba import from_dtype, types
+
+    f = from_dtype(dtype)
+    codes = {f"x{n}": types.Array(f, n, "C") for n in (1, 2, 3, 4)}
+    codes.update(a2=types.Array(f, 2, "A"), l1=types.Array(from_dtype(label_dtype), 1, "C"),
+                 i1=types.Array(types.int64, 1, "C"), u2=types.Array(types.uint8, 2, "C"),
+                 i=types.int64, f=f, b=types.boolean)
+    return codes
+
+
 def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> dict[str, float]:
-    """Compile (or load from numba's cache) every kernel, serial and parallel, for ``dtypes``.
+    """Compile (or load from numba's cache) every kernel, serial and parallel, for ``dtypes``:
+    each signature of ``WARMUP_SIGNATURES``, compiled without running anything.
 
     Returns seconds spent per dtype, the first-call cost a training run would otherwise pay.
     Raises RuntimeError (with the reason) when numba cannot run here.
@@ -543,50 +620,13 @@ def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> di
     loops = _get_loops()
     seconds = {}
     for name in dtypes:
-        dtype = np.dtype(name)
         start = time.perf_counter()
-        x = np.ones((2, 3), dtype)
-        out = np.empty_like(x)
-        for parallel in (False, True):
-            tag = "parallel" if parallel else "serial"
-            getattr(loops, f"softmax_{tag}")(x, out, out.reshape(-1), 1)
-            for label_dtype in label_dtypes:
-                labels = np.zeros(2, label_dtype)
-                getattr(loops, f"softmax_xent_{tag}")(x, labels, out, out.reshape(-1), 1)
-            getattr(loops, f"bias_relu_{tag}")(x, x[0], out)
-            getattr(loops, f"relu_backward_2d_{tag}")(x, x, out)
-            # the 2-D loop's real use: strided views (numba's "A" layout) into a fresh result
-            getattr(loops, f"relu_backward_2d_{tag}")(x[:, ::2], x[:, ::2], np.empty((2, 2), dtype))
-            getattr(loops, f"relu_backward_flat_{tag}")(x.reshape(-1), x.reshape(-1), out.reshape(-1))
-        loops.relu_backward_flat_streaming(x.reshape(-1), x.reshape(-1), out.reshape(-1))
         for label_dtype in label_dtypes:
-            loops.labels_out_of_range(np.zeros(2, label_dtype), 3)
-        # and the training step's fused pieces (cpu_step), whose labels are int64
-        labels = np.zeros(2, np.int64)
-        loops.loss_head(x, labels, out, out.reshape(-1), 1, out[0].copy())
-        loops.bias_add_inplace(out, x[0])
-        loops.relu_backward_colsum_inplace(out, x, out[0].copy())
-        loops.take_batch(x, labels, labels, out, labels.copy())
-        pixels = np.zeros((2, 3), np.uint8)
-        loops.take_pixel_batch(pixels, labels, labels, pixels.copy(), out, labels.copy())
-        s = dtype.type(0.5)
-        for p in (x.copy(), x[0].copy(), np.ones((1, 1, 1, 2), dtype)):  # weights, biases, conv kernels
-            loops.sgd_update(p, p.copy(), s)
-            loops.sgd_momentum_update(p, p.copy(), p.copy(), s, s, False)
-            loops.adam_update(p, p.copy(), p.copy(), p.copy(), s, s, s, s, s, s, s)
-        # convolution and pooling
-        images = np.ones((1, 3, 3, 2), dtype)
-        cols = np.empty((4, 9), dtype)
-        loops.im2col(images, 2, 2, 1, 1, 0, 0, 2, 2, cols)
-        loops.col2im(np.ones((4, 8), dtype), 2, 2, 1, 1, 0, 0, 2, 2, images.copy())
-        pooled = np.empty((1, 2, 2, 2), dtype)
-        loops.max_pool(images, 2, 2, 1, 1, pooled)
-        loops.avg_pool(images, 2, 2, 1, 1, pooled)
-        loops.max_pool_backward(pooled, images, pooled, 2, 2, 1, 1, images.copy())
-        loops.avg_pool_backward(pooled, 2, 2, 1, 1, images.copy())
-        tiled, row, expanded = np.ones((2, 2, 2, 4), dtype), np.ones(4, dtype), np.empty((3, 2, 6), dtype)
-        loops.conv2d_rows(images, tiled, row, 1, 0, 0, expanded, pooled)
-        loops.conv2d_rows_grads(pooled, images, 1, 0, 0, expanded, tiled.copy(), row.copy())
+            codes = _argument_types(np.dtype(name), np.dtype(label_dtype))
+            for kernels, signatures in WARMUP_SIGNATURES.items():
+                for kernel in kernels:
+                    for signature in signatures:
+                        getattr(loops, kernel).compile(tuple(codes[code] for code in signature.split()))
         seconds[name] = time.perf_counter() - start
     return seconds
 
