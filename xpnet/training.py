@@ -32,8 +32,8 @@ from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, _Seeded
 from .optim import make_optimizer
 
 __all__ = [
-    "fit", "relu_mlp", "training_step_for", "split_step_for", "ReferenceStep", "ROW_WISE_LAYERS", "rng_states",
-    "set_rng_states",
+    "fit", "relu_mlp", "training_step_for", "split_step_for", "ReferenceStep", "ROW_WISE_LAYERS",
+    "SINGLE_CORE_LAYERS", "rng_states", "set_rng_states",
 ]
 
 

@@ -120,8 +120,8 @@ class SplitStep:
             try:
                 first = self._part(0, xb[: spans[0][1], ...], yb[: spans[0][1]])
             finally:  # no part may still run when this call ends, even on an error
-                results = [f.result() for f in futures]
-        results.insert(0, first)
+                rest = [f.result() for f in futures]
+        results = [first, *rest]
         weights = [(hi - lo) / n for lo, hi in spans]
         for i, layer in enumerate(layers):
             for name in layer.param_names:
@@ -130,7 +130,4 @@ class SplitStep:
                 for w, replica in zip(weights[1:], self._replicas):
                     total += getattr(replica.layers[i], grad) * w
                 setattr(layer, grad, total)
-        loss, correct = results[0]
-        for part_loss, part_correct in results[1:]:
-            loss, correct = loss + part_loss, correct + part_correct
-        return loss, correct
+        return sum(loss for loss, _ in results), sum(correct for _, correct in results)
