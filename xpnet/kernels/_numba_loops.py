@@ -23,6 +23,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 # reassoc lets LLVM vectorize the row sums and maxima; contract fuses multiply-adds. No
@@ -1018,3 +1019,353 @@ def conv2d_rows_grads(dy, x, sh, top, left, expanded, dtiled, dbias_row):
                         acc = dtiled[i, j, ch]
                         for m in range(run):
                             acc[m] += src[m] * g[m]
+
+
+# --- a sparse first layer: rows of a CSR matrix times a dense kernel (used by ``cpu_step``) ----
+# Most inputs of an image set are zero (81% of MNIST's pixels); a first layer that skips them does
+# a fifth of the multiply-adds of the dense product. Each row's nonzeros, as ``(indptr, indices,
+# values)`` of a CSR matrix, meet the kernel's rows they select. LLVM's vectorizer cannot do this
+# loop well on its own: a row of 50 units is below its unrolled vector body (64 floats on
+# AVX-512), so it ran all scalar, and an accumulator kept in memory chains every multiply-add
+# through a store and a load (~18 cycles a nonzero). The intrinsics below emit the loop over a
+# row's nonzeros themselves, with up to four vectors of accumulators held in registers. A width
+# that is no multiple of the vector ends with a vector that overlaps the one before it: in the
+# forward product its lanes are computed twice, in the same order, so both stores agree; in the
+# gradient its overlapping lanes are masked to zero.
+
+SPARSE_VECTOR_BYTES = 64  # one AVX-512 register (two AVX2 ones, which LLVM splits it into)
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+
+
+def _array_data(context, builder, array_type, array):
+    return context.make_array(array_type)(context, builder, array).data
+
+
+def _sparse_vector(context, array_type):
+    element = context.get_data_type(array_type.dtype)
+    return ir.VectorType(element, SPARSE_VECTOR_BYTES * 8 // array_type.dtype.bitwidth)
+
+
+def _splat(builder, vector, value):
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, vector.count), [0] * vector.count)
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
+
+
+def _vector_fma(builder, vector, a, b, c):
+    kind = "f32" if isinstance(vector.element, ir.FloatType) else "f64"
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{vector.count}{kind}"
+    )
+    return builder.call(fma, [a, b, c])
+
+
+def _sparse_intrinsic_types(indices, values, W):
+    return (
+        isinstance(indices, types.Array) and isinstance(indices.dtype, types.Integer)
+        and isinstance(values, types.Array) and isinstance(W, types.Array)
+        and values.dtype == W.dtype and W.dtype in (types.float32, types.float64)
+    )
+
+
+def _row_times_kernel(count):
+    """An intrinsic: ``out[o + s] = init[s] + sum over k in [lo, hi) of values[k] * W[indices[k]
+    * width + s]`` for the ``count`` vectors starting at ``starts[0..count)`` (flat arrays)."""
+
+    @intrinsic
+    def row_times_kernel(typingctx, indices, values, lo, hi, W, width, starts, out, o, init):
+        if not _sparse_intrinsic_types(indices, values, W):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ind_t, val_t, _, _, w_t, _, st_t, out_t, _, init_t = signature.args
+            ind, val, lo_v, hi_v, w, width_v, st, out_v, o_v, init_v = args
+            vector = _sparse_vector(context, w_t)
+            align = w_t.dtype.bitwidth // 8
+            ind_p, val_p, w_p, st_p, out_p, init_p = (
+                _array_data(context, builder, t, v) for t, v in
+                ((ind_t, ind), (val_t, val), (w_t, w), (st_t, st), (out_t, out_v), (init_t, init_v))
+            )
+            at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
+            starts = [builder.load(builder.gep(st_p, [ir.Constant(_I64, m)])) for m in range(count)]
+            first = [builder.load(at(init_p, s), align=align) for s in starts]
+            entry = builder.block
+            loop, done = builder.append_basic_block("row.loop"), builder.append_basic_block("row.done")
+            builder.cbranch(builder.icmp_signed("<", lo_v, hi_v), loop, done)
+            builder.position_at_end(loop)
+            k = builder.phi(_I64)
+            sums = [builder.phi(vector) for _ in range(count)]
+            column = builder.sext(builder.load(builder.gep(ind_p, [k])), _I64)
+            value = _splat(builder, vector, builder.load(builder.gep(val_p, [k])))
+            row = builder.mul(column, width_v)
+            new = [_vector_fma(builder, vector, value, builder.load(at(w_p, builder.add(row, s)), align=align), acc)
+                   for s, acc in zip(starts, sums)]
+            k_next = builder.add(k, ir.Constant(_I64, 1))
+            k.add_incoming(lo_v, entry)
+            k.add_incoming(k_next, loop)
+            for acc, a0, a1 in zip(sums, first, new):
+                acc.add_incoming(a0, entry)
+                acc.add_incoming(a1, loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, hi_v), loop, done)
+            builder.position_at_end(done)
+            results = [builder.phi(vector) for _ in range(count)]
+            for res, a0, a1 in zip(results, first, new):
+                res.add_incoming(a0, entry)
+                res.add_incoming(a1, loop)
+            for s, res in zip(starts, results):
+                builder.store(res, at(out_p, builder.add(o_v, s)), align=align)
+            return context.get_dummy_value()
+
+        return types.void(indices, values, lo, hi, W, width, starts, out, o, init), codegen
+
+    return row_times_kernel
+
+
+def _row_into_gradient(count):
+    """An intrinsic: ``dW[indices[k] * width + s + l] += values[k] * dz[o + s + l]`` for k in
+    ``[lo, hi)`` and the ``count`` vectors starting at ``starts[m]``, lanes ``l >= firsts[m]``."""
+
+    @intrinsic
+    def row_into_gradient(typingctx, indices, values, lo, hi, dW, width, starts, firsts, dz, o):
+        if not _sparse_intrinsic_types(indices, values, dW):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ind_t, val_t, _, _, w_t, _, st_t, fi_t, dz_t, _ = signature.args
+            ind, val, lo_v, hi_v, w, width_v, st, fi, dz_v, o_v = args
+            vector = _sparse_vector(context, w_t)
+            align = w_t.dtype.bitwidth // 8
+            ind_p, val_p, w_p, st_p, fi_p, dz_p = (
+                _array_data(context, builder, t, v) for t, v in
+                ((ind_t, ind), (val_t, val), (w_t, w), (st_t, st), (fi_t, fi), (dz_t, dz_v))
+            )
+            at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
+            lanes = ir.VectorType(_I64, vector.count)
+            lane = ir.Constant(lanes, list(range(vector.count)))
+            zero = ir.Constant(vector, [ir.Constant(vector.element, 0.0)] * vector.count)
+            starts, grads = [], []
+            for m in range(count):
+                s = builder.load(builder.gep(st_p, [ir.Constant(_I64, m)]))
+                kept = builder.icmp_signed(">=", lane, _splat(builder, lanes, builder.load(builder.gep(fi_p, [ir.Constant(_I64, m)]))))
+                starts.append(s)
+                grads.append(builder.select(kept, builder.load(at(dz_p, builder.add(o_v, s)), align=align), zero))
+            entry = builder.block
+            loop, done = builder.append_basic_block("grad.loop"), builder.append_basic_block("grad.done")
+            builder.cbranch(builder.icmp_signed("<", lo_v, hi_v), loop, done)
+            builder.position_at_end(loop)
+            k = builder.phi(_I64)
+            column = builder.sext(builder.load(builder.gep(ind_p, [k])), _I64)
+            value = _splat(builder, vector, builder.load(builder.gep(val_p, [k])))
+            row = builder.mul(column, width_v)
+            pointers = [at(w_p, builder.add(row, s)) for s in starts]
+            old = [builder.load(p, align=align) for p in pointers]  # every load before any store
+            new = [_vector_fma(builder, vector, value, g, a) for g, a in zip(grads, old)]
+            for p, a in reversed(list(zip(pointers, new))):  # an overlapping last vector first
+                builder.store(a, p, align=align)
+            k_next = builder.add(k, ir.Constant(_I64, 1))
+            k.add_incoming(lo_v, entry)
+            k.add_incoming(k_next, loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, hi_v), loop, done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return types.void(indices, values, lo, hi, dW, width, starts, firsts, dz, o), codegen
+
+    return row_into_gradient
+
+
+_ROW_TIMES_KERNEL = tuple(_row_times_kernel(count) for count in (1, 2, 3, 4))
+_ROW_INTO_GRADIENT = tuple(_row_into_gradient(count) for count in (1, 2, 3, 4))
+_row_times_kernel_1, _row_times_kernel_2, _row_times_kernel_3, _row_times_kernel_4 = _ROW_TIMES_KERNEL
+_row_into_gradient_1, _row_into_gradient_2, _row_into_gradient_3, _row_into_gradient_4 = _ROW_INTO_GRADIENT
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask for the cache line of ``array[index]`` (no fault if it is never read)."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.gep(_array_data(context, builder, signature.args[0], args[0]), [args[1]])
+        pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, _I32, _I32, _I32]), "llvm.prefetch.p0"
+        )
+        builder.call(fn, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+def sparse_vector_lanes(dtype) -> int:
+    """Elements of ``dtype`` in one vector of the sparse kernels: the narrowest layer they take."""
+    return SPARSE_VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+@njit(**_INLINE)
+def _sparse_vectors(width, lanes):
+    """Where each vector of a row of ``width`` starts (the last one may overlap the one before),
+    and from which lane on each is new (0, or the overlap)."""
+    count = (width + lanes - 1) // lanes
+    starts = np.empty(count + 3, np.int64)  # + 3: a group of four may read past the last
+    firsts = np.zeros(count + 3, np.int64)
+    for m in range(count):
+        starts[m] = min(m * lanes, width - lanes)
+        firsts[m] = m * lanes - starts[m]
+    return count, starts, firsts
+
+
+@njit(**_INLINE)
+def _prefetch_row(indptr, indices, values, r):
+    lo, hi = indptr[r], indptr[r + 1]
+    for k in range(lo, hi, 16):
+        _prefetch(indices, k)
+        _prefetch(values, k)
+
+
+@njit(**_INLINE)
+def _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, row_lo, row_hi):
+    width, last = W.shape[1], indptr.shape[0] - 2
+    count, starts, _ = _sparse_vectors(width, SPARSE_VECTOR_BYTES // W.itemsize)
+    flat_w, flat_z = W.reshape(-1), z.reshape(-1)
+    zero = W.dtype.type(0)
+    for i in range(row_lo, min(row_lo + 2, row_hi)):
+        _prefetch_row(indptr, indices, values, _clip_row(idx, i, last))
+    for i in range(row_lo, row_hi):
+        if i + 2 < row_hi:  # random rows of a large set: fetch ahead, or wait on memory
+            _prefetch_row(indptr, indices, values, _clip_row(idx, i + 2, last))
+        r = _clip_row(idx, i, last)
+        lo, hi, o = indptr[r], indptr[r + 1], i * width
+        m = 0
+        while m < count:
+            group = min(count - m, 4)
+            at = starts[m:]
+            if group == 4:
+                _row_times_kernel_4(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+            elif group == 3:
+                _row_times_kernel_3(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+            elif group == 2:
+                _row_times_kernel_2(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+            else:
+                _row_times_kernel_1(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+            m += group
+        if relu:
+            for j in range(o, o + width):
+                v = flat_z[j]
+                flat_z[j] = v if v > 0 else zero
+
+
+@njit(**_INLINE)
+def _sparse_rows_into_gradient(indptr, indices, values, idx, dz, dW, starts, firsts, m_lo, m_hi, row_lo, row_hi):
+    """Add rows ``row_lo:row_hi``'s share of the gradient into the vectors ``m_lo:m_hi`` of
+    ``dW``'s rows (zeroed by the caller)."""
+    width, last = dW.shape[1], indptr.shape[0] - 2
+    flat_w, flat_dz = dW.reshape(-1), dz.reshape(-1)
+    for i in range(row_lo, row_hi):
+        r = _clip_row(idx, i, last)
+        lo, hi, o = indptr[r], indptr[r + 1], i * width
+        m = m_lo
+        while m < m_hi:
+            group = min(m_hi - m, 4)
+            at, new_from = starts[m:], firsts[m:]
+            if group == 4:
+                _row_into_gradient_4(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+            elif group == 3:
+                _row_into_gradient_3(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+            elif group == 2:
+                _row_into_gradient_2(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+            else:
+                _row_into_gradient_1(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+            m += group
+
+
+@njit(**_JIT)
+def sparse_linear_serial(indptr, indices, values, idx, W, b, z, relu):
+    """``z[i] = values of row idx[i] @ W + b`` (ReLU'd with ``relu``) for a CSR matrix ``(indptr,
+    indices, values)``; rows of ``idx`` clip to the matrix as ``np.take(mode="clip")``.
+    ``W.shape[1]`` must be at least one vector (``sparse_vector_lanes``)."""
+    _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, 0, idx.shape[0])
+
+
+@njit(parallel=True, **_JIT)
+def sparse_linear_parallel(indptr, indices, values, idx, W, b, z, relu, parts):
+    n = idx.shape[0]
+    for t in prange(parts):
+        _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, n * t // parts, n * (t + 1) // parts)
+
+
+@njit(**_JIT)
+def sparse_linear_grad_serial(indptr, indices, values, idx, dz, dW, partials):
+    """``dW = (rows idx of the CSR matrix).T @ dz``: what ``sparse_linear`` multiplied, the
+    gradient of its kernel. ``partials`` is the parallel driver's; unused here."""
+    count, starts, firsts = _sparse_vectors(dW.shape[1], SPARSE_VECTOR_BYTES // dW.itemsize)
+    dW[...] = 0
+    _sparse_rows_into_gradient(indptr, indices, values, idx, dz, dW, starts, firsts, 0, count, 0, idx.shape[0])
+
+
+@njit(parallel=True, **_JIT)
+def sparse_linear_grad_parallel(indptr, indices, values, idx, dz, dW, partials):
+    """As ``sparse_linear_grad_serial``, the batch rows split into ``len(partials) + 1`` parts:
+    the first sums into ``dW``, each other into its partial, and the partials are added to
+    ``dW`` after. (Parts that own columns instead share the cache lines where a row of ``dW``
+    changes hands: 784-50-25-10 at batch 128 took 2.2x as long.)"""
+    n, parts = idx.shape[0], partials.shape[0] + 1
+    count, starts, firsts = _sparse_vectors(dW.shape[1], SPARSE_VECTOR_BYTES // dW.itemsize)
+    for t in prange(parts):
+        target = dW if t == 0 else partials[t - 1]
+        target[...] = 0
+        _sparse_rows_into_gradient(indptr, indices, values, idx, dz, target, starts, firsts, 0, count,
+                                   n * t // parts, n * (t + 1) // parts)
+    rows = dW.shape[0]
+    for t in prange(parts):
+        for r in range(rows * t // parts, rows * (t + 1) // parts):
+            out = dW[r]
+            for p in range(parts - 1):
+                partial = partials[p, r]
+                for j in range(out.shape[0]):
+                    out[j] += partial[j]
+
+
+@njit(parallel=True, **_JIT)
+def csr_row_counts(X, counts, parts):
+    """``counts[i]`` = the nonzeros of row ``i`` of ``X``."""
+    n = X.shape[0]
+    for t in prange(parts):
+        for i in range(n * t // parts, n * (t + 1) // parts):
+            row = X[i]
+            c = 0
+            for j in range(row.shape[0]):
+                c += row[j] != 0
+            counts[i] = c
+
+
+def _entry(table, v):
+    """``v`` as a value of the matrix: itself, or ``table[v]`` for a byte (a pixel's scaling)."""
+
+
+@overload(_entry, inline="always")
+def _entry_impl(table, v):
+    if isinstance(v, types.Integer):
+        return lambda table, v: table[v]
+    return lambda table, v: v
+
+
+@njit(parallel=True, **_JIT)
+def csr_fill(X, table, indptr, indices, values, parts):
+    """Fill a CSR matrix whose ``indptr`` is set: ``indices``/``values`` of ``X``'s nonzeros,
+    row by row (``values`` through ``table`` for uint8 ``X``; an empty ``table`` otherwise).
+    The columns are gathered without a branch per element (each is written, and kept if
+    nonzero): ~30 ms for MNIST's 47M pixels on the 2-core EPYC."""
+    n, d = X.shape
+    for t in prange(parts):
+        columns = np.empty(d, indices.dtype)  # a row's columns (c <= j: never past d)
+        for i in range(n * t // parts, n * (t + 1) // parts):
+            row, start = X[i], indptr[i]
+            c = 0
+            for j in range(d):
+                columns[c] = j
+                c += row[j] != 0
+            for k in range(c):
+                indices[start + k] = columns[k]
+                values[start + k] = _entry(table, row[columns[k]])

@@ -1,0 +1,191 @@
+"""The sparse first layer of the NumPy training step (``kernels.cpu_step.SparseRows`` and the
+``sparse_linear*`` kernels): each kernel against the dense product on random shapes, and the
+step that uses them against the step on dense rows and against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet.functional import scale_pixels
+
+RTOL = {np.float32: 2e-5, np.float64: 1e-12}
+
+
+@pytest.fixture
+def loops(numba_cpu):
+    return numba_cpu._get_loops()
+
+
+def _sparse(rng, shape, dtype, density=0.2):
+    """Random values, about ``density`` of them nonzero (never exactly zero where kept)."""
+    values = rng.uniform(0.05, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+    return np.where(rng.random(shape) < density, values, 0.0).astype(dtype)
+
+
+def _rows(X, dtype, parts=1, max_density=1.0):
+    from xpnet.kernels.cpu_step import SparseRows
+
+    return SparseRows.of(X, dtype, parts, max_density)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_rows_are_scipys_csr_matrix(numba_cpu, rng, dtype, parts):
+    sp = pytest.importorskip("scipy.sparse")
+    X = _sparse(rng, (37, 29), dtype)
+    X[5] = 0  # a row with no nonzeros
+    X[7, -1] = 3.0  # the last column
+    X[8, 0] = np.nan  # NaN is not zero: kept, as the dense product would use it
+    X[9, 3] = -0.0  # minus zero is zero
+    rows = _rows(X, dtype, parts)
+    want = sp.csr_matrix(np.nan_to_num(X, nan=7.0))
+    assert rows.shape == X.shape
+    np.testing.assert_array_equal(rows.indptr, want.indptr)
+    np.testing.assert_array_equal(rows.indices, want.indices)
+    assert rows.values.dtype == dtype
+    np.testing.assert_array_equal(np.nan_to_num(rows.values, nan=7.0), want.data)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_rows_of_pixels_are_scaled_as_scale_pixels(numba_cpu, rng, dtype):
+    X = np.where(rng.random((41, 33)) < 0.3, rng.integers(1, 256, (41, 33)), 0).astype(np.uint8)
+    X[0, :] = np.arange(33) * 7 + 30  # many byte values, none zero
+    rows = _rows(X, dtype)
+    dense = np.zeros(X.shape, dtype)
+    for i in range(X.shape[0]):
+        span = slice(rows.indptr[i], rows.indptr[i + 1])
+        dense[i, rows.indices[span]] = rows.values[span]
+    np.testing.assert_array_equal(dense, scale_pixels(X, np.dtype(dtype)))
+
+
+def test_sparse_rows_of_too_dense_data_are_none(numba_cpu, rng):
+    X = _sparse(rng, (20, 10), np.float64, density=0.5)
+    share = np.count_nonzero(X) / X.size
+    assert _rows(X, np.float64, max_density=share - 0.01) is None
+    assert _rows(X, np.float64, max_density=share) is not None
+    assert _rows(np.zeros((0, 10)), np.float64).indptr.tolist() == [0]
+
+
+def _widths(lanes):
+    # one vector, one more than a vector (an overlapping last one), each group size (1-4
+    # vectors), more than one group, and the sizes the benchmarks train
+    return sorted({lanes, lanes + 1, 2 * lanes - 1, 3 * lanes + 5, 4 * lanes, 5 * lanes + 3, 9 * lanes + 1, 50, 256})
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sparse_linear_equals_the_dense_product(loops, rng, dtype):
+    lanes = loops.sparse_vector_lanes(dtype)
+    for width in _widths(lanes):
+        n_rows, fan_in = 45, 31
+        X = _sparse(rng, (n_rows, fan_in), dtype)
+        X[3] = 0
+        rows = _rows(X, dtype)
+        W = rng.standard_normal((fan_in, width)).astype(dtype)
+        b = rng.standard_normal(width).astype(dtype)
+        # odd batch, repeated rows, the empty row, and indices past either end (clipped)
+        idx = np.array([3, 0, 44, 7, 7, 12, 60, -5, *rng.integers(0, n_rows, 13)], np.int64)
+        want = np.take(X, idx, axis=0, mode="clip") @ W + b
+        for relu in (False, True):
+            expect = np.maximum(want, 0) if relu else want
+            for parts in (1, 2, 3):
+                z = np.full((idx.shape[0], width), np.nan, dtype)  # poison: every element written
+                args = (rows.indptr, rows.indices, rows.values, idx, W, b, z, relu)
+                if parts == 1:
+                    loops.sparse_linear_serial(*args)
+                else:
+                    loops.sparse_linear_parallel(*args, parts)
+                np.testing.assert_allclose(z, expect, rtol=RTOL[dtype], atol=RTOL[dtype] * np.abs(want).max(),
+                                           err_msg=f"width {width}, relu {relu}, parts {parts}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sparse_linear_grad_equals_the_dense_product(loops, rng, dtype):
+    lanes = loops.sparse_vector_lanes(dtype)
+    for width in _widths(lanes):
+        n_rows, fan_in = 40, 27
+        X = _sparse(rng, (n_rows, fan_in), dtype)
+        X[:, 4] = 0  # a column no row uses: its gradient is zero, and must be written
+        rows = _rows(X, dtype)
+        idx = np.array([1, 1, 39, 0, 50, *rng.integers(0, n_rows, 16)], np.int64)
+        dz = rng.standard_normal((idx.shape[0], width)).astype(dtype)
+        want = np.take(X, idx, axis=0, mode="clip").T @ dz
+        for parts in (1, 2, 3):
+            dW = np.full((fan_in, width), np.nan, dtype)  # poison
+            partials = np.full((parts - 1, fan_in, width), np.nan, dtype)
+            kernel = loops.sparse_linear_grad_serial if parts == 1 else loops.sparse_linear_grad_parallel
+            kernel(rows.indptr, rows.indices, rows.values, idx, dz, dW, partials)
+            np.testing.assert_allclose(dW, want, rtol=RTOL[dtype], atol=RTOL[dtype] * np.abs(want).max(),
+                                       err_msg=f"width {width}, parts {parts}")
+
+
+def _mlp_and_step(widths, dtype, batch):
+    from xpnet.training import training_step_for
+
+    model = xpnet.MLP(widths, dtype=dtype, seed=5)
+    if not model.built:
+        model.build((widths[0],))
+    return model, training_step_for(model.layers, batch)
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_step_on_sparse_rows_equals_the_step_on_dense_rows(numba_cpu, rng, dtype, parts):
+    widths = [61, 50, 23, 7]
+    model, step = _mlp_and_step(widths, dtype, 40)
+    step._parts = parts
+    step._partials = np.empty((parts - 1, *step.dW[0].shape), dtype)
+    X = _sparse(rng, (300, widths[0]), dtype)
+    y = rng.integers(0, widths[-1], 300)
+    idx = rng.permutation(300)[:37]
+    xb, yb = step.take_batch(X, y, idx)
+    assert type(xb).__name__ == "_SparseBatch" and xb.shape == (37, widths[0])
+    np.testing.assert_array_equal(yb, y[idx])
+    for buffer in step.dW + step.db:
+        buffer.fill(np.nan)
+    loss, correct = step(xb, yb)
+    sparse_grads = [g.copy() for g in step.gradients()]
+    want_loss, want_correct = step(X[idx], yb)
+    rtol = RTOL[np.dtype(dtype).type]
+    assert correct == want_correct
+    assert abs(loss - want_loss) <= rtol * abs(want_loss)
+    for got, want in zip(sparse_grads, step.gradients()):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def test_the_step_takes_sparse_rows_only_where_they_pay(numba_cpu, rng):
+    from xpnet.kernels import cpu_step
+
+    y = rng.integers(0, 4, 100)
+    idx = np.arange(10)
+    _, step = _mlp_and_step([30, 20, 4], "float32", 10)
+    dense = _sparse(rng, (100, 30), np.float32, density=0.9)
+    assert isinstance(step.take_batch(dense, y, idx)[0], np.ndarray)  # too many nonzeros
+    sparse = _sparse(rng, (100, 30), np.float32, density=cpu_step.SPARSE_MAX_DENSITY / 2)
+    assert isinstance(step.take_batch(sparse, y, idx)[0], cpu_step._SparseBatch)
+    assert isinstance(step.take_batch(dense, y, idx)[0], np.ndarray)  # a new data set: asked again
+    # a first layer narrower than one vector (15 float32 units) runs dense
+    _, narrow = _mlp_and_step([30, 15, 4], "float32", 10)
+    assert isinstance(narrow.take_batch(sparse, y, idx)[0], np.ndarray)
+
+
+def test_fit_on_sparse_pixels_equals_fit_on_the_reference(numba_cpu, rng, monkeypatch):
+    """``fit`` as users run it (uint8 images, shuffled batches, a short last batch): the sparse
+    first layer trains the weights the reference path trains (float64)."""
+    from xpnet.kernels import cpu_step
+
+    built = []
+    of = cpu_step.SparseRows.of
+    monkeypatch.setattr(cpu_step.SparseRows, "of", lambda *a, **k: built.append(of(*a, **k)) or built[-1])
+    X = np.where(rng.random((203, 49)) < 0.2, rng.integers(1, 256, (203, 49)), 0).astype(np.uint8)
+    y = rng.integers(0, 5, 203)
+    trained = []
+    for kernels in ("auto", "xp"):
+        monkeypatch.setenv("XPNET_KERNELS", kernels)
+        model = xpnet.MLP([49, 33, 5], dtype="float64", seed=1)
+        model.fit(X, y, epochs=2, batch_size=32, optimizer="adam", lr=1e-2, verbose=0)
+        trained.append([np.array(p) for p in model.parameters()])
+    assert len(built) == 1 and built[0] is not None  # the sparse rows, built once for both epochs
+    for got, want in zip(*trained):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
