@@ -53,10 +53,11 @@ def test_sparse_rows_of_pixels_are_scaled_as_scale_pixels(numba_cpu, rng, dtype)
     X = np.where(rng.random((41, 33)) < 0.3, rng.integers(1, 256, (41, 33)), 0).astype(np.uint8)
     X[0, :] = np.arange(33) * 7 + 30  # many byte values, none zero
     rows = _rows(X, dtype)
+    assert rows.values.dtype == np.uint8 and rows.table.dtype == dtype  # bytes, and what each stands for
     dense = np.zeros(X.shape, dtype)
     for i in range(X.shape[0]):
         span = slice(rows.indptr[i], rows.indptr[i + 1])
-        dense[i, rows.indices[span]] = rows.values[span]
+        dense[i, rows.indices[span]] = rows.table[rows.values[span]]
     np.testing.assert_array_equal(dense, scale_pixels(X, np.dtype(dtype)))
 
 
@@ -74,24 +75,34 @@ def _widths(lanes):
     return sorted({lanes, lanes + 1, 2 * lanes - 1, 3 * lanes + 5, 4 * lanes, 5 * lanes + 3, 9 * lanes + 1, 50, 256})
 
 
+def _data(rng, shape, dtype, pixels):
+    """Sparse float rows, or sparse uint8 pixels; with the float rows the layer sees."""
+    if pixels:
+        X = np.where(rng.random(shape) < 0.2, rng.integers(1, 256, shape), 0).astype(np.uint8)
+        return X, scale_pixels(X, np.dtype(dtype))
+    X = _sparse(rng, shape, dtype)
+    return X, X
+
+
+@pytest.mark.parametrize("pixels", [False, True], ids=["floats", "pixels"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_sparse_linear_equals_the_dense_product(loops, rng, dtype):
+def test_sparse_linear_equals_the_dense_product(loops, rng, dtype, pixels):
     lanes = loops.sparse_vector_lanes(dtype)
     for width in _widths(lanes):
         n_rows, fan_in = 45, 31
-        X = _sparse(rng, (n_rows, fan_in), dtype)
-        X[3] = 0
+        X, Xf = _data(rng, (n_rows, fan_in), dtype, pixels)
+        X[3], Xf[3] = 0, 0
         rows = _rows(X, dtype)
         W = rng.standard_normal((fan_in, width)).astype(dtype)
         b = rng.standard_normal(width).astype(dtype)
         # odd batch, repeated rows, the empty row, and indices past either end (clipped)
         idx = np.array([3, 0, 44, 7, 7, 12, 60, -5, *rng.integers(0, n_rows, 13)], np.int64)
-        want = np.take(X, idx, axis=0, mode="clip") @ W + b
+        want = np.take(Xf, idx, axis=0, mode="clip") @ W + b
         for relu in (False, True):
             expect = np.maximum(want, 0) if relu else want
             for parts in (1, 2, 3):
                 z = np.full((idx.shape[0], width), np.nan, dtype)  # poison: every element written
-                args = (rows.indptr, rows.indices, rows.values, idx, W, b, z, relu)
+                args = (rows.indptr, rows.indices, rows.values, rows.table, idx, W, b, z, relu)
                 if parts == 1:
                     loops.sparse_linear_serial(*args)
                 else:
@@ -100,22 +111,23 @@ def test_sparse_linear_equals_the_dense_product(loops, rng, dtype):
                                            err_msg=f"width {width}, relu {relu}, parts {parts}")
 
 
+@pytest.mark.parametrize("pixels", [False, True], ids=["floats", "pixels"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_sparse_linear_grad_equals_the_dense_product(loops, rng, dtype):
+def test_sparse_linear_grad_equals_the_dense_product(loops, rng, dtype, pixels):
     lanes = loops.sparse_vector_lanes(dtype)
     for width in _widths(lanes):
         n_rows, fan_in = 40, 27
-        X = _sparse(rng, (n_rows, fan_in), dtype)
-        X[:, 4] = 0  # a column no row uses: its gradient is zero, and must be written
+        X, Xf = _data(rng, (n_rows, fan_in), dtype, pixels)
+        X[:, 4], Xf[:, 4] = 0, 0  # a column no row uses: its gradient is zero, and must be written
         rows = _rows(X, dtype)
         idx = np.array([1, 1, 39, 0, 50, *rng.integers(0, n_rows, 16)], np.int64)
         dz = rng.standard_normal((idx.shape[0], width)).astype(dtype)
-        want = np.take(X, idx, axis=0, mode="clip").T @ dz
+        want = np.take(Xf, idx, axis=0, mode="clip").T @ dz
         for parts in (1, 2, 3):
             dW = np.full((fan_in, width), np.nan, dtype)  # poison
             partials = np.full((parts - 1, fan_in, width), np.nan, dtype)
             kernel = loops.sparse_linear_grad_serial if parts == 1 else loops.sparse_linear_grad_parallel
-            kernel(rows.indptr, rows.indices, rows.values, idx, dz, dW, partials)
+            kernel(rows.indptr, rows.indices, rows.values, rows.table, idx, dz, dW, partials)
             np.testing.assert_allclose(dW, want, rtol=RTOL[dtype], atol=RTOL[dtype] * np.abs(want).max(),
                                        err_msg=f"width {width}, parts {parts}")
 
@@ -189,3 +201,15 @@ def test_fit_on_sparse_pixels_equals_fit_on_the_reference(numba_cpu, rng, monkey
     assert len(built) == 1 and built[0] is not None  # the sparse rows, built once for both epochs
     for got, want in zip(*trained):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_rows_wider_than_16_bit_columns_keep_32_bit_ones(loops, rng):
+    X = _sparse(rng, (3, (1 << 16) + 5), np.float64, density=0.01)
+    X[1, -1] = 2.0  # the last column, past 2**16
+    rows = _rows(X, np.float64)
+    assert rows.indices.dtype == np.int32 and rows.indices.max() == X.shape[1] - 1
+    W = rng.standard_normal((X.shape[1], 8))
+    z = np.full((3, 8), np.nan)
+    idx = np.arange(3)
+    loops.sparse_linear_serial(rows.indptr, rows.indices, rows.values, rows.table, idx, W, np.zeros(8), z, False)
+    np.testing.assert_allclose(z, X @ W, rtol=1e-12)

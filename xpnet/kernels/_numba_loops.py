@@ -1060,12 +1060,26 @@ def _vector_fma(builder, vector, a, b, c):
     return builder.call(fma, [a, b, c])
 
 
-def _sparse_intrinsic_types(indices, values, W):
+def _sparse_intrinsic_types(indices, values, table, W):
+    """Integer column indices; values of ``W``'s float dtype, or bytes that index ``table``."""
     return (
         isinstance(indices, types.Array) and isinstance(indices.dtype, types.Integer)
-        and isinstance(values, types.Array) and isinstance(W, types.Array)
-        and values.dtype == W.dtype and W.dtype in (types.float32, types.float64)
+        and isinstance(values, types.Array) and isinstance(table, types.Array) and isinstance(W, types.Array)
+        and W.dtype in (types.float32, types.float64) and table.dtype == W.dtype
+        and (values.dtype == W.dtype or values.dtype == types.uint8)
     )
+
+
+def _entry(context, builder, sig_types, pointers, k):
+    """The ``k``-th nonzero: its column (an i64) and its value (``table[byte]`` for bytes)."""
+    ind_t, val_t, _ = sig_types
+    ind_p, val_p, table_p = pointers
+    column = builder.load(builder.gep(ind_p, [k]))
+    column = builder.sext(column, _I64) if ind_t.dtype.signed else builder.zext(column, _I64)
+    value = builder.load(builder.gep(val_p, [k]))
+    if isinstance(val_t.dtype, types.Integer):  # a pixel: its scaled value, exactly as scale_pixels
+        value = builder.load(builder.gep(table_p, [builder.zext(value, _I64)]))
+    return column, value
 
 
 def _row_times_kernel(count):
@@ -1073,18 +1087,18 @@ def _row_times_kernel(count):
     * width + s]`` for the ``count`` vectors starting at ``starts[0..count)`` (flat arrays)."""
 
     @intrinsic
-    def row_times_kernel(typingctx, indices, values, lo, hi, W, width, starts, out, o, init):
-        if not _sparse_intrinsic_types(indices, values, W):
+    def row_times_kernel(typingctx, indices, values, table, lo, hi, W, width, starts, out, o, init):
+        if not _sparse_intrinsic_types(indices, values, table, W):
             return None
 
         def codegen(context, builder, signature, args):
-            ind_t, val_t, _, _, w_t, _, st_t, out_t, _, init_t = signature.args
-            ind, val, lo_v, hi_v, w, width_v, st, out_v, o_v, init_v = args
+            ind_t, val_t, tab_t, _, _, w_t, _, st_t, out_t, _, init_t = signature.args
+            ind, val, tab, lo_v, hi_v, w, width_v, st, out_v, o_v, init_v = args
             vector = _sparse_vector(context, w_t)
             align = w_t.dtype.bitwidth // 8
-            ind_p, val_p, w_p, st_p, out_p, init_p = (
+            ind_p, val_p, tab_p, w_p, st_p, out_p, init_p = (
                 _array_data(context, builder, t, v) for t, v in
-                ((ind_t, ind), (val_t, val), (w_t, w), (st_t, st), (out_t, out_v), (init_t, init_v))
+                ((ind_t, ind), (val_t, val), (tab_t, tab), (w_t, w), (st_t, st), (out_t, out_v), (init_t, init_v))
             )
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
             starts = [builder.load(builder.gep(st_p, [ir.Constant(_I64, m)])) for m in range(count)]
@@ -1095,8 +1109,8 @@ def _row_times_kernel(count):
             builder.position_at_end(loop)
             k = builder.phi(_I64)
             sums = [builder.phi(vector) for _ in range(count)]
-            column = builder.sext(builder.load(builder.gep(ind_p, [k])), _I64)
-            value = _splat(builder, vector, builder.load(builder.gep(val_p, [k])))
+            column, value = _entry(context, builder, (ind_t, val_t, tab_t), (ind_p, val_p, tab_p), k)
+            value = _splat(builder, vector, value)
             row = builder.mul(column, width_v)
             new = [_vector_fma(builder, vector, value, builder.load(at(w_p, builder.add(row, s)), align=align), acc)
                    for s, acc in zip(starts, sums)]
@@ -1116,7 +1130,7 @@ def _row_times_kernel(count):
                 builder.store(res, at(out_p, builder.add(o_v, s)), align=align)
             return context.get_dummy_value()
 
-        return types.void(indices, values, lo, hi, W, width, starts, out, o, init), codegen
+        return types.void(indices, values, table, lo, hi, W, width, starts, out, o, init), codegen
 
     return row_times_kernel
 
@@ -1126,18 +1140,18 @@ def _row_into_gradient(count):
     ``[lo, hi)`` and the ``count`` vectors starting at ``starts[m]``, lanes ``l >= firsts[m]``."""
 
     @intrinsic
-    def row_into_gradient(typingctx, indices, values, lo, hi, dW, width, starts, firsts, dz, o):
-        if not _sparse_intrinsic_types(indices, values, dW):
+    def row_into_gradient(typingctx, indices, values, table, lo, hi, dW, width, starts, firsts, dz, o):
+        if not _sparse_intrinsic_types(indices, values, table, dW):
             return None
 
         def codegen(context, builder, signature, args):
-            ind_t, val_t, _, _, w_t, _, st_t, fi_t, dz_t, _ = signature.args
-            ind, val, lo_v, hi_v, w, width_v, st, fi, dz_v, o_v = args
+            ind_t, val_t, tab_t, _, _, w_t, _, st_t, fi_t, dz_t, _ = signature.args
+            ind, val, tab, lo_v, hi_v, w, width_v, st, fi, dz_v, o_v = args
             vector = _sparse_vector(context, w_t)
             align = w_t.dtype.bitwidth // 8
-            ind_p, val_p, w_p, st_p, fi_p, dz_p = (
+            ind_p, val_p, tab_p, w_p, st_p, fi_p, dz_p = (
                 _array_data(context, builder, t, v) for t, v in
-                ((ind_t, ind), (val_t, val), (w_t, w), (st_t, st), (fi_t, fi), (dz_t, dz_v))
+                ((ind_t, ind), (val_t, val), (tab_t, tab), (w_t, w), (st_t, st), (fi_t, fi), (dz_t, dz_v))
             )
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
             lanes = ir.VectorType(_I64, vector.count)
@@ -1154,8 +1168,8 @@ def _row_into_gradient(count):
             builder.cbranch(builder.icmp_signed("<", lo_v, hi_v), loop, done)
             builder.position_at_end(loop)
             k = builder.phi(_I64)
-            column = builder.sext(builder.load(builder.gep(ind_p, [k])), _I64)
-            value = _splat(builder, vector, builder.load(builder.gep(val_p, [k])))
+            column, value = _entry(context, builder, (ind_t, val_t, tab_t), (ind_p, val_p, tab_p), k)
+            value = _splat(builder, vector, value)
             row = builder.mul(column, width_v)
             pointers = [at(w_p, builder.add(row, s)) for s in starts]
             old = [builder.load(p, align=align) for p in pointers]  # every load before any store
@@ -1169,7 +1183,7 @@ def _row_into_gradient(count):
             builder.position_at_end(done)
             return context.get_dummy_value()
 
-        return types.void(indices, values, lo, hi, dW, width, starts, firsts, dz, o), codegen
+        return types.void(indices, values, table, lo, hi, dW, width, starts, firsts, dz, o), codegen
 
     return row_into_gradient
 
@@ -1225,7 +1239,7 @@ def _prefetch_row(indptr, indices, values, r):
 
 
 @njit(**_INLINE)
-def _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, row_lo, row_hi):
+def _sparse_rows_times_kernel(indptr, indices, values, table, idx, W, b, z, relu, row_lo, row_hi):
     width, last = W.shape[1], indptr.shape[0] - 2
     count, starts, _ = _sparse_vectors(width, SPARSE_VECTOR_BYTES // W.itemsize)
     flat_w, flat_z = W.reshape(-1), z.reshape(-1)
@@ -1242,13 +1256,13 @@ def _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, row_l
             group = min(count - m, 4)
             at = starts[m:]
             if group == 4:
-                _row_times_kernel_4(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+                _row_times_kernel_4(indices, values, table, lo, hi, flat_w, width, at, flat_z, o, b)
             elif group == 3:
-                _row_times_kernel_3(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+                _row_times_kernel_3(indices, values, table, lo, hi, flat_w, width, at, flat_z, o, b)
             elif group == 2:
-                _row_times_kernel_2(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+                _row_times_kernel_2(indices, values, table, lo, hi, flat_w, width, at, flat_z, o, b)
             else:
-                _row_times_kernel_1(indices, values, lo, hi, flat_w, width, at, flat_z, o, b)
+                _row_times_kernel_1(indices, values, table, lo, hi, flat_w, width, at, flat_z, o, b)
             m += group
         if relu:
             for j in range(o, o + width):
@@ -1257,7 +1271,7 @@ def _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, row_l
 
 
 @njit(**_INLINE)
-def _sparse_rows_into_gradient(indptr, indices, values, idx, dz, dW, starts, firsts, m_lo, m_hi, row_lo, row_hi):
+def _sparse_rows_into_gradient(indptr, indices, values, table, idx, dz, dW, starts, firsts, m_lo, m_hi, row_lo, row_hi):
     """Add rows ``row_lo:row_hi``'s share of the gradient into the vectors ``m_lo:m_hi`` of
     ``dW``'s rows (zeroed by the caller)."""
     width, last = dW.shape[1], indptr.shape[0] - 2
@@ -1270,42 +1284,42 @@ def _sparse_rows_into_gradient(indptr, indices, values, idx, dz, dW, starts, fir
             group = min(m_hi - m, 4)
             at, new_from = starts[m:], firsts[m:]
             if group == 4:
-                _row_into_gradient_4(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+                _row_into_gradient_4(indices, values, table, lo, hi, flat_w, width, at, new_from, flat_dz, o)
             elif group == 3:
-                _row_into_gradient_3(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+                _row_into_gradient_3(indices, values, table, lo, hi, flat_w, width, at, new_from, flat_dz, o)
             elif group == 2:
-                _row_into_gradient_2(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+                _row_into_gradient_2(indices, values, table, lo, hi, flat_w, width, at, new_from, flat_dz, o)
             else:
-                _row_into_gradient_1(indices, values, lo, hi, flat_w, width, at, new_from, flat_dz, o)
+                _row_into_gradient_1(indices, values, table, lo, hi, flat_w, width, at, new_from, flat_dz, o)
             m += group
 
 
 @njit(**_JIT)
-def sparse_linear_serial(indptr, indices, values, idx, W, b, z, relu):
-    """``z[i] = values of row idx[i] @ W + b`` (ReLU'd with ``relu``) for a CSR matrix ``(indptr,
-    indices, values)``; rows of ``idx`` clip to the matrix as ``np.take(mode="clip")``.
-    ``W.shape[1]`` must be at least one vector (``sparse_vector_lanes``)."""
-    _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, 0, idx.shape[0])
+def sparse_linear_serial(indptr, indices, values, table, idx, W, b, z, relu):
+    """``z[i] = row idx[i] @ W + b`` (ReLU'd with ``relu``) for a CSR matrix ``(indptr, indices,
+    values)`` whose byte values stand for ``table[value]``; rows of ``idx`` clip to the matrix as
+    ``np.take(mode="clip")``. ``W.shape[1]`` must be at least one vector (``sparse_vector_lanes``)."""
+    _sparse_rows_times_kernel(indptr, indices, values, table, idx, W, b, z, relu, 0, idx.shape[0])
 
 
 @njit(parallel=True, **_JIT)
-def sparse_linear_parallel(indptr, indices, values, idx, W, b, z, relu, parts):
+def sparse_linear_parallel(indptr, indices, values, table, idx, W, b, z, relu, parts):
     n = idx.shape[0]
     for t in prange(parts):
-        _sparse_rows_times_kernel(indptr, indices, values, idx, W, b, z, relu, n * t // parts, n * (t + 1) // parts)
+        _sparse_rows_times_kernel(indptr, indices, values, table, idx, W, b, z, relu, n * t // parts, n * (t + 1) // parts)
 
 
 @njit(**_JIT)
-def sparse_linear_grad_serial(indptr, indices, values, idx, dz, dW, partials):
+def sparse_linear_grad_serial(indptr, indices, values, table, idx, dz, dW, partials):
     """``dW = (rows idx of the CSR matrix).T @ dz``: what ``sparse_linear`` multiplied, the
     gradient of its kernel. ``partials`` is the parallel driver's; unused here."""
     count, starts, firsts = _sparse_vectors(dW.shape[1], SPARSE_VECTOR_BYTES // dW.itemsize)
     dW[...] = 0
-    _sparse_rows_into_gradient(indptr, indices, values, idx, dz, dW, starts, firsts, 0, count, 0, idx.shape[0])
+    _sparse_rows_into_gradient(indptr, indices, values, table, idx, dz, dW, starts, firsts, 0, count, 0, idx.shape[0])
 
 
 @njit(parallel=True, **_JIT)
-def sparse_linear_grad_parallel(indptr, indices, values, idx, dz, dW, partials):
+def sparse_linear_grad_parallel(indptr, indices, values, table, idx, dz, dW, partials):
     """As ``sparse_linear_grad_serial``, the batch rows split into ``len(partials) + 1`` parts:
     the first sums into ``dW``, each other into its partial, and the partials are added to
     ``dW`` after. (Parts that own columns instead share the cache lines where a row of ``dW``
@@ -1315,7 +1329,7 @@ def sparse_linear_grad_parallel(indptr, indices, values, idx, dz, dW, partials):
     for t in prange(parts):
         target = dW if t == 0 else partials[t - 1]
         target[...] = 0
-        _sparse_rows_into_gradient(indptr, indices, values, idx, dz, target, starts, firsts, 0, count,
+        _sparse_rows_into_gradient(indptr, indices, values, table, idx, dz, target, starts, firsts, 0, count,
                                    n * t // parts, n * (t + 1) // parts)
     rows = dW.shape[0]
     for t in prange(parts):
@@ -1340,21 +1354,10 @@ def csr_row_counts(X, counts, parts):
             counts[i] = c
 
 
-def _entry(table, v):
-    """``v`` as a value of the matrix: itself, or ``table[v]`` for a byte (a pixel's scaling)."""
-
-
-@overload(_entry, inline="always")
-def _entry_impl(table, v):
-    if isinstance(v, types.Integer):
-        return lambda table, v: table[v]
-    return lambda table, v: v
-
-
 @njit(parallel=True, **_JIT)
-def csr_fill(X, table, indptr, indices, values, parts):
+def csr_fill(X, indptr, indices, values, parts):
     """Fill a CSR matrix whose ``indptr`` is set: ``indices``/``values`` of ``X``'s nonzeros,
-    row by row (``values`` through ``table`` for uint8 ``X``; an empty ``table`` otherwise).
+    row by row.
     The columns are gathered without a branch per element (each is written, and kept if
     nonzero): ~30 ms for MNIST's 47M pixels on the 2-core EPYC."""
     n, d = X.shape
@@ -1368,4 +1371,4 @@ def csr_fill(X, table, indptr, indices, values, parts):
                 c += row[j] != 0
             for k in range(c):
                 indices[start + k] = columns[k]
-                values[start + k] = _entry(table, row[columns[k]])
+                values[start + k] = row[columns[k]]

@@ -581,10 +581,11 @@ WARMUP_SIGNATURES = {
     ("take_batch",): ["x2 i1 i1 x2 i1"],
     ("take_pixel_batch",): ["u2 i1 i1 u2 x2 i1"],
     ("csr_row_counts",): ["x2 i1 i", "u2 i1 i"],
-    ("csr_fill",): ["x2 x1 i1 n1 x1 i", "u2 x1 i1 n1 x1 i"],
-    ("sparse_linear_serial",): ["i1 n1 x1 i1 x2 x1 x2 b"],
-    ("sparse_linear_parallel",): ["i1 n1 x1 i1 x2 x1 x2 b i"],
-    ("sparse_linear_grad_serial", "sparse_linear_grad_parallel"): ["i1 n1 x1 i1 x2 x2 x3"],
+    # the sparse first layer (cpu_step.SparseRows: 16-bit columns, the data's float or byte values)
+    ("csr_fill",): ["x2 i1 q1 x1 i", "u2 i1 q1 u1 i"],
+    ("sparse_linear_serial",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b" for v in ("x1", "u1")],
+    ("sparse_linear_parallel",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b i" for v in ("x1", "u1")],
+    ("sparse_linear_grad_serial", "sparse_linear_grad_parallel"): [f"i1 q1 {v} x1 i1 x2 x2 x3" for v in ("x1", "u1")],
     # the optimizers' updates of Dense kernels, biases and Conv2D kernels
     ("sgd_update",): ["x2 x2 f", "x1 x1 f", "x4 x4 f"],
     ("sgd_momentum_update",): ["x2 x2 x2 f f b", "x1 x1 x1 f f b", "x4 x4 x4 f f b"],
@@ -607,8 +608,8 @@ def _argument_types(dtype, label_dtype) -> dict:
     f = from_dtype(dtype)
     codes = {f"x{n}": types.Array(f, n, "C") for n in (1, 2, 3, 4)}
     codes.update(a2=types.Array(f, 2, "A"), l1=types.Array(from_dtype(label_dtype), 1, "C"),
-                 i1=types.Array(types.int64, 1, "C"), n1=types.Array(types.int32, 1, "C"),
-                 u2=types.Array(types.uint8, 2, "C"),
+                 i1=types.Array(types.int64, 1, "C"), q1=types.Array(types.uint16, 1, "C"),
+                 u1=types.Array(types.uint8, 1, "C"), u2=types.Array(types.uint8, 2, "C"),
                  i=types.int64, f=f, b=types.boolean)
     return codes
 
