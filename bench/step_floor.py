@@ -4,7 +4,7 @@ pytest-benchmark times one implementation after another; on a shared machine the
 between them (a floor measured in a busy minute flatters the step, and the other way round).
 Here blocks of one epoch's worth of steps (469) alternate: xpnet's step as ``fit`` runs it
 (gather, forward, loss, backward, update), then the floor (only the step's matrix products,
-``test_training_bench._gemm_floor_step_fn``), repeated; each block's time per step is kept and
+``conftest.gemm_floor_step``), repeated; each block's time per step is kept and
 the ratio of each xpnet block to the floor block beside it reported (median and quartiles).
 
     XPNET_DATA=/work/shared/data python bench/step_floor.py [--blocks 15]
@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import test_training_bench as tb  # noqa: E402  (the same step and floor the benchmarks time)
+from conftest import gemm_floor_step  # noqa: E402
 
 
 def per_step_us(step, steps):
@@ -44,7 +45,7 @@ def main(argv=None):
     steps = tb._steps_per_epoch(floats.shape[0])
     print(f"{steps} steps per block, {args.blocks} blocks each, interleaved; time per step in us")
     for config, widths in tb.CONFIGS.items():
-        floor = tb._gemm_floor_step_fn(widths, floats)
+        floor = gemm_floor_step(widths, floats, tb.BATCH)
         for name, data in (("xpnet (uint8 input)", pixels), ("xpnet (float32 input)", floats)):
             step = tb._xpnet_step_fn(tb._xpnet_model(widths), data, y)
             for _ in range(50):  # warm caches, buffers and BLAS threads

@@ -213,3 +213,39 @@ def test_rows_wider_than_16_bit_columns_keep_32_bit_ones(loops, rng):
     idx = np.arange(3)
     loops.sparse_linear_serial(rows.indptr, rows.indices, rows.values, rows.table, idx, W, np.zeros(8), z, False)
     np.testing.assert_allclose(z, X @ W, rtol=1e-12)
+
+
+def test_blas_runs_on_one_thread_while_sparse_steps_train_and_gets_its_threads_back(numba_cpu, rng):
+    """numba's threads spin after each sparse kernel; BLAS on more threads beside them would
+    fight them for the cores (a 15x slower epoch): one thread while ``fit`` trains sparse."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from xpnet.callbacks import Callback
+    from xpnet.kernels import split_step
+
+    if split_step.cores() < 2:
+        pytest.skip("one core: the sparse kernels run serially and BLAS keeps its threads")
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    if not blas.lib_controllers:
+        pytest.skip("no BLAS that threadpoolctl can see")
+
+    def threads():
+        return [lib.num_threads for lib in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
+
+    seen = []
+
+    class Watch(Callback):
+        def on_epoch_end(self, epoch, logs):
+            seen.append(threads())
+
+    with blas.limit(limits=2):
+        before = threads()
+        X = _sparse(rng, (120, 40), np.float32)
+        y = rng.integers(0, 3, 120)
+        model = xpnet.MLP([40, 32, 3], seed=0)
+        model.fit(X, y, epochs=2, batch_size=40, verbose=0, callbacks=[Watch()])
+        assert seen == [[1] * len(before)] * 2
+        assert threads() == before
+        # a step called by itself takes the limit for the call only
+        _, step = _mlp_and_step([40, 32, 3], "float32", 40)
+        step(*step.take_batch(X, y, np.arange(40)))
+        assert threads() == before

@@ -91,6 +91,10 @@ class ReferenceStep:
 
     takes_pixels = False  # fit scales uint8 data once, up front, for this step
 
+    def running(self):
+        """A context ``fit`` holds while it trains with this step (nothing, here)."""
+        return contextlib.nullcontext()
+
     def take_batch(self, X, y, idx):
         """The mini-batch ``(X[idx], y[idx])``."""
         return self.xp.take(X, idx, axis=0), self.xp.take(y, idx, axis=0)
@@ -324,6 +328,7 @@ def fit(
         in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
         model.stop_training = False
         begun = []  # the callbacks whose run has started, and so must be told it ended
+        running = contextlib.ExitStack()  # what the step holds while it trains (step.running())
         try:
             for cb in callbacks:
                 cb.model, cb.optimizer = model, opt
@@ -341,6 +346,7 @@ def fit(
             # after the callbacks began: a resumed optimizer's state is the one the graph adopts;
             # distributed training takes the eager loop, whose steps the all-reduce goes between
             graphs = None if comm is not None else _graph_trainer(model, opt, X, y, batch_size)
+            running.enter_context(step.running())
             for epoch in range(first_epoch, epochs):
                 start = time.perf_counter()
                 opt.start_epoch(epoch, epochs)
@@ -383,6 +389,7 @@ def fit(
                 if model.stop_training:
                     break
         finally:
+            running.close()
             if monitor is not None:
                 history.warnings[:0] = monitor.warnings
                 history.diverged = history.diverged or monitor.diverged

@@ -1160,7 +1160,8 @@ def _row_into_gradient(count):
             starts, grads = [], []
             for m in range(count):
                 s = builder.load(builder.gep(st_p, [ir.Constant(_I64, m)]))
-                kept = builder.icmp_signed(">=", lane, _splat(builder, lanes, builder.load(builder.gep(fi_p, [ir.Constant(_I64, m)]))))
+                first = builder.load(builder.gep(fi_p, [ir.Constant(_I64, m)]))
+                kept = builder.icmp_signed(">=", lane, _splat(builder, lanes, first))
                 starts.append(s)
                 grads.append(builder.select(kept, builder.load(at(dz_p, builder.add(o_v, s)), align=align), zero))
             entry = builder.block
@@ -1306,7 +1307,8 @@ def sparse_linear_serial(indptr, indices, values, table, idx, W, b, z, relu):
 def sparse_linear_parallel(indptr, indices, values, table, idx, W, b, z, relu, parts):
     n = idx.shape[0]
     for t in prange(parts):
-        _sparse_rows_times_kernel(indptr, indices, values, table, idx, W, b, z, relu, n * t // parts, n * (t + 1) // parts)
+        lo, hi = n * t // parts, n * (t + 1) // parts
+        _sparse_rows_times_kernel(indptr, indices, values, table, idx, W, b, z, relu, lo, hi)
 
 
 @njit(**_JIT)

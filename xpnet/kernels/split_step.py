@@ -101,6 +101,9 @@ class SplitStep:
     def gradients(self):
         return self.model.gradients()
 
+    def running(self):
+        return self._steps[0].running()
+
     def _part(self, k, xb, yb):
         with numba_cpu.serial_kernels():
             return self._steps[k](xb, yb)
