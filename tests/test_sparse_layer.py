@@ -249,3 +249,13 @@ def test_blas_runs_on_one_thread_while_sparse_steps_train_and_gets_its_threads_b
         _, step = _mlp_and_step([40, 32, 3], "float32", 40)
         step(*step.take_batch(X, y, np.arange(40)))
         assert threads() == before
+
+
+def test_a_distributed_rank_runs_the_sparse_kernels_on_one_core(numba_cpu):
+    """Ranks of one machine already share its cores: numba threads in each would fight."""
+    from xpnet.training import _training_step
+
+    model = xpnet.MLP([30, 20, 4], seed=0)
+    model.build((30,))
+    assert _training_step(model, 16, split=False)._parts == 1
+    assert _training_step(model, 16)._parts >= 1

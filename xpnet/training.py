@@ -122,10 +122,10 @@ def relu_mlp(layers) -> bool:
     )
 
 
-def training_step_for(layers, batch_size: int):
+def training_step_for(layers, batch_size: int, cores: int | None = None):
     """The buffered Numba step (``kernels.cpu_step``) for these layers, or ``None`` where the
     reference must run: not a ReLU MLP, not float32/float64 NumPy parameters, numba missing,
-    or ``XPNET_KERNELS=xp``."""
+    or ``XPNET_KERNELS=xp``. ``cores``: see ``CpuTrainingStep``."""
     from .kernels import default_impl, numba_cpu
 
     if default_impl() not in ("auto", "numba") or not relu_mlp(layers) or numba_cpu.unavailable():
@@ -137,7 +137,7 @@ def training_step_for(layers, batch_size: int):
         return None
     from .kernels.cpu_step import CpuTrainingStep
 
-    return CpuTrainingStep(layers, batch_size)
+    return CpuTrainingStep(layers, batch_size, cores)
 
 
 #: the layers whose output rows depend on their input rows alone, with no random draws: what a
@@ -172,9 +172,10 @@ def split_step_for(model, batch_size: int):
 
 def _training_step(model, batch_size, *, split=True):
     """The fastest step that applies: on NumPy the buffered Numba step where it covers the
-    model, else (with ``split``) the reference step split across the cores, else the reference."""
+    model, else (with ``split``) the reference step split across the cores, else the reference.
+    Without ``split`` (processes already share the cores) no step spreads over them."""
     if model.backend.name == "cpu":
-        step = training_step_for(model.layers, batch_size)
+        step = training_step_for(model.layers, batch_size, None if split else 1)
         if step is None and split:
             step = split_step_for(model, batch_size)
         if step is not None:

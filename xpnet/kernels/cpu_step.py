@@ -100,12 +100,15 @@ class CpuTrainingStep:
         Hidden layers with ReLU, a linear output layer, float32 or float64 NumPy parameters.
     batch_size : int
         The largest batch a call will get (smaller ones use the front of each buffer).
+    cores : int, optional
+        The cores the sparse first layer's kernels share a batch among (default: all this
+        process may use, ``split_step.cores()``; 1 where processes already share them).
 
     After a call each layer's ``dW``/``db`` refer to this object's gradient buffers (valid until
     the next call), so ``model.gradients()`` and any optimizer work unchanged.
     """
 
-    def __init__(self, layers, batch_size: int):
+    def __init__(self, layers, batch_size: int, cores: int | None = None):
         self.layers = list(layers)
         self.batch_size = int(batch_size)
         self._loops = numba_cpu._get_loops()
@@ -121,9 +124,9 @@ class CpuTrainingStep:
         self.db = [np.empty(w, dtype) for w in widths[1:]]
         self._rows = self._loops.block_rows(widths[-1])
         self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
-        from .split_step import cores
+        from .split_step import cores as usable_cores
 
-        self._parts = cores()
+        self._parts = max(1, int(cores)) if cores is not None else usable_cores()
         self._partials = np.empty((self._parts - 1, *self.dW[0].shape), dtype)
         self._sparse_source = self._sparse = None  # the data set last asked for, and its CSR rows
         self._blas = self._blas_limit = None  # BLAS's thread control, and the limit in force
