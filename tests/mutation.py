@@ -42,6 +42,7 @@ MODULES = {
          "tests/test_split_step.py"],
     ),
     "split_step": ("xpnet/kernels/split_step.py", ["tests/test_split_step.py"]),
+    "cpu_step": ("xpnet/kernels/cpu_step.py", ["tests/test_cpu_step.py", "tests/test_sparse_layer.py"]),
 }
 
 # mutmut's exit codes -> how a mutant ended (mutmut.stats.status_by_exit_code, simplified)
