@@ -167,6 +167,10 @@ def test_cpu_take_batch_scales_every_byte_as_scale_pixels(dtype, rng):
     np.testing.assert_array_equal(yb, y[idx])
     xb, _ = step.take_batch(X[:, ::-1], y, idx[:5])  # a strided uint8 array: the np.take fallback
     np.testing.assert_array_equal(xb, F.scale_pixels(X[idx[:5], ::-1], np.dtype(dtype)))
+    outside = np.array([-4, 0, 255, 300])  # out-of-range indices clip there too
+    xb, yb = step.take_batch(X[:, ::-1], y, outside)
+    np.testing.assert_array_equal(xb, F.scale_pixels(X[[0, 0, 255, 255], ::-1], np.dtype(dtype)))
+    np.testing.assert_array_equal(yb, y[[0, 0, 255, 255]])
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

@@ -150,10 +150,12 @@ def test_the_step_on_sparse_rows_equals_the_step_on_dense_rows(numba_cpu, rng, d
     step._partials = np.empty((parts - 1, *step.dW[0].shape), dtype)
     X = _sparse(rng, (300, widths[0]), dtype)
     y = rng.integers(0, widths[-1], 300)
-    idx = rng.permutation(300)[:37]
+    idx = np.concatenate([rng.permutation(300)[:35], [-3, 310]])  # out of range: clipped, as np.take's "clip"
     xb, yb = step.take_batch(X, y, idx)
     assert type(xb).__name__ == "_SparseBatch" and xb.shape == (37, widths[0])
-    np.testing.assert_array_equal(yb, y[idx])
+    assert yb is not None and np.shares_memory(yb, step._y)  # into the step's buffer
+    np.testing.assert_array_equal(yb, np.take(y, idx, mode="clip"))
+    idx = np.clip(idx, 0, 299)
     for buffer in step.dW + step.db:
         buffer.fill(np.nan)
     loss, correct = step(xb, yb)
@@ -177,9 +179,11 @@ def test_the_step_takes_sparse_rows_only_where_they_pay(numba_cpu, rng):
     sparse = _sparse(rng, (100, 30), np.float32, density=cpu_step.SPARSE_MAX_DENSITY / 2)
     assert isinstance(step.take_batch(sparse, y, idx)[0], cpu_step._SparseBatch)
     assert isinstance(step.take_batch(dense, y, idx)[0], np.ndarray)  # a new data set: asked again
-    # a first layer narrower than one vector (15 float32 units) runs dense
+    # a first layer narrower than one vector (15 float32 units) runs dense; one vector, sparse
     _, narrow = _mlp_and_step([30, 15, 4], "float32", 10)
     assert isinstance(narrow.take_batch(sparse, y, idx)[0], np.ndarray)
+    _, one_vector = _mlp_and_step([30, 16, 4], "float32", 10)
+    assert isinstance(one_vector.take_batch(sparse, y, idx)[0], cpu_step._SparseBatch)
 
 
 def test_fit_on_sparse_pixels_equals_fit_on_the_reference(numba_cpu, rng, monkeypatch):
