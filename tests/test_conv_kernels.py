@@ -461,3 +461,25 @@ def test_the_direct_loops_scratch_holds_padded_rows_in_the_inputs_dtype(numba_cp
     x = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
     expanded = numba_cpu._expanded(x, (3, 2, 3, 4), (7, 1, 2))  # 4 filters; 1 padding column before, 2 after
     assert expanded.shape == (5, 3, (7 + 1 + 2) * 4) and expanded.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width, filters", [(5, 3), (8, 2), (4, 4), (10, 8), (28, 6), (13, 5)])
+def test_direct_rows_in_registers_and_in_memory_equal_the_reference(poisoned_numpy, numba_cpu, monkeypatch, rng,
+                                                                    dtype, width, filters):
+    """The direct loop sums an output row of at least one vector (16 float32, 8 float64 values)
+    in registers, in groups of up to four vectors (an uneven row ends with an overlapping one:
+    5 vectors go 3 + 2, never 4 + 1), and a shorter row in memory: each against the reference."""
+    monkeypatch.setattr(numba_cpu, "DIRECT_MAX_CHANNEL_FILTERS", 10**9)
+    x = rng.standard_normal((2, 7, width + 2, 1)).astype(dtype)  # 3 x 3 valid: rows of width x filters
+    kernel = rng.standard_normal((3, 3, 1, filters)).astype(dtype)
+    bias = rng.standard_normal(filters).astype(dtype)
+    got = F.conv2d(x, kernel, bias, impl="numba")
+    scale = F.conv2d(np.abs(x), np.abs(kernel), np.abs(bias), impl="xp")
+    _assert_norm_close(got, F.conv2d(x, kernel, bias, impl="xp"), scale)
+    dy = rng.standard_normal(got.shape).astype(dtype)
+    got = F.conv2d_backward(dy, x, kernel, impl="numba")
+    want = F.conv2d_backward(dy, x, kernel, impl="xp")
+    scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), impl="xp")
+    for g, w, s in zip(got, want, scale):
+        _assert_norm_close(g, w, s)

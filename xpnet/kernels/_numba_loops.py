@@ -941,84 +941,111 @@ def avg_pool_backward(dy, kh, kw, sh, sw, dx):
 # one vectorized multiply-add loop per tap (i, j, c). The same runs give the kernel gradient.
 
 
+@njit(**_INLINE)
+def _expansion(w, left, f, length):
+    """For each position of an expanded row, the image column it repeats (-1: padding)."""
+    source = np.empty(length, np.int64)
+    for t in range(length):
+        s = t // f - left
+        source[t] = s if 0 <= s < w else -1
+    return source
+
+
 @njit(**_JIT)
-def _expand_rows(x, left, f, expanded):
-    """``expanded[r, c, (s + left) * f + k] = x[r, s, c]`` for every ``k < f``; the padding
-    columns (``left`` before the image, the rest after it) hold zeros."""
-    h, w, c = x.shape
+def _expand_rows(x, source, expanded):
+    """``expanded[r, c, t] = x[r, source[t], c]``, or 0 where ``source[t] < 0`` (padding): each
+    input value repeated F times, as one gather per row that LLVM vectorizes (0.08 ms for 64
+    MNIST images against 0.18 ms for a store per repeat)."""
+    h, c = x.shape[0], x.shape[2]
     zero = expanded.dtype.type(0)
-    end = (w + left) * f
     for r in range(h):
         for ch in range(c):
-            row = expanded[r, ch]
-            for k in range(left * f):
-                row[k] = zero
-            for s in range(w):
-                v = x[r, s, ch]
-                base = (s + left) * f
-                for k in range(f):
-                    row[base + k] = v
-            for k in range(end, row.shape[0]):
-                row[k] = zero
+            row, values = expanded[r, ch], x[r, :, ch]
+            for t in range(row.shape[0]):
+                s = source[t]
+                row[t] = values[s] if s >= 0 else zero
 
 
 @njit(**_JIT)
 def conv2d_rows(x, tiled, bias_row, sh, top, left, expanded, y):
     """``y`` (N, OH, OW, F) = the convolution of ``x`` (N, H, W, C) at column stride 1 and row
     stride ``sh``; ``tiled`` (kh, kw, C, OW * F) is the kernel tiled OW times, ``bias_row``
-    (OW * F) the bias tiled likewise (zeros for none); ``expanded`` is (H, C, padded W * F) scratch."""
-    h = x.shape[1]
+    (OW * F) the bias tiled likewise (zeros for none); ``expanded`` is (H, C, padded W * F) scratch.
+    An output row of at least one vector is summed in registers over its taps (``_pairs_dot``),
+    else in memory."""
+    n, h = x.shape[0], x.shape[1]
     kh, kw, c, run = tiled.shape
-    oh = y.shape[1]
-    f = y.shape[3]
-    for b in range(x.shape[0]):
-        _expand_rows(x[b], left, f, expanded)
+    oh, f, width = y.shape[1], y.shape[3], expanded.shape[2]
+    source = _expansion(x.shape[2], left, f, width)
+    count, starts, _ = _sparse_vectors(max(run, 1), SPARSE_VECTOR_BYTES // y.itemsize)
+    in_registers = run * y.itemsize >= SPARSE_VECTOR_BYTES
+    flat_e, flat_t, flat_y = expanded.reshape(-1), tiled.reshape(-1), y.reshape(-1)
+    a_at, b_at = np.empty(kh * kw * c, np.int64), np.empty(kh * kw * c, np.int64)
+    for b in range(n):
+        _expand_rows(x[b], source, expanded)
         rows = y[b].reshape(oh, run)
         for p in range(oh):
-            acc = rows[p]
-            for m in range(run):
-                acc[m] = bias_row[m]
+            taps = 0  # the taps that fall inside the image: their rows of expanded and of tiled
             for i in range(kh):
                 r = p * sh + i - top
                 if r < 0 or r >= h:
                     continue
                 for j in range(kw):
                     for ch in range(c):
-                        src = expanded[r, ch, j * f : j * f + run]
-                        tap = tiled[i, j, ch]
-                        for m in range(run):
-                            acc[m] += src[m] * tap[m]
+                        a_at[taps] = (r * c + ch) * width + j * f
+                        b_at[taps] = ((i * kw + j) * c + ch) * run
+                        taps += 1
+            if in_registers:
+                _pairs_dot_row(flat_e, a_at, flat_t, b_at, taps, count, starts, flat_y, (b * oh + p) * run, bias_row, 0)
+                continue
+            acc = rows[p]
+            for m in range(run):
+                acc[m] = bias_row[m]
+            for k in range(taps):
+                for m in range(run):
+                    acc[m] += flat_e[a_at[k] + m] * flat_t[b_at[k] + m]
 
 
 @njit(**_JIT)
 def conv2d_rows_grads(dy, x, sh, top, left, expanded, dtiled, dbias_row):
     """The kernel and bias gradients of ``conv2d_rows``, per output column: ``dtiled`` (kh, kw,
-    C, OW * F) and ``dbias_row`` (OW * F), both overwritten; the caller sums over the OW columns."""
-    h = x.shape[1]
+    C, OW * F) and ``dbias_row`` (OW * F), both overwritten; the caller sums over the OW columns.
+    Each tap's gradient row is summed over an image's output rows in registers (``_pairs_dot``)
+    where a row is at least one vector, else in memory."""
+    n, h = x.shape[0], x.shape[1]
     kh, kw, c, run = dtiled.shape
-    oh, f = dy.shape[1], dy.shape[3]
-    flat = dtiled.reshape(-1)
-    for k in range(flat.shape[0]):
-        flat[k] = 0
-    for m in range(run):
-        dbias_row[m] = 0
-    for b in range(x.shape[0]):
-        _expand_rows(x[b], left, f, expanded)
+    oh, f, width = dy.shape[1], dy.shape[3], expanded.shape[2]
+    source = _expansion(x.shape[2], left, f, width)
+    count, starts, _ = _sparse_vectors(max(run, 1), SPARSE_VECTOR_BYTES // dy.itemsize)
+    in_registers = run * dy.itemsize >= SPARSE_VECTOR_BYTES
+    flat_e, flat_dy, flat_dt = expanded.reshape(-1), dy.reshape(-1), dtiled.reshape(-1)
+    flat_dt[:] = 0
+    dbias_row[:] = 0
+    a_at, b_at = np.empty(oh, np.int64), np.empty(oh, np.int64)
+    for b in range(n):
+        _expand_rows(x[b], source, expanded)
         rows = dy[b].reshape(oh, run)
         for p in range(oh):
             g = rows[p]
             for m in range(run):
                 dbias_row[m] += g[m]
-            for i in range(kh):
-                r = p * sh + i - top
-                if r < 0 or r >= h:
-                    continue
-                for j in range(kw):
-                    for ch in range(c):
-                        src = expanded[r, ch, j * f : j * f + run]
-                        acc = dtiled[i, j, ch]
+        for i in range(kh):
+            for j in range(kw):
+                for ch in range(c):
+                    used = 0  # the output rows this tap saw inside the image
+                    for p in range(oh):
+                        r = p * sh + i - top
+                        if 0 <= r < h:
+                            a_at[used] = (r * c + ch) * width + j * f
+                            b_at[used] = (b * oh + p) * run
+                            used += 1
+                    tap = ((i * kw + j) * c + ch) * run
+                    if in_registers:
+                        _pairs_dot_row(flat_e, a_at, flat_dy, b_at, used, count, starts, flat_dt, tap, flat_dt, tap)
+                        continue
+                    for k in range(used):
                         for m in range(run):
-                            acc[m] += src[m] * g[m]
+                            flat_dt[tap + m] += flat_e[a_at[k] + m] * flat_dy[b_at[k] + m]
 
 
 # --- a sparse first layer: rows of a CSR matrix times a dense kernel (used by ``cpu_step``) ----
@@ -1187,6 +1214,94 @@ def _row_into_gradient(count):
         return types.void(indices, values, table, lo, hi, dW, width, starts, firsts, dz, o), codegen
 
     return row_into_gradient
+
+
+def _pairs_dot(count):
+    """An intrinsic: ``out[o + s] = init[i + s] + sum over k < n of a[a_at[k] + s] * b[b_at[k] + s]``
+    for the ``count`` vectors starting at ``starts[0..count)`` (flat arrays of one float dtype).
+    Every ``init`` vector is read before any ``out`` one is written, so ``out`` may be ``init``."""
+
+    @intrinsic
+    def pairs_dot(typingctx, a, a_at, b, b_at, n, starts, out, o, init, i):
+        arrays = (a, b, out, init)
+        if not all(isinstance(t, types.Array) and t.dtype == a.dtype for t in arrays):
+            return None
+        if a.dtype not in (types.float32, types.float64):
+            return None
+
+        def codegen(context, builder, signature, args):
+            a_t, aa_t, b_t, ba_t, _, st_t, out_t, _, init_t, _ = signature.args
+            a_v, aa_v, b_v, ba_v, n_v, st_v, out_v, o_v, init_v, i_v = args
+            vector = _sparse_vector(context, a_t)
+            align = a_t.dtype.bitwidth // 8
+            a_p, aa_p, b_p, ba_p, st_p, out_p, init_p = (
+                _array_data(context, builder, t, v) for t, v in
+                ((a_t, a_v), (aa_t, aa_v), (b_t, b_v), (ba_t, ba_v), (st_t, st_v), (out_t, out_v), (init_t, init_v))
+            )
+            at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
+            starts = [builder.load(builder.gep(st_p, [ir.Constant(_I64, m)])) for m in range(count)]
+            first = [builder.load(at(init_p, builder.add(i_v, s)), align=align) for s in starts]
+            entry = builder.block
+            loop, done = builder.append_basic_block("pairs.loop"), builder.append_basic_block("pairs.done")
+            builder.cbranch(builder.icmp_signed("<", ir.Constant(_I64, 0), n_v), loop, done)
+            builder.position_at_end(loop)
+            k = builder.phi(_I64)
+            sums = [builder.phi(vector) for _ in range(count)]
+            a_k = builder.load(builder.gep(aa_p, [k]))
+            b_k = builder.load(builder.gep(ba_p, [k]))
+            new = [
+                _vector_fma(builder, vector, builder.load(at(a_p, builder.add(a_k, s)), align=align),
+                            builder.load(at(b_p, builder.add(b_k, s)), align=align), acc)
+                for s, acc in zip(starts, sums)
+            ]
+            k_next = builder.add(k, ir.Constant(_I64, 1))
+            k.add_incoming(ir.Constant(_I64, 0), entry)
+            k.add_incoming(k_next, loop)
+            for acc, a0, a1 in zip(sums, first, new):
+                acc.add_incoming(a0, entry)
+                acc.add_incoming(a1, loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, n_v), loop, done)
+            builder.position_at_end(done)
+            results = [builder.phi(vector) for _ in range(count)]
+            for res, a0, a1 in zip(results, first, new):
+                res.add_incoming(a0, entry)
+                res.add_incoming(a1, loop)
+            for s, res in zip(starts, results):
+                builder.store(res, at(out_p, builder.add(o_v, s)), align=align)
+            return context.get_dummy_value()
+
+        return types.void(a, a_at, b, b_at, n, starts, out, o, init, i), codegen
+
+    return pairs_dot
+
+
+_pairs_dot_1, _pairs_dot_2, _pairs_dot_3, _pairs_dot_4 = (_pairs_dot(count) for count in (1, 2, 3, 4))
+
+
+@njit(**_INLINE)
+def _vector_group(count, m):
+    """How many vectors from ``m`` on one call takes: at most 4, and never the overlapping last
+    vector without the one it overlaps (a call reads all its ``init`` before it writes)."""
+    left = count - m
+    return 3 if left == 5 else min(left, 4)
+
+
+@njit(**_INLINE)
+def _pairs_dot_row(a, a_at, b, b_at, n, count, starts, out, o, init, i):
+    """``_pairs_dot`` over all ``count`` vectors of a row, four at a time."""
+    m = 0
+    while m < count:
+        group = _vector_group(count, m)
+        at = starts[m:]
+        if group == 4:
+            _pairs_dot_4(a, a_at, b, b_at, n, at, out, o, init, i)
+        elif group == 3:
+            _pairs_dot_3(a, a_at, b, b_at, n, at, out, o, init, i)
+        elif group == 2:
+            _pairs_dot_2(a, a_at, b, b_at, n, at, out, o, init, i)
+        else:
+            _pairs_dot_1(a, a_at, b, b_at, n, at, out, o, init, i)
+        m += group
 
 
 _ROW_TIMES_KERNEL = tuple(_row_times_kernel(count) for count in (1, 2, 3, 4))
