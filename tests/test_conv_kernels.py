@@ -483,3 +483,19 @@ def test_direct_rows_in_registers_and_in_memory_equal_the_reference(poisoned_num
     scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), impl="xp")
     for g, w, s in zip(got, want, scale):
         _assert_norm_close(g, w, s)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("kernel_size, channels", [(3, 6), (2, 3), (5, 4)])
+def test_im2col_copies_whole_window_rows_and_pads_the_edges(poisoned_numpy, numba_cpu, monkeypatch, rng,
+                                                            dtype, padding, kernel_size, channels):
+    """im2col copies a window's row of pixels inside the image as whole vectors (18 values at
+    LeNet's second layer: a vector and an overlapping one), a shorter run or a row at a padded
+    edge value by value: each against the reference."""
+    monkeypatch.setattr(numba_cpu, "DIRECT_MAX_CHANNEL_FILTERS", 0)
+    x = rng.standard_normal((2, 9, 10, channels)).astype(dtype)
+    kernel = rng.standard_normal((kernel_size, kernel_size, channels, 4)).astype(dtype)
+    got = F.conv2d(x, kernel, impl="numba", padding=padding, strides=(1, 2))
+    want = F.conv2d(x, kernel, impl="xp", padding=padding, strides=(1, 2))
+    _assert_norm_close(got, want, F.conv2d(np.abs(x), np.abs(kernel), impl="xp", padding=padding, strides=(1, 2)))

@@ -725,37 +725,71 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # OpenBLAS's for the same cores, and every loop here moves only a few MB (see ``numba_cpu``).
 
 
+@intrinsic
+def _move_vector(typingctx, src, i, dst, j):
+    """``dst[j:j+L] = src[i:i+L]`` for one vector of ``SPARSE_VECTOR_BYTES`` (1-D C arrays)."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_t, _, dst_t, _ = signature.args
+        src_v, i_v, dst_v, j_v = args
+        vector = _sparse_vector(context, src_t)
+        align = src_t.dtype.bitwidth // 8
+        at = lambda t, a, k: builder.bitcast(builder.gep(_array_data(context, builder, t, a), [k]),  # noqa: E731
+                                             vector.as_pointer())
+        builder.store(builder.load(at(src_t, src_v, i_v), align=align), at(dst_t, dst_v, j_v), align=align)
+        return context.get_dummy_value()
+
+    return types.void(src, i, dst, j), codegen
+
+
+@njit(**_INLINE)
+def _copy_run(src, i, dst, j, n, lanes):
+    """``dst[j:j+n] = src[i:i+n]`` in whole vectors, the last one overlapping (``n >= lanes``):
+    a run of 18 values is two vector copies, where a loop would run all 18 as scalars."""
+    for k in range(0, n - lanes, lanes):
+        _move_vector(src, i + k, dst, j + k)
+    _move_vector(src, i + n - lanes, dst, j + n - lanes)
+
+
 @njit(**_EXACT)
 def _im2col_image(x, kh, kw, sh, sw, top, left, oh, ow, cols):
     """The im2col rows of one image ``x`` (H, W, C): row ``p * ow + q`` holds the window at
     output (p, q), pixel by pixel in (i, j) row-major order, each pixel's C channels; padding
     reads as zeros. ``cols`` may have one column more than ``kh * kw * C``: it gets 1 (a bias
-    column). Filled one output row and one window offset at a time, so the inner loop runs
-    along a row of pixels (faster than window by window at C = 6: 0.5 against 0.8 ms for
-    LeNet's second layer)."""
+    column). A window's row of ``kw`` pixels inside the image is one copy of ``kw * C``
+    contiguous values (LeNet's second layer, 64 images: 0.08 ms, against 0.24 ms copying pixel by
+    pixel, 6 values at a time)."""
     h, w, c = x.shape
     zero, one = cols.dtype.type(0), cols.dtype.type(1)
     width = kh * kw * c
+    span = kw * c  # a window's row of pixels: contiguous in x (C order) and in its im2col row
+    lanes = SPARSE_VECTOR_BYTES // cols.itemsize
     for p in range(oh):
         out = cols[p * ow : (p + 1) * ow]
         for i in range(kh):
             r = p * sh + i - top
-            for j in range(kw):
-                base = (i * kw + j) * c
-                if r < 0 or r >= h:
-                    for q in range(ow):
-                        for ch in range(c):
-                            out[q, base + ch] = zero
-                    continue
-                src = x[r]
+            if r < 0 or r >= h:
                 for q in range(ow):
-                    s = q * sw + j - left
+                    for k in range(i * span, (i + 1) * span):
+                        out[q, k] = zero
+                continue
+            src, pixels = x[r], x[r].reshape(-1)
+            for q in range(ow):
+                s0 = q * sw - left
+                row = out[q]
+                if 0 <= s0 and s0 + kw <= w and span >= lanes:  # the window row inside: one copy
+                    _copy_run(pixels, s0 * c, row, i * span, span, lanes)
+                    continue
+                for j in range(kw):
+                    base, s = (i * kw + j) * c, s0 + j
                     if 0 <= s < w:
                         for ch in range(c):
-                            out[q, base + ch] = src[s, ch]
+                            row[base + ch] = src[s, ch]
                     else:
                         for ch in range(c):
-                            out[q, base + ch] = zero
+                            row[base + ch] = zero
         if cols.shape[1] > width:
             for q in range(ow):
                 out[q, width] = one
