@@ -1143,6 +1143,32 @@ def _entry(context, builder, sig_types, pointers, k):
     return column, value
 
 
+def _loop_with_sums(builder, lo, hi, first, step):
+    """Emit ``for k in [lo, hi): sums = step(k, sums)`` with the vectors ``sums`` held in
+    registers from ``first`` on; returns them after the loop (``first`` if it never runs)."""
+    entry = builder.block
+    loop, done = builder.append_basic_block("sums.loop"), builder.append_basic_block("sums.done")
+    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(_I64)
+    sums = [builder.phi(value.type) for value in first]
+    new = step(k, sums)
+    k_next = builder.add(k, ir.Constant(_I64, 1))
+    body_end = builder.block
+    k.add_incoming(lo, entry)
+    k.add_incoming(k_next, body_end)
+    for acc, a0, a1 in zip(sums, first, new):
+        acc.add_incoming(a0, entry)
+        acc.add_incoming(a1, body_end)
+    builder.cbranch(builder.icmp_signed("<", k_next, hi), loop, done)
+    builder.position_at_end(done)
+    results = [builder.phi(value.type) for value in first]
+    for res, a0, a1 in zip(results, first, new):
+        res.add_incoming(a0, entry)
+        res.add_incoming(a1, body_end)
+    return results
+
+
 def _row_times_kernel(count):
     """An intrinsic: ``out[o + s] = init[s] + sum over k in [lo, hi) of values[k] * W[indices[k]
     * width + s]`` for the ``count`` vectors starting at ``starts[0..count)`` (flat arrays)."""
@@ -1164,30 +1190,14 @@ def _row_times_kernel(count):
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
             starts = [builder.load(builder.gep(st_p, [ir.Constant(_I64, m)])) for m in range(count)]
             first = [builder.load(at(init_p, s), align=align) for s in starts]
-            entry = builder.block
-            loop, done = builder.append_basic_block("row.loop"), builder.append_basic_block("row.done")
-            builder.cbranch(builder.icmp_signed("<", lo_v, hi_v), loop, done)
-            builder.position_at_end(loop)
-            k = builder.phi(_I64)
-            sums = [builder.phi(vector) for _ in range(count)]
-            column, value = _entry(context, builder, (ind_t, val_t, tab_t), (ind_p, val_p, tab_p), k)
-            value = _splat(builder, vector, value)
-            row = builder.mul(column, width_v)
-            new = [_vector_fma(builder, vector, value, builder.load(at(w_p, builder.add(row, s)), align=align), acc)
-                   for s, acc in zip(starts, sums)]
-            k_next = builder.add(k, ir.Constant(_I64, 1))
-            k.add_incoming(lo_v, entry)
-            k.add_incoming(k_next, loop)
-            for acc, a0, a1 in zip(sums, first, new):
-                acc.add_incoming(a0, entry)
-                acc.add_incoming(a1, loop)
-            builder.cbranch(builder.icmp_signed("<", k_next, hi_v), loop, done)
-            builder.position_at_end(done)
-            results = [builder.phi(vector) for _ in range(count)]
-            for res, a0, a1 in zip(results, first, new):
-                res.add_incoming(a0, entry)
-                res.add_incoming(a1, loop)
-            for s, res in zip(starts, results):
+
+            def step(k, sums):
+                column, value = _entry(context, builder, (ind_t, val_t, tab_t), (ind_p, val_p, tab_p), k)
+                value, row = _splat(builder, vector, value), builder.mul(column, width_v)
+                weights = [builder.load(at(w_p, builder.add(row, s)), align=align) for s in starts]
+                return [_vector_fma(builder, vector, value, w, acc) for w, acc in zip(weights, sums)]
+
+            for s, res in zip(starts, _loop_with_sums(builder, lo_v, hi_v, first, step)):
                 builder.store(res, at(out_p, builder.add(o_v, s)), align=align)
             return context.get_dummy_value()
 
@@ -1225,24 +1235,17 @@ def _row_into_gradient(count):
                 kept = builder.icmp_signed(">=", lane, _splat(builder, lanes, first))
                 starts.append(s)
                 grads.append(builder.select(kept, builder.load(at(dz_p, builder.add(o_v, s)), align=align), zero))
-            entry = builder.block
-            loop, done = builder.append_basic_block("grad.loop"), builder.append_basic_block("grad.done")
-            builder.cbranch(builder.icmp_signed("<", lo_v, hi_v), loop, done)
-            builder.position_at_end(loop)
-            k = builder.phi(_I64)
-            column, value = _entry(context, builder, (ind_t, val_t, tab_t), (ind_p, val_p, tab_p), k)
-            value = _splat(builder, vector, value)
-            row = builder.mul(column, width_v)
-            pointers = [at(w_p, builder.add(row, s)) for s in starts]
-            old = [builder.load(p, align=align) for p in pointers]  # every load before any store
-            new = [_vector_fma(builder, vector, value, g, a) for g, a in zip(grads, old)]
-            for p, a in reversed(list(zip(pointers, new))):  # an overlapping last vector first
-                builder.store(a, p, align=align)
-            k_next = builder.add(k, ir.Constant(_I64, 1))
-            k.add_incoming(lo_v, entry)
-            k.add_incoming(k_next, loop)
-            builder.cbranch(builder.icmp_signed("<", k_next, hi_v), loop, done)
-            builder.position_at_end(done)
+            def step(k, _):
+                column, value = _entry(context, builder, (ind_t, val_t, tab_t), (ind_p, val_p, tab_p), k)
+                value, row = _splat(builder, vector, value), builder.mul(column, width_v)
+                pointers = [at(w_p, builder.add(row, s)) for s in starts]
+                old = [builder.load(p, align=align) for p in pointers]  # every load before any store
+                new = [_vector_fma(builder, vector, value, g, a) for g, a in zip(grads, old)]
+                for p, a in reversed(list(zip(pointers, new))):  # an overlapping last vector first
+                    builder.store(a, p, align=align)
+                return []
+
+            _loop_with_sums(builder, lo_v, hi_v, [], step)
             return context.get_dummy_value()
 
         return types.void(indices, values, table, lo, hi, dW, width, starts, firsts, dz, o), codegen
@@ -1275,32 +1278,16 @@ def _pairs_dot(count):
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
             starts = [builder.load(builder.gep(st_p, [ir.Constant(_I64, m)])) for m in range(count)]
             first = [builder.load(at(init_p, builder.add(i_v, s)), align=align) for s in starts]
-            entry = builder.block
-            loop, done = builder.append_basic_block("pairs.loop"), builder.append_basic_block("pairs.done")
-            builder.cbranch(builder.icmp_signed("<", ir.Constant(_I64, 0), n_v), loop, done)
-            builder.position_at_end(loop)
-            k = builder.phi(_I64)
-            sums = [builder.phi(vector) for _ in range(count)]
-            a_k = builder.load(builder.gep(aa_p, [k]))
-            b_k = builder.load(builder.gep(ba_p, [k]))
-            new = [
-                _vector_fma(builder, vector, builder.load(at(a_p, builder.add(a_k, s)), align=align),
-                            builder.load(at(b_p, builder.add(b_k, s)), align=align), acc)
-                for s, acc in zip(starts, sums)
-            ]
-            k_next = builder.add(k, ir.Constant(_I64, 1))
-            k.add_incoming(ir.Constant(_I64, 0), entry)
-            k.add_incoming(k_next, loop)
-            for acc, a0, a1 in zip(sums, first, new):
-                acc.add_incoming(a0, entry)
-                acc.add_incoming(a1, loop)
-            builder.cbranch(builder.icmp_signed("<", k_next, n_v), loop, done)
-            builder.position_at_end(done)
-            results = [builder.phi(vector) for _ in range(count)]
-            for res, a0, a1 in zip(results, first, new):
-                res.add_incoming(a0, entry)
-                res.add_incoming(a1, loop)
-            for s, res in zip(starts, results):
+
+            def step(k, sums):
+                a_k, b_k = builder.load(builder.gep(aa_p, [k])), builder.load(builder.gep(ba_p, [k]))
+                return [
+                    _vector_fma(builder, vector, builder.load(at(a_p, builder.add(a_k, s)), align=align),
+                                builder.load(at(b_p, builder.add(b_k, s)), align=align), acc)
+                    for s, acc in zip(starts, sums)
+                ]
+
+            for s, res in zip(starts, _loop_with_sums(builder, ir.Constant(_I64, 0), n_v, first, step)):
                 builder.store(res, at(out_p, builder.add(o_v, s)), align=align)
             return context.get_dummy_value()
 
