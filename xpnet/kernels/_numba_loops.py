@@ -1102,6 +1102,12 @@ def _array_data(context, builder, array_type, array):
     return context.make_array(array_type)(context, builder, array).data
 
 
+def _operands(context, builder, signature, args):
+    """An intrinsic's arguments as its code uses them: an array's data pointer, a scalar itself."""
+    return [_array_data(context, builder, t, v) if isinstance(t, types.Array) else v
+            for t, v in zip(signature.args, args)]
+
+
 def _sparse_vector(context, array_type):
     element = context.get_data_type(array_type.dtype)
     return ir.VectorType(element, SPARSE_VECTOR_BYTES * 8 // array_type.dtype.bitwidth)
@@ -1179,14 +1185,11 @@ def _row_times_kernel(count):
             return None
 
         def codegen(context, builder, signature, args):
-            ind_t, val_t, tab_t, _, _, w_t, _, st_t, out_t, _, init_t = signature.args
-            ind, val, tab, lo_v, hi_v, w, width_v, st, out_v, o_v, init_v = args
+            ind_t, val_t, tab_t, w_t = (signature.args[k] for k in (0, 1, 2, 5))
+            ind_p, val_p, tab_p, lo_v, hi_v, w_p, width_v, st_p, out_p, o_v, init_p = _operands(
+                context, builder, signature, args)
             vector = _sparse_vector(context, w_t)
             align = w_t.dtype.bitwidth // 8
-            ind_p, val_p, tab_p, w_p, st_p, out_p, init_p = (
-                _array_data(context, builder, t, v) for t, v in
-                ((ind_t, ind), (val_t, val), (tab_t, tab), (w_t, w), (st_t, st), (out_t, out_v), (init_t, init_v))
-            )
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
             starts = [builder.load(builder.gep(st_p, [ir.Constant(_I64, m)])) for m in range(count)]
             first = [builder.load(at(init_p, s), align=align) for s in starts]
@@ -1216,14 +1219,11 @@ def _row_into_gradient(count):
             return None
 
         def codegen(context, builder, signature, args):
-            ind_t, val_t, tab_t, _, _, w_t, _, st_t, fi_t, dz_t, _ = signature.args
-            ind, val, tab, lo_v, hi_v, w, width_v, st, fi, dz_v, o_v = args
+            ind_t, val_t, tab_t, w_t = (signature.args[k] for k in (0, 1, 2, 5))
+            ind_p, val_p, tab_p, lo_v, hi_v, w_p, width_v, st_p, fi_p, dz_p, o_v = _operands(
+                context, builder, signature, args)
             vector = _sparse_vector(context, w_t)
             align = w_t.dtype.bitwidth // 8
-            ind_p, val_p, tab_p, w_p, st_p, fi_p, dz_p = (
-                _array_data(context, builder, t, v) for t, v in
-                ((ind_t, ind), (val_t, val), (tab_t, tab), (w_t, w), (st_t, st), (fi_t, fi), (dz_t, dz_v))
-            )
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
             lanes = ir.VectorType(_I64, vector.count)
             lane = ir.Constant(lanes, list(range(vector.count)))
@@ -1267,14 +1267,9 @@ def _pairs_dot(count):
             return None
 
         def codegen(context, builder, signature, args):
-            a_t, aa_t, b_t, ba_t, _, st_t, out_t, _, init_t, _ = signature.args
-            a_v, aa_v, b_v, ba_v, n_v, st_v, out_v, o_v, init_v, i_v = args
-            vector = _sparse_vector(context, a_t)
-            align = a_t.dtype.bitwidth // 8
-            a_p, aa_p, b_p, ba_p, st_p, out_p, init_p = (
-                _array_data(context, builder, t, v) for t, v in
-                ((a_t, a_v), (aa_t, aa_v), (b_t, b_v), (ba_t, ba_v), (st_t, st_v), (out_t, out_v), (init_t, init_v))
-            )
+            a_p, aa_p, b_p, ba_p, n_v, st_p, out_p, o_v, init_p, i_v = _operands(context, builder, signature, args)
+            vector = _sparse_vector(context, signature.args[0])
+            align = signature.args[0].dtype.bitwidth // 8
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
             starts = [builder.load(builder.gep(st_p, [ir.Constant(_I64, m)])) for m in range(count)]
             first = [builder.load(at(init_p, builder.add(i_v, s)), align=align) for s in starts]
