@@ -61,6 +61,11 @@ def test_sparse_rows_of_pixels_are_scaled_as_scale_pixels(numba_cpu, rng, dtype)
     np.testing.assert_array_equal(dense, scale_pixels(X, np.dtype(dtype)))
 
 
+def test_sparse_rows_take_their_own_dtype_or_bytes(numba_cpu, rng):
+    with pytest.raises(TypeError, match="float32 or uint8 data, got float64"):
+        _rows(np.zeros((2, 3)), np.float32)
+
+
 def test_sparse_rows_of_too_dense_data_are_none(numba_cpu, rng):
     X = _sparse(rng, (20, 10), np.float64, density=0.5)
     share = np.count_nonzero(X) / X.size

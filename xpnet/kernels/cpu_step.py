@@ -49,11 +49,12 @@ SPARSE_MAX_DENSITY = 0.3
 class SparseRows:
     """The rows of a 2-D NumPy array as a CSR matrix (``indptr``, ``indices``, ``values``).
 
-    ``of(X, dtype, ...)`` builds one, or gives None where ``X`` has too many nonzeros. The
-    values are ``X``'s own: bytes stay bytes, and stand for ``table[byte]`` (``dtype``'s
-    ``scale_pixels``), so MNIST's 9M nonzeros take 3 bytes each (a 16-bit column and the byte)
-    instead of 8: building it is mostly the page faults of new memory (~90 ms for 72 MB on the
-    2-core EPYC), and the rows a batch reads come from memory at random.
+    ``of(X, dtype, ...)`` builds one from ``X`` of ``dtype`` or uint8, or gives None where
+    ``X`` has too many nonzeros. The values are ``X``'s own: bytes stay bytes, and stand for
+    ``table[byte]`` (``dtype``'s ``scale_pixels``), so MNIST's 9M nonzeros take 3 bytes each (a
+    16-bit column and the byte) instead of 8: building it is mostly the page faults of new
+    memory (~40 ms on the 2-core EPYC, ~90 ms at 8 bytes), and a batch reads its rows from
+    memory at random.
     """
 
     def __init__(self, shape, indptr, indices, values, table):
@@ -61,6 +62,8 @@ class SparseRows:
 
     @classmethod
     def of(cls, X, dtype, parts: int = 1, max_density: float = 1.0):
+        if X.dtype not in (np.dtype(dtype), np.uint8):
+            raise TypeError(f"sparse rows of {np.dtype(dtype)} take {np.dtype(dtype)} or uint8 data, got {X.dtype}")
         loops = numba_cpu._get_loops()
         n, d = X.shape
         parts = max(1, min(parts, n))
