@@ -92,7 +92,7 @@ def _data(rng, shape, dtype, pixels):
 @pytest.mark.parametrize("pixels", [False, True], ids=["floats", "pixels"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_sparse_linear_equals_the_dense_product(loops, rng, dtype, pixels):
-    lanes = loops.sparse_vector_lanes(dtype)
+    lanes = loops.vector_lanes(dtype)
     for width in _widths(lanes):
         n_rows, fan_in = 45, 31
         X, Xf = _data(rng, (n_rows, fan_in), dtype, pixels)
@@ -119,7 +119,7 @@ def test_sparse_linear_equals_the_dense_product(loops, rng, dtype, pixels):
 @pytest.mark.parametrize("pixels", [False, True], ids=["floats", "pixels"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_sparse_linear_grad_equals_the_dense_product(loops, rng, dtype, pixels):
-    lanes = loops.sparse_vector_lanes(dtype)
+    lanes = loops.vector_lanes(dtype)
     for width in _widths(lanes):
         n_rows, fan_in = 40, 27
         X, Xf = _data(rng, (n_rows, fan_in), dtype, pixels)

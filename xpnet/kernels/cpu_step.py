@@ -31,8 +31,6 @@ below layers. tests/test_training.py checks a step against the reference step.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from . import numba_cpu
@@ -127,13 +125,13 @@ class CpuTrainingStep:
         self.db = [np.empty(w, dtype) for w in widths[1:]]
         self._rows = self._loops.block_rows(widths[-1])
         self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
+        from .split_step import OneBlasThread
         from .split_step import cores as usable_cores
 
         self._parts = max(1, int(cores)) if cores is not None else usable_cores()
         self._partials = np.empty((self._parts - 1, *self.dW[0].shape), dtype)
         self._sparse_source = self._sparse = None  # the data set last asked for, and its CSR rows
-        self._blas = self._blas_limit = None  # BLAS's thread control, and the limit in force
-        self._running = False
+        self._blas = OneBlasThread()
 
     # take_batch scales uint8 rows itself, so fit can keep a uint8 data set as it is (a quarter
     # of the memory, and no float copy of the whole set before the first step)
@@ -170,7 +168,7 @@ class CpuTrainingStep:
         if X is not self._sparse_source:
             self._sparse_source, self._sparse = X, None
             width = self.layers[0].W.shape[1]
-            if width >= self._loops.sparse_vector_lanes(self._x.dtype):
+            if width >= self._loops.vector_lanes(self._x.dtype):
                 self._sparse = SparseRows.of(X, self._x.dtype, self._parts, SPARSE_MAX_DENSITY)
         return self._sparse
 
@@ -192,33 +190,13 @@ class CpuTrainingStep:
     # The sparse kernels run on numba's threads, which spin a while after each loop; a BLAS
     # product on more than one thread meanwhile fights them for the cores: 784-256-128-10 took
     # 6.1-6.3 s an epoch instead of 0.40-0.41 on the 2-core EPYC. So while sparse steps run,
-    # BLAS runs on one thread (the later layers' products are small). ``fit`` holds that limit
-    # for the whole training (``running``); a step called outside it takes and gives back the
-    # limit per call, which costs ~20 us a step.
+    # BLAS runs on one thread (the later layers' products are small); ``fit`` holds that limit
+    # for the whole training (``running``), a step called outside it takes it per call.
 
-    @contextlib.contextmanager
     def running(self):
         """A context ``fit`` holds while it trains with this step: BLAS on one thread from the
         first sparse step on, given back at the end."""
-        self._running = True
-        try:
-            yield
-        finally:
-            self._running = False
-            self._release_blas()
-
-    def _limit_blas(self):
-        if self._blas_limit is None:
-            if self._blas is None:
-                from threadpoolctl import ThreadpoolController
-
-                self._blas = ThreadpoolController().select(user_api="blas")
-            self._blas_limit = self._blas.limit(limits=1)
-
-    def _release_blas(self):
-        if self._blas_limit is not None:
-            self._blas_limit.restore_original_limits()
-            self._blas_limit = None
+        return self._blas.held()
 
     def __call__(self, xb, yb):
         """Gradients of the mean cross-entropy on the batch ``(xb, yb)`` into ``dW``/``db``.
@@ -232,20 +210,19 @@ class CpuTrainingStep:
         sparse = isinstance(xb, _SparseBatch)
         if not sparse or self._parts == 1:  # no numba threads: nothing to keep BLAS's from
             return self._step(xb, yb, n, sparse)
-        self._limit_blas()
+        self._blas.take()
         try:
             return self._step(xb, yb, n, True)
         finally:
-            if not self._running:
-                self._release_blas()
+            self._blas.give_back()
 
     def _step(self, xb, yb, n, sparse):
         loops, layers = self._loops, self.layers
         h = xb
         outputs = []
-        for layer, z_buffer in zip(layers, self._z):
+        for i, (layer, z_buffer) in enumerate(zip(layers, self._z)):
             z = z_buffer[:n]
-            if h is xb and sparse:
+            if i == 0 and sparse:
                 rows, W, b = xb.rows, np.ascontiguousarray(layer.W), np.ascontiguousarray(layer.b)
                 args = (rows.indptr, rows.indices, rows.values, rows.table, xb.idx, W, b, z, layer.activation == "relu")
                 if self._parts > 1:

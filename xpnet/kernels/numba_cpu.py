@@ -565,8 +565,8 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
 
 # Every signature that training and the kernels compile, per float dtype, written as codes for
 # the arguments: x1-x4 a C-ordered float array of that many dimensions, a2 a 2-D float array of
-# any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, u2 uint8
-# pixels, i an integer, f a float, b a bool.
+# any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, q1 16-bit
+# column indices, u1 and u2 uint8 values and pixels, i an integer, f a float, b a bool.
 WARMUP_SIGNATURES = {
     ("softmax_serial", "softmax_parallel"): ["x2 x2 x1 i"],
     ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x2 x1 i"],

@@ -17,6 +17,7 @@ part run serially (``numba_cpu.serial_kernels``), since every core already has a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import queue
@@ -25,7 +26,7 @@ from concurrent.futures import Future
 
 from . import numba_cpu
 
-__all__ = ["SplitStep", "cores"]
+__all__ = ["SplitStep", "cores", "OneBlasThread"]
 
 #: Rows from which a part pays for its thread. Measured with LeNet-5 on the 2-core EPYC: two
 #: parts of 64 rows took 0.69x the time of one batch of 128 on OpenBLAS's two threads, two of 32
@@ -43,6 +44,39 @@ def cores() -> int:
     except AttributeError:  # macOS, Windows
         usable = os.cpu_count() or 1
     return max(1, min(usable, numba.config.NUMBA_NUM_THREADS))
+
+
+class OneBlasThread:
+    """BLAS on one thread while this process's own threads use the cores (BLAS's threads beside
+    them would fight them for the cores). ``take()`` limits it; ``give_back()`` restores it,
+    except inside ``held()``, which keeps any limit taken until it ends: a training loop pays
+    for it once instead of every step (~20 us a step)."""
+
+    def __init__(self):
+        self._blas = self._limit = None  # threadpoolctl's handle on the BLAS libraries, the limit
+        self._held = False
+
+    def take(self):
+        if self._limit is None:
+            if self._blas is None:
+                from threadpoolctl import ThreadpoolController
+
+                self._blas = ThreadpoolController().select(user_api="blas")
+            self._limit = self._blas.limit(limits=1)
+
+    def give_back(self):
+        if self._limit is not None and not self._held:
+            self._limit.restore_original_limits()
+            self._limit = None
+
+    @contextlib.contextmanager
+    def held(self):
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            self.give_back()
 
 
 class _Worker:
@@ -86,8 +120,6 @@ class SplitStep:
     takes_pixels = False
 
     def __init__(self, model, reference_step, parts: int):
-        from threadpoolctl import ThreadpoolController
-
         self.model = model
         self.parts = int(parts)
         self._replicas = [copy.copy(model) for _ in range(self.parts - 1)]
@@ -95,7 +127,7 @@ class SplitStep:
             replica.layers = [copy.copy(layer) for layer in model.layers]
         self._steps = [reference_step(m) for m in (model, *self._replicas)]
         self.take_batch = self._steps[0].take_batch
-        self._blas = ThreadpoolController()
+        self._blas = OneBlasThread()  # a part's products on its own core
         self._workers = _workers_for(self.parts - 1)
 
     def gradients(self):
@@ -117,13 +149,16 @@ class SplitStep:
             for layer, twin in zip(layers, replica.layers):
                 for name in layer.param_names:
                     setattr(twin, name, getattr(layer, name))
-        with self._blas.limit(limits=1, user_api="blas"):
+        self._blas.take()
+        try:
             futures = [worker.submit(self._part, k, xb[lo:hi, ...], yb[lo:hi])
                        for worker, (k, (lo, hi)) in zip(self._workers, enumerate(spans[1:], 1))]
             try:
                 first = self._part(0, xb[: spans[0][1], ...], yb[: spans[0][1]])
             finally:  # no part may still run when this call ends, even on an error
                 rest = [f.result() for f in futures]
+        finally:
+            self._blas.give_back()
         results = [first, *rest]
         weights = [(hi - lo) / n for lo, hi in spans]
         for i, layer in enumerate(layers):
