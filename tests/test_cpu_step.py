@@ -66,7 +66,10 @@ OPTIMIZER_SETTINGS = [
     ("sgd", {}),
     ("sgd", {"momentum": 0.9}),
     ("sgd", {"momentum": 0.8, "nesterov": True}),
+    ("sgd", {"momentum": 0.9, "weight_decay": 0.03}),
     ("adam", {"lr": 0.01}),
+    ("adam", {"lr": 0.01, "weight_decay": 0.03}),
+    ("adamw", {"lr": 0.01, "weight_decay": 0.3}),
 ]
 
 
@@ -81,15 +84,14 @@ def test_fused_update_equals_the_reference_update_bit_for_bit(name, settings_, d
     got = [rng.standard_normal(s).astype(dtype) for s in [(13, 17), (17,), (17, 5), (5,)]]
     want = [p.copy() for p in got]
     calls = []
-    loops = got_opt._loops_for(got, [np.empty_like(p) for p in got])
-    assert loops is not None  # the fused path really runs
+    assert got_opt._fused_for(got, [np.empty_like(p) for p in got]) is not None  # the fused path really runs
     for _ in range(3):  # state (velocity, moments, t) carries over between steps
         grads = [rng.standard_normal(p.shape).astype(dtype) for p in want]
         monkeypatch.setenv("XPNET_KERNELS", "xp")
         want_opt.step(want, [g.copy() for g in grads])
         monkeypatch.delenv("XPNET_KERNELS")
         got_opt.step(got, grads)
-        calls.append(got_opt._loops_for(got, grads) is not None)
+        calls.append(got_opt._fused_for(got, grads) is not None)
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and np.array_equal(g, w)
     assert all(calls)
@@ -105,25 +107,94 @@ def test_fused_update_steps_aside_where_it_does_not_apply(rng, monkeypatch):
     monkeypatch.delenv("XPNET_KERNELS", raising=False)
     params = [np.ones((3, 4)), np.ones(4)]
     grads = [rng.standard_normal(p.shape) for p in params]
-    assert SGD(0.1)._loops_for(params, grads) is not None
+    assert SGD(0.1)._fused_for(params, grads) is not None
 
     class MySGD(SGD):  # a new formula without a new kernel: the formula runs
         def _update(self, p, g, state):
             p -= 2 * self.lr * g
 
     mine = MySGD(0.1)
-    assert mine._loops_for(params, grads) is None
+    assert mine._fused_for(params, grads) is None
     mine.step(params, grads)
     np.testing.assert_array_equal(params[0], 1 - 2 * (0.1 * grads[0]))
     # a strided parameter, mixed dtypes, or XPNET_KERNELS=xp: the reference, with the same result
     strided = np.ones((3, 4))[:, ::2]
     g = rng.standard_normal((3, 2))
-    assert SGD(0.1)._loops_for([strided], [g]) is None
+    assert SGD(0.1)._fused_for([strided], [g]) is None
     SGD(0.1).step([strided], [g])
     np.testing.assert_array_equal(strided, 1 - 0.1 * g)
-    assert SGD(0.1)._loops_for([np.ones(3, np.float32)], [np.ones(3)]) is None
+    assert SGD(0.1)._fused_for([np.ones(3, np.float32)], [np.ones(3)]) is None
     monkeypatch.setenv("XPNET_KERNELS", "xp")
-    assert SGD(0.1)._loops_for(params, grads) is None
+    assert SGD(0.1)._fused_for(params, grads) is None
+
+
+def test_scikit_learn_estimators_fused_adam_is_its_reference_bit_for_bit(rng, monkeypatch):
+    """The estimator's Adam (L2 on kernels only, epsilon before the bias correction) through
+    the one-call kernel: the overridden decay and corrections reach it."""
+    pytest.importorskip("sklearn")
+    from xpnet.sklearn import _Adam
+
+    _skip_without_numba()
+    want_opt, got_opt = (_Adam(0.01, betas=(0.9, 0.999), eps=1e-8) for _ in range(2))
+    want_opt.penalty = got_opt.penalty = 0.05
+    got = [rng.standard_normal(s).astype(np.float32) for s in [(9, 6), (6,), (6, 3), (3,)]]
+    want = [p.copy() for p in got]
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(np.float32) * 1e-6 for p in want]
+        grads[0][0] = 0  # weights moved by the penalty alone: where the estimator's epsilon matters
+        monkeypatch.setenv("XPNET_KERNELS", "xp")
+        want_opt.step(want, [g.copy() for g in grads])
+        monkeypatch.delenv("XPNET_KERNELS")
+        got_opt.step(got, grads)
+        assert got_opt._fused_for(got, grads) is not None
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_fused_state_is_one_buffer_that_follows_replaced_arrays(name, rng, monkeypatch):
+    """The state dicts hold slices of one flat buffer; a state array set from outside (a loaded
+    checkpoint) is taken in, and replaced parameters are updated, never stale views of old ones."""
+    from xpnet.optim import make_optimizer
+
+    _skip_without_numba()
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    settings_ = {"momentum": 0.9} if name == "sgd" else {}
+    got_opt, want_opt = make_optimizer(name, lr=0.1, **settings_), make_optimizer(name, lr=0.1, **settings_)
+    got = [rng.standard_normal(s) for s in [(4, 3), (3,)]]
+    want = [p.copy() for p in got]
+    key = "v"
+    grads = [rng.standard_normal(p.shape) for p in got]
+    got_opt.step(got, grads)
+    want_opt.step(want, grads)
+    first = got_opt.state[0][key]
+    assert first.base is not None and first.base is got_opt.state[1][key].base  # one buffer
+    # a checkpoint's arrays replace the state; the parameters are replaced by copies
+    got_opt.state[0][key] = got_opt.state[0][key].copy() + 1
+    want_opt.state[0][key] = want_opt.state[0][key] + 1
+    got = [p.copy() for p in got]
+    grads = [rng.standard_normal(p.shape) for p in got]
+    got_opt.step(got, grads)
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    want_opt.step(want, grads)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert all(np.array_equal(g[key], w[key]) for g, w in zip(got_opt.state, want_opt.state))
+
+
+def test_an_optimizer_pickles_after_a_fused_step(rng):
+    import pickle
+
+    from xpnet.optim import Adam
+
+    _skip_without_numba()
+    opt = Adam(0.01)
+    params = [rng.standard_normal((3, 2)), rng.standard_normal(2)]
+    opt.step(params, [np.ones((3, 2)), np.ones(2)])
+    copy = pickle.loads(pickle.dumps(opt))
+    again = [p.copy() for p in params]
+    opt.step(params, [np.ones((3, 2)), np.ones(2)])
+    copy.step(again, [np.ones((3, 2)), np.ones(2)])
+    assert all(np.array_equal(a, b) for a, b in zip(params, again))
+    assert copy.state[0]["t"] == 2
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -5,9 +5,10 @@ same objects on the same device. Learning-rate schedules are per-epoch factors o
 
 Each optimizer owns its state (``state``: one dict of arrays per parameter, named by the class)
 and its hyperparameters, and applies its own update: the ``xp`` formula (the reference) or, for
-NumPy arrays, its fused Numba kernel (one in-place pass per parameter, the same formula in the
-same order and precision, bit for bit; ``XPNET_KERNELS=xp`` turns the kernels off). A new
-optimizer is one subclass: ``_update`` (and ``_fused_update`` if it has a kernel).
+NumPy arrays, its fused Numba kernel (one in-place pass over all the parameters in one call,
+the same formula in the same order and precision, bit for bit; ``XPNET_KERNELS=xp`` turns the
+kernels off). A new optimizer is one subclass: ``_update`` (and ``_fused_step`` if it has a
+kernel).
 """
 
 from __future__ import annotations
@@ -105,7 +106,10 @@ class Optimizer:
         self.weight_decay = _check_rate("weight_decay", weight_decay)
         self.schedule = make_schedule(schedule)
         self.state: list[dict] | None = None
-        self._fusable = ([], [])  # the arrays the last fused step took: the same objects need no check
+        self._fused = None  # the arrays the last fused step took: the same objects need no check
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fused": None}  # a cache of views and compiled kernels: made again
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         factor = self.schedule(epoch, epochs) if self.schedule else 1.0
@@ -126,13 +130,17 @@ class Optimizer:
     def step(self, params, grads) -> None:
         if self.state is None:
             self.state = [{} for _ in params]
-        loops = self._loops_for(params, grads)
+        fused = self._fused_for(params, grads)
+        if fused is not None:
+            self._fused_step(fused)
+            return
         for p, g, state in zip(params, grads, self.state):
-            g = self._decay(p, g)
-            if loops is None:
-                self._update(p, g, state)
-            else:
-                self._fused_update(loops, p, g, state)
+            rate, shrink = self._coupled_decay(p), self._decoupled_decay(p)
+            if rate:
+                g = g + rate * p
+            if shrink:
+                p *= 1 - shrink
+            self._update(p, g, state)
 
     #: the names of each parameter's state once it has taken a step
     state_keys: tuple = ()
@@ -191,27 +199,38 @@ class Optimizer:
                 raise ValueError(f"optimizer state for {self!r} lacks {', '.join(missing)}")
         self.state = entries
 
-    def _decay(self, p, g):
-        """The gradient with weight decay applied (coupled L2: ``g + weight_decay * p``)."""
-        return g + self.weight_decay * p if self.weight_decay else g
+    def _coupled_decay(self, p) -> float:
+        """The L2 rate added to ``p``'s gradient (``g + rate * p``; 0 = none)."""
+        return self.weight_decay
+
+    def _decoupled_decay(self, p) -> float:
+        """The share ``p`` shrinks by before the update (``p *= 1 - share``; 0 = none)."""
+        return 0.0
 
     def _update(self, p, g, state) -> None:
-        """The reference update of one parameter, against ``xp``."""
+        """The reference update of one parameter (its decay applied), against ``xp``."""
         raise NotImplementedError
 
-    _fused_update = None  # (loops, p, g, state) -> None: the same update as a Numba kernel
+    _fused_step = None  # (fused: _FusedParameters) -> None: every parameter's update in one kernel
 
-    def _loops_for(self, params, grads):
-        """The Numba loops where this optimizer has a fused kernel and every parameter and
-        gradient is a C-contiguous NumPy array of one float dtype; else ``None``."""
-        if self._fused_update is None or kernels.default_impl() not in ("auto", "numba"):
+    def _decays(self, fused, columns: int):
+        """``fused.coef`` with each parameter's ``(l2, keep)`` in its first two columns, for a
+        kernel that takes ``columns`` scalars per parameter."""
+        coef = fused.scalars(columns)
+        for i, p in enumerate(fused.params):
+            coef[i, 0], coef[i, 1] = self._coupled_decay(p), 1 - self._decoupled_decay(p)
+        return coef
+
+    def _fused_for(self, params, grads):
+        """The parameters and gradients as one fused kernel takes them, where this optimizer
+        has one and every parameter and gradient is a C-contiguous NumPy array of one float
+        dtype; else ``None``."""
+        if self._fused_step is None or kernels.default_impl() not in ("auto", "numba"):
             return None
-        if _defined_in(type(self), "_update") is not _defined_in(type(self), "_fused_update"):
+        if _defined_in(type(self), "_update") is not _defined_in(type(self), "_fused_step"):
             return None  # a subclass changed the formula but not the kernel: the formula wins
-        known_p, known_g = self._fusable
-        same = (len(params) == len(known_p) and all(map(operator.is_, params, known_p))
-                and len(grads) == len(known_g) and all(map(operator.is_, grads, known_g)))
-        if not same:
+        fused = self._fused
+        if fused is None or not fused.holds(params, grads):
             if not params or type(params[0]) is not np.ndarray or params[0].dtype not in (np.float32, np.float64):
                 return None
             dtype = params[0].dtype
@@ -221,9 +240,57 @@ class Optimizer:
                         return None
                 if g.shape != p.shape:
                     return None
-            self._fusable = (list(params), list(grads))
-        numba_cpu = kernels.kernel_module("numba")
-        return None if numba_cpu.unavailable() else numba_cpu._get_loops()
+            numba_cpu = kernels.kernel_module("numba")
+            if numba_cpu.unavailable():
+                return None
+            fused = self._fused = _FusedParameters(params, grads, numba_cpu._get_loops())
+        return fused
+
+
+class _FusedParameters:
+    """What one fused kernel call takes for a list of parameters and their gradients.
+
+    ``p``/``g``: tuples of their 1-D views (numba passes a tuple of arrays cheaply: one call
+    updates them all). ``state_buffer(state, key)``: one flat buffer whose consecutive slices
+    are every parameter's ``state[i][key]`` (the state dicts hold the slices, so ``state_dict``
+    and the reference step see the same arrays). ``scalars(columns)``: a reused
+    ``(parameters, columns)`` array for each parameter's scalars, in the parameters' dtype.
+    """
+
+    def __init__(self, params, grads, loops):
+        self.params, self.grads, self.loops = list(params), list(grads), loops
+        self.p = tuple(p.reshape(-1) for p in self.params)
+        self.g = tuple(g.reshape(-1) for g in self.grads)
+        self.dtype = self.params[0].dtype
+        self.offsets = np.cumsum([0] + [p.size for p in self.params]).tolist()
+        self.empty = np.empty(0, self.dtype)
+        self._coef = np.empty((len(self.params), 0), self.dtype)
+        self._buffers = {}  # key -> the flat buffer and the slices the state holds
+
+    def holds(self, params, grads) -> bool:
+        """Whether these are the very arrays this was made for (checked at every step: a model's
+        arrays may be replaced, and a view of a replaced array would update nothing)."""
+        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and len(grads) == len(self.grads) and all(map(operator.is_, grads, self.grads)))
+
+    def scalars(self, columns: int):
+        if self._coef.shape[1] != columns:
+            self._coef = np.empty((len(self.params), columns), self.dtype)
+        return self._coef
+
+    def state_buffer(self, state: list, key: str):
+        """The flat buffer behind every ``state[i][key]``: made (zeros, or a copy of the arrays
+        there, e.g. loaded from a checkpoint) where the state does not hold its slices yet."""
+        buffer, views = self._buffers.get(key, (None, ()))
+        if len(views) != len(state) or not all(map(operator.is_, (entry.get(key) for entry in state), views)):
+            buffer = np.zeros(self.offsets[-1], self.dtype)
+            views = [buffer[lo:hi].reshape(p.shape) for lo, hi, p in zip(self.offsets, self.offsets[1:], self.params)]
+            for entry, view in zip(state, views):
+                if key in entry:
+                    view[...] = entry[key]
+                entry[key] = view
+            self._buffers[key] = buffer, views
+        return buffer
 
 
 class SGD(Optimizer):
@@ -254,14 +321,11 @@ class SGD(Optimizer):
             g = g + self.momentum * v if self.nesterov else v
         p -= self.lr * g
 
-    def _fused_update(self, loops, p, g, state):
-        scalar = p.dtype.type
-        if not self.momentum:
-            loops.sgd_update(p, g, scalar(self.lr))
-            return
-        if "v" not in state:
-            state["v"] = np.zeros_like(p)
-        loops.sgd_momentum_update(p, g, state["v"], scalar(self.lr), scalar(self.momentum), self.nesterov)
+    def _fused_step(self, fused):
+        coef = self._decays(fused, 3)
+        coef[:, 2] = self.lr
+        v = fused.state_buffer(self.state, "v") if self.momentum else fused.empty
+        fused.loops.sgd_step(fused.p, fused.g, v, coef, fused.dtype.type(self.momentum), self.nesterov)
 
     def __repr__(self):
         return f"SGD(lr={self.base_lr}, momentum={self.momentum}, nesterov={self.nesterov})"
@@ -292,22 +356,29 @@ class Adam(Optimizer):
         state["t"] += 1
         return state["m"], state["v"], state["t"]
 
+    def _corrections(self, t: int):
+        """Step ``t``'s scalars: ``(lr / (1 - b1**t), 1 - b2**t, eps)``."""
+        return self.lr / (1 - self.beta1**t), 1 - self.beta2**t, self.eps
+
     def _update(self, p, g, state):
         m, v, t = self._moments(p, state)
         m *= self.beta1
         m += (1 - self.beta1) * g
         v *= self.beta2
         v += (1 - self.beta2) * (g * g)
-        step = self.lr / (1 - self.beta1**t)
-        p -= step * m / (namespace_of(p).sqrt(v / (1 - self.beta2**t)) + self.eps)
+        step, bias2, eps = self._corrections(t)
+        p -= step * m / (namespace_of(p).sqrt(v / bias2) + eps)
 
-    def _fused_update(self, loops, p, g, state):
-        m, v, t = self._moments(p, state)
-        b1, b2, scalar = self.beta1, self.beta2, p.dtype.type
-        loops.adam_update(
-            p, g, m, v, scalar(b1), scalar(1 - b1), scalar(b2), scalar(1 - b2),
-            scalar(self.lr / (1 - b1**t)), scalar(1 - b2**t), scalar(self.eps),
-        )
+    def _fused_step(self, fused):
+        m, v = fused.state_buffer(self.state, "m"), fused.state_buffer(self.state, "v")
+        coef, corrections = self._decays(fused, 5), {}
+        for i, entry in enumerate(self.state):
+            entry["t"] = t = entry.get("t", 0) + 1
+            if t not in corrections:
+                corrections[t] = self._corrections(t)
+            coef[i, 2:] = corrections[t]
+        b1, b2, scalar = self.beta1, self.beta2, fused.dtype.type
+        fused.loops.adam_step(fused.p, fused.g, m, v, coef, scalar(b1), scalar(1 - b1), scalar(b2), scalar(1 - b2))
 
     def __repr__(self):
         return f"{type(self).__name__}(lr={self.base_lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps})"
@@ -320,10 +391,11 @@ class AdamW(Adam):
     def __init__(self, lr=DEFAULT_LR["adamw"], *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, schedule=None):
         super().__init__(lr, betas=betas, eps=eps, weight_decay=weight_decay, schedule=schedule)
 
-    def _decay(self, p, g):
-        if self.weight_decay:
-            p *= 1 - self.lr * self.weight_decay
-        return g
+    def _coupled_decay(self, p):
+        return 0.0
+
+    def _decoupled_decay(self, p):
+        return self.lr * self.weight_decay
 
     def __repr__(self):
         return f"{super().__repr__()[:-1]}, weight_decay={self.weight_decay})"

@@ -48,8 +48,8 @@ class _KernelL2:
 
     penalty = 0.0
 
-    def _decay(self, p, g):
-        return g + self.penalty * p if self.penalty and p.ndim > 1 else g
+    def _coupled_decay(self, p):
+        return self.penalty if p.ndim > 1 else 0.0
 
 
 class _SGD(_KernelL2, SGD):
@@ -65,10 +65,9 @@ class _Adam(_KernelL2, Adam):
         super().__init__(lr, betas=betas, eps=eps)
         self.epsilon = self.eps
 
-    def _moments(self, p, state):
-        m, v, t = super()._moments(p, state)
-        self.eps = self.epsilon / math.sqrt(1 - self.beta2**t)
-        return m, v, t
+    def _corrections(self, t):
+        step, bias2, _ = super()._corrections(t)
+        return step, bias2, self.epsilon / math.sqrt(1 - self.beta2**t)
 
 
 class _EpochEnd(Callback):

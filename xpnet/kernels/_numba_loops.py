@@ -783,51 +783,73 @@ def take_pixel_batch(X, y, idx, raw, x_out, y_out):
         dst[k] = q + (u - q * c) * r
 
 
-# --- optimizer updates in place, one pass, no temporaries (used by ``cpu_step``) ---------------
+# --- optimizer updates in place, one pass, no temporaries (used by ``xpnet.optim``) ----------
 # The formulas are ``xpnet.optim``'s, operation by operation in the same order and precision,
 # and compiled without fastmath: no fused multiply-add, so each intermediate rounds as NumPy's
 # ``p -= lr * g`` does and the result is bit for bit the reference update (tests check it).
 # Scalars come in already in the parameters' dtype, as NumPy casts a Python float operand.
+# One call updates every parameter: ``ps``/``gs`` are tuples of their 1-D views, the state
+# arrays are flat buffers holding each parameter's state one after the other, and ``coef[i]``
+# holds parameter ``i``'s scalars, starting with the weight decay: ``l2`` (coupled, added to
+# the gradient; 0 = none) and ``keep`` (decoupled, ``p *= keep`` first; 1 = none).
 
 _EXACT = dict(cache=True, nogil=True, error_model="numpy")
 
 
 @njit(**_EXACT)
-def sgd_update(p, g, lr):
-    """``p -= lr * g`` (plain SGD)."""
-    pf, gf = p.reshape(-1), g.reshape(-1)
-    for k in range(pf.shape[0]):
-        pf[k] -= lr * gf[k]
+def _decayed(p, g, k, l2, keep):
+    """Element ``k``'s gradient with the coupled decay, and its parameter with the decoupled one."""
+    gk, pk = g[k], p[k]
+    if l2 != 0:
+        gk = gk + l2 * pk
+    if keep != 1:
+        pk = pk * keep
+    return gk, pk
 
 
 @njit(**_EXACT)
-def sgd_momentum_update(p, g, v, lr, momentum, nesterov):
-    """``v = momentum * v + g``; ``p -= lr * (g + momentum * v if nesterov else v)``."""
-    pf, gf, vf = p.reshape(-1), g.reshape(-1), v.reshape(-1)
-    for k in range(pf.shape[0]):
-        vk = vf[k] * momentum
-        vk += gf[k]
-        vf[k] = vk
-        if nesterov:
-            pf[k] -= lr * (gf[k] + momentum * vk)
-        else:
-            pf[k] -= lr * vk
+def sgd_step(ps, gs, v, coef, momentum, nesterov):
+    """``coef[i] = (l2, keep, lr)``. Without momentum (``v`` empty) ``p -= lr * g``; with it
+    ``v = momentum * v + g`` and ``p -= lr * (g + momentum * v if nesterov else v)``."""
+    at = 0
+    for i in range(len(ps)):
+        p, g = ps[i], gs[i]
+        l2, keep, lr = coef[i, 0], coef[i, 1], coef[i, 2]
+        if v.shape[0] == 0:
+            for k in range(p.shape[0]):
+                gk, pk = _decayed(p, g, k, l2, keep)
+                p[k] = pk - lr * gk
+            continue
+        vf = v[at:at + p.shape[0]]
+        for k in range(p.shape[0]):
+            gk, pk = _decayed(p, g, k, l2, keep)
+            vk = vf[k] * momentum
+            vk += gk
+            vf[k] = vk
+            p[k] = pk - lr * (gk + momentum * vk if nesterov else vk)
+        at += p.shape[0]
 
 
 @njit(**_EXACT)
-def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step, bias2, eps):
-    """``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g**2``, ``p -= step m / (sqrt(v / bias2) + eps)``
-    with ``step = lr / (1 - b1**t)`` and ``bias2 = 1 - b2**t``."""
-    pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
-    for k in range(pf.shape[0]):
-        gk = gf[k]
-        mk = mf[k] * beta1
-        mk += one_minus_beta1 * gk
-        mf[k] = mk
-        vk = vf[k] * beta2
-        vk += one_minus_beta2 * (gk * gk)
-        vf[k] = vk
-        pf[k] -= step * mk / (np.sqrt(vk / bias2) + eps)
+def adam_step(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """``coef[i] = (l2, keep, step, bias2, eps)``: ``m = b1 m + (1 - b1) g``,
+    ``v = b2 v + (1 - b2) g**2``, ``p -= step m / (sqrt(v / bias2) + eps)`` with
+    ``step = lr / (1 - b1**t)`` and ``bias2 = 1 - b2**t``."""
+    at = 0
+    for i in range(len(ps)):
+        p, g = ps[i], gs[i]
+        l2, keep, step, bias2, eps = coef[i, 0], coef[i, 1], coef[i, 2], coef[i, 3], coef[i, 4]
+        mf, vf = m[at:at + p.shape[0]], v[at:at + p.shape[0]]
+        for k in range(p.shape[0]):
+            gk, pk = _decayed(p, g, k, l2, keep)
+            mk = mf[k] * beta1
+            mk += one_minus_beta1 * gk
+            mf[k] = mk
+            vk = vf[k] * beta2
+            vk += one_minus_beta2 * (gk * gk)
+            vf[k] = vk
+            p[k] = pk - step * mk / (np.sqrt(vk / bias2) + eps)
+        at += p.shape[0]
 
 
 # --- convolution and pooling: channels-last images (N, H, W, C), C-contiguous ------------------

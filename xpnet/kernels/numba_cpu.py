@@ -566,7 +566,8 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
 # Every signature that training and the kernels compile, per float dtype, written as codes for
 # the arguments: x1-x4 a C-ordered float array of that many dimensions, a2 a 2-D float array of
 # any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, q1 16-bit
-# column indices, u1 and u2 uint8 values and pixels, i an integer, f a float, b a bool.
+# column indices, u1 and u2 uint8 values and pixels, t2-t10 a tuple of that many x1 (the
+# parameters an optimizer updates in one call), i an integer, f a float, b a bool.
 WARMUP_SIGNATURES = {
     ("softmax_serial", "softmax_parallel"): ["x2 x2 x1 i"],
     ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x2 x1 i"],
@@ -586,10 +587,9 @@ WARMUP_SIGNATURES = {
     ("sparse_linear_serial",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b" for v in ("x1", "u1")],
     ("sparse_linear_parallel",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b i" for v in ("x1", "u1")],
     ("sparse_linear_grad_serial", "sparse_linear_grad_parallel"): [f"i1 q1 {v} x1 i1 x2 x2 x3" for v in ("x1", "u1")],
-    # the optimizers' updates of Dense kernels, biases and Conv2D kernels
-    ("sgd_update",): ["x2 x2 f", "x1 x1 f", "x4 x4 f"],
-    ("sgd_momentum_update",): ["x2 x2 x2 f f b", "x1 x1 x1 f f b", "x4 x4 x4 f f b"],
-    ("adam_update",): [f"{p} {p} {p} {p} f f f f f f f" for p in ("x2", "x1", "x4")],
+    # the optimizers' updates, for models of 1-5 layers with parameters (LeNet-5: 10 arrays)
+    ("sgd_step",): [f"t{k} t{k} x1 x2 f b" for k in range(2, 11, 2)],
+    ("adam_step",): [f"t{k} t{k} x1 x1 x2 f f f f" for k in range(2, 11, 2)],
     # convolution and pooling
     ("im2col",): ["x4 i i i i i i i i x2"],
     ("col2im",): ["x2 i i i i i i i i x4"],
@@ -607,6 +607,7 @@ def _argument_types(dtype, label_dtype) -> dict:
 
     f = from_dtype(dtype)
     codes = {f"x{n}": types.Array(f, n, "C") for n in (1, 2, 3, 4)}
+    codes.update({f"t{n}": types.UniTuple(codes["x1"], n) for n in range(2, 11, 2)})
     codes.update(a2=types.Array(f, 2, "A"), l1=types.Array(from_dtype(label_dtype), 1, "C"),
                  i1=types.Array(types.int64, 1, "C"), q1=types.Array(types.uint16, 1, "C"),
                  u1=types.Array(types.uint8, 1, "C"), u2=types.Array(types.uint8, 2, "C"),
