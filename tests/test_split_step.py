@@ -71,6 +71,32 @@ def test_fit_with_the_split_step_trains_as_the_reference_does(split_step, rng, m
         np.testing.assert_allclose(models["auto", "history"][key], models["xp", "history"][key], rtol=1e-9)
 
 
+@pytest.mark.parametrize("kernels", ["auto", "xp"])
+def test_uint8_images_train_as_the_same_images_scaled_up_front(split_step, rng, monkeypatch, kernels):
+    """fit keeps uint8 images as they are and the (split or reference) step scales each batch:
+    the same weights, bit for bit, as training on the scaled floats, shuffled or in order, with
+    a validation split taken from the pixels."""
+    monkeypatch.setenv("XPNET_KERNELS", kernels)
+    pixels = rng.integers(0, 256, size=(130, 9, 9, 2), dtype=np.uint8)
+    y = rng.integers(0, 5, 130)
+    floats = xpnet.functional.scale_pixels(pixels, np.dtype(np.float64))
+    for shuffle in (True, False):
+        got, want = small_cnn(seed=1), small_cnn(seed=1)
+        steps = []
+        monkeypatch.setattr(training, "_training_step", lambda *a, original=training._training_step, **k: (
+            steps.append(original(*a, **k)) or steps[-1]))
+        got_history = got.fit(pixels, y, epochs=2, batch_size=64, optimizer="adam", lr=1e-2, verbose=0,
+                              shuffle=shuffle, validation_split=0.2).history
+        want_history = want.fit(floats, y, epochs=2, batch_size=64, optimizer="adam", lr=1e-2, verbose=0,
+                                shuffle=shuffle, validation_split=0.2).history
+        assert steps[0].takes_pixels and type(steps[0]) is type(steps[1])
+        assert (type(steps[0]) is split_step.SplitStep) == (kernels == "auto")
+        for g, w in zip(got.get_weights(), want.get_weights(), strict=True):
+            np.testing.assert_array_equal(g, w)
+        got_history.pop("seconds"), want_history.pop("seconds")
+        assert got_history == want_history
+
+
 def test_fit_takes_the_split_step_where_it_applies(split_step, rng, monkeypatch):
     taken = []
     monkeypatch.setattr(split_step.SplitStep, "__call__",

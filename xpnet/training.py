@@ -89,15 +89,23 @@ class ReferenceStep:
         self.model = model
         self.xp = model.backend.xp
 
-    takes_pixels = False  # fit scales uint8 data once, up front, for this step
+    # fit keeps uint8 images as they are (on the CPU) and take_batch scales each batch: no float
+    # copy of the whole set (MNIST's is 188 MB, ~0.3 s of page faults and scaling before the
+    # first step of a LeNet-5 epoch on the 2-core EPYC)
+    takes_pixels = True
 
     def running(self):
         """A context ``fit`` holds while it trains with this step (nothing, here)."""
         return contextlib.nullcontext()
 
     def take_batch(self, X, y, idx):
-        """The mini-batch ``(X[idx], y[idx])``."""
-        return self.xp.take(X, idx, axis=0), self.xp.take(y, idx, axis=0)
+        """The mini-batch ``(X[idx], y[idx])``; rows of kept uint8 pixels (``fit``'s
+        ``keep_pixels``: (N, features)) come scaled, in the model's input shape."""
+        xb, yb = self.xp.take(X, idx, axis=0), self.xp.take(y, idx, axis=0)
+        if xb.dtype == np.uint8:
+            model = self.model
+            xb = F.scale_pixels(xb.reshape(xb.shape[0], *model._input_shape), np.dtype(model.dtype))
+        return xb, yb
 
     def gradients(self):
         """The gradients the last call left, in ``model.parameters()`` order."""

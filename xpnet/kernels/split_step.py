@@ -117,7 +117,7 @@ class SplitStep:
     """``ReferenceStep``'s interface (``take_batch``, ``__call__``, ``gradients``) over ``parts``
     row slices of each batch, run at once."""
 
-    takes_pixels = False
+    takes_pixels = True  # as the reference step's take_batch, which it uses
 
     def __init__(self, model, reference_step, parts: int):
         self.model = model
