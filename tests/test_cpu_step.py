@@ -208,7 +208,7 @@ def test_cpu_take_batch_equals_np_take(n, dtype, rng):
     y = rng.integers(0, 2, 50)
     step = training_step_for(xpnet.MLP([13, 4, 2], dtype=dtype, seed=0).layers, 32)
     idx = rng.integers(-3, 53, n)  # out-of-range indices clip, as np.take(mode="clip")
-    step._x.fill(np.nan)
+    step._input_buffer("x", np.dtype(dtype)).fill(np.nan)  # poison
     step._y.fill(-1)
     xb, yb = step.take_batch(X, y, idx)
     assert xb.shape == (n, 13) and yb.shape == (n,)
@@ -230,7 +230,7 @@ def test_cpu_take_batch_scales_every_byte_as_scale_pixels(dtype, rng):
     step = training_step_for(xpnet.MLP([7, 4, 2], dtype=dtype, seed=0).layers, 256)
     assert step.takes_pixels
     idx = rng.permutation(256)
-    step._x.fill(np.nan)
+    step._input_buffer("x", np.dtype(dtype)).fill(np.nan)  # poison
     xb, yb = step.take_batch(X, y, idx)
     want = F.scale_pixels(X[idx], np.dtype(dtype))
     assert xb.dtype == want.dtype == np.dtype(dtype)

@@ -12,11 +12,13 @@ import numpy as np
 from . import functional as F
 from .backend import array_library, get_backend
 from .layers import INITS, LAYERS, Dense, Layer, check_activation
+from .sparse import SparseRows, is_scipy_sparse
 
 __all__ = ["Sequential", "MLP", "load", "MODELS"]
 
 _DTYPES = ("float32", "float64")
 _PREDICT_CHUNK = 8192  # rows per forward pass when predicting: bounds the memory of big inputs
+_SPARSE_CHUNK_BYTES = 16 << 20  # the most of a sparse input made dense at once for inference
 
 
 def _dtype_name(dtype) -> str:
@@ -232,6 +234,8 @@ class Sequential:
         kept as a C-contiguous (N, n_features) uint8 array for a training step that scales each batch.
         """
         self._require_built()
+        if isinstance(X, SparseRows) or is_scipy_sparse(X):
+            return self._prepare_sparse_X(X)
         on_device = self.backend.name == "cuda" and self.backend.owns(X)
         arr = X if on_device else self._host_array(X, "X")
         if arr.ndim < 2:
@@ -270,6 +274,23 @@ class Sequential:
         else:
             raise TypeError(f"X must hold numbers (uint8 or float), got dtype {host.dtype}")
         return self._to_device(np.ascontiguousarray(out))
+
+    def _prepare_sparse_X(self, X):
+        """A scipy sparse ``X`` (rows of ``n_features`` values, flat) as ``SparseRows`` of the
+        model's dtype on the CPU, whose batches are made dense one at a time; made dense whole
+        for the CUDA backend (its steps take device arrays)."""
+        if not isinstance(X, SparseRows):
+            if len(X.shape) != 2 or X.shape[0] == 0:
+                raise ValueError(f"sparse X must have shape (N, {self.n_features}) with N >= 1, got {tuple(X.shape)}")
+            if X.shape[1] != self.n_features:
+                raise ValueError(
+                    f"X has {X.shape[1]} features per row (shape {tuple(X.shape)}), but the model expects "
+                    f"{self.n_features}"
+                )
+            X = SparseRows.from_scipy(X, np.dtype(self.dtype), self._input_shape)
+        if self.backend.name != "cpu":
+            return self._to_device(X.dense())
+        return X
 
     def _prepare_device_X(self, X):
         xp = self.backend.xp
@@ -328,12 +349,16 @@ class Sequential:
 
     # -- inference ----------------------------------------------------------------------------
 
-    def _chunks(self, n):
-        return [(lo, min(lo + _PREDICT_CHUNK, n)) for lo in range(0, n, _PREDICT_CHUNK)]
+    def _chunks(self, X):
+        n, rows = int(X.shape[0]), _PREDICT_CHUNK
+        if isinstance(X, SparseRows):  # each chunk is made dense: at most _SPARSE_CHUNK_BYTES of it
+            rows = max(1, min(rows, _SPARSE_CHUNK_BYTES // (X.shape[1] * X.dtype.itemsize)))
+        return [(lo, min(lo + rows, n)) for lo in range(0, n, rows)]
 
     def _logits_chunks(self, X):
-        for lo, hi in self._chunks(int(X.shape[0])):
-            yield self.forward(X[lo:hi, ...])
+        for lo, hi in self._chunks(X):
+            rows = X[lo:hi, ...]
+            yield self.forward(rows.dense() if isinstance(rows, SparseRows) else rows)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, shape (N, n_classes), as a NumPy array."""
@@ -357,7 +382,7 @@ class Sequential:
         xp = self.backend.xp
         loss = xp.zeros((), dtype=xp.float64)
         correct = xp.zeros((), dtype=xp.int64)
-        for (lo, hi), z in zip(self._chunks(int(X.shape[0])), self._logits_chunks(X)):
+        for (lo, hi), z in zip(self._chunks(X), self._logits_chunks(X)):
             yb = y[lo:hi]
             loss += xp.astype(F.cross_entropy(z, yb, reduction="sum"), xp.float64)
             correct += xp.sum(xp.astype(xp.argmax(z, axis=1) == yb, xp.int64))

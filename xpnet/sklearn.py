@@ -19,7 +19,6 @@ import types
 import warnings
 
 import numpy as np
-import scipy.sparse
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
@@ -165,7 +164,7 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
     # -- training -------------------------------------------------------------------------------
 
     def _validate_X(self, X, *, reset):
-        return _dense(validate_data(self, X, reset=reset, **_CHECK_X))
+        return validate_data(self, X, reset=reset, **_CHECK_X)
 
     def _fit(self, X, y, *, incremental):
         if self.solver == "lbfgs":
@@ -174,7 +173,6 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
             )
         first_pass = not hasattr(self, "model_") or not (self.warm_start or incremental)
         X, y = validate_data(self, X, y, reset=first_pass, **_CHECK_X)
-        X = _dense(X)
         check_classification_targets(y)
         if first_pass and not incremental:
             self.classes_ = unique_labels(y)
@@ -300,12 +298,8 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
         return self._stopped
 
 
+# sparse matrices stay sparse: the model takes them as they are (``xpnet.sparse``)
 _CHECK_X = {"accept_sparse": ["csr", "csc"], "dtype": (np.float32, np.float64)}
-
-
-def _dense(X):
-    """Sparse matrices densified: the network takes dense rows."""
-    return X.toarray() if scipy.sparse.issparse(X) else X
 
 
 def _seed(random_state) -> int:

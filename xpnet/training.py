@@ -30,6 +30,7 @@ from .distributed import GradientSum, shard
 from .distributed import for_fit as distributed_for_fit
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, _Seeded
 from .optim import make_optimizer
+from .sparse import SparseRows
 
 __all__ = [
     "fit", "relu_mlp", "training_step_for", "split_step_for", "ReferenceStep", "ROW_WISE_LAYERS",
@@ -101,7 +102,10 @@ class ReferenceStep:
     def take_batch(self, X, y, idx):
         """The mini-batch ``(X[idx], y[idx])``; rows of kept uint8 pixels (``fit``'s
         ``keep_pixels``: (N, features)) come scaled, in the model's input shape."""
-        xb, yb = self.xp.take(X, idx, axis=0), self.xp.take(y, idx, axis=0)
+        yb = self.xp.take(y, idx, axis=0)
+        if isinstance(X, SparseRows):  # a scipy sparse data set (CPU only): one dense batch
+            return X.take(idx), yb
+        xb = self.xp.take(X, idx, axis=0)
         if xb.dtype == np.uint8:
             model = self.model
             xb = F.scale_pixels(xb.reshape(xb.shape[0], *model._input_shape), np.dtype(model.dtype))
@@ -333,8 +337,9 @@ def fit(
         }
         if comm is not None:
             settings["ranks"] = comm.size
-        # batches of kept uint8 pixels must go through take_batch, which scales them, even in order
-        in_sequence = np.arange(n) if isinstance(X, np.ndarray) and X.dtype == np.uint8 else None
+        # on the CPU batches go through take_batch even in order: it scales kept uint8 pixels,
+        # makes sparse rows dense, or hands the fast step's sparse first layer its rows
+        in_sequence = np.arange(n) if isinstance(X, (np.ndarray, SparseRows)) else None
         model.stop_training = False
         begun = []  # the callbacks whose run has started, and so must be told it ended
         running = contextlib.ExitStack()  # what the step holds while it trains (step.running())

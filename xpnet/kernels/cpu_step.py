@@ -16,8 +16,8 @@ dispatch per op, separate passes for ``db = dz.sum(0)`` and for the accuracy cou
 
 Where most of the training inputs are zero (at most ``SPARSE_MAX_DENSITY`` of them nonzero, as
 the 19% of MNIST's pixels) the first layer skips them: ``take_batch`` hands over the batch's
-row numbers into a CSR copy of the data set (``SparseRows``, built once per data set) instead
-of gathering dense rows, and the first layer's product and its kernel's gradient run over the
+row numbers into a CSR copy of the data set (``SparseRows``, built once per data set; a scipy
+sparse data set comes as one) instead of gathering dense rows, and the first layer's product and its kernel's gradient run over the
 nonzeros alone, split across the cores (``_numba_loops.sparse_linear_*``). A zero input then
 adds nothing to a unit, even against a weight that is not finite (where the dense product
 would give NaN).
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..sparse import SparseRows
 from . import numba_cpu
 
 __all__ = ["CpuTrainingStep", "SparseRows", "SPARSE_MAX_DENSITY"]
@@ -42,46 +43,6 @@ __all__ = ["CpuTrainingStep", "SparseRows", "SPARSE_MAX_DENSITY"]
 #: step (batch 200, Adam) on the 2-core AMD EPYC took 0.69x the dense step's time on MNIST (19%
 #: nonzero), 0.96x on 30% nonzero, 1.12x on 45% (``python bench/sparse_layer_density.py``).
 SPARSE_MAX_DENSITY = 0.3
-
-
-class SparseRows:
-    """The rows of a 2-D NumPy array as a CSR matrix (``indptr``, ``indices``, ``values``).
-
-    ``of(X, dtype, ...)`` builds one from ``X`` of ``dtype`` or uint8, or gives None where
-    ``X`` has too many nonzeros. The values are ``X``'s own: bytes stay bytes, and stand for
-    ``table[byte]`` (``dtype``'s ``scale_pixels``), so MNIST's 9M nonzeros take 3 bytes each (a
-    16-bit column and the byte) instead of 8: building it is mostly the page faults of new
-    memory (~40 ms on the 2-core EPYC, ~90 ms at 8 bytes), and a batch reads its rows from
-    memory at random.
-    """
-
-    def __init__(self, shape, indptr, indices, values, table):
-        self.shape, self.indptr, self.indices, self.values, self.table = shape, indptr, indices, values, table
-
-    @classmethod
-    def of(cls, X, dtype, parts: int = 1, max_density: float = 1.0):
-        if X.dtype not in (np.dtype(dtype), np.uint8):
-            raise TypeError(f"sparse rows of {np.dtype(dtype)} take {np.dtype(dtype)} or uint8 data, got {X.dtype}")
-        loops = numba_cpu._get_loops()
-        n, d = X.shape
-        parts = max(1, min(parts, n))
-        counts = np.empty(n, np.int64)
-        loops.csr_row_counts(X, counts, parts)
-        indptr = np.zeros(n + 1, np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        nnz = int(indptr[-1])
-        if nnz > max_density * X.size:
-            return None
-        if X.dtype == np.uint8:
-            from ..functional import scale_pixels
-
-            table = scale_pixels(np.arange(256, dtype=np.uint8), np.dtype(dtype))
-        else:
-            table = np.empty(0, dtype)
-        indices = np.empty(nnz, np.uint16 if d <= 1 << 16 else np.int32)
-        values = np.empty(nnz, X.dtype)
-        loops.csr_fill(X, indptr, indices, values, parts)
-        return cls(X.shape, indptr, indices, values, table)
 
 
 class _SparseBatch:
@@ -116,9 +77,9 @@ class CpuTrainingStep:
         dtype = self.layers[0].W.dtype
         widths = [int(self.layers[0].W.shape[0])] + [int(layer.W.shape[1]) for layer in self.layers]
         n = self.batch_size
-        self._x = np.empty((n, widths[0]), dtype)
+        self._dtype, self._fan_in = dtype, widths[0]
+        self._inputs = {}  # dense batches of inputs, made on first use (sparse data needs none)
         self._y = np.empty(n, np.int64)
-        self._raw = np.empty((n, widths[0]), np.uint8)  # uint8 rows before scaling
         self._z = [np.empty((n, w), dtype) for w in widths[1:]]  # each layer's output
         self._dz = [np.empty((n, w), dtype) for w in widths[1:]]  # dL/d(pre-activation)
         self.dW = [np.empty((a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
@@ -140,18 +101,27 @@ class CpuTrainingStep:
     def take_batch(self, X, y, idx):
         """``(X[idx], y[idx])`` gathered into the step's buffers by one kernel (valid indices,
         e.g. a slice of a permutation; out-of-range ones clip as ``np.take(mode="clip")``).
-        uint8 ``X`` is scaled as ``xpnet.functional.scale_pixels`` does."""
+        uint8 ``X`` is scaled as ``xpnet.functional.scale_pixels`` does. ``X`` may be
+        ``SparseRows`` (a scipy sparse data set): its rows go to the sparse first layer as
+        they are, or dense where that layer runs dense."""
         n = idx.shape[0]
-        xb, yb = self._x[:n], self._y[:n]
+        yb = self._y[:n]
+        if isinstance(X, SparseRows):
+            idx = np.ascontiguousarray(idx, np.int64)
+            yb = np.take(y, idx, out=yb, mode="clip")
+            if self._sparse_fits(X) and X.values.dtype in (self._dtype, np.uint8):
+                return _SparseBatch(X, idx), yb
+            return X.take(idx, out=self._input_buffer("x", self._dtype)[:n]), yb
         if self._gatherable(X, y, idx):
             rows = self._sparse_rows(X)
             if rows is not None:
                 return _SparseBatch(rows, idx), np.take(y, idx, out=yb, mode="clip")
-            if X.dtype == xb.dtype:
+            xb = self._input_buffer("x", self._dtype)[:n]
+            if X.dtype == self._dtype:
                 self._loops.take_batch(X, y, idx, xb, yb)
                 return xb, yb
-            if X.dtype == np.uint8:
-                self._loops.take_pixel_batch(X, y, idx, self._raw[:n], xb, yb)
+            if X.dtype == np.uint8:  # the bytes gathered, then scaled
+                self._loops.take_pixel_batch(X, y, idx, self._input_buffer("raw", np.uint8)[:n], xb, yb)
                 return xb, yb
         # anything else: np.take (mode="clip" is what makes out= fast: with "raise" NumPy
         # gathers into a temporary first, 170 us against 14 us for 128 MNIST rows)
@@ -159,24 +129,37 @@ class CpuTrainingStep:
         if X.dtype == np.uint8:
             from ..functional import scale_pixels
 
-            return scale_pixels(np.take(X, idx, axis=0, mode="clip"), xb.dtype), yb
-        return np.take(X, idx, axis=0, out=xb, mode="clip"), yb
+            return scale_pixels(np.take(X, idx, axis=0, mode="clip"), self._dtype), yb
+        return np.take(X, idx, axis=0, out=self._input_buffer("x", self._dtype)[:n], mode="clip"), yb
+
+    def _input_buffer(self, name, dtype):
+        """The step's buffer ``name`` for a batch of dense inputs, made on first use."""
+        buffer = self._inputs.get(name)
+        if buffer is None:
+            buffer = self._inputs[name] = np.empty((self.batch_size, self._fan_in), dtype)
+        return buffer
 
     def _sparse_rows(self, X):
         """``X`` as ``SparseRows`` (built on the first call for this array), or None where the
         first layer runs dense: too many nonzeros, or a layer narrower than one vector."""
         if X is not self._sparse_source:
             self._sparse_source, self._sparse = X, None
-            width = self.layers[0].W.shape[1]
-            if width >= self._loops.vector_lanes(self._x.dtype):
-                self._sparse = SparseRows.of(X, self._x.dtype, self._parts, SPARSE_MAX_DENSITY)
+            if self.layers[0].W.shape[1] >= self._loops.vector_lanes(self._dtype):
+                self._sparse = SparseRows.of(X, self._dtype, self._parts, SPARSE_MAX_DENSITY)
         return self._sparse
+
+    def _sparse_fits(self, rows: SparseRows) -> bool:
+        """Whether the first layer runs over the nonzeros of ``rows`` (given sparse): as for
+        dense data, where it is at least one vector wide and at most ``SPARSE_MAX_DENSITY`` of
+        the values are nonzero."""
+        return (self.layers[0].W.shape[1] >= self._loops.vector_lanes(self._dtype)
+                and rows.nnz <= SPARSE_MAX_DENSITY * rows.shape[0] * rows.shape[1])
 
     def _gatherable(self, X, y, idx):
         """Whether the gather kernels take these arrays (else ``np.take`` runs)."""
         return (
             type(X) is np.ndarray and X.ndim == 2 and X.flags.c_contiguous
-            and X.shape[1] == self._x.shape[1] and X.dtype in (self._x.dtype, np.uint8)
+            and X.shape[1] == self._fan_in and X.dtype in (self._dtype, np.uint8)
             and type(y) is np.ndarray and y.dtype == np.int64 and y.shape == X.shape[:1]
             and y.flags.c_contiguous and type(idx) is np.ndarray and idx.dtype == np.int64
             and idx.ndim == 1 and idx.flags.c_contiguous

@@ -1,0 +1,161 @@
+"""scipy sparse data sets given to ``fit``, ``predict`` and ``evaluate`` (``xpnet.sparse``): the
+same results as the same data dense, on every training step, and the whole set never made dense."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten
+from xpnet.sparse import SparseRows
+
+sp = pytest.importorskip("scipy.sparse")
+
+
+def _data(rng, n, d, density, dtype=np.float32, classes=3):
+    values = rng.uniform(0.05, 1.0, (n, d)) * rng.choice([-1.0, 1.0], (n, d))
+    X = np.where(rng.random((n, d)) < density, values, 0.0).astype(dtype)
+    return X, rng.integers(0, classes, n)
+
+
+def _fit_both(make, X, y, monkeypatch, kernels="auto", **settings):
+    """The same model trained on ``X`` dense and as CSR (of its rows flattened): (dense model,
+    sparse model, histories)."""
+    monkeypatch.setenv("XPNET_KERNELS", kernels)
+    settings = dict(epochs=2, batch_size=32, optimizer="adam", lr=1e-2, verbose=0) | settings
+    dense, sparse = make(), make()
+    dense_history = dense.fit(X, y, **settings).history
+    sparse_history = sparse.fit(sp.csr_matrix(X.reshape(len(X), -1)), y, **settings).history
+    for history in (dense_history, sparse_history):
+        history.pop("seconds")
+    return dense, sparse, dense_history, sparse_history
+
+
+@pytest.mark.parametrize(
+    "widths, density, kernels",
+    [
+        ([40, 24, 7, 3], 0.2, "auto"),  # the fast step's sparse first layer
+        ([40, 10, 3], 0.2, "auto"),  # a first layer narrower than a vector: dense batches
+        ([40, 24, 3], 0.6, "auto"),  # too dense for the sparse layer: dense batches
+        ([40, 24, 7, 3], 0.2, "xp"),  # the reference step
+    ],
+    ids=["sparse-layer", "narrow", "dense-share", "reference"],
+)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fit_on_csr_equals_fit_on_the_dense_array(numba_cpu, rng, monkeypatch, widths, density, kernels, shuffle):
+    X, y = _data(rng, 150, widths[0], density, classes=widths[-1])
+    dense, sparse, dense_history, sparse_history = _fit_both(
+        lambda: xpnet.MLP(widths, seed=2), X, y, monkeypatch, kernels, shuffle=shuffle, validation_split=0.2)
+    for got, want in zip(sparse.parameters(), dense.parameters(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert sparse_history == dense_history and "val_loss" in sparse_history
+
+
+def test_a_cnn_trains_on_sparse_rows_as_on_the_images(numba_cpu, rng, monkeypatch):
+    """Flat sparse rows take the model's input shape, batch by batch (the split step's path)."""
+    images, y = _data(rng, 96, 8 * 8 * 2, 0.3, np.float64)
+
+    def cnn():
+        layers = [Conv2D(3, 3, activation="relu"), AvgPool2D(2), Flatten(), Dense(8, activation="relu"), Dense(3)]
+        return xpnet.Sequential(layers, input_shape=(8, 8, 2), dtype="float64", seed=4)
+
+    dense, sparse, dense_history, sparse_history = _fit_both(cnn, images.reshape(-1, 8, 8, 2), y, monkeypatch)
+    for got, want in zip(sparse.parameters(), dense.parameters(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert sparse_history == dense_history
+    np.testing.assert_array_equal(sparse.predict_proba(sp.csr_matrix(images)), dense.predict_proba(images))
+
+
+def test_sparse_uint8_pixels_are_scaled_as_dense_ones(numba_cpu, rng, monkeypatch):
+    pixels = np.where(rng.random((120, 30)) < 0.2, rng.integers(1, 256, (120, 30)), 0).astype(np.uint8)
+    y = rng.integers(0, 3, 120)
+    dense, sparse, dense_history, sparse_history = _fit_both(lambda: xpnet.MLP([30, 16, 3], seed=1), pixels, y,
+                                                             monkeypatch)
+    for got, want in zip(sparse.parameters(), dense.parameters(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert sparse_history == dense_history
+
+
+@pytest.mark.parametrize("kind", ["csr_matrix", "csc_matrix", "coo_matrix", "csr_array"])
+def test_inference_on_any_sparse_format_equals_dense(rng, monkeypatch, kind):
+    from xpnet import model as model_module
+
+    X, y = _data(rng, 70, 25, 0.3, np.float64)
+    X[3, :] = 0  # a row with no nonzeros
+    model = xpnet.MLP([25, 9, 4], dtype="float64", seed=0)
+    model.build((25,))
+    matrix = getattr(sp, kind)(X)
+    monkeypatch.setattr(model_module, "_SPARSE_CHUNK_BYTES", 25 * 8 * 16)  # 16 rows a chunk: 5 chunks
+    np.testing.assert_array_equal(model.predict_proba(matrix), model.predict_proba(X))
+    np.testing.assert_array_equal(model.predict(matrix), model.predict(X))
+    assert model.evaluate(matrix, y % 4) == model.evaluate(X, y % 4)
+
+
+def test_csr_with_duplicates_and_unsorted_columns_means_its_dense_sum(rng):
+    """A CSR matrix not in canonical form stands for the sum of its entries, as ``toarray()``."""
+    data, indices, indptr = np.array([1.0, 2.0, 0.5, 4.0]), np.array([3, 1, 3, 0]), np.array([0, 3, 4])
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(2, 5))
+    assert not matrix.has_canonical_format
+    rows = SparseRows.from_scipy(matrix, np.float64)
+    np.testing.assert_array_equal(rows.take(np.arange(2)), matrix.toarray())
+    np.testing.assert_array_equal(rows.take(np.array([1, 7, -2])), matrix.toarray()[[1, 1, 0]])  # clipped
+
+
+def test_rows_of_sparse_rows_are_the_rows_of_the_matrix(rng):
+    X, _ = _data(rng, 30, 12, 0.3, np.float64)
+    rows = SparseRows.from_scipy(sp.csr_matrix(X), np.float64, (3, 4))
+    part = rows[7:19, ...]
+    assert part.shape == (12, 12) and part.nnz == np.count_nonzero(X[7:19])
+    assert repr(part) == f"SparseRows(shape=(12, 12), nnz={part.nnz} ({part.nnz / 144:.1%}), dtype=float64)"
+    np.testing.assert_array_equal(rows[3:3].dense(), np.zeros((0, 3, 4)))  # no rows
+    np.testing.assert_array_equal(part.dense(), X[7:19].reshape(12, 3, 4))
+    np.testing.assert_array_equal(rows[-5:].dense(), X[-5:].reshape(5, 3, 4))
+    out = np.full((4, 3, 4), np.nan)  # poison: take writes every element of out
+    np.testing.assert_array_equal(part.take(np.array([0, 11, 3, 3]), out=out), X[[7, 18, 10, 10]].reshape(4, 3, 4))
+    with pytest.raises(TypeError, match="slice of rows"):
+        rows[::2]
+
+
+@pytest.mark.parametrize(
+    "matrix, error, match",
+    [
+        (lambda: sp.csr_matrix(np.eye(4, 6, dtype=np.int64)), TypeError, "sparse X has dtype int64"),
+        (lambda: sp.csr_matrix(np.where(np.eye(4, 6) > 0, np.nan, 0.0)), ValueError,
+         r"X contains NaN or inf \(first at row 0, column 0: nan\)"),
+        (lambda: sp.csr_matrix(np.ones((4, 5))), ValueError, "X has 5 features per row"),
+        (lambda: sp.csr_matrix((0, 6)), ValueError, "N >= 1"),
+    ],
+    ids=["integers", "nan", "width", "empty"],
+)
+def test_bad_sparse_input_is_refused_with_a_clear_error(matrix, error, match):
+    model = xpnet.MLP([6, 4, 2], seed=0)
+    model.build((6,))
+    with pytest.raises(error, match=match):
+        model.fit(matrix(), np.zeros(matrix().shape[0], np.int64), epochs=1, verbose=0)
+    with pytest.raises(error, match=match):
+        model.predict(matrix())
+
+
+def test_a_wide_sparse_set_trains_without_being_made_dense(numba_cpu, rng):
+    """200,000 features over 3,000 rows would be 2.4 GB dense (float32); trained and evaluated
+    sparse, the peak of new memory stays below 6% of that (the first layer's weights, their
+    gradient and Adam's moments are 51 MB; inference makes 16 MB of rows dense at a time), and
+    the model learns the classes (each class lights its own block of columns)."""
+    n, d, per_row = 3000, 200_000, 12
+    y = rng.integers(0, 2, n)
+    columns = (rng.integers(0, d // 2, (n, per_row)) + y[:, None] * (d // 2)).ravel()
+    matrix = sp.csr_matrix((np.ones(n * per_row, np.float32), (np.repeat(np.arange(n), per_row), columns)),
+                           shape=(n, d))
+    model = xpnet.MLP([d, 16, 2], seed=0)
+    tracemalloc.start()
+    try:
+        model.fit(matrix, y, epochs=3, batch_size=100, optimizer="adam", lr=1e-2, verbose=0)
+        accuracy = model.score(matrix, y)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.06 * n * d * 4, f"peak {peak / 2**20:.0f} MB"
+    assert accuracy > 0.9
