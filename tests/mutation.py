@@ -33,7 +33,7 @@ MODULES = {
     # save/load and summary live in model.py; their tests sit with the file format and the layers
     "model": ("xpnet/model.py", ["tests/test_model.py", "tests/test_inputs.py", "tests/test_io.py",
                                  "tests/test_layers.py"]),
-    "optim": ("xpnet/optim.py", ["tests/test_optim.py"]),
+    "optim": ("xpnet/optim.py", ["tests/test_optim.py", "tests/test_cpu_step.py"]),
     "training": ("xpnet/training.py", ["tests/test_training.py", "tests/test_split_step.py"]),
     "runs": ("xpnet/runs.py", ["tests/test_runs.py"]),
     "numba_cpu": (
@@ -43,6 +43,7 @@ MODULES = {
     ),
     "split_step": ("xpnet/kernels/split_step.py", ["tests/test_split_step.py"]),
     "cpu_step": ("xpnet/kernels/cpu_step.py", ["tests/test_cpu_step.py", "tests/test_sparse_layer.py"]),
+    "sparse": ("xpnet/sparse.py", ["tests/test_sparse_input.py", "tests/test_sparse_layer.py"]),
 }
 
 # mutmut's exit codes -> how a mutant ended (mutmut.stats.status_by_exit_code, simplified)

@@ -180,6 +180,49 @@ def test_fused_state_is_one_buffer_that_follows_replaced_arrays(name, rng, monke
     assert all(np.array_equal(g[key], w[key]) for g, w in zip(got_opt.state, want_opt.state))
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_state_loaded_into_a_running_optimizer_is_the_one_its_next_step_uses(name, rng, monkeypatch):
+    """The same optimizer and parameters, its state replaced mid-training (``load_state_dict``):
+    the fused step takes the loaded arrays in, as the reference does."""
+    from xpnet.optim import make_optimizer
+
+    _skip_without_numba()
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    settings_ = {"momentum": 0.9} if name == "sgd" else {}
+    got_opt, want_opt = make_optimizer(name, lr=0.1, **settings_), make_optimizer(name, lr=0.1, **settings_)
+    got = [rng.standard_normal(s) for s in [(4, 3), (3,)]]
+    want = [p.copy() for p in got]
+    grads = [rng.standard_normal(p.shape) for p in got]
+    got_opt.step(got, grads)
+    want_opt.step(want, grads)
+    saved = {k: v + 0.5 for k, v in got_opt.state_dict().items()}  # another run's state
+    got_opt.load_state_dict(saved, got)
+    want_opt.load_state_dict(saved, want)
+    grads = [rng.standard_normal(p.shape) for p in got]
+    got_opt.step(got, grads)
+    assert got_opt._fused_for(got, grads) is not None
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    want_opt.step(want, grads)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_an_optimizer_steps_a_model_without_parameters(name):
+    from xpnet.optim import make_optimizer
+
+    make_optimizer(name).step([], [])
+
+
+def test_the_fused_kernels_refuse_state_buffers_of_the_wrong_size(numba_cpu):
+    loops = numba_cpu._get_loops()
+    ps = (np.ones(3), np.ones(2))
+    coef = np.ones((2, 5))
+    with pytest.raises(ValueError, match="velocity buffer"):
+        loops.sgd_step(ps, ps, np.zeros(4), coef, 0.9, False)
+    with pytest.raises(ValueError, match="moment buffers"):
+        loops.adam_step(ps, ps, np.zeros(5), np.zeros(4), coef, 0.9, 0.1, 0.99, 0.01)
+
+
 def test_an_optimizer_pickles_after_a_fused_step(rng):
     import pickle
 

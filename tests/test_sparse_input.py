@@ -104,6 +104,38 @@ def test_csr_with_duplicates_and_unsorted_columns_means_its_dense_sum(rng):
     np.testing.assert_array_equal(rows.take(np.array([1, 7, -2])), matrix.toarray()[[1, 1, 0]])  # clipped
 
 
+def test_the_users_matrix_is_left_as_it_was(rng):
+    """Made canonical on a copy: the matrix given keeps its duplicates and order."""
+    data, indices, indptr = np.array([1.0, 2.0, 0.5]), np.array([3, 1, 3]), np.array([0, 3])
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(1, 5))
+    model = xpnet.MLP([5, 3, 2], dtype="float64", seed=0)
+    model.build((5,))
+    model.fit(matrix, [1], epochs=1, verbose=0)
+    assert not matrix.has_canonical_format
+    np.testing.assert_array_equal(matrix.data, data)
+    np.testing.assert_array_equal(matrix.indices, indices)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_values_take_the_models_dtype_and_bytes_stay_bytes(rng, dtype):
+    X, _ = _data(rng, 6, 9, 0.5, np.float64)
+    rows = SparseRows.from_scipy(sp.csr_matrix(X), dtype)
+    assert rows.values.dtype == rows.dtype == dtype and rows.table.size == 0
+    np.testing.assert_array_equal(rows.dense(), X.astype(dtype))
+    pixels = (np.abs(X) * 255).astype(np.uint8)
+    rows = SparseRows.from_scipy(sp.csr_matrix(pixels), dtype)
+    assert rows.values.dtype == np.uint8 and rows.dtype == dtype
+    np.testing.assert_array_equal(rows.dense(), xpnet.functional.scale_pixels(pixels, np.dtype(dtype)))
+
+
+@pytest.mark.parametrize("d, columns", [(65536, np.uint16), (65537, np.int32)])
+def test_columns_are_16_bit_where_they_fit(d, columns):
+    matrix = sp.csr_matrix((np.ones(2), ([0, 0], [0, d - 1])), shape=(1, d))
+    rows = SparseRows.from_scipy(matrix, np.float32)
+    assert rows.indices.dtype == columns and rows.indices.tolist() == [0, d - 1]
+    assert rows.take([0])[0, d - 1] == 1
+
+
 def test_rows_of_sparse_rows_are_the_rows_of_the_matrix(rng):
     X, _ = _data(rng, 30, 12, 0.3, np.float64)
     rows = SparseRows.from_scipy(sp.csr_matrix(X), np.float64, (3, 4))
@@ -111,10 +143,14 @@ def test_rows_of_sparse_rows_are_the_rows_of_the_matrix(rng):
     assert part.shape == (12, 12) and part.nnz == np.count_nonzero(X[7:19])
     assert repr(part) == f"SparseRows(shape=(12, 12), nnz={part.nnz} ({part.nnz / 144:.1%}), dtype=float64)"
     np.testing.assert_array_equal(rows[3:3].dense(), np.zeros((0, 3, 4)))  # no rows
+    one = SparseRows.from_scipy(sp.csr_matrix(np.ones((1, 1))), np.float32)
+    assert repr(one) == "SparseRows(shape=(1, 1), nnz=1 (100.0%), dtype=float32)"
     np.testing.assert_array_equal(part.dense(), X[7:19].reshape(12, 3, 4))
     np.testing.assert_array_equal(rows[-5:].dense(), X[-5:].reshape(5, 3, 4))
     out = np.full((4, 3, 4), np.nan)  # poison: take writes every element of out
-    np.testing.assert_array_equal(part.take(np.array([0, 11, 3, 3]), out=out), X[[7, 18, 10, 10]].reshape(4, 3, 4))
+    taken = part.take(np.array([0, 11, 3, 3]), out=out)
+    assert np.shares_memory(taken, out)
+    np.testing.assert_array_equal(out, X[[7, 18, 10, 10]].reshape(4, 3, 4))
     with pytest.raises(TypeError, match="slice of rows"):
         rows[::2]
 
@@ -123,8 +159,8 @@ def test_rows_of_sparse_rows_are_the_rows_of_the_matrix(rng):
     "matrix, error, match",
     [
         (lambda: sp.csr_matrix(np.eye(4, 6, dtype=np.int64)), TypeError, "sparse X has dtype int64"),
-        (lambda: sp.csr_matrix(np.where(np.eye(4, 6) > 0, np.nan, 0.0)), ValueError,
-         r"X contains NaN or inf \(first at row 0, column 0: nan\)"),
+        (lambda: sp.csr_matrix(np.where(np.eye(4, 6, k=1) > 0, 1.0, 0.0) + np.where(np.eye(4, 6, k=3) > 0, np.inf, 0)),
+         ValueError, r"X contains NaN or inf \(first at row 0, column 3: inf\)"),
         (lambda: sp.csr_matrix(np.ones((4, 5))), ValueError, "X has 5 features per row"),
         (lambda: sp.csr_matrix((0, 6)), ValueError, "N >= 1"),
     ],

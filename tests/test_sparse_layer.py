@@ -62,7 +62,7 @@ def test_sparse_rows_of_pixels_are_scaled_as_scale_pixels(numba_cpu, rng, dtype)
 
 
 def test_sparse_rows_take_their_own_dtype_or_bytes(numba_cpu, rng):
-    with pytest.raises(TypeError, match="float32 or uint8 data, got float64"):
+    with pytest.raises(TypeError, match="^sparse rows of float32 take float32 or uint8 data, got float64$"):
         _rows(np.zeros((2, 3)), np.float32)
 
 

@@ -264,7 +264,7 @@ class _FusedParameters:
         self.dtype = self.params[0].dtype
         self.offsets = np.cumsum([0] + [p.size for p in self.params]).tolist()
         self.empty = np.empty(0, self.dtype)
-        self._coef = np.empty((len(self.params), 0), self.dtype)
+        self._coef = None
         self._buffers = {}  # key -> the flat buffer and the slices the state holds
 
     def holds(self, params, grads) -> bool:
@@ -274,7 +274,7 @@ class _FusedParameters:
                 and len(grads) == len(self.grads) and all(map(operator.is_, grads, self.grads)))
 
     def scalars(self, columns: int):
-        if self._coef.shape[1] != columns:
+        if self._coef is None or self._coef.shape[1] != columns:
             self._coef = np.empty((len(self.params), columns), self.dtype)
         return self._coef
 
