@@ -155,12 +155,18 @@ def test_rows_of_sparse_rows_are_the_rows_of_the_matrix(rng):
         rows[::2]
 
 
+def _with_inf_starting_row_2():
+    X = np.zeros((4, 6))
+    X[0, 1] = X[1, 2] = X[2, 4] = X[3, 5] = 1.0
+    X[2, 0] = X[3, 0] = np.inf  # the first value row 2 stores
+    return sp.csr_matrix(X)
+
+
 @pytest.mark.parametrize(
     "matrix, error, match",
     [
         (lambda: sp.csr_matrix(np.eye(4, 6, dtype=np.int64)), TypeError, "sparse X has dtype int64"),
-        (lambda: sp.csr_matrix(np.where(np.eye(4, 6, k=1) > 0, 1.0, 0.0) + np.where(np.eye(4, 6, k=3) > 0, np.inf, 0)),
-         ValueError, r"X contains NaN or inf \(first at row 0, column 3: inf\)"),
+        (lambda: _with_inf_starting_row_2(), ValueError, r"X contains NaN or inf \(first at row 2, column 0: inf\)"),
         (lambda: sp.csr_matrix(np.ones((4, 5))), ValueError, "X has 5 features per row"),
         (lambda: sp.csr_matrix((0, 6)), ValueError, "N >= 1"),
     ],
@@ -173,6 +179,17 @@ def test_bad_sparse_input_is_refused_with_a_clear_error(matrix, error, match):
         model.fit(matrix(), np.zeros(matrix().shape[0], np.int64), epochs=1, verbose=0)
     with pytest.raises(error, match=match):
         model.predict(matrix())
+
+
+def test_sparse_rows_given_as_they_are_take_the_models_shape_or_are_refused(rng):
+    images, _ = _data(rng, 10, 4 * 4 * 2, 0.4, np.float64)
+    cnn = xpnet.Sequential([Conv2D(2, 3), Flatten(), Dense(3)], input_shape=(4, 4, 2), dtype="float64", seed=0)
+    rows = SparseRows.from_scipy(sp.csr_matrix(images), np.float64)  # flat rows: (32,)
+    np.testing.assert_array_equal(cnn.predict_proba(rows), cnn.predict_proba(images.reshape(-1, 4, 4, 2)))
+    with pytest.raises(TypeError, match="SparseRows of float32 given to a float64 model"):
+        cnn.predict(SparseRows.from_scipy(sp.csr_matrix(images), np.float32))
+    with pytest.raises(ValueError, match="X has 31 features per row"):
+        cnn.predict(SparseRows.from_scipy(sp.csr_matrix(images[:, :31]), np.float64))
 
 
 def test_a_wide_sparse_set_trains_without_being_made_dense(numba_cpu, rng):

@@ -276,18 +276,21 @@ class Sequential:
         return self._to_device(np.ascontiguousarray(out))
 
     def _prepare_sparse_X(self, X):
-        """A scipy sparse ``X`` (rows of ``n_features`` values, flat) as ``SparseRows`` of the
-        model's dtype on the CPU, whose batches are made dense one at a time; made dense whole
-        for the CUDA backend (its steps take device arrays)."""
+        """A scipy sparse ``X`` (or ``SparseRows``: rows of ``n_features`` values, flat) as
+        ``SparseRows`` of the model's dtype and input shape on the CPU, whose batches are made
+        dense one at a time; made dense whole for the CUDA backend (its steps take device arrays)."""
+        if len(X.shape) != 2 or X.shape[0] == 0:
+            raise ValueError(f"sparse X must have shape (N, {self.n_features}) with N >= 1, got {tuple(X.shape)}")
+        if X.shape[1] != self.n_features:
+            raise ValueError(
+                f"X has {X.shape[1]} features per row (shape {tuple(X.shape)}), but the model expects {self.n_features}"
+            )
         if not isinstance(X, SparseRows):
-            if len(X.shape) != 2 or X.shape[0] == 0:
-                raise ValueError(f"sparse X must have shape (N, {self.n_features}) with N >= 1, got {tuple(X.shape)}")
-            if X.shape[1] != self.n_features:
-                raise ValueError(
-                    f"X has {X.shape[1]} features per row (shape {tuple(X.shape)}), but the model expects "
-                    f"{self.n_features}"
-                )
             X = SparseRows.from_scipy(X, np.dtype(self.dtype), self._input_shape)
+        elif X.dtype != np.dtype(self.dtype):
+            raise TypeError(f"SparseRows of {X.dtype} given to a {self.dtype} model: build them for {self.dtype}")
+        else:  # the same rows, taken in this model's input shape
+            X = SparseRows(X.shape, X.indptr, X.indices, X.values, X.table, self._input_shape)
         if self.backend.name != "cpu":
             return self._to_device(X.dense())
         return X

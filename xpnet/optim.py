@@ -214,8 +214,8 @@ class Optimizer:
     _fused_step = None  # (fused: _FusedParameters) -> None: every parameter's update in one kernel
 
     def _decays(self, fused, columns: int):
-        """``fused.coef`` with each parameter's ``(l2, keep)`` in its first two columns, for a
-        kernel that takes ``columns`` scalars per parameter."""
+        """``fused``'s scalars array for a kernel that takes ``columns`` scalars per parameter,
+        each parameter's ``(l2, keep)`` in the first two."""
         coef = fused.scalars(columns)
         for i, p in enumerate(fused.params):
             coef[i, 0], coef[i, 1] = self._coupled_decay(p), 1 - self._decoupled_decay(p)

@@ -17,8 +17,9 @@ dispatch per op, separate passes for ``db = dz.sum(0)`` and for the accuracy cou
 Where most of the training inputs are zero (at most ``SPARSE_MAX_DENSITY`` of them nonzero, as
 the 19% of MNIST's pixels) the first layer skips them: ``take_batch`` hands over the batch's
 row numbers into a CSR copy of the data set (``SparseRows``, built once per data set; a scipy
-sparse data set comes as one) instead of gathering dense rows, and the first layer's product and its kernel's gradient run over the
-nonzeros alone, split across the cores (``_numba_loops.sparse_linear_*``). A zero input then
+sparse data set comes as one) instead of gathering dense rows, and the first layer's product
+and its kernel's gradient run over the nonzeros alone, split across the cores
+(``_numba_loops.sparse_linear_*``). A zero input then
 adds nothing to a unit, even against a weight that is not finite (where the dense product
 would give NaN).
 
