@@ -486,6 +486,25 @@ def test_direct_rows_in_registers_and_in_memory_equal_the_reference(poisoned_num
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width, filters", [(28, 6), (13, 5), (9, 8), (30, 16)])
+def test_a_first_layers_taps_in_registers_are_the_general_loops_sums_bit_for_bit(poisoned_numpy, numba_cpu, rng,
+                                                                                 dtype, width, filters):
+    """A 3x3 kernel over one channel with no padding rows keeps its nine kernel vectors in
+    registers (``_numba_loops.TAPS_IN_REGISTERS``); with "same" padding the border rows lack
+    taps and the general loop runs. Each output is the same multiply-adds in the same order
+    either way, so the valid convolution is the interior of the "same" one, bit for bit."""
+    x = rng.standard_normal((3, 11, width, 1)).astype(dtype)
+    kernel = rng.standard_normal((3, 3, 1, filters)).astype(dtype)
+    bias = rng.standard_normal(filters).astype(dtype)
+    valid = F.conv2d(x, kernel, bias, impl="numba")
+    same = F.conv2d(x, kernel, bias, padding="same", impl="numba")
+    assert valid.shape == (3, 9, width - 2, filters)
+    np.testing.assert_array_equal(valid, same[:, 1:-1, 1:-1, :])
+    scale = F.conv2d(np.abs(x), np.abs(kernel), np.abs(bias), impl="xp")
+    _assert_norm_close(valid, F.conv2d(x, kernel, bias, impl="xp"), scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("padding", ["valid", "same"])
 @pytest.mark.parametrize("kernel_size, channels", [(3, 6), (2, 3), (5, 4)])
 def test_im2col_copies_whole_window_rows_and_pads_the_edges(poisoned_numpy, numba_cpu, monkeypatch, rng,

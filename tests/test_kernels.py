@@ -535,10 +535,12 @@ def test_the_kernels_compiled_for_avx2_alone_equal_the_reference(tmp_path):
     tests = "test_softmax_equals_reference or test_softmax_cross_entropy_equals_reference or " \
             "test_relu_backward_equals_reference or test_bias_relu_equals_reference or " \
             "test_rows_with_nan_or_infinities or test_large_rows_and_many_rows or " \
-            "test_sparse_linear_equals_the_dense_product or test_sparse_linear_grad_equals_the_dense_product"
-    sparse_layer = os.path.join(os.path.dirname(__file__), "test_sparse_layer.py")
+            "test_sparse_linear_equals_the_dense_product or test_sparse_linear_grad_equals_the_dense_product or " \
+            "test_a_first_layers_taps_in_registers_are_the_general_loops_sums_bit_for_bit"
+    here = os.path.dirname(__file__)
+    sparse_layer, conv = os.path.join(here, "test_sparse_layer.py"), os.path.join(here, "test_conv_kernels.py")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, sparse_layer, "-q", "-p", "no:cacheprovider", "--no-cov", "-x",
+        [sys.executable, "-m", "pytest", __file__, sparse_layer, conv, "-q", "-p", "no:cacheprovider", "--no-cov", "-x",
          "-k", f"({tests}) and not cuda"],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

@@ -1134,6 +1134,56 @@ def _pairs_dot(count):
 _pairs_dot_1, _pairs_dot_2, _pairs_dot_3, _pairs_dot_4 = (_pairs_dot(count) for count in (1, 2, 3, 4))
 
 
+# A convolution's taps in registers: for one vector of an output row, its kernel vectors are the
+# same in every output row of an image, so this keeps all of them (``taps``, a constant of the
+# compiled code) in registers and walks the rows, each row loading only its input vectors: half
+# the loads of ``_pairs_dot``, which reads both operands of every multiply-add. The sums are
+# the same multiply-adds in the same order, so the results are ``_pairs_dot``'s, bit for bit.
+# (The same for the kernel gradient, nine sums over the rows in registers, gained nothing
+# measurable: 0.33 ms for LeNet-5's first layer on 64 images either way.)
+
+def _rows_times_taps(taps):
+    """An intrinsic: for ``p < rows``, ``out[o + p * o_step + s] = init[i + s] + sum over t of
+    e[e_at[t] + p * e_step + s] * k[k_at[t] + s]`` (one vector at ``s``; flat arrays)."""
+
+    @intrinsic
+    def rows_times_taps(typingctx, e, e_at, e_step, k, k_at, s, rows, out, o, o_step, init, i):
+        if not all(isinstance(t, types.Array) and t.dtype == e.dtype for t in (e, k, out, init)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            e_p, ea_p, es_v, k_p, ka_p, s_v, rows_v, out_p, o_v, os_v, init_p, i_v = _operands(
+                context, builder, signature, args)
+            vector = _vector_type(context, signature.args[0])
+            align = signature.args[0].dtype.bitwidth // 8
+            at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())  # noqa: E731
+            index = lambda p, t: builder.load(builder.gep(p, [ir.Constant(_I64, t)]))  # noqa: E731
+            e_at = [builder.add(index(ea_p, t), s_v) for t in range(taps)]
+            kernel = [builder.load(at(k_p, builder.add(index(ka_p, t), s_v)), align=align) for t in range(taps)]
+            first = builder.load(at(init_p, builder.add(i_v, s_v)), align=align)
+
+            def step(p, _):
+                row, acc = builder.mul(p, es_v), first
+                for t in range(taps):
+                    acc = _vector_fma(builder, vector, builder.load(at(e_p, builder.add(row, e_at[t])), align=align),
+                                      kernel[t], acc)
+                builder.store(acc, at(out_p, builder.add(builder.add(o_v, builder.mul(p, os_v)), s_v)), align=align)
+                return []
+
+            _loop_with_sums(builder, ir.Constant(_I64, 0), rows_v, [], step)
+            return context.get_dummy_value()
+
+        return types.void(e, e_at, e_step, k, k_at, s, rows, out, o, o_step, init, i), codegen
+
+    return rows_times_taps
+
+
+#: the tap count (kh * kw * C) whose kernel vectors the direct convolution keeps in registers:
+#: a 3x3 kernel over one channel, as image models' first layers have (LeNet-5's)
+TAPS_IN_REGISTERS = 9
+_rows_times_9_taps = _rows_times_taps(TAPS_IN_REGISTERS)
+
+
 @njit(**_INLINE)
 def _vector_group(count, m):
     """How many vectors from ``m`` on one call takes: at most 4, and never the overlapping last
@@ -1200,8 +1250,21 @@ def conv2d_rows(x, tiled, bias_row, sh, top, left, expanded, y):
     in_registers = run * y.itemsize >= VECTOR_BYTES
     flat_e, flat_t, flat_y = expanded.reshape(-1), tiled.reshape(-1), y.reshape(-1)
     a_at, b_at = np.empty(kh * kw * c, np.int64), np.empty(kh * kw * c, np.int64)
+    # every output row sees every tap (no padding rows): the kernel's vectors stay in registers
+    whole = in_registers and kh * kw * c == TAPS_IN_REGISTERS and top == 0 and (oh - 1) * sh + kh <= h
+    if whole:
+        for i in range(kh):
+            for j in range(kw):
+                for ch in range(c):
+                    t = (i * kw + j) * c + ch
+                    a_at[t], b_at[t] = (i * c + ch) * width + j * f, t * run
     for b in range(n):
         _expand_rows(x[b], source, expanded)
+        if whole:
+            for m in range(count):
+                _rows_times_9_taps(flat_e, a_at, sh * c * width, flat_t, b_at, starts[m], oh, flat_y, b * oh * run,
+                                   run, bias_row, 0)
+            continue
         rows = y[b].reshape(oh, run)
         for p in range(oh):
             taps = 0  # the taps that fall inside the image: their rows of expanded and of tiled
