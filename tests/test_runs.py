@@ -120,6 +120,36 @@ def test_an_exception_mid_run_keeps_the_finished_epochs(mnist, tmp_path):
     assert read_run(tmp_path / "r")["status"] == "interrupted"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="raises SIGINT")
+def test_a_ctrl_c_held_back_while_an_epoch_is_saved_leaves_a_summary_of_that_epoch(mnist, tmp_path, monkeypatch):
+    """The Ctrl-C lands while epoch 1's metrics line is written: it is delivered once the files
+    are on disk, and summary.json counts epoch 1 (the model file's epoch), not epoch 0."""
+    X, y, _, _ = small_data(mnist, 1000)
+    writes = []
+    real_sync = xpnet.runs._sync
+
+    def sync_then_interrupt(f):  # after metrics.jsonl's fsync, the last write of each epoch
+        real_sync(f)
+        if str(f.name).endswith("metrics.jsonl"):
+            writes.append(f.name)
+        if len(writes) == 3:  # created empty at the start, then one line per epoch
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(xpnet.runs, "_sync", sync_then_interrupt)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        model = xpnet.MLP([784, 16, 10], seed=0)
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(X, y, epochs=5, verbose=0, callbacks=[RunRecorder(tmp_path / "r", plots=False)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "r")] == [0, 1]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert (summary["status"], summary["epochs_run"], summary["model_epoch"]) == ("interrupted", 2, 1)
+    saved = xpnet.load(tmp_path / "r" / "model.safetensors")
+    assert all(np.array_equal(a, b) for pair in zip(saved.get_weights(), model.get_weights()) for a, b in zip(*pair))
+
+
 INTERRUPTED_TRAINING = textwrap.dedent(
     """
     import hashlib, json, signal, sys

@@ -299,8 +299,10 @@ class RunRecorder(Callback):
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line, allow_nan=False) + "\n")
                 _sync(f)
-        self._saved_epoch, self._saved_fingerprint = int(epoch), fingerprint
-        self._epochs_done += 1
+            # inside the block: a Ctrl-C held back is raised as it ends, and the summary it leads
+            # to must already count this epoch
+            self._saved_epoch, self._saved_fingerprint = int(epoch), fingerprint
+            self._epochs_done += 1
 
     def on_train_end(self, logs):
         try:
