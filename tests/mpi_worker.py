@@ -2,6 +2,7 @@
 same training in one process, on every rank; prints one JSON line per rank.
 
     mpiexec -n 2 python tests/mpi_worker.py equal float32 sgd 200 64 mlp
+    mpiexec -n 2 python tests/mpi_worker.py resume FOLDER
     mpiexec -n 2 python tests/mpi_worker.py fail
 """
 
@@ -67,6 +68,38 @@ class FailOnRank1(Callback):
             raise RuntimeError("a planted failure on rank 1")
 
 
+class InterruptAfter(Callback):
+    def __init__(self, k):
+        self.k = k
+
+    def on_epoch_end(self, epoch, logs):
+        if epoch == self.k:
+            raise KeyboardInterrupt  # on every rank, as a job's end kills them all
+
+
+def resume(folder):
+    """A run cut in epoch 1 and resumed (rank 0 reads the checkpoint) against the same run
+    uninterrupted: every rank's weights, bit for bit."""
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    X, y = data(300, "float32")
+    settings = dict(epochs=4, batch_size=32, optimizer="adam", lr=0.01, verbose=0, distributed=True)
+    whole = xpnet.MLP([12, 9, 4], seed=rank)
+    whole.fit(X, y, run_dir=f"{folder}/whole", **settings)
+    try:
+        xpnet.MLP([12, 9, 4], seed=rank).fit(X, y, run_dir=f"{folder}/cut", callbacks=[InterruptAfter(1)], **settings)
+    except KeyboardInterrupt:
+        pass
+    resumed = xpnet.MLP([12, 9, 4], seed=rank)
+    history = resumed.fit(X, y, run_dir=f"{folder}/cut", resume=True, **settings)
+    equal = all(np.array_equal(a, b) for wa, wb in zip(resumed.get_weights(), whole.get_weights())
+                for a, b in zip(wa, wb))
+    rows = MPI.COMM_WORLD.gather({"rank": rank, "epochs": history.epoch, "equal": equal}, root=0)
+    if rank == 0:
+        print(json.dumps(rows), flush=True)
+
+
 def fail():
     X, y = data(300, "float32")
     xpnet.MLP([12, 9, 4], seed=0).fit(X, y, epochs=5, batch_size=32, distributed=True, verbose=0,
@@ -78,5 +111,7 @@ if __name__ == "__main__":
     if mode == "equal":
         dtype, optimizer, n, batch, kind = args
         equal(dtype, optimizer, int(n), int(batch), kind)
+    elif mode == "resume":
+        resume(*args)
     else:
         fail()

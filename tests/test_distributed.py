@@ -113,6 +113,16 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(dtype, optimizer, 
         assert r["step"] == ("CpuTrainingStep" if kind == "mlp" else "ReferenceStep"), r["step"]
 
 
+def test_a_run_resumed_under_mpiexec_ends_as_the_uninterrupted_one(tmp_path):
+    """Rank 0 reads the checkpoint; MPI carries its epoch and Adam state to rank 1 (seeded
+    differently), and both ranks end with the uninterrupted run's weights, bit for bit."""
+    result = _run_ranks(["resume", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (rows,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    # cut at the end of epoch 1, before the recorder saved it: epochs 1-3 run again
+    assert rows == [{"rank": 0, "epochs": [1, 2, 3], "equal": True}, {"rank": 1, "epochs": [1, 2, 3], "equal": True}]
+
+
 def test_a_failing_rank_ends_the_job_with_its_reason_instead_of_a_hang():
     result = _run_ranks(["fail"], timeout=120)
     assert result.returncode != 0

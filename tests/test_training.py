@@ -8,6 +8,7 @@ mini-batch is back-propagated by hand. Everything is float64.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -747,6 +748,7 @@ class ThreadRanks:
     def run(self, train):
         """``train(rank)`` on every rank, each in its own thread; their results by rank."""
         results, errors = [None] * self.size, [None] * self.size
+        self.barrier.reset()  # a job of its own, after one that failed
 
         def target(rank):
             self.local.comm = ThreadCommunicator(self, rank)
@@ -777,6 +779,13 @@ class ThreadCommunicator:
 
     def broadcast(self, array, root=0):
         array[...] = self._exchange(array)[root]
+
+    def broadcast_object(self, obj, root=0):
+        self.ranks.slots[self.rank] = obj
+        self.ranks.barrier.wait()
+        value = copy.deepcopy(self.ranks.slots[root])  # each rank its own, as MPI unpickles it
+        self.ranks.barrier.wait()
+        return value
 
     def sum(self, array):
         slots = self._exchange(array)
@@ -846,6 +855,65 @@ def test_rank_0_alone_prints_and_records(thread_ranks, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["fit"]["ranks"] == 2
 
 
+class InterruptAfter(Callback):
+    """A Ctrl-C at the end of epoch ``k`` (before the recorder, which comes last, saves it)."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def on_epoch_end(self, epoch, logs):
+        if epoch == self.k:
+            raise KeyboardInterrupt
+
+
+def test_a_distributed_run_interrupted_then_resumed_ends_as_the_uninterrupted_one(thread_ranks, tmp_path):
+    """Rank 0 reads the checkpoint (each rank has a folder of its own, as on nodes of their own);
+    rank 1, seeded differently and with a fresh optimizer, takes rank 0's weights, epoch and Adam
+    state, so both end bit for bit where the uninterrupted run did."""
+    rng = np.random.default_rng(24)
+    X, y = small_problem(rng, n=41)
+    settings = dict(epochs=4, batch_size=8, optimizer="adam", lr=0.05, verbose=0, distributed=True,
+                    on_divergence="ignore")  # random labels
+
+    def train(name, **extra):
+        def on_rank(rank):
+            model = xpnet.MLP([5, 6, 3], dtype="float64", seed=10 + rank)
+            history = model.fit(X, y, run_dir=tmp_path / f"node{rank}" / name, **settings, **extra)
+            return history.epoch, model.get_weights()
+        return on_rank
+
+    whole, errors = thread_ranks.run(train("whole"))
+    assert errors == [None, None]
+    _, errors = thread_ranks.run(train("cut", callbacks=[InterruptAfter(2)]))
+    assert [type(e) for e in errors] == [KeyboardInterrupt, KeyboardInterrupt]
+    resumed, errors = thread_ranks.run(train("cut", resume=True))
+    assert errors == [None, None] and thread_ranks.aborted == []
+    for (epochs, weights), (_, whole_weights) in zip(resumed, whole):
+        assert epochs == [2, 3]
+        for (W, b), (Ww, bw) in zip(weights, whole_weights):
+            np.testing.assert_array_equal(W, Ww)
+            np.testing.assert_array_equal(b, bw)
+    run = tmp_path / "node0" / "cut"
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    assert not (tmp_path / "node1").exists()
+
+
+def test_a_distributed_run_that_draws_masks_on_every_rank_is_not_resumed(monkeypatch, tmp_path):
+    from xpnet import distributed
+    from xpnet.layers import Dense, Dropout
+
+    comm = OneOfTwoRanks()
+    monkeypatch.setattr(distributed, "communicator", lambda backend_name: comm)
+    X, y = small_problem(np.random.default_rng(25))
+    model = xpnet.Sequential([Dense(4, activation="relu"), Dropout(0.2), Dense(3)], input_shape=(5,))
+    message = ("a distributed run of a model with Dropout (layer 1) cannot be resumed: each rank draws its own "
+               "masks, and the checkpoint holds only rank 0's generators")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.fit(X, y, verbose=0, distributed=True, run_dir=tmp_path / "run", resume=True)
+    assert comm.aborted == [f"ValueError: {message}"]
+    assert not (tmp_path / "run").exists()  # refused before the run was touched
+
+
 def test_a_failing_rank_ends_every_rank_saying_why(thread_ranks):
     rng = np.random.default_rng(23)
     X, y = small_problem(rng)
@@ -879,7 +947,6 @@ class OneOfTwoRanks:
 
 @pytest.mark.parametrize("settings,message", [
     (dict(batch_size=1), "batch_size (1) is the global batch: it must be >= the 2 ranks"),
-    (dict(resume=True, run_dir="run"), "resume=True is not supported with distributed training yet"),
     (dict(epochs=-2), "epochs must be >= 0, got -2"),
 ])
 def test_a_rank_that_refuses_its_settings_ends_the_job(monkeypatch, rng, settings, message):

@@ -302,9 +302,8 @@ def _model_for(args, backend, X_train, y_train, y_test):
 
 def _train_as_follower(args, backend, settings) -> int:
     """A rank other than 0 of a distributed ``xpnet train``: the same training, silently, with no
-    run folder; rank 0 records, prints and saves. Its exit status is rank 0's."""
-    if args.resume:
-        raise ValueError("--resume is not supported with distributed training yet")
+    run folder; rank 0 records, prints and saves (and, resuming, reads the checkpoint, whose
+    epoch and optimizer state ``fit`` hands to every rank). Its exit status is rank 0's."""
     X_train, y_train, X_test, y_test, _ = _load_data(args.data, args.test_data)
     model = _model_for(args, backend, X_train, y_train, y_test)
     test = None if X_test is None else (X_test, y_test)

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 __all__ = ["Communicator", "MPICommunicator", "NCCLCommunicator", "launched_ranks", "launched_rank", "communicator",
-           "shard"]
+           "shard", "check_resumable", "share_start"]
 
 # The variables a launcher sets for the job's size: MPICH's Hydra (and Intel MPI), Open MPI, PMIx, Slurm.
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
@@ -61,13 +61,18 @@ def shard(lo: int, hi: int, rank: int, size: int) -> tuple[int, int]:
 
 
 class Communicator:
-    """What data-parallel training needs from an engine; ``rank``, ``size`` and three calls."""
+    """What data-parallel training needs from an engine; ``rank``, ``size`` and four calls."""
 
     rank: int = 0
     size: int = 1
 
     def broadcast(self, array, root: int = 0) -> None:
         """Overwrite ``array`` on every rank with root's, in place."""
+        raise NotImplementedError
+
+    def broadcast_object(self, obj, root: int = 0):
+        """Root's ``obj`` (any picklable value; the others pass None), returned on every rank.
+        Between the job's own processes only: nothing read from a file goes through it."""
         raise NotImplementedError
 
     def sum(self, array) -> None:
@@ -95,6 +100,9 @@ class MPICommunicator(Communicator):
 
     def broadcast(self, array, root=0):
         self.comm.Bcast(_contiguous(array), root=root)
+
+    def broadcast_object(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
 
     def sum(self, array):
         self.comm.Allreduce(self._mpi.IN_PLACE, _contiguous(array), op=self._mpi.SUM)
@@ -136,6 +144,9 @@ class NCCLCommunicator(Communicator):
             return self.mpi.broadcast(array, root)
         self._call("broadcast", array, root)
 
+    def broadcast_object(self, obj, root=0):
+        return self.mpi.broadcast_object(obj, root)
+
     def sum(self, array):
         if isinstance(array, np.ndarray):  # host data (the epoch's totals) goes over MPI
             return self.mpi.sum(array)
@@ -164,6 +175,36 @@ def for_fit(distributed, backend_name: str) -> Communicator | None:
     if not isinstance(distributed, (bool, np.bool_)):
         raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
     return communicator(backend_name) if distributed else None
+
+
+def check_resumable(model) -> None:
+    """Refuse to resume a distributed run that could not continue exactly: rank 0 shuffles for
+    every rank, but each rank draws its own Dropout and RandomShift masks, and the checkpoint
+    holds only rank 0's generators."""
+    from .layers import _Seeded
+
+    drawing = [f"{type(layer).__name__} (layer {i})" for i, layer in enumerate(model.layers)
+               if isinstance(layer, _Seeded)]
+    if drawing:
+        raise ValueError(f"a distributed run of a model with {', '.join(drawing)} cannot be resumed: each rank "
+                         "draws its own masks, and the checkpoint holds only rank 0's generators")
+
+
+def share_start(comm: Communicator, model, optimizer, first_epoch: int) -> int:
+    """Make every rank start where rank 0 does: its weights, its first epoch and its optimizer's
+    state (a resumed run's, read from its checkpoint on rank 0 alone); return that first epoch."""
+    start = None
+    if comm.rank == 0:
+        to_numpy = model.backend.to_numpy
+        state = {name: to_numpy(value) for name, value in optimizer.state_dict().items()}
+        start = {"epoch": first_epoch, "state": state}
+    start = comm.broadcast_object(start)
+    params = model.parameters()
+    if comm.rank != 0:
+        optimizer.load_state_dict(start["state"], params)
+    for p in params:
+        comm.broadcast(p)
+    return start["epoch"]
 
 
 class GradientSum:

@@ -428,7 +428,8 @@ class Sequential:
             is not finite always ends training, with the weights of the last finished epoch.
         distributed : None (default: when started by ``mpiexec``/``srun`` with several
             processes), True or False: data-parallel training (``xpnet.distributed``);
-            ``batch_size`` is then the global batch, split between the ranks
+            ``batch_size`` is then the global batch, split between the ranks; with ``resume``,
+            rank 0 reads the checkpoint and every rank continues from it
         """
         from .training import fit
 

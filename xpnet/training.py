@@ -26,7 +26,7 @@ import numpy as np
 
 from . import functional as F
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
-from .distributed import GradientSum, shard
+from .distributed import GradientSum, check_resumable, shard, share_start
 from .distributed import for_fit as distributed_for_fit
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, _Seeded
 from .optim import make_optimizer
@@ -276,8 +276,9 @@ def fit(
     settings must be those the run was recorded with.
     """
     comm = distributed_for_fit(distributed, model.backend.name)
-    if comm is not None and comm.rank != 0:
-        verbose, run_dir = 0, None  # rank 0 alone prints and records
+    follower = comm is not None and comm.rank != 0
+    if follower:
+        verbose, run_dir = 0, None  # rank 0 alone prints and records (and reads a resumed run)
     with _failure_ends_the_job(comm):
         epochs = _check_int("epochs", epochs, 0)
         initial_epoch = _check_int("initial_epoch", initial_epoch, 0)
@@ -287,8 +288,6 @@ def fit(
         if comm is not None:
             if batch_size < comm.size:
                 raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {comm.size} ranks")
-            if resume:
-                raise ValueError("resume=True is not supported with distributed training yet")
         opt = make_optimizer(
             optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule
         )
@@ -310,11 +309,16 @@ def fit(
             from .runs import RunRecorder
 
             callbacks.append(RunRecorder(run_dir, resume=resume))
-        elif resume:
+        elif resume and not follower:
             raise ValueError("resume=True continues the run recorded in run_dir: give run_dir")
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be xpnet.callbacks.Callback objects, got {cb!r}")
+        if comm is not None:
+            from .runs import RunRecorder
+
+            if any(isinstance(cb, RunRecorder) and cb.resume for cb in callbacks):
+                check_resumable(model)  # on rank 0, which reads the checkpoint: before it touches the run
         history = History()
         callbacks.insert(0, history)
 
@@ -353,9 +357,8 @@ def fit(
                 raise ValueError("give initial_epoch or resume a recorded run, not both")
             first_epoch = resumed[0] if resumed else initial_epoch
             gradient_sum = None
-            if comm is not None:  # every rank starts from rank 0's weights
-                for p in params:
-                    comm.broadcast(p)
+            if comm is not None:  # every rank starts from rank 0's weights, epoch and optimizer state
+                first_epoch = share_start(comm, model, opt, first_epoch)
                 gradient_sum = GradientSum(comm, backend.xp, params)
             # after the callbacks began: a resumed optimizer's state is the one the graph adopts;
             # distributed training takes the eager loop, whose steps the all-reduce goes between
