@@ -2,7 +2,7 @@
 same training in one process, on every rank; prints one JSON line per rank.
 
     mpiexec -n 2 python tests/mpi_worker.py equal float32 sgd 200 64 mlp
-    mpiexec -n 2 python tests/mpi_worker.py resume FOLDER
+    mpiexec -n 2 python tests/mpi_worker.py cut FOLDER; mpiexec -n 2 python tests/mpi_worker.py resume FOLDER
     mpiexec -n 2 python tests/mpi_worker.py fail
 """
 
@@ -77,20 +77,28 @@ class InterruptAfter(Callback):
             raise KeyboardInterrupt  # on every rank, as a job's end kills them all
 
 
+RESUMED = dict(epochs=4, batch_size=32, optimizer="adam", lr=0.01, verbose=0, distributed=True)
+
+
+def cut(folder):
+    """The run ``resume`` continues, ended by a Ctrl-C at the end of epoch 1 (the job ends)."""
+    from mpi4py import MPI
+
+    X, y = data(300, "float32")
+    xpnet.MLP([12, 9, 4], seed=MPI.COMM_WORLD.Get_rank()).fit(
+        X, y, run_dir=f"{folder}/cut", callbacks=[InterruptAfter(1)], **RESUMED)
+
+
 def resume(folder):
-    """A run cut in epoch 1 and resumed (rank 0 reads the checkpoint) against the same run
+    """The run ``cut`` left, resumed (rank 0 reads the checkpoint), against the same run
     uninterrupted: every rank's weights, bit for bit."""
     from mpi4py import MPI
 
     rank = MPI.COMM_WORLD.Get_rank()
     X, y = data(300, "float32")
-    settings = dict(epochs=4, batch_size=32, optimizer="adam", lr=0.01, verbose=0, distributed=True)
+    settings = RESUMED
     whole = xpnet.MLP([12, 9, 4], seed=rank)
     whole.fit(X, y, run_dir=f"{folder}/whole", **settings)
-    try:
-        xpnet.MLP([12, 9, 4], seed=rank).fit(X, y, run_dir=f"{folder}/cut", callbacks=[InterruptAfter(1)], **settings)
-    except KeyboardInterrupt:
-        pass
     resumed = xpnet.MLP([12, 9, 4], seed=rank)
     history = resumed.fit(X, y, run_dir=f"{folder}/cut", resume=True, **settings)
     equal = all(np.array_equal(a, b) for wa, wb in zip(resumed.get_weights(), whole.get_weights())
@@ -111,6 +119,8 @@ if __name__ == "__main__":
     if mode == "equal":
         dtype, optimizer, n, batch, kind = args
         equal(dtype, optimizer, int(n), int(batch), kind)
+    elif mode == "cut":
+        cut(*args)
     elif mode == "resume":
         resume(*args)
     else:

@@ -116,11 +116,39 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(dtype, optimizer, 
 def test_a_run_resumed_under_mpiexec_ends_as_the_uninterrupted_one(tmp_path):
     """Rank 0 reads the checkpoint; MPI carries its epoch and Adam state to rank 1 (seeded
     differently), and both ranks end with the uninterrupted run's weights, bit for bit."""
+    result = _run_ranks(["cut", str(tmp_path)], timeout=120)
+    assert result.returncode != 0 and "failed, ending the job: KeyboardInterrupt" in result.stderr, result.stderr[-3000:]
     result = _run_ranks(["resume", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     (rows,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
     # cut at the end of epoch 1, before the recorder saved it: epochs 1-3 run again
     assert rows == [{"rank": 0, "epochs": [1, 2, 3], "equal": True}, {"rank": 1, "epochs": [1, 2, 3], "equal": True}]
+
+
+def test_a_failure_ends_the_job_once_however_many_layers_catch_it():
+    class TwoRanks(D.Communicator):
+        rank, size = 0, 2
+
+        def __init__(self):
+            self.aborted = []
+
+        def abort(self, message):  # MPI_Abort may return before the process is ended
+            self.aborted.append(message)
+
+    comm = TwoRanks()
+    with pytest.raises(KeyboardInterrupt):
+        with D.failure_ends_the_job(comm), D.failure_ends_the_job(comm):  # xpnet train's, then fit's
+            raise KeyboardInterrupt
+    with pytest.raises(ValueError, match="^a bad folder$"):
+        with D.failure_ends_the_job(comm):
+            raise ValueError("a bad folder")
+    assert comm.aborted == ["KeyboardInterrupt", "ValueError: a bad folder"]
+    with pytest.raises(ValueError), D.failure_ends_the_job(None):  # one process: nothing to end
+        raise ValueError("alone")
+    comm.size = 1
+    with pytest.raises(ValueError), D.failure_ends_the_job(comm):
+        raise ValueError("a one-rank job")
+    assert len(comm.aborted) == 2
 
 
 def test_a_failing_rank_ends_the_job_with_its_reason_instead_of_a_hang():
@@ -147,6 +175,12 @@ def test_xpnet_train_under_mpiexec_records_and_prints_once(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert '"ranks": 2' in json.dumps(config), config
     assert (out / "model.safetensors").is_file()
+
+    # rank 0 refuses the folder before training: the job ends, rank 1 does not wait for it
+    again = subprocess.run([_mpiexec(), "-n", "2", *command, "train", "--data", str(data), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert again.returncode != 0
+    assert "rank 0 of 2 failed, ending the job: FileExistsError" in again.stderr, again.stderr[-3000:]
 
 
 def test_without_cupy_the_nccl_path_says_what_to_install():

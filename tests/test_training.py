@@ -886,6 +886,8 @@ def test_a_distributed_run_interrupted_then_resumed_ends_as_the_uninterrupted_on
     assert errors == [None, None]
     _, errors = thread_ranks.run(train("cut", callbacks=[InterruptAfter(2)]))
     assert [type(e) for e in errors] == [KeyboardInterrupt, KeyboardInterrupt]
+    assert sorted(thread_ranks.aborted) == [(0, "KeyboardInterrupt"), (1, "KeyboardInterrupt")]  # a Ctrl-C ends the job
+    thread_ranks.aborted.clear()
     resumed, errors = thread_ranks.run(train("cut", resume=True))
     assert errors == [None, None] and thread_ranks.aborted == []
     for (epochs, weights), (_, whole_weights) in zip(resumed, whole):

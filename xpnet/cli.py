@@ -236,6 +236,15 @@ def _resumed(args, parser):
 
 
 def cmd_train(args) -> int:
+    from .distributed import MPICommunicator, failure_ends_the_job, launched_ranks
+
+    # under mpiexec or srun, a rank that fails outside fit (a folder in use, data it cannot read)
+    # ends the job: the others would wait for it in a collective call forever
+    with failure_ends_the_job(MPICommunicator() if launched_ranks() > 1 else None):
+        return _train(args)
+
+
+def _train(args) -> int:
     from .backend import get_backend
     from .distributed import launched_rank
     from .runs import RunRecorder
@@ -384,7 +393,7 @@ def main(argv=None) -> int:
                "draw": cmd_draw}[args.command]
     try:
         return command(args)
-    except (ValueError, TypeError, OSError, BackendError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, BackendError) as exc:
         message = " ".join(str(exc).splitlines()) or type(exc).__name__
         print(f"xpnet {args.command}: error: {message}", file=sys.stderr)
         return 2

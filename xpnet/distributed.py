@@ -18,13 +18,14 @@ the MPICH wheel, whose ``mpiexec`` runs the job: ``mpiexec -n 2 xpnet train``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import numpy as np
 
 __all__ = ["Communicator", "MPICommunicator", "NCCLCommunicator", "launched_ranks", "launched_rank", "communicator",
-           "shard", "check_resumable", "share_start"]
+           "shard", "check_resumable", "failure_ends_the_job", "share_start"]
 
 # The variables a launcher sets for the job's size: MPICH's Hydra (and Intel MPI), Open MPI, PMIx, Slurm.
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
@@ -175,6 +176,21 @@ def for_fit(distributed, backend_name: str) -> Communicator | None:
     if not isinstance(distributed, (bool, np.bool_)):
         raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
     return communicator(backend_name) if distributed else None
+
+
+@contextlib.contextmanager
+def failure_ends_the_job(comm: Communicator | None):
+    """An exception or a Ctrl-C on one rank of several ends every rank, after a line naming the
+    rank and the error: the others may be waiting for this one in a collective call, where a
+    signal never reaches Python (a Ctrl-C under ``mpiexec`` lands on every rank, but one blocked
+    in MPI never sees it). ``comm`` None: one process, nothing to end."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as exc:
+        if comm is not None and comm.size > 1 and not getattr(exc, "_ended_the_job", False):
+            exc._ended_the_job = True  # said once, where it was first caught (MPI_Abort may return)
+            comm.abort(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        raise
 
 
 def check_resumable(model) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import functional as F
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
-from .distributed import GradientSum, check_resumable, shard, share_start
+from .distributed import GradientSum, check_resumable, failure_ends_the_job, shard, share_start
 from .distributed import for_fit as distributed_for_fit
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, _Seeded
 from .optim import make_optimizer
@@ -279,7 +279,7 @@ def fit(
     follower = comm is not None and comm.rank != 0
     if follower:
         verbose, run_dir = 0, None  # rank 0 alone prints and records (and reads a resumed run)
-    with _failure_ends_the_job(comm):
+    with failure_ends_the_job(comm):
         epochs = _check_int("epochs", epochs, 0)
         initial_epoch = _check_int("initial_epoch", initial_epoch, 0)
         if initial_epoch > epochs:
@@ -414,18 +414,6 @@ def fit(
             for cb in begun:
                 cb.on_train_end(dict(end))
         return history
-
-
-@contextlib.contextmanager
-def _failure_ends_the_job(comm):
-    """An exception on one rank of several ends every rank (the others may be waiting in a
-    collective call for this one), after a line naming the rank and the error."""
-    try:
-        yield
-    except Exception as exc:
-        if comm is not None and comm.size > 1:
-            comm.abort(f"{type(exc).__name__}: {exc}")
-        raise
 
 
 #: what ``fit`` does when training diverges (see ``callbacks.DivergenceMonitor``)
