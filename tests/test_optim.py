@@ -411,17 +411,17 @@ def test_a_state_that_is_not_this_optimizers_is_refused(state, match):
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda: SGD(lr=-0.1), ValueError, "lr must be in >= 0, got -0.1"),
+    (lambda: SGD(lr=-0.1), ValueError, "lr must be >= 0, got -0.1"),
     (lambda: SGD(lr=0), ValueError, "lr must be > 0, got 0"),
     (lambda: SGD(momentum=1.0), ValueError, "momentum must be in [0, 1.0), got 1.0"),
-    (lambda: SGD(weight_decay=-0.1), ValueError, "weight_decay must be in >= 0, got -0.1"),
+    (lambda: SGD(weight_decay=-0.1), ValueError, "weight_decay must be >= 0, got -0.1"),
     (lambda: SGD(nesterov=True), ValueError, "nesterov=True needs momentum > 0"),
     (lambda: Adam(betas=(1.0, 0.9)), ValueError, "betas[0] must be in [0, 1.0), got 1.0"),
     (lambda: Adam(betas=(0.9, -1)), ValueError, "betas[1] must be in [0, 1.0), got -1"),
-    (lambda: Adam(eps=-1), ValueError, "eps must be in >= 0, got -1"),
+    (lambda: Adam(eps=-1), ValueError, "eps must be >= 0, got -1"),
     (lambda: Adam(eps=float("nan")), TypeError, "eps must be a finite number, got nan"),
-    (lambda: CosineLR(min_factor=-1.0), ValueError, "min_factor must be in >= 0, got -1.0"),
-    (lambda: StepLR(2, gamma=-0.5), ValueError, "gamma must be in >= 0, got -0.5"),
+    (lambda: CosineLR(min_factor=-1.0), ValueError, "min_factor must be >= 0, got -1.0"),
+    (lambda: StepLR(2, gamma=-0.5), ValueError, "gamma must be >= 0, got -0.5"),
     (lambda: make_optimizer(SGD(), lr=0.1, momentum=0.9, schedule="cosine", weight_decay=0.1), ValueError,
      "set lr, momentum, schedule, weight_decay on the optimizer object, not beside it"),
     (lambda: SGD().load_state_dict({"0.v": np.zeros(3)}, [np.zeros(3)]), ValueError,

@@ -81,8 +81,8 @@ def _check_rate(name, value, *, upper=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (upper is not None and value >= upper):
-        bound = f"[0, {upper})" if upper is not None else ">= 0"
-        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+        bound = f"in [0, {upper})" if upper is not None else ">= 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     return float(value)
 
 
