@@ -75,7 +75,7 @@ def test_float_labels_with_integral_values_are_accepted(data):
         ({"epochs": -1}, ValueError, "epochs must be >= 0, got -1"),
         ({"epochs": True}, TypeError, "epochs must be an integer"),
         ({"optimizer": "rmsprop"}, ValueError, "unknown optimizer 'rmsprop'"),
-        ({"lr": -0.1}, ValueError, "lr must be in"),
+        ({"lr": -0.1}, ValueError, "lr must be >= 0, got -0.1"),
         ({"lr": float("nan")}, TypeError, "lr must be a finite number"),
         ({"momentum": 1.5}, ValueError, "momentum must be in"),
         ({"validation_split": 1.0}, ValueError, "validation_split must be a fraction"),

@@ -333,6 +333,27 @@ def test_image_models_name_the_problem_with_x_in_image_terms(cnn, X, error, mess
         cnn.predict(X)
 
 
+def test_images_of_several_channels_given_channels_first_are_refused_not_misread(rng):
+    """(N, 3, 4, 4) holds as many values as (N, 4, 4, 3): read channels-last it would be a
+    silent wrong answer. Flat rows and the input shape up to axes of size 1 are taken."""
+    model = xpnet.Sequential([Conv2D(2, 3), Flatten(), Dense(3)], input_shape=(4, 4, 3), seed=0)
+    X = rng.random((2, 4, 4, 3)).astype(np.float32)
+    expected = model.predict_proba(X)
+    for rows in (X.reshape(2, 48), X.reshape(2, 1, 4, 4, 3), X.reshape(2, 4, 4, 3, 1)):
+        np.testing.assert_array_equal(model.predict_proba(rows), expected)
+    for bad in (X.transpose(0, 3, 1, 2), X.reshape(2, 16, 3), X.reshape(2, 4, 12)):
+        message = (f"X has rows of shape {bad.shape[1:]}, but the model takes rows of shape (4, 4, 3) (channels "
+                   "last: height, width, channels) or flat rows of 48 values")
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            model.predict(bad)
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            model.fit(bad, np.array([0, 1]), epochs=1, verbose=0)
+    flat_input = xpnet.Sequential([Flatten(), Dense(3)], input_shape=(2, 3))
+    with pytest.raises(ValueError, match=r"^X has rows of shape \(3, 2\), but the model takes rows of shape "
+                                         r"\(2, 3\) or flat rows of 6 values$"):
+        flat_input.predict(np.zeros((2, 3, 2)))
+
+
 def test_flat_models_name_the_bad_value_by_row_and_column():
     model = xpnet.MLP([4, 3], seed=0)
     X = np.zeros((3, 4))

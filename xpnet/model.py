@@ -228,8 +228,9 @@ class Sequential:
     def _prepare_X(self, X, *, keep_pixels=False):
         """Check ``X`` and return it as a (N, *input_shape) array of the model's dtype on its backend.
 
-        Rows of another shape with the same number of values are reshaped (so ``(N, 28, 28)``
-        images fit a 784-input MLP and flat rows fit a ``(28, 28, 1)`` CNN). uint8 is scaled by
+        Rows of another shape with the same number of values are reshaped where that is
+        unambiguous (``_check_row_shape``: ``(N, 28, 28)`` images fit a 784-input MLP, flat rows
+        and ``(N, 28, 28)`` images a ``(28, 28, 1)`` CNN). uint8 is scaled by
         1/255 (``F.scale_pixels``), or with ``keep_pixels`` (host uint8 data on the CPU backend)
         kept as a C-contiguous (N, n_features) uint8 array for a training step that scales each batch.
         """
@@ -250,6 +251,7 @@ class Sequential:
                 f"X has {features} features per row (shape {tuple(arr.shape)}), but the model expects "
                 f"{self.n_features}{rows}"
             )
+        self._check_row_shape(tuple(arr.shape[1:]))
         if on_device:  # checked where it lives: no copy to the host
             return self._prepare_device_X(arr)
         host = arr
@@ -274,6 +276,22 @@ class Sequential:
         else:
             raise TypeError(f"X must hold numbers (uint8 or float), got dtype {host.dtype}")
         return self._to_device(np.ascontiguousarray(out))
+
+    def _check_row_shape(self, row_shape) -> None:
+        """Rows are taken in the model's input shape only where that cannot mix up their values:
+        flat rows (any input shape), any rows for a flat input (an MLP), or the input shape up to
+        axes of size 1 ((28, 28) images for (28, 28, 1)). Images of 3 channels first, (3, 32, 32)
+        for (32, 32, 3), hold as many values, but reading them channels-last would be a silent
+        wrong answer."""
+        shape = self._input_shape
+        if len(row_shape) == 1 or len(shape) == 1:
+            return
+        if tuple(d for d in row_shape if d != 1) != tuple(d for d in shape if d != 1):
+            layout = " (channels last: height, width, channels)" if len(shape) == 3 else ""
+            raise ValueError(
+                f"X has rows of shape {row_shape}, but the model takes rows of shape {shape}{layout} "
+                f"or flat rows of {self.n_features} values"
+            )
 
     def _prepare_sparse_X(self, X):
         """A scipy sparse ``X`` (or ``SparseRows``: rows of ``n_features`` values, flat) as
