@@ -217,6 +217,31 @@ def test_train_on_npz_and_csv_files(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out and read_run(tmp_path / "t")["config"]["fit"]["n_val"] == 240
 
 
+def test_evaluate_takes_a_run_folders_own_data_unless_told(tmp_path, monkeypatch, capsys):
+    X, y = pixels()
+    npz, csv = tmp_path / "d.npz", tmp_path / "d.csv"
+    np.savez(npz, x_train=X[:200].astype(np.uint8), y_train=y[:200], x_test=X[200:].astype(np.uint8), y_test=y[200:])
+    np.savetxt(csv, np.column_stack([y, X]), fmt="%d", delimiter=",")
+    monkeypatch.chdir(tmp_path)  # relative paths in the recorded commands
+    assert main(["train", "--data", "d.npz", "--out", "n", "--epochs", "2", "--quiet"]) == 0
+    trained = capsys.readouterr().out.split("test accuracy ")[1].split(",")[0]
+    assert main(["train", "--data", "d.csv", "--test-data", "d.npz", "--out", "c", "--epochs", "2", "--quiet"]) == 0
+    tested = capsys.readouterr().out.split("test accuracy ")[1].split(",")[0]
+    monkeypatch.chdir(tmp_path / "n")  # evaluated from elsewhere
+    assert main(["evaluate", str(tmp_path / "n")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"test accuracy {trained}, ") and out.endswith(f" on {npz}\n")
+    assert main(["evaluate", str(tmp_path / "c")]) == 0  # its --test-data
+    out = capsys.readouterr().out
+    assert out.startswith(f"test accuracy {tested}, ") and out.endswith(f" on {npz}\n")
+    assert main(["evaluate", str(tmp_path / "c"), "--split", "train"]) == 0
+    assert capsys.readouterr().out.endswith(f" on {csv}\n")
+    assert main(["evaluate", str(tmp_path / "c"), "--data", str(csv)]) == 2  # told: the CSV alone
+    assert "holds no test set (x_test, y_test): use --split train" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "n" / "model.safetensors"), "--data", str(npz)]) == 0  # a file: no run
+    assert capsys.readouterr().out.startswith(f"test accuracy {trained}, ")
+
+
 def test_plots_skipped_say_so_and_how_to_get_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it fails
     csv = tmp_path / "d.csv"

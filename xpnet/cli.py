@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a run folder, or a model file written by xpnet train / model.save")
     evaluate.add_argument("--backend", default=None, help=backend)
     evaluate.add_argument("--split", default="test", choices=["train", "test"], help="the rows to evaluate on")
-    evaluate.add_argument("--data", default=None, help=data)
+    evaluate.add_argument("--data", default=None, help=data + " (default for a run folder: the data it was trained on)")
 
     export = command("export", help="write a saved model as an ONNX graph",
                      description="The graph takes float32 rows of the model's input shape (pixels scaled "
@@ -210,6 +210,23 @@ def _sha256(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _recorded_train_command(run, parser):
+    """``(args, config)``: the ``xpnet train`` arguments run folder ``run`` recorded (data paths
+    as that command meant them, from the folder it ran in), or None for a run recorded otherwise
+    (``fit(run_dir=...)``), and its config."""
+    from .runs import read_run
+
+    config = read_run(run)["config"]
+    command, cwd = config.get("command"), config.get("cwd")
+    if not (isinstance(command, list) and command[:2] == ["xpnet", "train"] and isinstance(cwd, str)):
+        return None, config
+    recorded = parser.parse_args(command[1:])
+    for name in ("data", "test_data"):
+        if getattr(recorded, name) is not None:
+            setattr(recorded, name, str(Path(cwd, getattr(recorded, name))))
+    return recorded, config
+
+
 def _resumed(args, parser):
     """The arguments of the run ``--resume RUN`` continues: its recorded command, read again."""
     run = Path(args.resume)
@@ -218,18 +235,13 @@ def _resumed(args, parser):
              if k not in ("resume", "quiet", "argv") and v != defaults.get(k)]
     if extra:
         raise ValueError(f"--resume continues {run} with its own settings: give no {', '.join(extra)}")
-    from .runs import CONFIG, read_run
+    from .runs import CONFIG
 
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run} holds no recorded run to resume (no {CONFIG})")
-    config = read_run(run)["config"]
-    command, cwd = config.get("command"), config.get("cwd")
-    if not (isinstance(command, list) and command[:2] == ["xpnet", "train"] and isinstance(cwd, str)):
+    resumed, config = _recorded_train_command(run, parser)
+    if resumed is None:
         raise ValueError(f"{run} was not recorded by xpnet train (its config.json has no train command and folder)")
-    resumed = parser.parse_args(command[1:])
-    for name in ("data", "test_data"):  # paths as the recorded command meant them
-        if getattr(resumed, name) is not None:
-            setattr(resumed, name, str(Path(cwd, getattr(resumed, name))))
     resumed.out, resumed.resume, resumed.quiet, resumed.overwrite = str(run), str(run), args.quiet, False
     resumed.recorded_data, resumed.argv = config.get("data"), args.argv
     return resumed
@@ -336,14 +348,21 @@ def _model_file(path) -> Path:
 
 def cmd_evaluate(args) -> int:
     from .model import load
+    from .runs import CONFIG
 
     model = load(_model_file(args.model), backend=args.backend)
-    X_train, y_train, X_test, y_test, _ = _load_data(args.data)
+    data, test_data = args.data, None
+    if data is None and Path(args.model).is_dir() and (Path(args.model) / CONFIG).is_file():
+        recorded, _ = _recorded_train_command(Path(args.model), _parser())
+        if recorded is not None:  # a run folder: the data it was trained and tested on
+            data, test_data = recorded.data, recorded.test_data
+    X_train, y_train, X_test, y_test, _ = _load_data(data, test_data)
     if args.split == "test" and X_test is None:
-        raise ValueError(f"{args.data} holds no test set (x_test, y_test): use --split train")
+        raise ValueError(f"{data} holds no test set (x_test, y_test): use --split train")
     X, y = (X_test, y_test) if args.split == "test" else (X_train, y_train)
     scores = model.evaluate(X, y)
-    print(f"{args.split} accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f} ({model})")
+    where = "" if data is None else f" on {test_data if args.split == 'test' and test_data else data}"
+    print(f"{args.split} accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f} ({model}){where}")
     return 0
 
 
