@@ -44,8 +44,18 @@ def test_train_then_evaluate(tmp_path, data, capsys):
 
 
 def test_train_reports_bad_settings_clearly(tmp_path, data, capsys):
-    assert main(["train", "--epochs", "1", "--batch-size", "0", "--out", str(tmp_path / "r"), *data]) == 2
-    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["train", "--epochs", "1", "--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "--weight-decay",
+                 "0", "--lr", "1e-9", "--seed", "0", "--out", str(tmp_path / "ok"), "--quiet", *data]) == 0  # near the bounds
+    capsys.readouterr()
+    for option, value, message in [("--batch-size", "0", "an integer >= 1"), ("--epochs", "-1", "an integer >= 0"),
+                                   ("--epochs", "1.5", "an integer >= 0"), ("--lr", "0", "a number > 0"),
+                                   ("--lr", "inf", "a number > 0"), ("--weight-decay", "-1", "a number >= 0"), ("--momentum", "1", "a number in [0, 1)"),
+                                   ("--weight-decay", "nan", "a number >= 0"), ("--seed", "-1", "an integer >= 0")]:
+        with pytest.raises(SystemExit) as exited:  # refused before any data is read: --data is not even there
+            main(["train", option, value, "--out", str(tmp_path / "r"), "--data", str(tmp_path / "none")])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == f"xpnet train: error: argument {option}: takes {message}, got {value!r}\n"
+    assert not (tmp_path / "r").exists()
 
 
 def test_bad_layers_are_an_argparse_error(capsys):
@@ -143,7 +153,7 @@ def test_cuda_without_cupy_or_gpu_is_one_line_before_any_folder(tmp_path, monkey
         (["train", "--resume", "nothing"], "nothing holds no recorded run to resume (no config.json)"),
         (["train", "--overwrite", "--resume", "r"], "give no --overwrite"),
         (["evaluate", "."], ". holds no model.safetensors (a run folder has one once an epoch has finished)"),
-        (["train", "--epochs", "x"], "xpnet train: error: argument --epochs: invalid int value: 'x'"),
+        (["train", "--epochs", "x"], "xpnet train: error: argument --epochs: takes an integer >= 0, got 'x'"),
         (["runs", "compare", "a"], "the following arguments are required: run_b"),
     ],
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import math
 import os
 import sys
 import time
@@ -36,6 +37,24 @@ def _layers(text: str) -> list[int]:
     if len(widths) < 2 or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"--layers needs at least two positive widths, got {text!r}")
     return widths
+
+
+def _number(kind, low, high=None, *, above=False):
+    """An argparse type: a finite ``kind`` (int or float) in ``[low, high)`` (``(low, high)``
+    with ``above``), so that a bad setting is refused before any data is loaded."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if (value is None or not math.isfinite(value) or value < low or (above and value == low)
+                or (high is not None and value >= high)):
+            bound = (f"> {low}" if above else f">= {low}") if high is None else f"in [{low}, {high})"
+            raise argparse.ArgumentTypeError(f"takes {'an integer' if kind is int else 'a number'} {bound}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _port(text: str) -> int:
@@ -92,17 +111,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="MLP widths (default: 784,50,25,10; with a data file, its features,50,25,its classes)")
     train.add_argument("--activation", default="relu", choices=["relu", "tanh", "sigmoid"],
                        help="the MLP's hidden layers'")
-    train.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
-    train.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    train.add_argument("--epochs", type=_number(int, 0), default=None, help="default: the recipe's")
+    train.add_argument("--batch-size", type=_number(int, 1), default=None, help="default: the recipe's")
     train.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="default: the recipe's")
-    train.add_argument("--lr", type=float, default=None,
+    train.add_argument("--lr", type=_number(float, 0, above=True), default=None,
                        help=f"default: the recipe's for its optimizer, else the optimizer's ({rates})")
-    train.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0, plain SGD)")
+    train.add_argument("--momentum", type=_number(float, 0, 1), default=None, help="SGD momentum (default: 0, plain SGD)")
     train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
-    train.add_argument("--weight-decay", type=float, default=None, help="default: 0 (0.01 for adamw)")
+    train.add_argument("--weight-decay", type=_number(float, 0), default=None, help="default: 0 (0.01 for adamw)")
     train.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="default: the recipe's")
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="of weights and math")
-    train.add_argument("--seed", type=int, default=0, help="seeds the weights, shuffling, dropout and random shifts")
+    train.add_argument("--seed", type=_number(int, 0), default=0, help="seeds the weights, shuffling, dropout and random shifts")
     train.add_argument("--data", default=None, help=data)
     train.add_argument("--test-data", default=None, metavar="FILE",
                        help="test rows for a --data file, in the same layout (default: the file's x_test, y_test; "
@@ -299,7 +318,7 @@ def _train(args) -> int:
     seconds = sum(history["seconds"]) if history.epoch else 0.0  # epochs only: no plots, no saving
     scores, split = (model.evaluate(*test), "test") if test else (model.evaluate(X_train, y_train), "train")
     print(f"{split} accuracy {scores['accuracy']:.4f}, {split} loss {scores['loss']:.4f}, "
-          f"{len(history.epoch)} epochs in {seconds:.1f} s; saved in {out}")
+          f"{len(history.epoch)} epoch{'s' * (len(history.epoch) != 1)} in {seconds:.1f} s; saved in {out}")
     plots = (recorder.summary or {}).get("plots")
     if isinstance(plots, str):  # said in summary.json; said here too, with how to get them
         print("xpnet train: plots skipped: matplotlib is not installed (pip install 'xpnet[plot]')", file=sys.stderr)
