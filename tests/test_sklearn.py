@@ -5,6 +5,7 @@ and use inside Pipeline, cross_val_score and GridSearchCV(n_jobs=2)."""
 from __future__ import annotations
 
 import io
+import re
 
 import joblib
 import numpy as np
@@ -98,6 +99,11 @@ def trained_from(estimator, weights, X, y):
     {"solver": "sgd", "momentum": 0.9, "nesterovs_momentum": True, "learning_rate_init": 0.05, "alpha": 0.1},
     {"solver": "sgd", "momentum": 0.8, "nesterovs_momentum": False, "learning_rate_init": 0.05, "alpha": 0.0},
     {"solver": "adam", "learning_rate_init": 0.01, "alpha": 0.3, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-3},
+    {"solver": "sgd", "momentum": 0.9, "learning_rate": "invscaling", "power_t": 0.25, "learning_rate_init": 0.3,
+     "alpha": 0.1},
+    # no epoch gains 1e3: the warm start's third epoch runs at a fifth of the rate
+    {"solver": "sgd", "momentum": 0.5, "learning_rate": "adaptive", "tol": 1e3, "n_iter_no_change": 1,
+     "learning_rate_init": 0.2, "alpha": 0.1},
 ])
 def test_the_same_settings_train_to_the_same_weights_as_scikit_learn(settings, rng):
     """Same data, same start, same batches (no shuffling): the same
@@ -127,6 +133,34 @@ def test_stopping_on_the_training_loss_counts_epochs_as_scikit_learn_does():
     ours, sk = MLPClassifier(**params).fit(X, y), neural_network.MLPClassifier(**params).fit(X, y)
     assert ours.n_iter_ == sk.n_iter_ == 4 and len(ours.loss_curve_) == 4
     assert ours.best_loss_ == min(ours.loss_curve_) and ours.validation_scores_ is None
+
+
+@pytest.mark.parametrize("settings", [
+    {"learning_rate": "invscaling", "power_t": 0.3, "max_iter": 4},
+    {"learning_rate": "adaptive", "tol": 10.0, "n_iter_no_change": 1, "max_iter": 50, "learning_rate_init": 0.1},
+    {"learning_rate": "adaptive", "tol": 10.0, "n_iter_no_change": 2, "max_iter": 10, "learning_rate_init": 0.1},
+])
+def test_sgd_learning_rate_schedules_move_the_rate_and_stop_as_scikit_learn_does(settings, capsys):
+    """invscaling: ``learning_rate_init / (t_ + 1) ** power_t`` after each epoch; adaptive: a
+    fifth of the rate, instead of stopping, while it is above 1e-6 (here every epoch but the
+    first fails a tol of 10, so the rate falls from 0.1 to 2.56e-7 in 19 epochs)."""
+    X, y = blobs(n=90)
+    params = dict(hidden_layer_sizes=(4,), solver="sgd", batch_size=30, random_state=0, verbose=True, **settings)
+    lines = lambda out: re.sub(r"loss = \S+", "loss = ...", out)  # noqa: E731 - the losses aside
+    ours = MLPClassifier(**params).fit(X, y)
+    said = lines(capsys.readouterr().out)
+    sk = neural_network.MLPClassifier(**params).fit(X, y)
+    assert said == lines(capsys.readouterr().out)
+    assert ours.n_iter_ == sk.n_iter_ and ours._optimizer.rate == sk._optimizer.learning_rate
+    if settings["learning_rate"] == "invscaling":
+        assert ours._optimizer.rate == 1e-3 / (4 * 90 + 1) ** 0.3
+    else:
+        assert said.count("Setting learning rate to") == (8 if settings["n_iter_no_change"] == 1 else 3)
+    # Adam's rate is learning_rate_init whatever the schedule: it stops where it would
+    params.update(solver="adam", verbose=False)
+    adam = MLPClassifier(**params).fit(X, y)
+    assert adam.n_iter_ == neural_network.MLPClassifier(**params).fit(X, y).n_iter_
+    assert adam.n_iter_ == (4 if settings["learning_rate"] == "invscaling" else settings["n_iter_no_change"] + 2)
 
 
 def test_running_out_of_epochs_or_samples_warns_as_scikit_learn_does():

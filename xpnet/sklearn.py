@@ -52,7 +52,23 @@ class _KernelL2:
 
 
 class _SGD(_KernelL2, SGD):
-    pass
+    """scikit-learn's SGD rate: ``rate``, which ``learning_rate="invscaling"`` lowers after each
+    epoch and ``"adaptive"`` divides by 5 when progress stalls (the estimator sets it).
+
+    scikit-learn's velocity is ``-lr * v`` of xpnet's (``v = momentum * v - lr * g``, the rate
+    inside it): where the rate changes, ``v`` is rescaled so that the velocity goes on as
+    scikit-learn's does."""
+
+    def __init__(self, lr, **kwargs):
+        super().__init__(lr, **kwargs)
+        self.rate = self.base_lr
+
+    def start_epoch(self, epoch, epochs):
+        if self.rate != self.lr:
+            for entry in self.state or ():
+                if "v" in entry:
+                    entry["v"] *= self.lr / self.rate
+        self.lr = self.rate
 
 
 class _Adam(_KernelL2, Adam):
@@ -84,7 +100,9 @@ _TRAINING_CONSTRAINTS = {
     "solver": [StrOptions({"sgd", "adam", "lbfgs"})],  # "lbfgs" gets an error of its own
     "alpha": [Interval(numbers.Real, 0, None, closed="left")],
     "batch_size": [StrOptions({"auto"}), Interval(numbers.Integral, 1, None, closed="left")],
+    "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
     "learning_rate_init": [Interval(numbers.Real, 0, None, closed="neither")],
+    "power_t": [Interval(numbers.Real, 0, None, closed="left")],
     "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
     "shuffle": ["boolean"],
     "random_state": ["random_state"],
@@ -290,12 +308,25 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
             improved = self.loss_ <= self.best_loss_ - self.tol
             self.best_loss_ = min(self.best_loss_, self.loss_)
         self._no_improvement_count = 0 if improved else self._no_improvement_count + 1
-        self._stopped = self._no_improvement_count > self.n_iter_no_change
-        if self._stopped and self.verbose:
-            what = "Validation score" if self.early_stopping else "Training loss"
-            print(f"{what} did not improve more than tol={self.tol:f} for {self.n_iter_no_change} consecutive "
-                  "epochs. Stopping.")
-        return self._stopped
+        sgd = self._optimizer if self.solver == "sgd" else None
+        if sgd is not None and self.learning_rate == "invscaling":
+            sgd.rate = self.learning_rate_init / (self.t_ + 1) ** self.power_t
+        if self._no_improvement_count <= self.n_iter_no_change:
+            return False
+        what = "Validation score" if self.early_stopping else "Training loss"
+        said = f"{what} did not improve more than tol={self.tol:f} for {self.n_iter_no_change} consecutive epochs."
+        if sgd is not None and self.learning_rate == "adaptive":
+            if sgd.rate > 1e-6:  # stalled: a fifth of the rate, and go on
+                sgd.rate /= 5.0
+                self._no_improvement_count = 0
+                if self.verbose:
+                    print(f"{said} Setting learning rate to {sgd.rate:f}")
+                return False
+            said += " Learning rate too small."
+        if self.verbose:
+            print(f"{said} Stopping.")
+        self._stopped = True
+        return True
 
 
 # sparse matrices stay sparse: the model takes them as they are (``xpnet.sparse``)
@@ -320,8 +351,16 @@ _TRAINING_PARAMETERS = """\
         divides by its own size there).
     batch_size : int or "auto", default="auto"
         "auto" is ``min(200, n_samples)``; larger than ``n_samples``: clipped, with a warning.
+    learning_rate : {"constant", "invscaling", "adaptive"}, default="constant"
+        SGD's rate, as in scikit-learn (Adam's is always ``learning_rate_init``): constant;
+        after each epoch ``learning_rate_init / (t_ + 1) ** power_t`` (``t_``: samples seen);
+        or constant while the epochs improve, divided by 5 each time more than
+        ``n_iter_no_change`` epochs in a row do not (instead of stopping), until it is at most
+        1e-6.
     learning_rate_init : float, default=1e-3
-        The constant learning rate (scikit-learn's ``learning_rate="constant"``).
+        The (initial) learning rate.
+    power_t : float, default=0.5
+        The exponent of ``learning_rate="invscaling"``.
     max_iter : int, default=200
         Epochs (passes over the data) per ``fit``.
     shuffle : bool, default=True
@@ -351,7 +390,8 @@ _TRAINING_PARAMETERS = """\
         Adam's, as scikit-learn uses them (``epsilon`` added to ``sqrt(v)`` before the bias
         correction, where ``xpnet.optim.Adam`` adds it after).
     n_iter_no_change : int, default=10
-        Stop after more than this many epochs without improvement by ``tol``.
+        Stop after more than this many epochs without improvement by ``tol`` (SGD with
+        ``learning_rate="adaptive"``: lower the rate instead, while it is above 1e-6).
     backend : "cpu", "cuda", "auto", a Backend, a namespace module or None, default=None
         Where the network trains and predicts (None: xpnet's current default). X and y are
         host arrays either way.
@@ -386,8 +426,8 @@ class MLPClassifier(_NeuralNetBase):
     Glorot-uniform weights (scikit-learn's for relu and tanh), zero biases and a softmax output
     trained on the mean cross-entropy (also for 2 classes, where scikit-learn has one logistic
     unit). X is used as numbers: pixels are not rescaled (give ``X / 255``, as to scikit-learn).
-    Not supported: ``solver="lbfgs"``, ``learning_rate`` schedules other than constant
-    (``power_t``), ``max_fun``, ``sample_weight``, multilabel y.
+    Not supported: ``solver="lbfgs"`` (so ``max_fun``, its limit, is kept but unused),
+    ``sample_weight``, multilabel y.
 
     Parameters
     ----------
@@ -395,7 +435,9 @@ class MLPClassifier(_NeuralNetBase):
         The widths of the hidden layers.
     activation : {{"relu", "tanh", "logistic", "identity"}}, default="relu"
         Of the hidden layers ("logistic" is xpnet's "sigmoid").
-{_TRAINING_PARAMETERS}
+{_TRAINING_PARAMETERS}    max_fun : int, default=15000
+        The limit of loss evaluations of ``solver="lbfgs"``: taken, so that scikit-learn's
+        parameters all fit, but unused.
 {_ATTRIBUTES}
     coefs_, intercepts_ : lists of ndarray
         Copies of each layer's kernel (n_in, n_out) and bias, as scikit-learn names them.
@@ -404,14 +446,15 @@ class MLPClassifier(_NeuralNetBase):
     _parameter_constraints = {
         "hidden_layer_sizes": ["array-like", Interval(numbers.Integral, 1, None, closed="left")],
         "activation": [StrOptions(set(_ACTIVATIONS))],
+        "max_fun": [Interval(numbers.Integral, 1, None, closed="left")],
         **_TRAINING_CONSTRAINTS,
     }
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=1e-4,
-                 batch_size="auto", learning_rate_init=1e-3, max_iter=200, shuffle=True, random_state=None,
-                 tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
-                 early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, backend=None):
+                 batch_size="auto", learning_rate="constant", learning_rate_init=1e-3, power_t=0.5, max_iter=200,
+                 shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-8, n_iter_no_change=10, max_fun=15000, backend=None):
         _keep_parameters(self, locals())
 
     def _layers(self, n_features, n_classes):
@@ -461,10 +504,10 @@ class NeuralNetClassifier(_NeuralNetBase):
     }
 
     def __init__(self, build_fn, *, input_shape=None, solver="adam", alpha=1e-4, batch_size="auto",
-                 learning_rate_init=1e-3, max_iter=200, shuffle=True, random_state=None, tol=1e-4, verbose=False,
-                 warm_start=False, momentum=0.9, nesterovs_momentum=True, early_stopping=False,
-                 validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10,
-                 backend=None):
+                 learning_rate="constant", learning_rate_init=1e-3, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True,
+                 early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 n_iter_no_change=10, backend=None):
         _keep_parameters(self, locals())
 
     def _layers(self, n_features, n_classes):
