@@ -73,6 +73,13 @@ def _isa() -> dict:
         isa["numba_target"] = os.environ.get("NUMBA_CPU_NAME") or llvm.get_host_cpu_name()
         isa["host_vector_features"] = sorted(k for k in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl")
                                              if features.get(k))
+        from xpnet.kernels import numba_cpu
+
+        if numba_cpu.unavailable() is None:  # the vector width xpnet's kernels were compiled for
+            import numba
+
+            numba_cpu._get_loops()
+            isa["numba_512_bit_vectors"] = "-prefer-256-bit" in (numba.config.CPU_FEATURES or "")
     except Exception as exc:  # llvmlite missing or a platform without these queries: say so
         isa["numba_target"] = f"unknown ({exc})"
     return isa

@@ -556,6 +556,48 @@ def test_the_kernels_compiled_for_avx2_alone_equal_the_reference(tmp_path):
     assert zmm == 0 and ymm > 0, (zmm, ymm)
 
 
+def test_512_bit_vectors_are_asked_for_on_avx512_only_where_the_user_chose_nothing(monkeypatch):
+    import types
+
+    from numba.core import codegen
+
+    from xpnet.kernels import numba_cpu
+
+    host = "+avx2,+fma,+avx512f,+avx512bw"
+    monkeypatch.setattr(codegen, "get_host_cpu_features", lambda: host)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(CPU_NAME=None, CPU_FEATURES=None))
+    numba_cpu._prefer_512_bit_vectors(fake)
+    assert fake.config.CPU_FEATURES == host + ",-prefer-256-bit"
+    for chosen in (dict(CPU_NAME="haswell", CPU_FEATURES=None), dict(CPU_NAME=None, CPU_FEATURES="+avx2"),
+                   dict(CPU_NAME="haswell", CPU_FEATURES="")):
+        fake = types.SimpleNamespace(config=types.SimpleNamespace(**chosen))
+        numba_cpu._prefer_512_bit_vectors(fake)
+        assert vars(fake.config) == chosen  # the user's choice stands
+    monkeypatch.setattr(codegen, "get_host_cpu_features", lambda: "+avx2,+fma,-avx512f")
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(CPU_NAME=None, CPU_FEATURES=None))
+    numba_cpu._prefer_512_bit_vectors(fake)
+    assert fake.config.CPU_FEATURES is None  # no AVX-512: nothing to ask for
+
+
+def test_on_an_avx512_cpu_the_kernels_use_512_bit_registers(tmp_path):
+    """LLVM's tuning for Intel's AVX-512 CPUs prefers 256-bit vectors; xpnet asks numba for the
+    full width (``numba_cpu._prefer_512_bit_vectors``), so the compiled softmax holds zmm
+    registers, on AMD's AVX-512 CPUs too."""
+    import llvmlite.binding as llvm
+
+    if not llvm.get_host_cpu_features().get("avx512f"):
+        pytest.skip("this CPU has no AVX-512")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba")
+    probe = ("import re, numpy as np; from xpnet.kernels import numba_cpu; L = numba_cpu._get_loops(); "
+             "x = np.ones((4, 100), np.float32); o = np.empty_like(x); "
+             "L.softmax_serial(x, o, o.reshape(-1), L.block_rows(100)); "
+             "asm = ''.join(L.softmax_serial.inspect_asm().values()); print(len(re.findall('zmm', asm)))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) > 0
+
+
 def test_the_numba_cache_dir_is_the_users_else_tmp_else_a_new_private_one(tmp_path, monkeypatch):
     import tempfile
 
