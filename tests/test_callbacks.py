@@ -406,3 +406,41 @@ def test_a_new_run_starts_afresh():
 def test_divergence_monitor_settings_are_checked(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         DivergenceMonitor(**kwargs)
+
+
+def test_early_stopping_goes_on_from_its_state_dict_as_if_never_stopped():
+    """What a run's checkpoint keeps: after ``load_state_dict`` a fresh EarlyStopping decides
+    as the one it came from, and restores the best epoch's weights in the model's own layout."""
+    values = [0.9, 0.5, 0.7, 0.8, 0.4]
+    whole = EarlyStopping(patience=2)
+    model, ran = drive(whole, values)
+    assert ran == [0, 1, 2, 3] and whole.stopped_epoch == 3 and model.restored[0][0][0, 0] == 1.0
+
+    first = EarlyStopping(patience=2)
+    model, _ = drive(first, values[:3])
+    state = first.state_dict()
+    assert state["best"] == 0.5 and state["wait"] == 1 and state["best_weights"] == 2
+    assert all(isinstance(state[f"best_weights.{i}"], np.ndarray) for i in range(2))
+    second = EarlyStopping(patience=2)
+    second.model = model
+    second.on_train_begin({})
+    second.load_state_dict({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()})
+    model.show_epoch(3)
+    second.on_epoch_end(3, {"loss": 1.0, "val_loss": values[3]})
+    assert model.stop_training and second.stopped_epoch == 3 and second.best_epoch == 1
+    second.on_train_end({})
+    assert isinstance(model.restored[0], tuple) and model.restored[0][0][0, 0] == 1.0  # epoch 1's (W, b)
+
+
+def test_the_divergence_monitor_goes_on_from_its_state_dict():
+    monitor = DivergenceMonitor(patience=2)
+    monitor.model = StandIn()
+    monitor.on_train_begin({"chance_accuracy": 0.5})
+    monitor.on_epoch_end(0, {"loss": 1.0, "accuracy": 0.6})
+    monitor.on_epoch_end(1, {"loss": 1.5, "accuracy": 0.6})  # one bad epoch
+    again = DivergenceMonitor(patience=2)
+    again.model = monitor.model
+    again.on_train_begin({"chance_accuracy": 0.5})
+    again.load_state_dict(monitor.state_dict())
+    with pytest.warns(DivergenceWarning, match="loss 1.6 above the first epoch's 1, 2 epochs in a row"):
+        again.on_epoch_end(2, {"loss": 1.6, "accuracy": 0.6})

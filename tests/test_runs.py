@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet.callbacks import Callback
+from xpnet.callbacks import Callback, EarlyStopping
 from xpnet.runs import (
     RunRecorder,
     cli_runs,
@@ -707,6 +707,42 @@ def test_a_run_stopped_after_epoch_k_and_resumed_ends_bit_identical(tmp_path, mo
     # generators, continue along another path
     weights_only.fit(X, y, initial_epoch=2, **settings)
     assert not all(np.array_equal(a, b) for a, b in zip(flat_weights(weights_only), flat_weights(whole)))
+
+
+def test_a_resumed_run_goes_on_with_its_callbacks_state(tmp_path):
+    """EarlyStopping keeps, in the checkpoint, its best loss, its patience count and the best
+    epoch's weights: cut after epoch 10 (best epoch 9), the resumed run stops at epoch 11 and
+    ends with epoch 9's weights, as the uninterrupted one; without that state it would have
+    taken epoch 11 as its best and trained on. Other callbacks than the recorded ones are refused."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, 12))
+    y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0)
+    Xv = rng.normal(size=(60, 12))
+    val = (Xv, (Xv[:, 0] > 0).astype(int) + (Xv[:, 1] > 0))
+    settings = dict(epochs=30, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.9, validation_data=val, verbose=0)
+
+    def train(run, *after, resume=False):
+        stopper = EarlyStopping("val_loss", patience=2)
+        model = xpnet.MLP([12, 16, 3], seed=0)
+        history = model.fit(X, y, callbacks=[stopper, RunRecorder(run, plots=False, resume=resume), *after],
+                            **settings)
+        return model, history, stopper
+
+    whole, whole_history, whole_stopper = train(tmp_path / "whole")
+    assert (whole_stopper.best_epoch, whole_stopper.stopped_epoch, whole_history.epoch[-1]) == (9, 11, 11)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", InterruptAfter(10))
+    resumed, history, stopper = train(tmp_path / "cut", resume=True)
+    assert history.epoch == [11] and (stopper.best_epoch, stopper.stopped_epoch) == (9, 11)
+    assert all(np.array_equal(a, b) for a, b in zip(flat_weights(resumed), flat_weights(whole)))
+    assert figures(tmp_path / "cut") == figures(tmp_path / "whole")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "other", InterruptAfter(3))
+    message = (r"was recorded with the callbacks \['DivergenceMonitor', 'EarlyStopping'\] \(those keeping state, "
+               r"before the recorder\), now \['DivergenceMonitor'\]: resume it with the same")
+    with pytest.raises(ValueError, match=message):
+        xpnet.MLP([12, 16, 3], seed=0).fit(X, y, callbacks=[RunRecorder(tmp_path / "other", resume=True)], **settings)
 
 
 def interrupted_run(run, **settings):

@@ -900,6 +900,39 @@ def test_a_distributed_run_interrupted_then_resumed_ends_as_the_uninterrupted_on
     assert not (tmp_path / "node1").exists()
 
 
+def test_every_rank_resumes_with_rank_0s_callback_state(thread_ranks, tmp_path):
+    """An EarlyStopping on each rank (as the same script gives every rank): rank 0 reads its
+    state from the checkpoint (best epoch 9, cut during epoch 10) and hands it to rank 1, so both
+    stop at epoch 11 with epoch 9's weights; rank 1 deciding alone would train on past rank 0."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, 12))
+    y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0)
+    Xv = rng.normal(size=(60, 12))
+    settings = dict(epochs=30, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.9, verbose=0, distributed=True,
+                    validation_data=(Xv, (Xv[:, 0] > 0).astype(int) + (Xv[:, 1] > 0)))
+
+    def train(name, after=(), resume=False):
+        def on_rank(rank):
+            stopper = EarlyStopping("val_loss", patience=2)
+            model = xpnet.MLP([12, 16, 3], dtype="float64", seed=rank)
+            history = model.fit(X, y, run_dir=tmp_path / f"node{rank}" / name, callbacks=[stopper, *after],
+                                resume=resume, **settings)
+            return history.epoch, (stopper.best_epoch, stopper.stopped_epoch), model.get_weights()
+        return on_rank
+
+    whole, errors = thread_ranks.run(train("whole"))
+    assert errors == [None, None] and whole[0][:2] == (list(range(12)), (9, 11))
+    _, errors = thread_ranks.run(train("cut", after=[InterruptAfter(10)]))  # before the recorder: epoch 9 saved
+    assert [type(e) for e in errors] == [KeyboardInterrupt, KeyboardInterrupt]
+    resumed, errors = thread_ranks.run(train("cut", resume=True))
+    assert errors == [None, None]
+    for (epochs, stopper, weights), (_, _, whole_weights) in zip(resumed, whole):
+        assert epochs == [10, 11] and stopper == (9, 11)
+        for (W, b), (Ww, bw) in zip(weights, whole_weights):
+            np.testing.assert_array_equal(W, Ww)
+            np.testing.assert_array_equal(b, bw)
+
+
 def test_a_distributed_run_that_draws_masks_on_every_rank_is_not_resumed(monkeypatch, tmp_path):
     from xpnet import distributed
     from xpnet.layers import Dense, Dropout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
+
 __all__ = ["Callback", "History", "EarlyStopping", "DivergenceMonitor", "DivergenceWarning"]
 
 
@@ -21,6 +23,18 @@ class Callback:
     model = None
     optimizer = None
     initial_epoch = None
+    #: the callbacks before this one in ``fit``'s list (a run's recorder saves their state)
+    callbacks_before: tuple = ()
+
+    def state_dict(self) -> dict:
+        """What this callback has gathered over the epochs so far, for a run's checkpoint: JSON
+        values and NumPy arrays by name. A callback that keeps such state overrides this and
+        ``load_state_dict``, so that a resumed run (``fit(resume=True)``) goes on with it as
+        the uninterrupted run would have."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back ``state_dict``'s state; called after ``on_train_begin`` when resuming."""
 
     def on_train_begin(self, logs: dict) -> None:
         """``logs`` holds the run's settings (epochs, batch_size, optimizer, ...)."""
@@ -92,6 +106,24 @@ class EarlyStopping(Callback):
         self.best_epoch = self.stopped_epoch = self._best_weights = None
         self._wait = 0
 
+    def state_dict(self):
+        weights = None if self._best_weights is None else _flat(self._best_weights)
+        state = {"best": self.best, "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch,
+                 "wait": self._wait, "best_weights": None if weights is None else len(weights)}
+        state.update({f"best_weights.{i}": np.asarray(w) for i, w in enumerate(weights or ())})
+        return state
+
+    def load_state_dict(self, state):
+        self.best, self.best_epoch, self.stopped_epoch = state["best"], state["best_epoch"], state["stopped_epoch"]
+        self._wait = state["wait"]
+        count = state["best_weights"]
+        if count is None:
+            self._best_weights = None
+        else:  # in the layout the model's get_weights has (an MLP's (W, b) pairs)
+            flat = iter([state[f"best_weights.{i}"] for i in range(count)])
+            self._best_weights = [tuple(next(flat) for _ in w) if isinstance(w, tuple) else next(flat)
+                                  for w in self.model.get_weights()]
+
     def on_epoch_end(self, epoch, logs):
         if self.monitor not in logs:
             raise ValueError(
@@ -112,6 +144,10 @@ class EarlyStopping(Callback):
     def on_train_end(self, logs):
         if self.restore_best_weights and self._best_weights is not None:
             self.model.set_weights(self._best_weights)
+
+
+def _flat(weights) -> list:
+    return [a for w in weights for a in (w if isinstance(w, tuple) else (w,))]
 
 
 class DivergenceWarning(RuntimeWarning):
@@ -143,6 +179,14 @@ class DivergenceMonitor(Callback):
         self.warnings: list[str] = []
         self.diverged = False
         self._bad = 0
+
+    def state_dict(self):
+        return {"first_loss": self.first_loss, "bad": self._bad, "warnings": list(self.warnings),
+                "diverged": self.diverged}
+
+    def load_state_dict(self, state):
+        self.first_loss, self._bad = state["first_loss"], state["bad"]
+        self.warnings, self.diverged = list(state["warnings"]), state["diverged"]
 
     def on_epoch_end(self, epoch, logs):
         loss, accuracy = logs["loss"], logs["accuracy"]

@@ -206,18 +206,30 @@ def check_resumable(model) -> None:
                          "draws its own masks, and the checkpoint holds only rank 0's generators")
 
 
-def share_start(comm: Communicator, model, optimizer, first_epoch: int) -> int:
-    """Make every rank start where rank 0 does: its weights, its first epoch and its optimizer's
-    state (a resumed run's, read from its checkpoint on rank 0 alone); return that first epoch."""
+def share_start(comm: Communicator, model, optimizer, first_epoch: int, callbacks=()) -> int:
+    """Make every rank start where rank 0 does: its weights, its first epoch, its optimizer's
+    state and its callbacks' (a resumed run's, read from its checkpoint on rank 0 alone: the
+    ranks' EarlyStopping must decide alike, or one would stop while the others wait for it);
+    return that first epoch."""
+    from .callbacks import Callback
+
+    stateful = [cb for cb in callbacks if type(cb).state_dict is not Callback.state_dict]
+    kinds = [type(cb).__name__ for cb in stateful]
     start = None
     if comm.rank == 0:
         to_numpy = model.backend.to_numpy
         state = {name: to_numpy(value) for name, value in optimizer.state_dict().items()}
-        start = {"epoch": first_epoch, "state": state}
+        start = {"epoch": first_epoch, "state": state, "callbacks": [cb.state_dict() for cb in stateful],
+                 "kinds": kinds}
     start = comm.broadcast_object(start)
     params = model.parameters()
     if comm.rank != 0:
+        if start["kinds"] != kinds:
+            raise ValueError(f"rank {comm.rank} trains with the callbacks {kinds} (those keeping state), "
+                             f"rank 0 with {start['kinds']}: give every rank the same")
         optimizer.load_state_dict(start["state"], params)
+        for cb, state in zip(stateful, start["callbacks"]):
+            cb.load_state_dict(state)
     for p in params:
         comm.broadcast(p)
     return start["epoch"]

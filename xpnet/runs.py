@@ -18,7 +18,8 @@ A run folder holds
 - ``checkpoint.safetensors``: what training needs besides the weights to go on exactly where
   that epoch ended (replaced with the model, atomically, before the epoch's metrics line): the
   optimizer's state (moments, step counts), the shuffling and dropout generators' states, the
-  epoch, and a fingerprint of the weights it goes with. ``RunRecorder(resume=True)`` (``fit(...,
+  state of the callbacks before the recorder (``Callback.state_dict``), the epoch, and a
+  fingerprint of the weights it goes with. ``RunRecorder(resume=True)`` (``fit(...,
   run_dir=DIR, resume=True)``, ``xpnet train --resume DIR``) continues from it;
 - ``summary.json``: written when training ends: the status (completed, stopped early, diverged
   or interrupted), the epoch whose weights ``model.safetensors`` holds (``model_epoch``, numbered
@@ -99,8 +100,10 @@ class RunRecorder(Callback):
     resume : bool
         Continue the unfinished run recorded in ``run_dir`` (interrupted or killed) from its
         checkpoint: ``on_train_begin`` checks that the model and fit settings are the recorded
-        ones, restores the weights, optimizer state and generators, sets ``initial_epoch``, and
-        drops a metrics line cut short by a kill. ``config`` is recorded under ``resumed``.
+        ones, restores the weights, optimizer state, generators and the state of the callbacks
+        before this one (``Callback.state_dict``; the same kinds as recorded), sets
+        ``initial_epoch``, and drops a metrics line cut short by a kill. ``config`` is recorded
+        under ``resumed``.
 
     The folder is claimed (see ``claim``) when training begins and released when it ends.
     """
@@ -272,19 +275,43 @@ class RunRecorder(Callback):
             raise ValueError(f"{run / CHECKPOINT} does not go with the weights in {run / MODEL} "
                              "(the run was killed while saving): it cannot be resumed")
         set_rng_states(model, json.loads(meta.get("rng", "{}")))
-        state = {name.removeprefix("optimizer."): array for name, array in tensors.items()}
+        state = {name.removeprefix("optimizer."): a for name, a in tensors.items() if name.startswith("optimizer.")}
         self.optimizer.load_state_dict(state, model.parameters())
+        if "callbacks" in meta:  # (checkpoints of xpnet 0.1.0's first releases hold none: they start afresh)
+            self._restore_callbacks(json.loads(meta["callbacks"]), tensors)
         return epoch
+
+    def _stateful_callbacks(self) -> list:
+        """The callbacks before this recorder (they have seen each epoch's end when it saves)
+        that keep state across epochs (``Callback.state_dict``)."""
+        return [cb for cb in self.callbacks_before if type(cb).state_dict is not Callback.state_dict]
+
+    def _restore_callbacks(self, recorded: list, tensors: dict) -> None:
+        callbacks = self._stateful_callbacks()
+        names = [type(cb).__name__ for cb in callbacks]
+        if [entry["type"] for entry in recorded] != names:
+            raise ValueError(f"{self.run_dir} was recorded with the callbacks {[e['type'] for e in recorded]} "
+                             f"(those keeping state, before the recorder), now {names}: resume it with the same")
+        for k, (cb, entry) in enumerate(zip(callbacks, recorded)):
+            prefix = f"callbacks.{k}."
+            arrays = {name.removeprefix(prefix): a for name, a in tensors.items() if name.startswith(prefix)}
+            cb.load_state_dict({**entry["state"], **arrays})
 
     def _save_checkpoint(self, epoch, fingerprint):
         from .io import CHECKPOINT_FORMATS, write_model_file
 
         to_numpy = self.model.backend.to_numpy
         tensors = {f"optimizer.{name}": to_numpy(a) for name, a in self.optimizer.state_dict().items()}
+        callbacks = []  # each stateful callback's JSON values; its arrays go with the tensors
+        for k, cb in enumerate(self._stateful_callbacks()):
+            state = cb.state_dict()
+            arrays = {name for name, value in state.items() if isinstance(value, np.ndarray)}
+            tensors.update({f"callbacks.{k}.{name}": np.ascontiguousarray(state[name]) for name in arrays})
+            callbacks.append({"type": type(cb).__name__, "state": {n: v for n, v in state.items() if n not in arrays}})
         (kind, version), = CHECKPOINT_FORMATS.items()
         metadata = {"format": kind, "format_version": version, "epoch": str(int(epoch)),
                     "model_fingerprint": fingerprint, "rng": json.dumps(rng_states(self.model)),
-                    "optimizer": repr(self.optimizer)}
+                    "optimizer": repr(self.optimizer), "callbacks": json.dumps(callbacks)}
         write_model_file(self.run_dir / CHECKPOINT, tensors, metadata)
 
     def on_epoch_end(self, epoch, logs):

@@ -348,8 +348,8 @@ def fit(
         begun = []  # the callbacks whose run has started, and so must be told it ended
         running = contextlib.ExitStack()  # what the step holds while it trains (step.running())
         try:
-            for cb in callbacks:
-                cb.model, cb.optimizer = model, opt
+            for i, cb in enumerate(callbacks):
+                cb.model, cb.optimizer, cb.callbacks_before = model, opt, tuple(callbacks[:i])
                 cb.on_train_begin(dict(settings))
                 begun.append(cb)
             resumed = [cb.initial_epoch for cb in callbacks if cb.initial_epoch is not None]
@@ -358,7 +358,7 @@ def fit(
             first_epoch = resumed[0] if resumed else initial_epoch
             gradient_sum = None
             if comm is not None:  # every rank starts from rank 0's weights, epoch and optimizer state
-                first_epoch = share_start(comm, model, opt, first_epoch)
+                first_epoch = share_start(comm, model, opt, first_epoch, callbacks)
                 gradient_sum = GradientSum(comm, backend.xp, params)
             # after the callbacks began: a resumed optimizer's state is the one the graph adopts;
             # distributed training takes the eager loop, whose steps the all-reduce goes between
