@@ -426,10 +426,43 @@ def test_early_stopping_goes_on_from_its_state_dict_as_if_never_stopped():
     second.on_train_begin({})
     second.load_state_dict({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()})
     model.show_epoch(3)
+    model.restored = None
     second.on_epoch_end(3, {"loss": 1.0, "val_loss": values[3]})
     assert model.stop_training and second.stopped_epoch == 3 and second.best_epoch == 1
     second.on_train_end({})
     assert isinstance(model.restored[0], tuple) and model.restored[0][0][0, 0] == 1.0  # epoch 1's (W, b)
+    assert model.restored[0][1][0] == -1.0
+
+
+class FlatStandIn(StandIn):
+    """A model whose weights are a flat list of arrays, as ``Sequential``'s are."""
+
+    def get_weights(self):
+        return [a.copy() for pair in self.weights for a in pair]
+
+    def set_weights(self, weights):
+        self.restored = [np.array(w) for w in weights]
+
+
+def test_early_stopping_state_keeps_a_flat_models_layout_and_an_empty_best():
+    first = EarlyStopping(patience=2)
+    model, _ = drive(first, [0.9, 0.5, 0.7], model=FlatStandIn())
+    state = first.state_dict()
+    second = EarlyStopping(patience=2)
+    second.model = model
+    second.load_state_dict(state)
+    model.restored = None
+    second.on_train_end({})
+    assert [w.shape for w in model.restored] == [(2, 3), (3,)] and model.restored[0][0, 0] == 1.0
+
+    unseen = EarlyStopping(patience=2, restore_best_weights=False)
+    drive(unseen, [0.9, 0.5])
+    assert unseen.state_dict()["best_weights"] is None
+    again = EarlyStopping(patience=2)
+    again.model = StandIn()
+    again.load_state_dict(unseen.state_dict())
+    again.on_train_end({})
+    assert again.model.restored is None  # nothing to restore
 
 
 def test_the_divergence_monitor_goes_on_from_its_state_dict():
