@@ -44,6 +44,9 @@ MODULES = {
     "split_step": ("xpnet/kernels/split_step.py", ["tests/test_split_step.py"]),
     "cpu_step": ("xpnet/kernels/cpu_step.py", ["tests/test_cpu_step.py", "tests/test_sparse_layer.py"]),
     "sparse": ("xpnet/sparse.py", ["tests/test_sparse_input.py", "tests/test_sparse_layer.py"]),
+    # ranks played by threads in test_training; the mpiexec jobs of test_distributed run the
+    # installed package, not the mutant, so only its in-process tests count
+    "distributed": ("xpnet/distributed.py", ["tests/test_distributed.py", "tests/test_training.py"]),
 }
 
 # mutmut's exit codes -> how a mutant ended (mutmut.stats.status_by_exit_code, simplified)

@@ -54,6 +54,13 @@ def test_the_launcher_is_found_from_its_variables(monkeypatch):
         monkeypatch.setenv(size, "4")
         monkeypatch.setenv(rank, "3")
         assert (D.launched_ranks(), D.launched_rank()) == (4, 3), size
+    made = []
+    monkeypatch.setattr(D, "communicator", lambda backend_name: made.append(backend_name) or "comm")
+    for ranks, expected in (("1", None), ("2", "comm")):  # fit turns on from two processes
+        _clean_env(monkeypatch)
+        monkeypatch.setenv("PMI_SIZE", ranks)
+        assert D.for_fit(None, "cpu") == expected
+    assert D.for_fit(True, "cuda") == "comm" and made == ["cpu", "cuda"]
 
 
 def test_distributed_must_be_none_or_a_bool():
@@ -81,6 +88,23 @@ def test_the_gradient_sum_weights_by_share_and_takes_part_with_zeros():
     grads[0][0, 0] = np.nan
     D.GradientSum(_Doubling(), np, params)(grads, 0.0)
     assert all(not g.any() for g in grads)
+    # one buffer exactly as large as the gradients, in their dtype: the all-reduce's volume
+    small = D.GradientSum(_Doubling(), np, [p.astype(np.float32) for p in params])
+    assert small.flat.shape == (16,) and small.flat.dtype == np.float32 and small.spans == [(0, 12), (12, 16)]
+
+
+def test_mpi_takes_c_contiguous_numpy_buffers_only():
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install -e '.[mpi]')")
+    comm = D.MPICommunicator()  # this process alone: a one-rank job
+    for bad, name in ((np.zeros((3, 4))[:, ::2], "ndarray"), ([1.0, 2.0], "list")):
+        with pytest.raises(TypeError, match=f"^MPI buffers must be C-contiguous NumPy arrays, got {name}$"):
+            comm.sum(bad)
+        with pytest.raises(TypeError, match="^MPI buffers must be C-contiguous"):
+            comm.broadcast(bad)
+    ok = np.arange(4.0)
+    comm.sum(ok)
+    comm.broadcast(ok)
+    assert ok.tolist() == [0.0, 1.0, 2.0, 3.0] and comm.broadcast_object({"a": 1}) == {"a": 1}
 
 
 def _run_ranks(args, timeout=300):

@@ -940,13 +940,32 @@ def test_a_distributed_run_that_draws_masks_on_every_rank_is_not_resumed(monkeyp
     comm = OneOfTwoRanks()
     monkeypatch.setattr(distributed, "communicator", lambda backend_name: comm)
     X, y = small_problem(np.random.default_rng(25))
-    model = xpnet.Sequential([Dense(4, activation="relu"), Dropout(0.2), Dense(3)], input_shape=(5,))
-    message = ("a distributed run of a model with Dropout (layer 1) cannot be resumed: each rank draws its own "
-               "masks, and the checkpoint holds only rank 0's generators")
+    model = xpnet.Sequential([Dense(4, activation="relu"), Dropout(0.2), Dense(4), Dropout(0.1), Dense(3)],
+                             input_shape=(5,))
+    message = ("a distributed run of a model with Dropout (layer 1), Dropout (layer 3) cannot be resumed: each "
+               "rank draws its own masks, and the checkpoint holds only rank 0's generators")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         model.fit(X, y, verbose=0, distributed=True, run_dir=tmp_path / "run", resume=True)
     assert comm.aborted == [f"ValueError: {message}"]
     assert not (tmp_path / "run").exists()  # refused before the run was touched
+
+
+def test_ranks_with_other_callbacks_are_refused_by_name(thread_ranks):
+    """Rank 0 hands its callbacks' state to the others: a rank without rank 0's stateful
+    callbacks is told which differ (and the job ends), never handed state that is not its own."""
+    rng = np.random.default_rng(26)
+    X, y = small_problem(rng)
+
+    def train(rank):
+        callbacks = [EarlyStopping("loss", patience=3)] if rank == 0 else []
+        return xpnet.MLP([5, 3], seed=0).fit(X, y, epochs=2, batch_size=8, verbose=0, distributed=True,
+                                             callbacks=callbacks)
+
+    _, errors = thread_ranks.run(train)
+    message = ("rank 1 trains with the callbacks ['DivergenceMonitor'] (those keeping state), rank 0 with "
+               "['DivergenceMonitor', 'EarlyStopping']: give every rank the same")
+    assert isinstance(errors[1], ValueError) and str(errors[1]) == message
+    assert (1, f"ValueError: {message}") in thread_ranks.aborted
 
 
 def test_a_failing_rank_ends_every_rank_saying_why(thread_ranks):
