@@ -44,13 +44,15 @@ def test_train_then_evaluate(tmp_path, data, capsys):
 
 
 def test_train_reports_bad_settings_clearly(tmp_path, data, capsys):
-    assert main(["train", "--epochs", "1", "--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "--weight-decay",
-                 "0", "--lr", "1e-9", "--seed", "0", "--out", str(tmp_path / "ok"), "--quiet", *data]) == 0  # near the bounds
+    near_the_bounds = ["--epochs", "1", "--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "--weight-decay", "0",
+                       "--lr", "1e-9", "--seed", "0"]
+    assert main(["train", *near_the_bounds, "--out", str(tmp_path / "ok"), "--quiet", *data]) == 0
     capsys.readouterr()
-    for option, value, message in [("--batch-size", "0", "an integer >= 1"), ("--epochs", "-1", "an integer >= 0"),
-                                   ("--epochs", "1.5", "an integer >= 0"), ("--lr", "0", "a number > 0"),
-                                   ("--lr", "inf", "a number > 0"), ("--weight-decay", "-1", "a number >= 0"), ("--momentum", "1", "a number in [0, 1)"),
-                                   ("--weight-decay", "nan", "a number >= 0"), ("--seed", "-1", "an integer >= 0")]:
+    refused = [("--batch-size", "0", "an integer >= 1"), ("--epochs", "-1", "an integer >= 0"),
+               ("--epochs", "1.5", "an integer >= 0"), ("--lr", "0", "a number > 0"), ("--lr", "inf", "a number > 0"),
+               ("--weight-decay", "-1", "a number >= 0"), ("--weight-decay", "nan", "a number >= 0"),
+               ("--momentum", "1", "a number in [0, 1)"), ("--seed", "-1", "an integer >= 0")]
+    for option, value, message in refused:
         with pytest.raises(SystemExit) as exited:  # refused before any data is read: --data is not even there
             main(["train", option, value, "--out", str(tmp_path / "r"), "--data", str(tmp_path / "none")])
         assert exited.value.code == 2

@@ -141,7 +141,8 @@ def test_a_run_resumed_under_mpiexec_ends_as_the_uninterrupted_one(tmp_path):
     """Rank 0 reads the checkpoint; MPI carries its epoch and Adam state to rank 1 (seeded
     differently), and both ranks end with the uninterrupted run's weights, bit for bit."""
     result = _run_ranks(["cut", str(tmp_path)], timeout=120)
-    assert result.returncode != 0 and "failed, ending the job: KeyboardInterrupt" in result.stderr, result.stderr[-3000:]
+    assert result.returncode != 0
+    assert "failed, ending the job: KeyboardInterrupt" in result.stderr, result.stderr[-3000:]
     result = _run_ranks(["resume", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     (rows,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]

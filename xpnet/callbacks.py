@@ -46,6 +46,11 @@ class Callback:
         """Called once training stops, also when it stops early or is interrupted."""
 
 
+def keeping_state(callbacks) -> list:
+    """The callbacks that keep state across epochs (they override ``Callback.state_dict``)."""
+    return [cb for cb in callbacks if type(cb).state_dict is not Callback.state_dict]
+
+
 class History(Callback):
     """Per-epoch metrics: ``history["loss"]`` is the list of epoch train losses, and so on."""
 

@@ -51,7 +51,8 @@ def _number(kind, low, high=None, *, above=False):
         if (value is None or not math.isfinite(value) or value < low or (above and value == low)
                 or (high is not None and value >= high)):
             bound = (f"> {low}" if above else f">= {low}") if high is None else f"in [{low}, {high})"
-            raise argparse.ArgumentTypeError(f"takes {'an integer' if kind is int else 'a number'} {bound}, got {text!r}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"takes {what} {bound}, got {text!r}")
         return value
 
     return parse
@@ -116,12 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"], help="default: the recipe's")
     train.add_argument("--lr", type=_number(float, 0, above=True), default=None,
                        help=f"default: the recipe's for its optimizer, else the optimizer's ({rates})")
-    train.add_argument("--momentum", type=_number(float, 0, 1), default=None, help="SGD momentum (default: 0, plain SGD)")
+    train.add_argument("--momentum", type=_number(float, 0, 1), default=None,
+                       help="SGD momentum (default: 0, plain SGD)")
     train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
     train.add_argument("--weight-decay", type=_number(float, 0), default=None, help="default: 0 (0.01 for adamw)")
     train.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="default: the recipe's")
     train.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="of weights and math")
-    train.add_argument("--seed", type=_number(int, 0), default=0, help="seeds the weights, shuffling, dropout and random shifts")
+    train.add_argument("--seed", type=_number(int, 0), default=0,
+                       help="seeds the weights, shuffling, dropout and random shifts")
     train.add_argument("--data", default=None, help=data)
     train.add_argument("--test-data", default=None, metavar="FILE",
                        help="test rows for a --data file, in the same layout (default: the file's x_test, y_test; "

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 __all__ = ["Communicator", "MPICommunicator", "NCCLCommunicator", "launched_ranks", "launched_rank", "communicator",
-           "shard", "check_resumable", "failure_ends_the_job", "share_start"]
+           "shard", "failure_ends_the_job", "share_start"]
 
 # The variables a launcher sets for the job's size: MPICH's Hydra (and Intel MPI), Open MPI, PMIx, Slurm.
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
@@ -193,27 +193,11 @@ def failure_ends_the_job(comm: Communicator | None):
         raise
 
 
-def check_resumable(model) -> None:
-    """Refuse to resume a distributed run that could not continue exactly: rank 0 shuffles for
-    every rank, but each rank draws its own Dropout and RandomShift masks, and the checkpoint
-    holds only rank 0's generators."""
-    from .layers import _Seeded
-
-    drawing = [f"{type(layer).__name__} (layer {i})" for i, layer in enumerate(model.layers)
-               if isinstance(layer, _Seeded)]
-    if drawing:
-        raise ValueError(f"a distributed run of a model with {', '.join(drawing)} cannot be resumed: each rank "
-                         "draws its own masks, and the checkpoint holds only rank 0's generators")
-
-
-def share_start(comm: Communicator, model, optimizer, first_epoch: int, callbacks=()) -> int:
+def share_start(comm: Communicator, model, optimizer, first_epoch: int, stateful=()) -> int:
     """Make every rank start where rank 0 does: its weights, its first epoch, its optimizer's
-    state and its callbacks' (a resumed run's, read from its checkpoint on rank 0 alone: the
-    ranks' EarlyStopping must decide alike, or one would stop while the others wait for it);
-    return that first epoch."""
-    from .callbacks import Callback
-
-    stateful = [cb for cb in callbacks if type(cb).state_dict is not Callback.state_dict]
+    state and its ``stateful`` callbacks' (a resumed run's, read from its checkpoint on rank 0
+    alone: the ranks' EarlyStopping must decide alike, or one would stop while the others wait
+    for it); return that first epoch."""
     kinds = [type(cb).__name__ for cb in stateful]
     start = None
     if comm.rank == 0:

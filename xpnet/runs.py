@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .callbacks import Callback
+from .callbacks import Callback, keeping_state
 from .files import atomic_write_bytes
 from .io import tensors_sha256
 from .training import rng_states, set_rng_states
@@ -283,8 +283,8 @@ class RunRecorder(Callback):
 
     def _stateful_callbacks(self) -> list:
         """The callbacks before this recorder (they have seen each epoch's end when it saves)
-        that keep state across epochs (``Callback.state_dict``)."""
-        return [cb for cb in self.callbacks_before if type(cb).state_dict is not Callback.state_dict]
+        that keep state across epochs."""
+        return keeping_state(self.callbacks_before)
 
     def _restore_callbacks(self, recorded: list, tensors: dict) -> None:
         callbacks = self._stateful_callbacks()

@@ -25,8 +25,8 @@ import warnings
 import numpy as np
 
 from . import functional as F
-from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History
-from .distributed import GradientSum, check_resumable, failure_ends_the_job, shard, share_start
+from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History, keeping_state
+from .distributed import GradientSum, failure_ends_the_job, shard, share_start
 from .distributed import for_fit as distributed_for_fit
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, _Seeded
 from .optim import make_optimizer
@@ -318,7 +318,7 @@ def fit(
             from .runs import RunRecorder
 
             if any(isinstance(cb, RunRecorder) and cb.resume for cb in callbacks):
-                check_resumable(model)  # on rank 0, which reads the checkpoint: before it touches the run
+                _check_resumable_across_ranks(model)  # on rank 0, which reads the checkpoint: before it touches the run
         history = History()
         callbacks.insert(0, history)
 
@@ -358,7 +358,7 @@ def fit(
             first_epoch = resumed[0] if resumed else initial_epoch
             gradient_sum = None
             if comm is not None:  # every rank starts from rank 0's weights, epoch and optimizer state
-                first_epoch = share_start(comm, model, opt, first_epoch, callbacks)
+                first_epoch = share_start(comm, model, opt, first_epoch, keeping_state(callbacks))
                 gradient_sum = GradientSum(comm, backend.xp, params)
             # after the callbacks began: a resumed optimizer's state is the one the graph adopts;
             # distributed training takes the eager loop, whose steps the all-reduce goes between
@@ -426,6 +426,17 @@ def _copies(xp, arrays) -> list:
     for copy, a in zip(copies, arrays):
         copy[...] = a
     return copies
+
+
+def _check_resumable_across_ranks(model) -> None:
+    """Refuse to resume a distributed run that could not continue exactly: rank 0 shuffles for
+    every rank, but each rank draws its own Dropout and RandomShift masks, and the checkpoint
+    holds only rank 0's generators."""
+    drawing = [f"{type(layer).__name__} (layer {i})" for i, layer in enumerate(model.layers)
+               if isinstance(layer, _Seeded)]
+    if drawing:
+        raise ValueError(f"a distributed run of a model with {', '.join(drawing)} cannot be resumed: each rank "
+                         "draws its own masks, and the checkpoint holds only rank 0's generators")
 
 
 def rng_states(model) -> dict:
