@@ -277,7 +277,7 @@ class RunRecorder(Callback):
         set_rng_states(model, json.loads(meta.get("rng", "{}")))
         state = {name.removeprefix("optimizer."): a for name, a in tensors.items() if name.startswith("optimizer.")}
         self.optimizer.load_state_dict(state, model.parameters())
-        if "callbacks" in meta:  # (checkpoints of xpnet 0.1.0's first releases hold none: they start afresh)
+        if "callbacks" in meta:  # checkpoints written before callbacks kept state hold none: they start afresh
             self._restore_callbacks(json.loads(meta["callbacks"]), tensors)
         return epoch
 

@@ -317,8 +317,8 @@ def fit(
         if comm is not None:
             from .runs import RunRecorder
 
-            if any(isinstance(cb, RunRecorder) and cb.resume for cb in callbacks):
-                _check_resumable_across_ranks(model)  # on rank 0, which reads the checkpoint: before it touches the run
+            if any(isinstance(cb, RunRecorder) and cb.resume for cb in callbacks):  # rank 0, which reads it
+                _check_resumable_across_ranks(model)  # before the run folder is touched
         history = History()
         callbacks.insert(0, history)
 
@@ -357,7 +357,7 @@ def fit(
                 raise ValueError("give initial_epoch or resume a recorded run, not both")
             first_epoch = resumed[0] if resumed else initial_epoch
             gradient_sum = None
-            if comm is not None:  # every rank starts from rank 0's weights, epoch and optimizer state
+            if comm is not None:  # every rank starts from rank 0's weights, epoch, optimizer and callbacks
                 first_epoch = share_start(comm, model, opt, first_epoch, keeping_state(callbacks))
                 gradient_sum = GradientSum(comm, backend.xp, params)
             # after the callbacks began: a resumed optimizer's state is the one the graph adopts;
