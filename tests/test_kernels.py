@@ -582,7 +582,7 @@ def test_512_bit_vectors_are_asked_for_on_avx512_only_where_the_user_chose_nothi
 def test_on_an_avx512_cpu_the_kernels_use_512_bit_registers(tmp_path):
     """LLVM's tuning for Intel's AVX-512 CPUs prefers 256-bit vectors; xpnet asks numba for the
     full width (``numba_cpu._prefer_512_bit_vectors``), so the compiled softmax holds zmm
-    registers, on AMD's AVX-512 CPUs too."""
+    registers (for AMD's Zen 4, LLVM's own choice)."""
     import llvmlite.binding as llvm
 
     if not llvm.get_host_cpu_features().get("avx512f"):
