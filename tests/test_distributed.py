@@ -141,8 +141,11 @@ def test_a_run_resumed_under_mpiexec_ends_as_the_uninterrupted_one(tmp_path):
     """Rank 0 reads the checkpoint; MPI carries its epoch and Adam state to rank 1 (seeded
     differently), and both ranks end with the uninterrupted run's weights, bit for bit."""
     result = _run_ranks(["cut", str(tmp_path)], timeout=120)
-    assert result.returncode != 0
-    assert "failed, ending the job: KeyboardInterrupt" in result.stderr, result.stderr[-3000:]
+    # the job ends (both ranks abort it, so whose line reaches stderr first is a race, and
+    # a line may be lost as mpiexec tears the job down): epoch 0 is on disk, epoch 1 is not
+    assert result.returncode != 0, result.stdout[-2000:]
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0]
     result = _run_ranks(["resume", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     (rows,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
