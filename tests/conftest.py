@@ -1,4 +1,5 @@
-"""Shared fixtures: a ``backend`` fixture over every namespace xpnet runs on, CUDA gating, MNIST."""
+"""Shared fixtures: a ``backend`` fixture over every namespace xpnet runs on, CUDA gating, MNIST;
+and shared helpers (``central_differences``, ``InterruptAfter``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 import xpnet
 from xpnet.backend import BackendError
+from xpnet.callbacks import Callback
 
 
 def pytest_addoption(parser):
@@ -18,6 +20,18 @@ def pytest_addoption(parser):
         action="store_true",
         help="fail (instead of skip) every CUDA test when no usable GPU is found: a GPU run cannot pass by skipping",
     )
+
+
+class InterruptAfter(Callback):
+    """A Ctrl-C at the end of epoch ``k``: placed after a run's recorder, once that epoch is on
+    disk; before it (as ``fit(run_dir=...)`` places its own, last), before the epoch is saved."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def on_epoch_end(self, epoch, logs):
+        if epoch == self.k:
+            raise KeyboardInterrupt
 
 
 def central_differences(loss, z, h=1e-6):

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 import xpnet
+from conftest import InterruptAfter
 from xpnet.callbacks import Callback
 
 
@@ -66,15 +67,6 @@ class FailOnRank1(Callback):
 
         if MPI.COMM_WORLD.Get_rank() == 1:
             raise RuntimeError("a planted failure on rank 1")
-
-
-class InterruptAfter(Callback):
-    def __init__(self, k):
-        self.k = k
-
-    def on_epoch_end(self, epoch, logs):
-        if epoch == self.k:
-            raise KeyboardInterrupt  # on every rank, as a job's end kills them all
 
 
 RESUMED = dict(epochs=4, batch_size=32, optimizer="adam", lr=0.01, verbose=0, distributed=True)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import xpnet
+from conftest import InterruptAfter
 from xpnet.callbacks import Callback, EarlyStopping
 from xpnet.runs import (
     RunRecorder,
@@ -631,17 +632,6 @@ def test_discard_after_a_failed_start_removes_only_an_empty_run(tmp_path):
 
 
 # -- a run stopped and resumed ends bit for bit as the uninterrupted one --------------------------
-
-class InterruptAfter(Callback):
-    """A Ctrl-C right after epoch ``k`` is on disk (placed after the recorder)."""
-
-    def __init__(self, k):
-        self.k = k
-
-    def on_epoch_end(self, epoch, logs):
-        if epoch == self.k:
-            raise KeyboardInterrupt
-
 
 def tiny_mlp():
     return xpnet.MLP([12, 16, 3], seed=1)
