@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import xpnet
+from conftest import InterruptAfter
 from xpnet.callbacks import Callback, DivergenceWarning, EarlyStopping
 from xpnet.optim import StepLR
 
@@ -855,17 +856,6 @@ def test_rank_0_alone_prints_and_records(thread_ranks, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["fit"]["ranks"] == 2
 
 
-class InterruptAfter(Callback):
-    """A Ctrl-C at the end of epoch ``k`` (before the recorder, which comes last, saves it)."""
-
-    def __init__(self, k):
-        self.k = k
-
-    def on_epoch_end(self, epoch, logs):
-        if epoch == self.k:
-            raise KeyboardInterrupt
-
-
 def test_a_distributed_run_interrupted_then_resumed_ends_as_the_uninterrupted_one(thread_ranks, tmp_path):
     """Rank 0 reads the checkpoint (each rank has a folder of its own, as on nodes of their own);
     rank 1, seeded differently and with a fresh optimizer, takes rank 0's weights, epoch and Adam
@@ -875,18 +865,22 @@ def test_a_distributed_run_interrupted_then_resumed_ends_as_the_uninterrupted_on
     settings = dict(epochs=4, batch_size=8, optimizer="adam", lr=0.05, verbose=0, distributed=True,
                     on_divergence="ignore")  # random labels
 
-    def train(name, **extra):
+    def train(name, cut=None, resume=False):
         def on_rank(rank):
             model = xpnet.MLP([5, 6, 3], dtype="float64", seed=10 + rank)
-            history = model.fit(X, y, run_dir=tmp_path / f"node{rank}" / name, **settings, **extra)
+            after = [InterruptAfter(cut)] if cut is not None and rank == 0 else []
+            history = model.fit(X, y, run_dir=tmp_path / f"node{rank}" / name, callbacks=after, resume=resume,
+                                **settings)
             return history.epoch, model.get_weights()
         return on_rank
 
     whole, errors = thread_ranks.run(train("whole"))
     assert errors == [None, None]
-    _, errors = thread_ranks.run(train("cut", callbacks=[InterruptAfter(2)]))
-    assert [type(e) for e in errors] == [KeyboardInterrupt, KeyboardInterrupt]
-    assert sorted(thread_ranks.aborted) == [(0, "KeyboardInterrupt"), (1, "KeyboardInterrupt")]  # a Ctrl-C ends the job
+    # rank 0 interrupted at the end of epoch 2 (before its recorder saves it): its abort ends
+    # the job, breaking rank 1 out of the next collective call
+    _, errors = thread_ranks.run(train("cut", cut=2))
+    assert [type(e) for e in errors] == [KeyboardInterrupt, threading.BrokenBarrierError]
+    assert sorted(thread_ranks.aborted) == [(0, "KeyboardInterrupt"), (1, "BrokenBarrierError")]
     thread_ranks.aborted.clear()
     resumed, errors = thread_ranks.run(train("cut", resume=True))
     assert errors == [None, None] and thread_ranks.aborted == []
@@ -911,10 +905,11 @@ def test_every_rank_resumes_with_rank_0s_callback_state(thread_ranks, tmp_path):
     settings = dict(epochs=30, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.9, verbose=0, distributed=True,
                     validation_data=(Xv, (Xv[:, 0] > 0).astype(int) + (Xv[:, 1] > 0)))
 
-    def train(name, after=(), resume=False):
+    def train(name, cut=None, resume=False):
         def on_rank(rank):
             stopper = EarlyStopping("val_loss", patience=2)
             model = xpnet.MLP([12, 16, 3], dtype="float64", seed=rank)
+            after = [InterruptAfter(cut)] if cut is not None and rank == 0 else []
             history = model.fit(X, y, run_dir=tmp_path / f"node{rank}" / name, callbacks=[stopper, *after],
                                 resume=resume, **settings)
             return history.epoch, (stopper.best_epoch, stopper.stopped_epoch), model.get_weights()
@@ -922,8 +917,9 @@ def test_every_rank_resumes_with_rank_0s_callback_state(thread_ranks, tmp_path):
 
     whole, errors = thread_ranks.run(train("whole"))
     assert errors == [None, None] and whole[0][:2] == (list(range(12)), (9, 11))
-    _, errors = thread_ranks.run(train("cut", after=[InterruptAfter(10)]))  # before the recorder: epoch 9 saved
-    assert [type(e) for e in errors] == [KeyboardInterrupt, KeyboardInterrupt]
+    _, errors = thread_ranks.run(train("cut", cut=10))  # rank 0, before its recorder: epoch 9 saved
+    assert [type(e) for e in errors] == [KeyboardInterrupt, threading.BrokenBarrierError]
+    thread_ranks.aborted.clear()
     resumed, errors = thread_ranks.run(train("cut", resume=True))
     assert errors == [None, None]
     for (epochs, stopper, weights), (_, _, whole_weights) in zip(resumed, whole):
