@@ -150,10 +150,9 @@ def test_scikit_learn_estimators_fused_adam_is_its_reference_bit_for_bit(rng, mo
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_fused_state_is_one_buffer_that_follows_replaced_arrays(name, rng, monkeypatch):
-    """The state dicts hold slices of one flat buffer; a state array set from outside (a loaded
-    checkpoint) is taken in, and replaced parameters are updated, never stale views of old ones."""
+def _twin_optimizers_after_a_step(name, rng, monkeypatch):
+    """Two optimizers ``name`` (SGD with momentum) and two copies of the same parameters, each
+    after the same first step (fused: numba on, ``XPNET_KERNELS`` unset)."""
     from xpnet.optim import make_optimizer
 
     _skip_without_numba()
@@ -162,10 +161,18 @@ def test_fused_state_is_one_buffer_that_follows_replaced_arrays(name, rng, monke
     got_opt, want_opt = make_optimizer(name, lr=0.1, **settings_), make_optimizer(name, lr=0.1, **settings_)
     got = [rng.standard_normal(s) for s in [(4, 3), (3,)]]
     want = [p.copy() for p in got]
-    key = "v"
     grads = [rng.standard_normal(p.shape) for p in got]
     got_opt.step(got, grads)
     want_opt.step(want, grads)
+    return got_opt, want_opt, got, want
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_fused_state_is_one_buffer_that_follows_replaced_arrays(name, rng, monkeypatch):
+    """The state dicts hold slices of one flat buffer; a state array set from outside (a loaded
+    checkpoint) is taken in, and replaced parameters are updated, never stale views of old ones."""
+    got_opt, want_opt, got, want = _twin_optimizers_after_a_step(name, rng, monkeypatch)
+    key = "v"
     first = got_opt.state[0][key]
     assert first.base is not None and first.base is got_opt.state[1][key].base  # one buffer
     # a checkpoint's arrays replace the state; the parameters are replaced by copies
@@ -184,17 +191,7 @@ def test_fused_state_is_one_buffer_that_follows_replaced_arrays(name, rng, monke
 def test_state_loaded_into_a_running_optimizer_is_the_one_its_next_step_uses(name, rng, monkeypatch):
     """The same optimizer and parameters, its state replaced mid-training (``load_state_dict``):
     the fused step takes the loaded arrays in, as the reference does."""
-    from xpnet.optim import make_optimizer
-
-    _skip_without_numba()
-    monkeypatch.delenv("XPNET_KERNELS", raising=False)
-    settings_ = {"momentum": 0.9} if name == "sgd" else {}
-    got_opt, want_opt = make_optimizer(name, lr=0.1, **settings_), make_optimizer(name, lr=0.1, **settings_)
-    got = [rng.standard_normal(s) for s in [(4, 3), (3,)]]
-    want = [p.copy() for p in got]
-    grads = [rng.standard_normal(p.shape) for p in got]
-    got_opt.step(got, grads)
-    want_opt.step(want, grads)
+    got_opt, want_opt, got, want = _twin_optimizers_after_a_step(name, rng, monkeypatch)
     saved = {k: v + 0.5 for k, v in got_opt.state_dict().items()}  # another run's state
     got_opt.load_state_dict(saved, got)
     want_opt.load_state_dict(saved, want)
