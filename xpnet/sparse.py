@@ -27,6 +27,13 @@ def is_scipy_sparse(X) -> bool:
     return sparse is not None and sparse.issparse(X)
 
 
+def _pixel_table(dtype):
+    """What each byte of uint8 pixels stands for in ``dtype`` (``scale_pixels``'s values)."""
+    from .functional import scale_pixels
+
+    return scale_pixels(np.arange(256, dtype=np.uint8), np.dtype(dtype))
+
+
 class SparseRows:
     """The rows of a 2-D array as a CSR matrix (``indptr``, ``indices``, ``values``).
 
@@ -61,15 +68,13 @@ class SparseRows:
         Raises TypeError for other dtypes (as dense input: integers are never guessed to be
         pixels or values) and ValueError for NaN or inf among the stored values.
         """
-        from .functional import scale_pixels
-
         csr = X.tocsr()
         if not csr.has_canonical_format:  # duplicates summed, columns sorted: as the dense rows
             csr = csr.copy()
             csr.sum_duplicates()
         n, d = csr.shape
         if csr.dtype == np.uint8:
-            values, table = np.ascontiguousarray(csr.data), scale_pixels(np.arange(256, dtype=np.uint8), np.dtype(dtype))
+            values, table = np.ascontiguousarray(csr.data), _pixel_table(dtype)
         elif csr.dtype.kind == "f":
             values, table = np.ascontiguousarray(csr.data, dtype=dtype), np.empty(0, dtype)
             finite = np.isfinite(values)
@@ -104,12 +109,7 @@ class SparseRows:
         nnz = int(indptr[-1])
         if nnz > max_density * X.size:
             return None
-        if X.dtype == np.uint8:
-            from .functional import scale_pixels
-
-            table = scale_pixels(np.arange(256, dtype=np.uint8), np.dtype(dtype))
-        else:
-            table = np.empty(0, dtype)
+        table = _pixel_table(dtype) if X.dtype == np.uint8 else np.empty(0, dtype)
         indices = np.empty(nnz, cls._column_dtype(d))
         values = np.empty(nnz, X.dtype)
         loops.csr_fill(X, indptr, indices, values, parts)

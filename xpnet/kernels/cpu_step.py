@@ -145,7 +145,7 @@ class CpuTrainingStep:
         first layer runs dense: too many nonzeros, or a layer narrower than one vector."""
         if X is not self._sparse_source:
             self._sparse_source, self._sparse = X, None
-            if self.layers[0].W.shape[1] >= self._loops.vector_lanes(self._dtype):
+            if self._first_layer_vector_wide():
                 self._sparse = SparseRows.of(X, self._dtype, self._parts, SPARSE_MAX_DENSITY)
         return self._sparse
 
@@ -153,8 +153,11 @@ class CpuTrainingStep:
         """Whether the first layer runs over the nonzeros of ``rows`` (given sparse): as for
         dense data, where it is at least one vector wide and at most ``SPARSE_MAX_DENSITY`` of
         the values are nonzero."""
-        return (self.layers[0].W.shape[1] >= self._loops.vector_lanes(self._dtype)
-                and rows.nnz <= SPARSE_MAX_DENSITY * rows.shape[0] * rows.shape[1])
+        return self._first_layer_vector_wide() and rows.nnz <= SPARSE_MAX_DENSITY * rows.shape[0] * rows.shape[1]
+
+    def _first_layer_vector_wide(self) -> bool:
+        """Whether the first layer has at least one vector of units (else the sparse loops idle lanes)."""
+        return self.layers[0].W.shape[1] >= self._loops.vector_lanes(self._dtype)
 
     def _gatherable(self, X, y, idx):
         """Whether the gather kernels take these arrays (else ``np.take`` runs)."""

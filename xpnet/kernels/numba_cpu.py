@@ -123,10 +123,10 @@ def _get_loops():
 def _prefer_512_bit_vectors(numba) -> None:
     """Let LLVM vectorize with the full 512-bit registers of an AVX-512 CPU. Its tuning for
     Intel's (Skylake-SP, Ice Lake, Sapphire Rapids, ...) prefers 256-bit vectors, which halves
-    the lanes of compute-bound loops (for AMD's Zen 4 it already picks 512 bits: no change): softmax (8192, 1024) took 2.2 ms with them against
-    1.75 ms with 512-bit ones on a 2-core Xeon (bench/README.md). Numba's features are
-    process-wide: this sets them only where the user has not (``NUMBA_CPU_NAME``,
-    ``NUMBA_CPU_FEATURES``), and only numba's code generated after it is affected."""
+    the lanes of compute-bound loops: softmax (8192, 1024) took 2.2 ms with them against 1.75 ms
+    with 512-bit ones on a 2-core Xeon (bench/README.md). For AMD's Zen 4 it already picks 512
+    bits: no change. Numba's features are process-wide: this sets them only where the user has
+    not (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``), and only code generated after it is affected."""
     config = numba.config
     if config.CPU_NAME is not None or config.CPU_FEATURES is not None:
         return
