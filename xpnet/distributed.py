@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -32,6 +33,10 @@ _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASK
 
 
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+#: how long a failing rank waits, its reason printed, before ending the job (see ``abort``)
+ABORT_DRAIN_SECONDS = 0.5
 
 
 def _launcher_variable(names) -> int | None:
@@ -110,6 +115,9 @@ class MPICommunicator(Communicator):
 
     def abort(self, message):
         print(f"xpnet: rank {self.rank} of {self.size} failed, ending the job: {message}", file=sys.stderr, flush=True)
+        # the launcher forwards this line from a pipe; MPI_Abort at once can tear the job down
+        # before it is read (seen under load: an empty stderr). A job that is ending can wait.
+        time.sleep(ABORT_DRAIN_SECONDS)
         self.comm.Abort(1)
 
 
