@@ -1,9 +1,12 @@
-"""Shared fixtures: a ``backend`` fixture over every namespace xpnet runs on, CUDA gating, MNIST;
-and shared helpers (``central_differences``, ``InterruptAfter``)."""
+"""Shared fixtures: a ``backend`` fixture over every namespace xpnet runs on, CUDA gating, MNIST,
+two data-parallel ranks played by threads (``thread_ranks``); and shared helpers
+(``central_differences``, ``InterruptAfter``)."""
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +133,82 @@ def drawing_model(mnist):
 
     X_train, y_train, _, _ = mnist
     return train_quick_model(X_train, y_train)
+
+
+# --- data-parallel ranks played by threads -----------------------------------------------------
+
+
+class ThreadRanks:
+    """``size`` ranks as threads: broadcasts and sums through shared slots and a barrier."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=10)
+        self.slots = [None] * size
+        self.aborted = []
+        self.local = threading.local()
+
+    def communicator(self, backend_name):
+        return self.local.comm
+
+    def run(self, train):
+        """``train(rank)`` on every rank, each in its own thread; their results by rank."""
+        results, errors = [None] * self.size, [None] * self.size
+        self.barrier.reset()  # a job of its own, after one that failed
+
+        def target(rank):
+            self.local.comm = ThreadCommunicator(self, rank)
+            try:
+                results[rank] = train(rank)
+            except BaseException as exc:  # noqa: BLE001 - handed back to the test
+                errors[rank] = exc
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return results, errors
+
+
+class ThreadCommunicator:
+    def __init__(self, ranks, rank):
+        self.ranks, self.rank, self.size = ranks, rank, ranks.size
+
+    def _exchange(self, array):
+        self.ranks.slots[self.rank] = np.array(array, copy=True)
+        self.ranks.barrier.wait()
+        slots = list(self.ranks.slots)
+        self.ranks.barrier.wait()
+        return slots
+
+    def broadcast(self, array, root=0):
+        array[...] = self._exchange(array)[root]
+
+    def broadcast_object(self, obj, root=0):
+        self.ranks.slots[self.rank] = obj
+        self.ranks.barrier.wait()
+        value = copy.deepcopy(self.ranks.slots[root])  # each rank its own, as MPI unpickles it
+        self.ranks.barrier.wait()
+        return value
+
+    def sum(self, array):
+        slots = self._exchange(array)
+        array[...] = sum(slots[1:], slots[0])
+
+    def abort(self, message):
+        self.ranks.aborted.append((self.rank, message))
+        self.ranks.barrier.abort()
+
+
+@pytest.fixture
+def thread_ranks(monkeypatch):
+    """Two ranks played by threads, found by ``distributed=True``; the reference step (the Numba
+    kernels' thread pool is not for two callers at once)."""
+    from xpnet import distributed
+
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    ranks = ThreadRanks(2)
+    monkeypatch.setattr(distributed, "communicator", ranks.communicator)
+    return ranks

@@ -226,6 +226,63 @@ def test_kernels_without_out_return_fresh_arrays(kernel_arrays, rng):
     np.testing.assert_array_equal(ka.host(xd), x)  # input untouched
 
 
+@SETTINGS
+@given(case=logits_cases(), columns=st.sampled_from([None, 63, 64, 65, 300]), seed=st.integers(0, 2**32 - 1))
+def test_weighted_softmax_cross_entropy_equals_reference(kernel_arrays, case, columns, seed):
+    """Per-row weights (0, fractions, 1, large) on the narrow and the wide (>= 64 columns) row
+    paths: the Numba kernel equals the reference; the CUDA module has no kernel for them and
+    says so when forced."""
+    x, dtype, layout = case
+    ka = kernel_arrays
+    r = np.random.default_rng(seed)
+    if columns is not None:
+        x = np.resize(x, (x.shape[0], columns)) + r.standard_normal((x.shape[0], columns)).astype(dtype)
+    n, c = x.shape
+    labels = r.integers(0, c, n)
+    weights = r.choice([0.0, 0.25, 1.0, 3.5, 1e3], size=n).astype(dtype)
+    want_loss, want_grad = F.softmax_cross_entropy(x, labels, weights=weights, impl="xp")
+    xd, yd, wd = ka.to(x, layout), ka.to(labels), ka.to(weights)
+    grad_out = ka.poisoned(x.shape, dtype)
+    got = _run_or_refuse(
+        ka, "softmax_cross_entropy",
+        lambda impl: F.softmax_cross_entropy(xd, yd, weights=wd, grad_out=grad_out, impl=impl), xd, yd, wd,
+    )
+    if got is None:
+        got = F.softmax_cross_entropy(xd, yd, weights=wd, impl="auto")
+    loss, grad = ka.host(got[0]), ka.host(got[1])
+    assert loss.shape == () and loss.dtype == dtype
+    lse = F.logsumexp(x.astype(np.float64), axis=1)
+    picked = x[np.arange(n), labels].astype(np.float64)
+    loss_scale = np.mean(weights * (np.abs(x.max(axis=1)) + np.abs(lse) + np.abs(picked)))
+    _assert_close(loss, want_loss, RTOL[dtype], scale=loss_scale)
+    onehot = np.eye(c, dtype=np.float64)[labels]
+    p = F.softmax(x, impl="xp").astype(np.float64)
+    _assert_close(grad, want_grad, RTOL[dtype], scale=weights[:, None] * (p + onehot) / n)
+
+
+def test_weighted_softmax_cross_entropy_is_the_weighted_mean(rng):
+    """The reference's meaning: ``sum(w_i loss_i) / N`` and ``w_i (p_i - onehot_i) / N``; weights
+    of 1 give the unweighted result bit for bit, on every path; a wrong shape or dtype is refused."""
+    x = rng.standard_normal((9, 4)) * 3
+    labels = rng.integers(0, 4, 9)
+    weights = rng.uniform(0, 2, 9)
+    loss, grad = F.softmax_cross_entropy(x, labels, weights=weights, impl="xp")
+    losses = F.cross_entropy(x, labels, reduction="none")
+    assert loss == pytest.approx(np.sum(weights * losses) / 9, rel=1e-14)
+    _, plain = F.softmax_cross_entropy(x, labels, impl="xp")
+    np.testing.assert_allclose(grad, plain * weights[:, None], rtol=1e-14)
+    for impl in ("xp", "auto"):
+        for dtype in (np.float32, np.float64):
+            xd = x.astype(dtype)
+            ones = F.softmax_cross_entropy(xd, labels, weights=np.ones(9, dtype), impl=impl)
+            unweighted = F.softmax_cross_entropy(xd, labels, impl=impl)
+            assert ones[0] == unweighted[0] and np.array_equal(ones[1], unweighted[1])
+    with pytest.raises(ValueError, match=r"weights must have shape \(9,\) and dtype float64.*got shape \(8,\)"):
+        F.softmax_cross_entropy(x, labels, weights=weights[:8])
+    with pytest.raises(ValueError, match="dtype float64 .* dtype float32"):
+        F.softmax_cross_entropy(x, labels, weights=weights.astype(np.float32))
+
+
 def test_large_rows_and_many_rows_use_every_path(kernel_arrays, rng):
     """Sizes past the parallel thresholds and rows wider than one block."""
     ka = kernel_arrays
@@ -239,6 +296,12 @@ def test_large_rows_and_many_rows_use_every_path(kernel_arrays, rng):
         _assert_close(ka.host(loss), want_loss, 1e-5)
         p = F.softmax(x, impl="xp")
         _assert_close(ka.host(grad), want_grad, 1e-5, scale=(p + np.eye(shape[1])[labels]) / shape[0])
+        if ka.impl == "numba":  # (the parallel driver, with row weights)
+            weights = rng.uniform(0, 2, shape[0]).astype(np.float32)
+            loss, grad = F.softmax_cross_entropy(xd, yd, weights=weights, impl=ka.impl)
+            want_loss, want_grad = F.softmax_cross_entropy(x, labels, weights=weights, impl="xp")
+            _assert_close(loss, want_loss, 1e-5)
+            _assert_close(grad, want_grad, 1e-5, scale=weights[:, None] * (p + np.eye(shape[1])[labels]) / shape[0])
         dy = rng.standard_normal(shape).astype(np.float32)
         np.testing.assert_array_equal(ka.host(F.relu_backward(ka.to(dy), xd, impl=ka.impl)), F.relu_backward(dy, x, impl="xp"))
 

@@ -100,7 +100,8 @@ def test_uint8_images_train_as_the_same_images_scaled_up_front(split_step, rng, 
 def test_fit_takes_the_split_step_where_it_applies(split_step, rng, monkeypatch):
     taken = []
     monkeypatch.setattr(split_step.SplitStep, "__call__",
-                        lambda self, xb, yb, call=split_step.SplitStep.__call__: taken.append(len(yb)) or call(self, xb, yb))
+                        lambda self, xb, yb, scales=None, call=split_step.SplitStep.__call__:
+                        taken.append(len(yb)) or call(self, xb, yb, scales))
     X, y = batch(rng, 200)
     small_cnn().fit(X, y, epochs=1, batch_size=128, verbose=0)
     assert taken == [128, 72]
@@ -164,12 +165,12 @@ class RecordingStep(ReferenceStep):
 
     seen: list = []
 
-    def __call__(self, xb, yb):
+    def __call__(self, xb, yb, scales=None):
         from threadpoolctl import threadpool_info
 
         blas = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
         self.seen.append((threading.current_thread(), blas, kernels_module._parallel("softmax", 1 << 40)))
-        return super().__call__(xb, yb)
+        return super().__call__(xb, yb, scales)
 
 
 def test_the_parts_run_in_their_own_threads_on_one_blas_thread_and_serial_kernels(split_step, rng):
@@ -187,10 +188,10 @@ def test_the_parts_run_in_their_own_threads_on_one_blas_thread_and_serial_kernel
 class FailingStep(ReferenceStep):
     """Fails in the part of a thread other than the caller's, after the caller's part is done."""
 
-    def __call__(self, xb, yb):
+    def __call__(self, xb, yb, scales=None):
         if self.model is not self.first_model:
             raise FloatingPointError("part failed")
-        return super().__call__(xb, yb)
+        return super().__call__(xb, yb, scales)
 
 
 def test_a_part_that_fails_fails_the_step(split_step, rng):

@@ -230,21 +230,35 @@ def softmax_cross_entropy_backward(logits, labels, /, *, out=None, impl="auto"):
     return grad
 
 
-def softmax_cross_entropy(logits, labels, /, *, grad_out=None, impl="auto"):
+def softmax_cross_entropy(logits, labels, /, *, weights=None, grad_out=None, impl="auto"):
     """Mean cross-entropy and its gradient in one pass: returns ``(loss, grad)``.
 
     ``loss`` is a 0-d array of the logits' dtype (on the logits' device, so a training loop can
     accumulate it without a host synchronisation); ``grad`` is ``(softmax(z) - onehot(y)) / N``.
+    ``weights`` (shape (N,), the logits' dtype and device) weigh each row's loss and gradient:
+    ``loss = sum(w_i loss_i) / N``, ``grad_i = w_i (softmax(z_i) - onehot(y_i)) / N`` (weights
+    whose mean is 1 make it a weighted mean, as ``fit``'s ``sample_weight`` does).
     """
     _check_labels(logits, labels)
-    kernel = kernels.select("softmax_cross_entropy", impl, logits, labels)
+    arrays = (logits, labels)
+    if weights is not None:
+        if tuple(weights.shape) != (logits.shape[0],) or weights.dtype != logits.dtype:
+            raise ValueError(
+                f"weights must have shape ({logits.shape[0]},) and dtype {logits.dtype} to match the logits, "
+                f"got shape {tuple(weights.shape)} and dtype {weights.dtype}"
+            )
+        arrays += (weights,)
+    kernel = kernels.select("softmax_cross_entropy", impl, *arrays)
     if kernel is not None:
-        return kernel(logits, labels, grad_out=grad_out)
+        return kernel(logits, labels, grad_out=grad_out, **({} if weights is None else {"weights": weights}))
     xp = _namespace(logits)
-    loss = cross_entropy(logits, labels)  # checks the labels' range too
     onehot = _onehot(labels, logits.shape[1], logits.dtype, xp)
-    grad = (softmax(logits, impl="xp") - onehot) / logits.shape[0]
-    return loss, _write(grad_out, grad)
+    grad = softmax(logits, impl="xp") - onehot
+    n = logits.shape[0]
+    if weights is None:
+        return cross_entropy(logits, labels), _write(grad_out, grad / n)  # checks the labels' range too
+    losses = cross_entropy(logits, labels, reduction="none")
+    return xp.sum(weights * losses) / n, _write(grad_out, grad * weights[:, None] / n)  # (weights of 1: bit for bit)
 
 
 # --- inputs ----------------------------------------------------------------------------------

@@ -448,6 +448,11 @@ class Sequential:
             processes), True or False: data-parallel training (``xpnet.distributed``);
             ``batch_size`` is then the global batch, split between the ranks; with ``resume``,
             rank 0 reads the checkpoint and every rank continues from it
+        sample_weight : array (N,) of finite weights >= 0, optional: each batch's loss is the
+            mean of its rows' losses weighted by them, as scikit-learn's ``sample_weight``
+            (so scaling every weight alike changes nothing); with ``validation_split`` the
+            weights of the held-out rows are not used. Reported metrics and ``evaluate`` stay
+            unweighted; the CUDA graph path steps aside for the eager loop
         """
         from .training import fit
 

@@ -123,6 +123,13 @@ class Optimizer:
             )
         self.lr = self.base_lr * float(factor)
 
+    def start_batch(self, rows: int, weight: float) -> None:
+        """Told by ``fit`` before each step (not on the CUDA graph path, which takes ``SGD``
+        and ``Adam`` as they are): the batch's rows (the global batch's, across ranks) and their
+        summed sample weight (``rows`` without ``sample_weight``). The gradients are of the
+        batch's (weighted) mean loss, so xpnet's optimizers need neither; a penalty that is
+        relative to the batch's weight (scikit-learn's ``alpha``) reads them."""
+
     def hyperparameters(self) -> dict:
         """The settings a fused update reads, by name (the CUDA graph path reads these)."""
         return {"lr": self.lr, "weight_decay": self.weight_decay}

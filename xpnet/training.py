@@ -82,8 +82,10 @@ class ReferenceStep:
     """One training step through the layers and ``xpnet.functional``: the reference that every
     fast path (``kernels.cpu_step``, ``kernels.cuda_graph``) is tested against.
 
-    ``step(xb, yb)`` leaves the gradients in the layers and returns the batch's summed loss and
-    number of correct predictions, as 0-d arrays on the model's device.
+    ``step(xb, yb, scales=None)`` leaves the gradients in the layers and returns the batch's
+    summed loss and number of correct predictions, as 0-d arrays on the model's device.
+    ``scales`` (optional, shape (rows,), the model's dtype): each row's factor on its loss and
+    gradient (``fit``'s sample weights over their batch's mean: a weighted mean).
     """
 
     def __init__(self, model):
@@ -115,10 +117,10 @@ class ReferenceStep:
         """The gradients the last call left, in ``model.parameters()`` order."""
         return self.model.gradients()
 
-    def __call__(self, xb, yb):
+    def __call__(self, xb, yb, scales=None):
         xp = self.xp
         logits = self.model.forward(xb, training=True)
-        loss, dlogits = F.softmax_cross_entropy(logits, yb)
+        loss, dlogits = F.softmax_cross_entropy(logits, yb, weights=scales)
         self.model.backward(dlogits)
         return loss * yb.shape[0], xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
 
@@ -205,18 +207,20 @@ def _graph_trainer(model, opt, X, y, batch_size):
     return cuda_graph.trainer_for(model, opt, X, y, batch_size)
 
 
-def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum=None):
+def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum=None, scales=None):
     """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count.
 
     With ``gradient_sum`` (a ``distributed.GradientSum``) each batch is a global one: this rank
     trains on its shard of the rows, and the step's gradients are summed over the ranks, each
-    weighted by its share of the rows, before the update."""
+    weighted by its share of the rows, before the update. ``scales``: ``_batch_scales``'s pair
+    for this epoch's order (sample weights), else None."""
     n = int(X.shape[0])
     loss_sum = correct = 0
-    grads = None
-    for lo in progress(range(0, n, batch_size)):
+    grads = row_scales = None
+    for b, lo in enumerate(progress(range(0, n, batch_size))):
         hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
         rows = hi - lo
+        opt.start_batch(rows, rows if scales is None else scales[1][b])
         if gradient_sum is not None:
             lo, hi = shard(lo, hi, gradient_sum.comm.rank, gradient_sum.comm.size)
         if hi > lo:  # a rank's shard of a short last batch may be empty
@@ -224,7 +228,9 @@ def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_su
                 xb, yb = step.take_batch(X, y, order[lo:hi])
             else:
                 xb, yb = X[lo:hi, ...], y[lo:hi]
-            batch_loss, batch_correct = step(xb, yb)
+            if scales is not None:
+                row_scales = scales[0][lo:hi]
+            batch_loss, batch_correct = step(xb, yb, row_scales)
             grads = step.gradients()
             loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
             correct = correct + batch_correct
@@ -232,6 +238,41 @@ def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_su
             gradient_sum(grads, (hi - lo) / rows)
         opt.step(params, grads)
     return loss_sum, correct
+
+
+def _check_sample_weight(sample_weight, rows: int) -> np.ndarray:
+    """``sample_weight`` as float64 NumPy, checked: one finite weight >= 0 per row, not all 0."""
+    if hasattr(sample_weight, "get") and not isinstance(sample_weight, (np.ndarray, dict)):
+        sample_weight = sample_weight.get()  # a CuPy array: the weights are read on the host
+    try:
+        weights = np.asarray(sample_weight, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"sample_weight must be an array of numbers, got {type(sample_weight).__name__}") from None
+    if weights.shape != (rows,):
+        raise ValueError(f"sample_weight must have shape ({rows},), one weight per row of X, got {weights.shape}")
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if bad.size:
+        raise ValueError(f"sample_weight must be finite and >= 0: sample_weight[{bad[0]}] = {weights[bad[0]]}")
+    if not weights.any():
+        raise ValueError("sample_weight is 0 for every row: nothing to learn from")
+    return weights
+
+
+def _batch_scales(weights, order, batch_size: int, dtype, backend):
+    """Each row's factor on its loss in its batch, in the epoch's ``order`` (on the model's
+    device), and each batch's summed weight (host floats).
+
+    A row's factor is its weight over its batch's mean weight, so a step's mean loss is the
+    batch's weighted mean (scikit-learn's ``sample_weight``); a batch whose weights are all 0
+    gets factors of 0 (it moves nothing but a penalty's decay and the optimizer's momentum).
+    """
+    w = weights if order is None else weights[order]
+    n = w.shape[0]
+    starts = np.arange(0, n, batch_size)
+    sums = np.add.reduceat(w, starts)
+    means = np.repeat(sums / np.diff(np.append(starts, n)), np.diff(np.append(starts, n)))
+    factors = np.divide(w, means, out=np.zeros_like(w), where=means > 0)
+    return backend.asarray(factors.astype(dtype)), sums.tolist()
 
 
 def _progress_bar(description):
@@ -263,6 +304,7 @@ def fit(
     initial_epoch=0,
     on_divergence="warn",
     distributed=None,
+    sample_weight=None,
 ) -> History:
     """Train ``model`` by mini-batch gradient descent on the mean cross-entropy.
 
@@ -273,7 +315,7 @@ def fit(
     the run recorded in ``run_dir`` from its checkpoint: the weights, the optimizer's state,
     the shuffling and dropout generators and the epoch are those the run had after its last
     finished epoch, so the rest of the run is bit for bit the one it would have been; the
-    settings must be those the run was recorded with.
+    settings must be those the run was recorded with. ``sample_weight``: see ``Sequential.fit``.
     """
     comm = distributed_for_fit(distributed, model.backend.name)
     follower = comm is not None and comm.rank != 0
@@ -299,6 +341,12 @@ def fit(
         X, y, val = _split_validation(
             model, X, y, validation_data, validation_split, keep_pixels=step.takes_pixels
         )
+        weights = None
+        if sample_weight is not None:
+            split_off = int(val[0].shape[0]) if validation_split else 0  # a validation split: the last rows
+            weights = _check_sample_weight(sample_weight, int(X.shape[0]) + split_off)[: X.shape[0]]
+            if not weights.any():
+                raise ValueError("sample_weight is 0 for every training row (those validation_split leaves)")
         if on_divergence not in ON_DIVERGENCE:
             raise ValueError(f"on_divergence must be one of {ON_DIVERGENCE}, got {on_divergence!r}")
         callbacks = list(callbacks)
@@ -341,6 +389,8 @@ def fit(
         }
         if comm is not None:
             settings["ranks"] = comm.size
+        if weights is not None:  # (only then: runs recorded before sample weights resume as they were)
+            settings["sample_weight_sum"] = float(weights.sum())
         # on the CPU batches go through take_batch even in order: it scales kept uint8 pixels,
         # makes sparse rows dense, or hands the fast step's sparse first layer its rows
         in_sequence = np.arange(n) if isinstance(X, (np.ndarray, SparseRows)) else None
@@ -362,7 +412,8 @@ def fit(
                 gradient_sum = GradientSum(comm, backend.xp, params)
             # after the callbacks began: a resumed optimizer's state is the one the graph adopts;
             # distributed training takes the eager loop, whose steps the all-reduce goes between
-            graphs = None if comm is not None else _graph_trainer(model, opt, X, y, batch_size)
+            # (the graph path takes no sample weights: one kernel per layer, no per-row factors)
+            graphs = None if comm is not None or weights is not None else _graph_trainer(model, opt, X, y, batch_size)
             running.enter_context(step.running())
             for epoch in range(first_epoch, epochs):
                 start = time.perf_counter()
@@ -371,12 +422,15 @@ def fit(
                 order = model._rng.permutation(n) if shuffle else in_sequence
                 if comm is not None and shuffle:
                     comm.broadcast(order)  # rank 0's shuffle, whatever the others' seeds
+                scales = None if weights is None else _batch_scales(weights, order, batch_size, model.dtype, backend)
                 order = backend.asarray(order) if shuffle else order
                 if graphs is not None:
                     loss_sum, correct = graphs.run_epoch(order)
                 else:
                     progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
-                    loss_sum, correct = _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum)
+                    loss_sum, correct = _run_epoch(
+                        step, opt, params, X, y, order, batch_size, progress, gradient_sum, scales
+                    )
                 totals = np.array([float(loss_sum), float(correct)])
                 if comm is not None:
                     comm.sum(totals)

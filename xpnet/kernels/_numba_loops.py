@@ -252,25 +252,32 @@ def _xent_row_gradient(row, y, s, inv_n):
 
 
 @njit(**_INLINE)
-def _softmax_xent_block(x, labels, grad, flat, inv_n):
-    """Gradient of the mean loss into ``grad``; returns the block's summed loss (float64)."""
+def _softmax_xent_block(x, labels, weights, grad, flat, inv_n):
+    """Gradient of the mean loss into ``grad``; returns the block's summed loss (float64).
+
+    ``weights``: empty, or each row's weight (its loss and gradient times it); a weight of 1
+    changes no bit of either."""
+    weighted = weights.shape[0] > 0
     loss = 0.0
     if x.shape[1] >= WIDE_ROW:
         for i in range(x.shape[0]):
             row = grad[i]
             s, m = _exp_shifted_row_sum(x[i], row)
-            loss += math.log(s) - (x[i, labels[i]] - m)
-            _xent_row_gradient(row, labels[i], s, inv_n)
+            w = weights[i] if weighted else 1.0
+            loss += w * (math.log(s) - (x[i, labels[i]] - m))
+            _xent_row_gradient(row, labels[i], s, weights[i] * inv_n if weighted else inv_n)
         return loss
     _shift_rows(x, grad)
     for i in range(x.shape[0]):
-        loss -= grad[i, labels[i]]  # -(z_y - max z)
+        w = weights[i] if weighted else 1.0
+        loss -= w * grad[i, labels[i]]  # -(z_y - max z)
     _exp_inplace(flat)
     for i in range(grad.shape[0]):
         row = grad[i]
         s = _row_sum(row)
-        loss += math.log(s)
-        _xent_row_gradient(row, labels[i], s, inv_n)
+        w = weights[i] if weighted else 1.0
+        loss += w * math.log(s)
+        _xent_row_gradient(row, labels[i], s, weights[i] * inv_n if weighted else inv_n)
     return loss
 
 
@@ -294,19 +301,22 @@ def softmax_parallel(x, out, flat, rows):
 
 
 @njit(**_JIT)
-def softmax_xent_serial(x, labels, grad, flat, rows):
-    """Returns the summed loss (float64); ``grad`` gets the gradient of the mean loss."""
+def softmax_xent_serial(x, labels, weights, grad, flat, rows):
+    """Returns the summed loss (float64); ``grad`` gets the gradient of the mean loss
+    (``weights``: empty, or each row's weight; see ``_softmax_xent_block``)."""
     n, c = x.shape
     inv_n = grad.dtype.type(1 / n)
     total = 0.0
     for i0 in range(0, n, rows):
         i1 = min(i0 + rows, n)
-        total += _softmax_xent_block(x[i0:i1], labels[i0:i1], grad[i0:i1], flat[i0 * c : i1 * c], inv_n)
+        total += _softmax_xent_block(
+            x[i0:i1], labels[i0:i1], weights[i0:i1], grad[i0:i1], flat[i0 * c : i1 * c], inv_n
+        )
     return total
 
 
 @njit(parallel=True, **_JIT)
-def softmax_xent_parallel(x, labels, grad, flat, rows):
+def softmax_xent_parallel(x, labels, weights, grad, flat, rows):
     n, c = x.shape
     n_blocks = (n + rows - 1) // rows
     inv_n = grad.dtype.type(1 / n)
@@ -314,7 +324,7 @@ def softmax_xent_parallel(x, labels, grad, flat, rows):
     for b in prange(n_blocks):
         i0, i1 = b * rows, min(b * rows + rows, n)
         partial[b] = _softmax_xent_block(
-            x[i0:i1], labels[i0:i1], grad[i0:i1], flat[i0 * c : i1 * c], inv_n
+            x[i0:i1], labels[i0:i1], weights[i0:i1], grad[i0:i1], flat[i0 * c : i1 * c], inv_n
         )
     return partial.sum()
 
@@ -706,9 +716,10 @@ def count_argmax_hits(x, labels):
 
 
 @njit(**_JIT)
-def loss_head(logits, labels, grad, flat, rows, db):
+def loss_head(logits, labels, weights, grad, flat, rows, db):
     """The training step's loss in one call: labels checked, correct predictions counted, the
-    fused softmax + cross-entropy gradient into ``grad`` and its column sums into ``db``.
+    fused softmax + cross-entropy gradient into ``grad`` (each row's times its weight, where
+    ``weights`` is not empty) and its column sums into ``db``.
 
     Returns ``(loss_sum, hits, bad)``: ``bad`` is the index of the first label outside
     ``[0, classes)`` (nothing else is computed then), or -1.
@@ -717,7 +728,7 @@ def loss_head(logits, labels, grad, flat, rows, db):
     if bad >= 0:
         return 0.0, 0, bad
     hits = count_argmax_hits(logits, labels)
-    loss = softmax_xent_serial(logits, labels, grad, flat, rows)
+    loss = softmax_xent_serial(logits, labels, weights, grad, flat, rows)
     column_sums(grad, db)
     return loss, hits, -1
 

@@ -81,6 +81,7 @@ class CpuTrainingStep:
         self._dtype, self._fan_in = dtype, widths[0]
         self._inputs = {}  # dense batches of inputs, made on first use (sparse data needs none)
         self._y = np.empty(n, np.int64)
+        self._no_scales = np.empty(0, dtype)  # the loss head's "no row factors"
         self._z = [np.empty((n, w), dtype) for w in widths[1:]]  # each layer's output
         self._dz = [np.empty((n, w), dtype) for w in widths[1:]]  # dL/d(pre-activation)
         self.dW = [np.empty((a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
@@ -185,8 +186,10 @@ class CpuTrainingStep:
         first sparse step on, given back at the end."""
         return self._blas.held()
 
-    def __call__(self, xb, yb):
-        """Gradients of the mean cross-entropy on the batch ``(xb, yb)`` into ``dW``/``db``.
+    def __call__(self, xb, yb, scales=None):
+        """Gradients of the mean cross-entropy on the batch ``(xb, yb)`` into ``dW``/``db``;
+        ``scales`` (optional, shape (rows,), the parameters' dtype): each row's factor on its
+        loss and gradient (see ``training.ReferenceStep``).
 
         Returns ``(loss_sum, correct)``: the summed (not mean) loss as a float and the number of
         rows whose arg-max logit is the label, both for the training loop's epoch metrics.
@@ -194,16 +197,20 @@ class CpuTrainingStep:
         n = xb.shape[0]
         if n > self.batch_size:
             raise ValueError(f"a batch of {n} rows does not fit buffers for {self.batch_size}")
+        if scales is None:
+            scales = self._no_scales
+        elif scales.shape != (n,) or scales.dtype != self._dtype or type(scales) is not np.ndarray:
+            raise ValueError(f"scales must be a NumPy array of shape ({n},) and dtype {self._dtype}")
         sparse = isinstance(xb, _SparseBatch)
         if not sparse or self._parts == 1:  # no numba threads: nothing to keep BLAS's from
-            return self._step(xb, yb, n, sparse)
+            return self._step(xb, yb, scales, n, sparse)
         self._blas.take()
         try:
-            return self._step(xb, yb, n, True)
+            return self._step(xb, yb, scales, n, True)
         finally:
             self._blas.give_back()
 
-    def _step(self, xb, yb, n, sparse):
+    def _step(self, xb, yb, scales, n, sparse):
         loops, layers = self._loops, self.layers
         h = xb
         outputs = []
@@ -226,7 +233,8 @@ class CpuTrainingStep:
             h = z
         logits = h
         dz = self._dz[-1][:n]
-        loss_sum, correct, bad = loops.loss_head(logits, yb, dz, dz.reshape(-1), self._rows, self.db[-1])
+        loss_sum, correct, bad = loops.loss_head(logits, yb, np.ascontiguousarray(scales), dz, dz.reshape(-1),
+                                                 self._rows, self.db[-1])
         if bad >= 0:
             raise ValueError(f"labels must lie in [0, {logits.shape[1]}); got {yb[bad]}")
         for i in range(len(layers) - 1, -1, -1):

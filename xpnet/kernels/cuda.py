@@ -227,6 +227,8 @@ def _problem(op, arrays) -> tuple[type, str] | None:
     roles = _ROLES.get(op)
     if roles is None:
         return ValueError, f"no CUDA kernel for {op!r}"
+    if op == "softmax_cross_entropy" and len(arrays) == 3:
+        return ValueError, "no CUDA kernel takes per-row weights (the xp reference does)"
     if len(arrays) != len(roles):
         return TypeError, f"{op} takes {len(roles)} arrays, got {len(arrays)}"
     for (name, kinds), a in zip(roles, arrays):

@@ -176,7 +176,8 @@ def unsupported(op: str, *arrays) -> str | None:
     dtype = first.dtype
     if dtype not in _FLOATS:
         return f"the numba kernels take float32 or float64, got {dtype}"
-    floats = arrays[:1] if op == "softmax_cross_entropy" else arrays
+    # softmax_cross_entropy: (logits, labels) or (logits, labels, weights)
+    floats = arrays[:1] + arrays[2:] if op == "softmax_cross_entropy" else arrays
     for a in floats:
         if a.dtype != dtype:
             return "operands of different dtypes: " + ", ".join(str(a.dtype) for a in floats)
@@ -389,8 +390,9 @@ def softmax(x, /, out=None):
     return _finish(target, out)
 
 
-def softmax_cross_entropy(logits, labels, /, grad_out=None):
-    """Mean cross-entropy and its gradient ``(softmax - onehot) / N`` in one kernel.
+def softmax_cross_entropy(logits, labels, /, grad_out=None, weights=None):
+    """Mean cross-entropy and its gradient ``(softmax - onehot) / N`` in one kernel, each row's
+    times its weight where ``weights`` (shape (N,), the logits' dtype) are given.
 
     Returns ``(loss, grad)``: ``loss`` a 0-d array of the logits' dtype (its sum is accumulated
     in float64), ``grad`` of the logits' shape. Labels outside ``[0, classes)`` raise ValueError.
@@ -402,10 +404,11 @@ def softmax_cross_entropy(logits, labels, /, grad_out=None):
         raise ValueError(f"labels[{bad}] = {labels[bad]} is outside [0, {n_classes})")
     if grad_out is not None:
         _check_out(grad_out, logits.shape, logits.dtype, "grad_out")
-    target = _target(grad_out, logits.shape, logits.dtype, (logits, labels), contiguous=True)
+    weights = np.empty(0, logits.dtype) if weights is None else np.ascontiguousarray(weights)
+    target = _target(grad_out, logits.shape, logits.dtype, (logits, labels, weights), contiguous=True)
     parallel = _parallel("softmax_cross_entropy", logits.size)
     kernel = loops.softmax_xent_parallel if parallel else loops.softmax_xent_serial
-    total = kernel(logits, labels, target, target.reshape(-1), loops.block_rows(n_classes))
+    total = kernel(logits, labels, weights, target, target.reshape(-1), loops.block_rows(n_classes))
     loss = np.asarray(total / logits.shape[0], dtype=logits.dtype)
     return loss, _finish(target, grad_out)
 
@@ -588,13 +591,13 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
 # parameters an optimizer updates in one call), i an integer, f a float, b a bool.
 WARMUP_SIGNATURES = {
     ("softmax_serial", "softmax_parallel"): ["x2 x2 x1 i"],
-    ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x2 x1 i"],
+    ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x1 x2 x1 i"],
     ("labels_out_of_range",): ["l1 i"],
     ("bias_relu_serial", "bias_relu_parallel"): ["x2 x1 x2"],
     ("relu_backward_2d_serial", "relu_backward_2d_parallel"): ["x2 x2 x2", "a2 a2 x2"],
     ("relu_backward_flat_serial", "relu_backward_flat_parallel", "relu_backward_flat_streaming"): ["x1 x1 x1"],
     # the training step's fused pieces (cpu_step)
-    ("loss_head",): ["x2 i1 x2 x1 i x1"],
+    ("loss_head",): ["x2 i1 x1 x2 x1 i x1"],
     ("bias_add_inplace",): ["x2 x1"],
     ("relu_backward_colsum_inplace",): ["x2 x2 x1"],
     ("take_batch",): ["x2 i1 i1 x2 i1"],

@@ -136,11 +136,11 @@ class SplitStep:
     def running(self):
         return self._steps[0].running()
 
-    def _part(self, k, xb, yb):
+    def _part(self, k, xb, yb, scales):
         with numba_cpu.serial_kernels():
-            return self._steps[k](xb, yb)
+            return self._steps[k](xb, yb, scales)
 
-    def __call__(self, xb, yb):
+    def __call__(self, xb, yb, scales=None):
         n = int(xb.shape[0])
         bounds = [n * k // self.parts for k in range(self.parts + 1)]
         spans = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
@@ -151,10 +151,10 @@ class SplitStep:
                     setattr(twin, name, getattr(layer, name))
         self._blas.take()
         try:
-            futures = [worker.submit(self._part, k, xb[lo:hi, ...], yb[lo:hi])
+            futures = [worker.submit(self._part, k, xb[lo:hi, ...], yb[lo:hi], _rows(scales, lo, hi))
                        for worker, (k, (lo, hi)) in zip(self._workers, enumerate(spans[1:], 1))]
             try:
-                first = self._part(0, xb[: spans[0][1], ...], yb[: spans[0][1]])
+                first = self._part(0, xb[: spans[0][1], ...], yb[: spans[0][1]], _rows(scales, 0, spans[0][1]))
             finally:  # no part may still run when this call ends, even on an error
                 rest = [f.result() for f in futures]
         finally:
@@ -169,3 +169,8 @@ class SplitStep:
                     total += getattr(replica.layers[i], grad) * w
                 setattr(layer, grad, total)
         return sum(loss for loss, _ in results), sum(correct for _, correct in results)
+
+
+def _rows(scales, lo, hi):
+    """A part's slice of the batch's row factors (``None``: none)."""
+    return None if scales is None else scales[lo:hi]
