@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 from sklearn import neural_network
+from sklearn.base import clone
 from sklearn.datasets import load_digits, make_blobs
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split
@@ -58,10 +59,18 @@ def blobs(n=120, classes=3, seed=0):
 
 # -- scikit-learn's own checks --------------------------------------------------------------------
 
-#: checks these estimators are known to fail, with the reason (scikit-learn's mechanism for it):
-#: none today. ``check_classifier_data_not_an_array`` skips itself without pandas, and
+#: checks these estimators are known to fail, with the reason (scikit-learn's mechanism for it).
+#: ``check_classifier_data_not_an_array`` skips itself without pandas, and
 #: ``check_array_api_input`` because the estimators take host (NumPy/SciPy) data only.
-EXPECTED_FAILED_CHECKS: dict[str, str] = {}
+_FLOAT32_EQUIVALENCE = (
+    "integer sample weights train as repeated samples up to float32 rounding (1-2e-7 apart after 30 "
+    "epochs: the network computes in float32, the check asks for float64's 1e-7); "
+    "test_integer_sample_weights_train_as_repeated_samples checks it at float32's tolerance"
+)
+EXPECTED_FAILED_CHECKS: dict[str, str] = {
+    "check_sample_weight_equivalence_on_dense_data": _FLOAT32_EQUIVALENCE,
+    "check_sample_weight_equivalence_on_sparse_data": _FLOAT32_EQUIVALENCE,
+}
 
 
 @parametrize_with_checks(
@@ -82,18 +91,19 @@ def test_import_xpnet_sklearn_is_lazy_and_documented():
 
 # -- the same meaning as scikit-learn's parameters ---------------------------------------------------
 
-def trained_from(estimator, weights, X, y):
+def trained_from(estimator, weights, X, y, sample_weight=None):
     """``estimator`` trained for its ``max_iter`` epochs from ``weights`` (a first fit creates
     the coefficients, then a warm start goes on from the ones set, with a new optimizer)."""
-    estimator.set_params(warm_start=True).fit(X, y)
+    estimator.set_params(warm_start=True).fit(X, y, sample_weight=sample_weight)
     if isinstance(estimator, MLPClassifier):
         estimator.model_.set_weights(weights)
     else:
         estimator.coefs_ = [w.astype(np.float64) for w in weights[0::2]]
         estimator.intercepts_ = [b.astype(np.float64) for b in weights[1::2]]
-    return estimator.fit(X, y)
+    return estimator.fit(X, y, sample_weight=sample_weight)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "sample_weight"])
 @pytest.mark.parametrize("settings", [
     {"solver": "sgd", "momentum": 0.0, "learning_rate_init": 0.1, "alpha": 0.5},
     {"solver": "sgd", "momentum": 0.9, "nesterovs_momentum": True, "learning_rate_init": 0.05, "alpha": 0.1},
@@ -105,25 +115,44 @@ def trained_from(estimator, weights, X, y):
     {"solver": "sgd", "momentum": 0.5, "learning_rate": "adaptive", "tol": 1e3, "n_iter_no_change": 1,
      "learning_rate_init": 0.2, "alpha": 0.1},
 ])
-def test_the_same_settings_train_to_the_same_weights_as_scikit_learn(settings, rng):
+def test_the_same_settings_train_to_the_same_weights_as_scikit_learn(settings, weighted, rng):
     """Same data, same start, same batches (no shuffling): the same
     weights after 3 epochs. Holds ``alpha`` (an L2 on the kernels only, divided by the batch
-    size), both solvers, the momentum variants and Adam's epsilon (which rules the steps of
-    gradients as small as itself) to scikit-learn's meaning. The tolerance is
-    float32's: scikit-learn computes in float64 here."""
-    X, y = blobs(n=90)  # 3 full batches: on a smaller last one the penalty differs (see alpha)
+    size, or its summed sample weight), both solvers, the momentum variants, Adam's epsilon
+    (which rules the steps of gradients as small as itself) and ``sample_weight`` (weights of 0
+    to 3, some 0) to scikit-learn's meaning. The tolerance is float32's: scikit-learn computes
+    in float64 here."""
+    X, y = blobs(n=90)  # 3 full batches (a short last one: the next test)
+    sample_weight = rng.choice([0.0, 0.5, 1.0, 3.0], size=90) if weighted else None
     X[:, 0] = 0  # a feature that is always 0, as MNIST's border pixels: its weights see only alpha
     params = dict(hidden_layer_sizes=(7, 5), activation="tanh", batch_size=30, max_iter=3, shuffle=False,
                   random_state=0, **settings)
     shapes = [(5, 7), (7,), (7, 5), (5,), (5, 3), (3,)]
     start = [rng.uniform(-0.5, 0.5, size=shape).astype(np.float32) for shape in shapes]
-    ours = trained_from(MLPClassifier(**params), start, X, y)
-    sk = trained_from(neural_network.MLPClassifier(**params), start, X, y)
+    ours = trained_from(MLPClassifier(**params), start, X, y, sample_weight)
+    sk = trained_from(neural_network.MLPClassifier(**params), start, X, y, sample_weight)
     for ours_w, sk_w in zip(ours.coefs_ + ours.intercepts_, sk.coefs_ + sk.intercepts_, strict=True):
         np.testing.assert_allclose(ours_w, sk_w, rtol=1e-4, atol=1e-5)
     # the loss adds the penalty at each epoch's end weights, where scikit-learn takes each batch's
     np.testing.assert_allclose(ours.loss_curve_[3:], sk.loss_curve_[3:], rtol=0.02)
     assert ours.n_iter_ == sk.n_iter_ == 3 and len(ours.loss_curve_) == len(sk.loss_curve_) == 6
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "sample_weight"])
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_a_short_last_batch_gets_the_penalty_of_its_own_size_as_in_scikit_learn(solver, weighted, rng):
+    """100 samples in batches of 30: the last batch of 10 (or its summed weight) divides alpha,
+    so the weights after 3 epochs are scikit-learn's. (The loss is left out: it takes the
+    penalty at each epoch's end weights, and a fourth batch at this rate moves them further.)"""
+    X, y = blobs(n=100)
+    sample_weight = rng.choice([0.0, 0.5, 1.0, 3.0], size=100) if weighted else None
+    params = dict(hidden_layer_sizes=(7,), activation="tanh", batch_size=30, max_iter=3, shuffle=False,
+                  random_state=0, solver=solver, learning_rate_init=0.05, alpha=0.5)
+    start = [rng.uniform(-0.5, 0.5, size=shape).astype(np.float32) for shape in [(5, 7), (7,), (7, 3), (3,)]]
+    ours = trained_from(MLPClassifier(**params), start, X, y, sample_weight)
+    sk = trained_from(neural_network.MLPClassifier(**params), start, X, y, sample_weight)
+    for ours_w, sk_w in zip(ours.coefs_ + ours.intercepts_, sk.coefs_ + sk.intercepts_, strict=True):
+        np.testing.assert_allclose(ours_w, sk_w, rtol=1e-4, atol=1e-5)
 
 
 def test_stopping_on_the_training_loss_counts_epochs_as_scikit_learn_does():
@@ -245,6 +274,64 @@ def test_early_stopping_keeps_the_weights_of_the_best_validation_score():
     # the same stratified split scikit-learn's MLPClassifier takes: the kept weights score the best
     _, X_val, _, y_val = train_test_split(X, y, test_size=0.2, stratify=y, random_state=np.random.RandomState(0))
     assert clf.score(X_val, y_val) == clf.best_validation_score_
+
+
+# -- sample_weight -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", [
+    MLPClassifier((16,), max_iter=30, learning_rate_init=0.01, random_state=0),
+    MLPClassifier((16,), activation="tanh", max_iter=30, learning_rate_init=0.01, random_state=0),
+    NeuralNetClassifier(TwoDense(), max_iter=30, learning_rate_init=0.01, random_state=0),
+], ids=["relu", "tanh", "build_fn"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_integer_sample_weights_train_as_repeated_samples(estimator, sparse):
+    """scikit-learn's equivalence check (listed as an expected failure above for its float64
+    tolerance): 15 samples weighted 0-4 against the same samples repeated that often, one batch
+    each, float32's tolerance."""
+    rng = np.random.RandomState(42)
+    X, y = rng.rand(15, 30), np.arange(15) % 3
+    counts = rng.randint(0, 5, size=15)
+    counts[:6] = (0, 0, 1, 4, 2, 3)  # two samples left out; every class kept
+    to = scipy.sparse.csr_matrix if sparse else np.asarray
+    weighted = clone(estimator).fit(to(X), y, sample_weight=counts)
+    repeated = clone(estimator).fit(to(X.repeat(counts, axis=0)), y.repeat(counts))
+    np.testing.assert_allclose(weighted.predict_proba(X), repeated.predict_proba(X), rtol=1e-5, atol=1e-6)
+    unweighted = clone(estimator).fit(to(X), y)
+    assert np.abs(unweighted.predict_proba(X) - repeated.predict_proba(X)).max() > 1e-3  # the weights mattered
+
+
+def test_early_stopping_scores_the_validation_samples_with_their_weights():
+    """The held-out samples keep their weights, as in scikit-learn: the score kept is their
+    weighted accuracy; the split is the one without weights."""
+    X, y = blobs(n=300, seed=1)
+    weights = np.random.default_rng(0).uniform(0, 3, size=300)
+    params = dict(hidden_layer_sizes=(8,), early_stopping=True, validation_fraction=0.2, n_iter_no_change=3,
+                  tol=0.05, max_iter=200, learning_rate_init=0.05, random_state=0)
+    clf = MLPClassifier(**params).fit(X, y, sample_weight=weights)
+    assert clf.best_validation_score_ == max(clf.validation_scores_)
+    _, X_val, _, y_val, _, w_val = train_test_split(X, y, weights, test_size=0.2, stratify=y,
+                                                    random_state=np.random.RandomState(0))
+    assert clf.score(X_val, y_val, sample_weight=w_val) == pytest.approx(clf.best_validation_score_, abs=1e-12)
+
+
+def test_sample_weight_goes_where_scikit_learn_passes_it():
+    """``partial_fit(X, y, sample_weight, classes)`` positionally, as scikit-learn's; routed
+    through a Pipeline's ``fit`` and ``cross_val_score``'s ``params``; a bad one refused by name."""
+    X, y = blobs()
+    weights = np.random.default_rng(1).uniform(0.5, 2, size=len(y))
+    params = dict(hidden_layer_sizes=(8,), max_iter=5, random_state=0)
+    by_position = MLPClassifier(**params).partial_fit(X, y, weights, [0, 1, 2])
+    by_name = MLPClassifier(**params).partial_fit(X, y, classes=[0, 1, 2], sample_weight=weights)
+    np.testing.assert_array_equal(by_position.predict_proba(X), by_name.predict_proba(X))
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(**params)).fit(X, y, mlpclassifier__sample_weight=weights)
+    alone = MLPClassifier(**params).fit(StandardScaler().fit_transform(X), y, sample_weight=weights)
+    np.testing.assert_array_equal(pipe[-1].coefs_[0], alone.coefs_[0])
+    assert len(cross_val_score(MLPClassifier(**params), X, y, cv=3, params={"sample_weight": weights})) == 3
+    with pytest.raises(ValueError, match="Negative values in data passed to `sample_weight`"):
+        MLPClassifier(**params).fit(X, y, sample_weight=-weights)
+    with pytest.raises(ValueError, match=r"sample_weight.shape == \(119,\), expected \(120,\)"):
+        MLPClassifier(**params).fit(X, y, sample_weight=weights[1:])
 
 
 def test_sparse_input_gives_what_dense_input_gives():

@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import _check_partial_fit_first_call, check_classification_targets, unique_labels
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from .backend import Backend
 from .callbacks import Callback
@@ -40,15 +40,26 @@ _ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "logistic": "sigmoid", "identity
 
 
 class _KernelL2:
-    """scikit-learn's L2 penalty: ``alpha / (2 n) ||W||^2`` per batch of ``n`` samples, on the
-    kernels (parameters of 2 or more axes) and not on the biases; its gradient ``penalty * W``
-    (the estimator sets ``penalty = alpha / batch_size``) joins each kernel's gradient before
-    the update."""
+    """scikit-learn's L2 penalty: ``alpha / (2 n) ||W||^2`` per batch of ``n`` samples (``n``
+    the batch's summed sample weight, where it has them), on the kernels (parameters of 2 or
+    more axes) and not on the biases; its gradient ``alpha / n * W`` joins each kernel's
+    gradient before the update. ``penalty_share()``: the sum over the batches since the last
+    call of their rows over their weight, which scales the penalty in the epoch's loss."""
 
-    penalty = 0.0
+    alpha = 0.0  # (the estimator sets it)
+    _decay = 0.0
+    _share = 0.0
+
+    def start_batch(self, rows, weight):
+        self._decay = self.alpha / weight if weight > 0 else 0.0
+        self._share += rows / weight if weight > 0 else 0.0
+
+    def penalty_share(self) -> float:
+        share, self._share = self._share, 0.0
+        return share
 
     def _coupled_decay(self, p):
-        return self.penalty if p.ndim > 1 else 0.0
+        return self._decay if p.ndim > 1 else 0.0
 
 
 class _SGD(_KernelL2, SGD):
@@ -88,11 +99,11 @@ class _Adam(_KernelL2, Adam):
 class _EpochEnd(Callback):
     """Hands each epoch's metrics to the estimator, which says whether to stop."""
 
-    def __init__(self, estimator, n_samples, n_batches):
-        self.estimator, self.n_samples, self.n_batches = estimator, n_samples, n_batches
+    def __init__(self, estimator, n_samples):
+        self.estimator, self.n_samples = estimator, n_samples
 
     def on_epoch_end(self, epoch, logs):
-        if self.estimator._end_epoch(logs, self.n_samples, self.n_batches):
+        if self.estimator._end_epoch(logs, self.n_samples):
             self.model.stop_training = True
 
 
@@ -140,25 +151,29 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
 
     # -- the public methods ----------------------------------------------------------------------
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Train on ``(X, y)`` for up to ``max_iter`` epochs; returns ``self``.
 
         With ``warm_start`` a fitted network goes on from its weights (with a fresh optimizer,
-        as in scikit-learn), else it starts from new ones.
+        as in scikit-learn), else it starts from new ones. ``sample_weight`` (shape
+        (n_samples,), >= 0) weighs each sample's loss as scikit-learn's does: each batch's
+        gradient is of its weighted mean loss, the penalty divided by the batch's summed weight,
+        and the validation score of ``early_stopping`` weighted too.
         """
         self._validate_params()
-        return self._fit(X, y, incremental=False)
+        return self._fit(X, y, sample_weight, incremental=False)
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over ``(X, y)`` from the current weights and optimizer state; returns ``self``.
 
-        ``classes`` (every label the network will see) is needed on the first call only.
+        ``classes`` (every label the network will see) is needed on the first call only;
+        ``sample_weight`` as in ``fit``.
         """
         self._validate_params()
         if self.early_stopping:
             raise ValueError("partial_fit does not support early_stopping=True")
         _check_partial_fit_first_call(self, classes)  # sets classes_ on the first call
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, sample_weight, incremental=True)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, shape (n_samples, n_classes), columns in ``classes_`` order."""
@@ -184,7 +199,7 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
     def _validate_X(self, X, *, reset):
         return validate_data(self, X, reset=reset, **_CHECK_X)
 
-    def _fit(self, X, y, *, incremental):
+    def _fit(self, X, y, sample_weight, *, incremental):
         if self.solver == "lbfgs":
             raise ValueError(
                 "solver='lbfgs' is not supported by xpnet (full-batch quasi-Newton); use solver='adam' or 'sgd'"
@@ -192,6 +207,8 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
         first_pass = not hasattr(self, "model_") or not (self.warm_start or incremental)
         X, y = validate_data(self, X, y, reset=first_pass, **_CHECK_X)
         check_classification_targets(y)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
         if first_pass and not incremental:
             self.classes_ = unique_labels(y)
         labels = self._check_labels(y, same_set=self.warm_start and not first_pass and not incremental)
@@ -199,28 +216,34 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
             self._initialize(X.shape[1])
         if first_pass or (self.validation_scores_ is not None) != self.early_stopping:
             self._reset_improvement()  # (a warm start may switch early_stopping)
-        val = None
+        val = self._weighted_val = None
         if self.early_stopping:
-            X, X_val, labels, y_val = train_test_split(
-                X, labels, test_size=self.validation_fraction, stratify=labels,
+            arrays = (X, labels) if sample_weight is None else (X, labels, sample_weight)
+            parts = train_test_split(
+                *arrays, test_size=self.validation_fraction, stratify=labels,
                 random_state=check_random_state(self.random_state),
             )
+            X, X_val, labels, y_val = parts[:4]
             if X_val.shape[0] < 2:
                 raise ValueError(
                     f"the validation set is too small ({X_val.shape[0]} samples): "
                     f"raise validation_fraction={self.validation_fraction} or give more data"
                 )
-            val = (X_val, y_val)
+            if sample_weight is None:
+                val = (X_val, y_val)  # scored by fit
+            else:  # scored here, weighted (_end_epoch)
+                sample_weight, self._weighted_val = parts[4], (X_val, y_val, parts[5])
         n, batch_size = X.shape[0], self._batch_size(X.shape[0])
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._make_optimizer()
-        self._optimizer.penalty = self.alpha / batch_size
+        self._optimizer.alpha = self.alpha
+        self._optimizer.penalty_share()  # (a fit cut short may have left some)
         self.n_iter_ = 0
         self._stopped = False
         self.model_.fit(
             X, labels, epochs=1 if incremental else self.max_iter, batch_size=batch_size,
             optimizer=self._optimizer, shuffle=self.shuffle, validation_data=val, verbose=0,
-            callbacks=[_EpochEnd(self, n, -(-n // batch_size))], on_divergence="ignore",
+            callbacks=[_EpochEnd(self, n)], on_divergence="ignore", sample_weight=sample_weight,
         )
         if self.early_stopping:
             self.model_.set_weights(self._best_weights)
@@ -278,7 +301,7 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
                           f"{n_samples}", stacklevel=4)
         return min(self.batch_size, n_samples)
 
-    def _end_epoch(self, logs, n_samples, n_batches) -> bool:
+    def _end_epoch(self, logs, n_samples) -> bool:
         """scikit-learn's end of an epoch: record the loss, count epochs without improvement
         by ``tol`` (of the validation accuracy with ``early_stopping``, else of the training
         loss), keep the best weights; ``True`` when ``n_iter_no_change`` is exceeded.
@@ -289,14 +312,18 @@ class _NeuralNetBase(ClassifierMixin, BaseEstimator):
         """
         xp = self.model_.backend.xp
         squares = sum(float(xp.sum(p * p)) for p in self.model_.parameters() if p.ndim > 1)
-        self.loss_ = logs["loss"] + 0.5 * self.alpha * squares * n_batches / n_samples
+        self.loss_ = logs["loss"] + 0.5 * self.alpha * squares * self._optimizer.penalty_share() / n_samples
         self.loss_curve_.append(self.loss_)
         self.n_iter_ += 1
         self.t_ += n_samples
         if self.verbose:
             print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
         if self.early_stopping:
-            score = logs["val_accuracy"]
+            if self._weighted_val is None:
+                score = logs["val_accuracy"]
+            else:
+                X_val, y_val, w_val = self._weighted_val
+                score = float(np.average(self.model_.predict(X_val) == y_val, weights=w_val))
             self.validation_scores_.append(score)
             if self.verbose:
                 print(f"Validation score: {score:f}")
@@ -347,8 +374,8 @@ _TRAINING_PARAMETERS = """\
     alpha : float, default=1e-4
         L2 penalty, as in scikit-learn: each batch of ``n`` samples adds ``alpha / (2 n) *
         ||W||^2`` over the kernels (not the biases) to the mean cross-entropy, so each kernel's
-        gradient gets ``alpha / batch_size * W`` (a last, smaller batch gets the same: scikit-learn
-        divides by its own size there).
+        gradient gets ``alpha / n * W`` (``n``: the batch's summed ``sample_weight`` where
+        ``fit`` is given one).
     batch_size : int or "auto", default="auto"
         "auto" is ``min(200, n_samples)``; larger than ``n_samples``: clipped, with a warning.
     learning_rate : {"constant", "invscaling", "adaptive"}, default="constant"
