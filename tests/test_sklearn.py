@@ -155,6 +155,20 @@ def test_a_short_last_batch_gets_the_penalty_of_its_own_size_as_in_scikit_learn(
         np.testing.assert_allclose(ours_w, sk_w, rtol=1e-4, atol=1e-5)
 
 
+def test_the_fitted_network_is_described_as_scikit_learn_describes_it():
+    X, y = blobs()
+    params = dict(hidden_layer_sizes=(7, 5), max_iter=2)
+    ours, sk = MLPClassifier(**params), neural_network.MLPClassifier(**params)
+    for name in ("n_layers_", "n_outputs_", "out_activation_", "coefs_"):
+        assert not hasattr(ours, name)
+    ours.fit(X, y), sk.fit(X, y)
+    assert (ours.n_layers_, ours.n_outputs_, ours.out_activation_) == (sk.n_layers_, sk.n_outputs_,
+                                                                        sk.out_activation_) == (4, 3, "softmax")
+    assert [c.shape for c in ours.coefs_] == [c.shape for c in sk.coefs_]
+    two = MLPClassifier(**params).fit(X[y < 2], y[y < 2])  # one unit per class, also for two
+    assert (two.n_outputs_, two.out_activation_, two.coefs_[-1].shape) == (2, "softmax", (5, 2))
+
+
 def test_stopping_on_the_training_loss_counts_epochs_as_scikit_learn_does():
     """With ``tol`` larger than any gain, both stop after ``n_iter_no_change + 1`` epochs."""
     X, y = blobs()

@@ -454,7 +454,7 @@ class MLPClassifier(_NeuralNetBase):
     trained on the mean cross-entropy (also for 2 classes, where scikit-learn has one logistic
     unit). X is used as numbers: pixels are not rescaled (give ``X / 255``, as to scikit-learn).
     Not supported: ``solver="lbfgs"`` (so ``max_fun``, its limit, is kept but unused),
-    ``sample_weight``, multilabel y.
+    multilabel y.
 
     Parameters
     ----------
@@ -468,6 +468,11 @@ class MLPClassifier(_NeuralNetBase):
 {_ATTRIBUTES}
     coefs_, intercepts_ : lists of ndarray
         Copies of each layer's kernel (n_in, n_out) and bias, as scikit-learn names them.
+    n_layers_ : int
+        The input, the hidden layers and the output, as scikit-learn counts them.
+    n_outputs_ : int; out_activation_ : str
+        One output unit per class, ``"softmax"`` (for 2 classes: 2 units, where scikit-learn
+        has 1, ``"logistic"``).
     """
 
     _parameter_constraints = {
@@ -498,6 +503,19 @@ class MLPClassifier(_NeuralNetBase):
     @property
     def intercepts_(self) -> list:
         return self.model_.get_weights()[1::2]
+
+    @property
+    def n_layers_(self) -> int:
+        return len(self.model_.layers) + 1
+
+    @property
+    def n_outputs_(self) -> int:
+        return self.model_.n_classes
+
+    @property
+    def out_activation_(self) -> str:
+        self.model_  # noqa: B018 - unfitted: AttributeError, as scikit-learn's
+        return "softmax"
 
 
 class NeuralNetClassifier(_NeuralNetBase):
