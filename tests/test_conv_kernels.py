@@ -12,10 +12,11 @@ so an element a kernel forgets to write fails.
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import xpnet.functional as F
@@ -44,12 +45,23 @@ def poisoned_numpy(numba_cpu, monkeypatch):
     monkeypatch.setattr(numba_cpu, "_scratch", lambda name, shape, dtype: np.full(shape, np.nan, dtype))
 
 
-@pytest.fixture(params=["im2col", "rows"])
+@pytest.fixture(params=["im2col", "rows", "vectors"])
 def conv_path(request, numba_cpu, monkeypatch):
-    """Run the convolution tests through each algorithm: im2col + BLAS, and the direct row-wise
-    loop (which needs column stride 1; other strides still take im2col)."""
-    monkeypatch.setattr(numba_cpu, "DIRECT_MAX_CHANNEL_FILTERS", 0 if request.param == "im2col" else 10**9)
+    """Run the convolution tests through each algorithm: im2col + BLAS, the direct row-wise
+    loop (which needs column stride 1; other strides still take im2col), and the filter-vector
+    loop (which needs filters filling whole vectors and 4 output columns; else im2col)."""
+    monkeypatch.setattr(numba_cpu, "DIRECT_MAX_CHANNEL_FILTERS", 10**9 if request.param == "rows" else 0)
+    monkeypatch.setattr(numba_cpu, "FILTER_VECTORS_MAX_CHANNEL_FILTERS", 10**9 if request.param == "vectors" else 0)
     return request.param
+
+
+@pytest.fixture
+def filter_vectors(numba_cpu, monkeypatch):
+    """The direct loop over output pixels with the filters as vectors, for any channels x
+    filters; returns the calls made to its loops."""
+    monkeypatch.setattr(numba_cpu, "DIRECT_MAX_CHANNEL_FILTERS", 0)
+    monkeypatch.setattr(numba_cpu, "FILTER_VECTORS_MAX_CHANNEL_FILTERS", 10**9)
+    return _spy_on_loops(numba_cpu, monkeypatch, ["conv2d_filter_vectors", "conv2d_filter_vectors_grad"])
 
 
 def _layout(a, layout):
@@ -79,11 +91,11 @@ def _assert_norm_close(got, want, scale):
 
 
 @st.composite
-def conv_cases(draw):
+def conv_cases(draw, filters=st.integers(1, 5), channels=st.sampled_from([1, 2, 3, 6])):
     """Images, kernel, bias (or None) and geometry: odd sizes, 1x1 kernels, strides above 1 and
     unequal to the kernel, both paddings, C = 1 and N = 1 among them."""
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64])))
-    n, c, f = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 6])), draw(st.integers(1, 5))
+    n, c, f = draw(st.integers(1, 3)), draw(channels), draw(filters)
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     padding = draw(st.sampled_from(["valid", "same"]))
     low = 1 if padding == "same" else None
@@ -96,6 +108,16 @@ def conv_cases(draw):
     bias = draw(st.sampled_from([None, "bias"])) and rng.standard_normal(f).astype(dtype)
     layout = draw(st.sampled_from(["C", "C", "strided"]))
     return x, kernel, (None if bias is None else bias), dict(strides=strides, padding=padding), layout, rng
+
+
+#: the cases the filter-vector loop takes: F filling whole vectors (16 float32, 8 float64) and,
+#: among the channels, counts each gradient block size divides (8, 6, 4, 3, 2, 1: 5 and 7)
+vector_conv_cases = conv_cases(filters=st.sampled_from([16, 32]), channels=st.sampled_from([1, 2, 3, 5, 6, 7, 8, 16]))
+
+
+def _output_width(x, kernel, geometry):
+    strides = geometry["strides"] if isinstance(geometry["strides"], tuple) else (geometry["strides"],) * 2
+    return F.conv_output_size(x.shape[2], kernel.shape[1], strides[1], geometry["padding"])[0]
 
 
 @st.composite
@@ -183,15 +205,22 @@ def test_forced_numba_runs_the_compiled_loops(numba_cpu, monkeypatch, rng):
 
 
 def test_lenet_layers_take_the_measured_algorithms(numba_cpu, monkeypatch, rng):
-    """Few channels x filters with column stride 1: the row-wise loop; else im2col + BLAS."""
-    calls = _spy_on_loops(numba_cpu, monkeypatch, ["im2col", "conv2d_rows", "conv2d_rows_grads"])
+    """Few channels x filters with column stride 1: the row-wise loop; filters filling whole
+    vectors: the filter-vector loop (im2col's BLAS product only for dx); else im2col + BLAS."""
+    names = ["im2col", "col2im", "conv2d_rows", "conv2d_rows_grads", "conv2d_filter_vectors",
+             "conv2d_filter_vectors_grad"]
+    calls = _spy_on_loops(numba_cpu, monkeypatch, names)
     x1, x2 = rng.random((2, 28, 28, 1)), rng.random((2, 13, 13, 6))
     k1, k2 = rng.standard_normal((3, 3, 1, 6)), rng.standard_normal((3, 3, 6, 16))
     F.conv2d_backward(F.conv2d(x1, k1, impl="numba"), x1, k1, impl="numba")
-    assert calls == ["conv2d_rows", "conv2d_rows_grads"]
+    assert calls == ["conv2d_rows", "conv2d_rows_grads", "col2im"]
     calls.clear()
     F.conv2d_backward(F.conv2d(x2, k2, impl="numba"), x2, k2, impl="numba")
-    F.conv2d(x1, k1, strides=(1, 2), impl="numba")
+    assert calls == ["conv2d_filter_vectors", "conv2d_filter_vectors_grad", "col2im"]
+    calls.clear()
+    F.conv2d(x1, k1, strides=(1, 2), impl="numba")  # a column stride: not the row-wise loop
+    F.conv2d(x2, rng.standard_normal((3, 3, 6, 12)), impl="numba")  # 12 filters: not whole vectors
+    F.conv2d(rng.random((2, 13, 13, 64)), rng.standard_normal((3, 3, 64, 64)), impl="numba")  # wide: BLAS
     assert calls == ["im2col", "im2col", "im2col"]
 
 
@@ -278,6 +307,27 @@ def test_conv2d_backward_equals_reference(poisoned_numpy, conv_path, case, need_
     _assert_norm_close(got[2], want[2], scale[2])
 
 
+@SETTINGS
+@given(case=vector_conv_cases, need_dx=st.booleans())
+def test_conv2d_with_filter_vectors_equals_reference(poisoned_numpy, filter_vectors, case, need_dx):
+    """Forward and backward through the filter-vector loop (where it has the 4 output columns
+    it needs): a row's last group of pixels overlapping the one before, every stride and
+    padding, channel counts for every gradient block, a strided input."""
+    x, kernel, bias, geometry, layout, rng = case
+    assume(_output_width(x, kernel, geometry) >= 4)
+    got = F.conv2d(_layout(x, layout), _layout(kernel, layout), bias, impl="numba", **geometry)
+    want = F.conv2d(x, kernel, bias, impl="xp", **geometry)
+    scale = F.conv2d(np.abs(x), np.abs(kernel), None if bias is None else np.abs(bias), impl="xp", **geometry)
+    _assert_norm_close(got, want, scale)
+    dy = rng.standard_normal(want.shape).astype(x.dtype)
+    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, need_dx=need_dx, impl="numba", **geometry)
+    want = F.conv2d_backward(dy, x, kernel, impl="xp", **geometry)
+    scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), impl="xp", **geometry)
+    for i in range(3) if need_dx else (1, 2):
+        _assert_norm_close(got[i], want[i], scale[i])
+    assert filter_vectors[-2:] == ["conv2d_filter_vectors", "conv2d_filter_vectors_grad"]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 @SETTINGS
 @given(case=pool_cases())
@@ -316,12 +366,13 @@ def test_max_pool_ties_go_to_the_first_maximum(numba_cpu):
 
 
 def test_conv_special_values_flow_as_in_the_reference(poisoned_numpy, conv_path, rng):
-    """NaN and infinities in the images reach the same outputs, in both dtypes."""
-    for dtype in (np.float32, np.float64):
+    """NaN and infinities in the images reach the same outputs, in both dtypes (3 filters, and
+    16: whole vectors)."""
+    for dtype, filters in itertools.product((np.float32, np.float64), (3, 16)):
         x = rng.standard_normal((2, 7, 6, 2)).astype(dtype)
         x[0, 1, 2, 0], x[1, 4, 4, 1], x[1, 0, 0, 0] = np.nan, np.inf, -np.inf
-        kernel = rng.standard_normal((3, 3, 2, 3)).astype(dtype)
-        bias = rng.standard_normal(3).astype(dtype)
+        kernel = rng.standard_normal((3, 3, 2, filters)).astype(dtype)
+        bias = rng.standard_normal(filters).astype(dtype)
         for padding in ("valid", "same"):
             want = F.conv2d(x, kernel, bias, padding=padding, impl="xp")
             got = F.conv2d(x, kernel, bias, padding=padding, impl="numba")

@@ -20,8 +20,9 @@ neither ``import xpnet`` nor importing this module imports numba.
   not a compile;
 - convolution and pooling (channels-last images) copy a strided input to C order first and run
   serially; a convolution is im2col + one BLAS product, or, for few channels x filters, a
-  direct loop along image rows (``DIRECT_MAX_CHANNEL_FILTERS``); pooling is bit for bit the
-  reference. A few work arrays are kept per thread and reused (``_scratch``).
+  direct loop along image rows (``DIRECT_MAX_CHANNEL_FILTERS``), or, where the filters fill
+  whole vectors, a direct loop over output pixels (``FILTER_VECTORS_MAX_CHANNEL_FILTERS``);
+  pooling is bit for bit the reference. A few work arrays are kept per thread and reused (``_scratch``).
 """
 
 from __future__ import annotations
@@ -466,6 +467,32 @@ def _direct(kernel_shape, strides) -> bool:
     return strides[1] == 1 and kernel_shape[2] * kernel_shape[3] <= DIRECT_MAX_CHANNEL_FILTERS
 
 
+# Channels x filters up to which a convolution whose filters fill whole vectors (F a multiple
+# of 16 float32 or 8 float64) runs ``_numba_loops.conv2d_filter_vectors`` instead of im2col +
+# BLAS (above it the product is wide enough for BLAS's blocking: at 32 x 64 the two are even).
+# Measured with ``python bench/conv_paths.py``: see bench/README.md.
+FILTER_VECTORS_MAX_CHANNEL_FILTERS = 1024
+
+
+def _filter_vectors(x, kernel_shape, cols) -> bool:
+    c, f = kernel_shape[2], kernel_shape[3]
+    lanes = _get_loops().VECTOR_BYTES // x.dtype.itemsize
+    return (f % lanes == 0 and c * f <= FILTER_VECTORS_MAX_CHANNEL_FILTERS
+            and cols[0] >= _get_loops().PIXELS_IN_REGISTERS)
+
+
+def _padded(x, rows, cols):
+    """``x`` with its zero padding (a scratch; ``x`` itself where there is none)."""
+    (_, top, bottom), (_, left, right) = rows, cols
+    if not (top or bottom or left or right):
+        return x
+    n, h, w, c = x.shape
+    padded = _scratch("padded", (n, h + top + bottom, w + left + right, c), x.dtype)
+    padded.fill(0)
+    padded[:, top : top + h, left : left + w] = x
+    return padded
+
+
 def _expanded(x, kernel_shape, cols):
     """Scratch for ``conv2d_rows``: each (padded) image row with every value repeated F times."""
     (_, left, right), f = cols, kernel_shape[3]
@@ -489,6 +516,10 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
         bias_row = np.zeros(ow * f, x.dtype) if bias is None else np.tile(bias, ow)
         expanded = _expanded(x, kernel.shape, cols)
         loops.conv2d_rows(x, tiled.reshape(kh, kw, c, ow * f), bias_row, strides[0], rows[1], cols[1], expanded, y)
+        return y
+    if _filter_vectors(x, kernel.shape, cols):
+        bias = np.zeros(f, x.dtype) if bias is None else np.ascontiguousarray(bias)
+        loops.conv2d_filter_vectors(_padded(x, rows, cols), kernel, bias, strides[0], strides[1], y)
         return y
     has_bias = bias is not None
     columns = _columns(loops, x, kernel.shape, strides, rows, cols, has_bias)
@@ -520,6 +551,11 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
         loops.conv2d_rows_grads(dy, x, strides[0], rows[1], cols[1], expanded, dtiled, dbias_row)
         dkernel = dtiled.reshape(kh, kw, c, ow, f).sum(axis=3)
         dbias = dbias_row.reshape(ow, f).sum(axis=0)
+    elif _filter_vectors(x, kernel.shape, cols):
+        dkernel = np.empty(kernel.shape, x.dtype)
+        loops.conv2d_filter_vectors_grad(_padded(x, rows, cols), dy, strides[0], strides[1], dkernel)
+        dbias = np.empty(f, dy.dtype)
+        loops.column_sums(dy2, dbias)  # (np.sum(axis=0) here: 0.16 ms for LeNet's 64 images)
     else:
         columns = _columns(loops, x, kernel.shape, strides, rows, cols, True)
         grads = columns.T @ dy2
@@ -619,6 +655,9 @@ WARMUP_SIGNATURES = {
     ("avg_pool_backward",): ["x4 i i i i x4"],
     ("conv2d_rows",): ["x4 x4 x1 i i i x3 x4"],
     ("conv2d_rows_grads",): ["x4 x4 i i i x3 x4 x1"],
+    ("conv2d_filter_vectors",): ["x4 x4 x1 i i x4"],
+    ("conv2d_filter_vectors_grad",): ["x4 x4 i i x4"],
+    ("column_sums",): ["x2 x1"],
 }
 
 
