@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from . import functional as F
+from .backend import array_library
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History, keeping_state
 from .distributed import GradientSum, failure_ends_the_job, shard, share_start
 from .distributed import for_fit as distributed_for_fit
@@ -242,8 +243,8 @@ def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_su
 
 def _check_sample_weight(sample_weight, rows: int) -> np.ndarray:
     """``sample_weight`` as float64 NumPy, checked: one finite weight >= 0 per row, not all 0."""
-    if hasattr(sample_weight, "get") and not isinstance(sample_weight, (np.ndarray, dict)):
-        sample_weight = sample_weight.get()  # a CuPy array: the weights are read on the host
+    if array_library(sample_weight) == "cupy":
+        sample_weight = sample_weight.get()  # the weights are read on the host
     try:
         weights = np.asarray(sample_weight, dtype=np.float64)
     except (TypeError, ValueError):
@@ -267,10 +268,10 @@ def _batch_scales(weights, order, batch_size: int, dtype, backend):
     gets factors of 0 (it moves nothing but a penalty's decay and the optimizer's momentum).
     """
     w = weights if order is None else weights[order]
-    n = w.shape[0]
-    starts = np.arange(0, n, batch_size)
+    starts = np.arange(0, w.shape[0], batch_size)
     sums = np.add.reduceat(w, starts)
-    means = np.repeat(sums / np.diff(np.append(starts, n)), np.diff(np.append(starts, n)))
+    rows = np.diff(np.append(starts, w.shape[0]))
+    means = np.repeat(sums / rows, rows)
     factors = np.divide(w, means, out=np.zeros_like(w), where=means > 0)
     return backend.asarray(factors.astype(dtype)), sums.tolist()
 
