@@ -118,7 +118,28 @@ class MPICommunicator(Communicator):
         # the launcher forwards this line from a pipe; MPI_Abort at once can tear the job down
         # before it is read (seen under load: an empty stderr). A job that is ending can wait.
         time.sleep(ABORT_DRAIN_SECONDS)
+        _unlink_mpi_shared_memory()
         self.comm.Abort(1)
+
+
+#: the names MPICH gives its shared-memory segments (the ``mpich`` wheel's ``mpiexec``)
+MPI_SEGMENT_PREFIXES = ("mpich_shm_",)
+
+
+def _unlink_mpi_shared_memory() -> None:
+    """Remove the names of the MPI shared-memory segments this process has mapped. MPICH removes
+    them at ``MPI_Finalize``, which an aborted job never reaches: each failed job would leave
+    its segment (2 MB a node) in ``/dev/shm``, that is in memory, until the machine restarts.
+    Every rank still running keeps its mapping; Linux only (elsewhere nothing happens)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {fields[5].strip() for fields in (line.split(None, 5) for line in maps) if len(fields) == 6}
+    except OSError:
+        return
+    for path in paths:
+        if path.startswith("/dev/shm/") and os.path.basename(path).startswith(MPI_SEGMENT_PREFIXES):
+            with contextlib.suppress(OSError):  # already gone (" (deleted)"), or another user's
+                os.unlink(path)
 
 
 class NCCLCommunicator(Communicator):
