@@ -44,11 +44,15 @@ def _fit_both(make, X, y, monkeypatch, kernels="auto", **settings):
     ],
     ids=["sparse-layer", "narrow", "dense-share", "reference"],
 )
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_fit_on_csr_equals_fit_on_the_dense_array(numba_cpu, rng, monkeypatch, widths, density, kernels, shuffle):
+@pytest.mark.parametrize("shuffle, weighted", [(True, False), (False, False), (True, True)],
+                         ids=["shuffled", "in-order", "sample-weights"])
+def test_fit_on_csr_equals_fit_on_the_dense_array(numba_cpu, rng, monkeypatch, widths, density, kernels, shuffle,
+                                                  weighted):
     X, y = _data(rng, 150, widths[0], density, classes=widths[-1])
+    weights = rng.uniform(0, 2, 150) if weighted else None
     dense, sparse, dense_history, sparse_history = _fit_both(
-        lambda: xpnet.MLP(widths, seed=2), X, y, monkeypatch, kernels, shuffle=shuffle, validation_split=0.2)
+        lambda: xpnet.MLP(widths, seed=2), X, y, monkeypatch, kernels, shuffle=shuffle, validation_split=0.2,
+        sample_weight=weights)
     for got, want in zip(sparse.parameters(), dense.parameters(), strict=True):
         np.testing.assert_array_equal(got, want)
     assert sparse_history == dense_history and "val_loss" in sparse_history
