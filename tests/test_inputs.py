@@ -36,6 +36,8 @@ def nan_at(X, i, j, value=np.nan):
         (lambda X, y: (X, y.astype(str)), TypeError, "labels must be integers"),
         (lambda X, y: (nan_at(X, 3, 2), y), ValueError, "NaN or inf .*row 3, column 2"),
         (lambda X, y: (nan_at(X, 7, 0, np.inf), y), ValueError, "NaN or inf .*row 7"),
+        # float64 data, which the training step keeps as it is (converting each batch), checked alike
+        (lambda X, y: (nan_at(X.astype(np.float64), 3, 2), y), ValueError, "NaN or inf .*row 3, column 2"),
         (lambda X, y: (X[:0], y[:0]), ValueError, "X is empty"),
         (lambda X, y: (X, y[:9]), ValueError, "X has 10 rows but y has 9 labels"),
         (lambda X, y: (X, y[:, None]), ValueError, "y must be a 1-D array"),
@@ -133,3 +135,67 @@ def test_cupy_arrays_work_on_cuda_models_and_are_refused_by_cpu_models(data):
     assert cuda_model.score(Xd, yd) == pytest.approx(cuda_model.score(X, y))
     with pytest.raises(TypeError, match="CuPy .*'cpu' backend"):
         xpnet.MLP([6, 3], seed=0).predict(Xd)
+
+
+# -- floats of the other float dtype: kept as given, each batch converted ------------------------------
+
+
+def _other_dtype_models():
+    from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten
+
+    cnn = [Conv2D(3, 3, activation="relu"), AvgPool2D(2), Flatten(), Dense(3)]
+    return {
+        "relu-mlp": lambda dtype: xpnet.MLP([36, 20, 3], dtype=dtype, seed=1),
+        "tanh-mlp": lambda dtype: xpnet.MLP([36, 20, 3], activation="tanh", dtype=dtype, seed=1),
+        "cnn": lambda dtype: xpnet.Sequential([type(l).from_config(l.get_config()) for l in cnn],
+                                              input_shape=(6, 6, 1), dtype=dtype, seed=1),
+    }
+
+
+@pytest.mark.parametrize("name", ["relu-mlp", "tanh-mlp", "cnn"])
+@pytest.mark.parametrize("density", [1.0, 0.15], ids=["dense", "sparse-pixels"])
+@pytest.mark.parametrize("kernels", ["auto", "xp"])
+@pytest.mark.parametrize("model_dtype, data_dtype", [("float32", np.float64), ("float64", np.float32)])
+def test_floats_of_the_other_dtype_train_as_the_same_values_converted_first(rng, monkeypatch, name, density, kernels,
+                                                                          model_dtype, data_dtype):
+    """``X / 255`` is float64: a float32 model's training step converts each batch it gathers
+    (the Numba step, its sparse first layer, the reference and the split step) instead of a copy
+    of the whole set, to the very numbers the copy would hold; the held-out rows too."""
+    monkeypatch.setenv("XPNET_KERNELS", kernels)
+    make = _other_dtype_models()[name]
+    X = np.where(rng.random((200, 36)) < density, rng.random((200, 36)), 0.0).astype(data_dtype)
+    y = rng.integers(0, 3, 200)
+    settings = dict(epochs=2, batch_size=64, optimizer="adam", lr=0.01, verbose=0, validation_split=0.25)
+    shape = (200, 6, 6, 1) if name == "cnn" else (200, 36)
+    given, converted = make(model_dtype), make(model_dtype)
+    history = given.fit(X.reshape(shape), y, **settings).history
+    want = converted.fit(X.reshape(shape).astype(model_dtype), y, **settings).history
+    assert all(np.array_equal(a, b) for a, b in zip(given.parameters(), converted.parameters(), strict=True))
+    for h in (history, want):
+        h.pop("seconds")
+    assert history == want
+
+
+def test_float64_data_is_not_copied_whole_for_a_float32_model(rng):
+    """The training set is kept as given: fit's peak of new memory stays well below the float32
+    copy it used to make (here 8 MB)."""
+    import tracemalloc
+
+    X = rng.random((2000, 1024))  # float64, 16 MB
+    y = rng.integers(0, 3, 2000)
+    model = xpnet.MLP([1024, 16, 3], seed=0)
+    model.fit(X[:64], y[:64], epochs=1, verbose=0)  # compile first
+    tracemalloc.start()
+    try:
+        model.fit(X, y, epochs=1, batch_size=128, verbose=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < X.size * 4 / 2, peak
+
+
+def test_a_nan_far_into_kept_float64_data_is_found_where_it_is(rng):
+    X = rng.random((9000, 6))
+    X[8001, 4] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at row 8001, column 4: nan\)"):
+        xpnet.MLP([6, 3], seed=0).fit(X, rng.integers(0, 3, 9000), epochs=1, verbose=0)

@@ -61,9 +61,15 @@ def test_sparse_rows_of_pixels_are_scaled_as_scale_pixels(numba_cpu, rng, dtype)
     np.testing.assert_array_equal(dense, scale_pixels(X, np.dtype(dtype)))
 
 
-def test_sparse_rows_take_their_own_dtype_or_bytes(numba_cpu, rng):
-    with pytest.raises(TypeError, match="^sparse rows of float32 take float32 or uint8 data, got float64$"):
-        _rows(np.zeros((2, 3)), np.float32)
+def test_sparse_rows_take_floats_converted_to_their_dtype_or_bytes(numba_cpu, rng):
+    """float64 data for float32 rows (``X / 255`` for a float32 model): its values converted as
+    the rows are built; integers other than uint8 are refused."""
+    X = _sparse(rng, (20, 10), np.float64, density=0.3)
+    rows = _rows(X, np.float32)
+    assert rows.values.dtype == np.float32
+    np.testing.assert_array_equal(rows.take(np.arange(20)), X.astype(np.float32))
+    with pytest.raises(TypeError, match="^sparse rows take float32, float64 or uint8 data, got int64$"):
+        _rows(np.zeros((2, 3), np.int64), np.float32)
 
 
 def test_sparse_rows_of_too_dense_data_are_none(numba_cpu, rng):

@@ -92,11 +92,13 @@ class SparseRows:
 
     @classmethod
     def of(cls, X, dtype, parts: int = 1, max_density: float = 1.0):
-        """From a dense 2-D NumPy array of ``dtype`` or uint8, or None where more than
-        ``max_density`` of its values are nonzero. ``parts`` threads count and copy the rows.
-        Building it is mostly the page faults of new memory (~40 ms for MNIST on the 2-core EPYC)."""
-        if X.dtype not in (np.dtype(dtype), np.uint8):
-            raise TypeError(f"sparse rows of {np.dtype(dtype)} take {np.dtype(dtype)} or uint8 data, got {X.dtype}")
+        """From a dense 2-D NumPy array of floats (their values converted to ``dtype``) or uint8,
+        or None where more than ``max_density`` of its values are nonzero. ``parts`` threads
+        count and copy the rows. Building it is mostly the page faults of new memory (~40 ms for
+        MNIST on the 2-core EPYC). (A float64 value so small that it is 0 in float32 is kept,
+        as a stored 0.)"""
+        if X.dtype not in (np.float32, np.float64, np.uint8):
+            raise TypeError(f"sparse rows take float32, float64 or uint8 data, got {X.dtype}")
         from .kernels import numba_cpu
 
         loops = numba_cpu._get_loops()
@@ -111,7 +113,7 @@ class SparseRows:
             return None
         table = _pixel_table(dtype) if X.dtype == np.uint8 else np.empty(0, dtype)
         indices = np.empty(nnz, cls._column_dtype(d))
-        values = np.empty(nnz, X.dtype)
+        values = np.empty(nnz, np.uint8 if X.dtype == np.uint8 else dtype)
         loops.csr_fill(X, indptr, indices, values, parts)
         return cls(X.shape, indptr, indices, values, table)
 

@@ -50,7 +50,8 @@ def _check_int(name, value, minimum):
 def _split_validation(model, X, y, validation_data, validation_split, keep_pixels=False):
     """Device arrays for training and (optionally) validation, checked once at the boundary.
 
-    ``keep_pixels``: uint8 training images stay uint8 (the step scales each batch itself).
+    ``keep_pixels``: uint8 training images, or floats of the other float dtype, stay as they are
+    (the step scales or converts each batch itself).
     """
     X = model._prepare_X(X, keep_pixels=keep_pixels)
     y = model._prepare_y(y, int(X.shape[0]))
@@ -72,7 +73,7 @@ def _split_validation(model, X, y, validation_data, validation_split, keep_pixel
         if n_val < 1 or n_val >= X.shape[0]:
             raise ValueError(f"validation_split={validation_split} leaves no data on one side of {X.shape[0]} rows")
         X_val = X[-n_val:, ...]
-        if keep_pixels and X_val.dtype == np.uint8:  # evaluation takes scaled inputs
+        if keep_pixels and X_val.dtype != np.dtype(model.dtype):  # evaluation takes the model's inputs
             X_val = model._prepare_X(X_val)
         val = (X_val, y[-n_val:])
         X, y = X[:-n_val, ...], y[:-n_val]
@@ -103,15 +104,18 @@ class ReferenceStep:
         return contextlib.nullcontext()
 
     def take_batch(self, X, y, idx):
-        """The mini-batch ``(X[idx], y[idx])``; rows of kept uint8 pixels (``fit``'s
-        ``keep_pixels``: (N, features)) come scaled, in the model's input shape."""
+        """The mini-batch ``(X[idx], y[idx])``; rows kept as they were given (``fit``'s
+        ``keep_pixels``: (N, features) uint8 pixels or floats of the other float dtype) come
+        scaled or converted, in the model's input shape."""
         yb = self.xp.take(y, idx, axis=0)
         if isinstance(X, SparseRows):  # a scipy sparse data set (CPU only): one dense batch
             return X.take(idx), yb
         xb = self.xp.take(X, idx, axis=0)
+        model = self.model
         if xb.dtype == np.uint8:
-            model = self.model
             xb = F.scale_pixels(xb.reshape(xb.shape[0], *model._input_shape), np.dtype(model.dtype))
+        elif type(xb) is np.ndarray and xb.dtype != np.dtype(model.dtype):  # kept floats of the other dtype
+            xb = xb.reshape(xb.shape[0], *model._input_shape).astype(model.dtype)
         return xb, yb
 
     def gradients(self):

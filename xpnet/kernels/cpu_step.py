@@ -119,7 +119,7 @@ class CpuTrainingStep:
             if rows is not None:
                 return _SparseBatch(rows, idx), np.take(y, idx, out=yb, mode="clip")
             xb = self._input_buffer("x", self._dtype)[:n]
-            if X.dtype == self._dtype:
+            if X.dtype != np.uint8:  # (floats of the other dtype are converted as they are copied)
                 self._loops.take_batch(X, y, idx, xb, yb)
                 return xb, yb
             if X.dtype == np.uint8:  # the bytes gathered, then scaled
@@ -164,7 +164,7 @@ class CpuTrainingStep:
         """Whether the gather kernels take these arrays (else ``np.take`` runs)."""
         return (
             type(X) is np.ndarray and X.ndim == 2 and X.flags.c_contiguous
-            and X.shape[1] == self._fan_in and X.dtype in (self._dtype, np.uint8)
+            and X.shape[1] == self._fan_in and X.dtype in (np.float32, np.float64, np.uint8)
             and type(y) is np.ndarray and y.dtype == np.int64 and y.shape == X.shape[:1]
             and y.flags.c_contiguous and type(idx) is np.ndarray and idx.dtype == np.int64
             and idx.ndim == 1 and idx.flags.c_contiguous

@@ -623,8 +623,9 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
 # Every signature that training and the kernels compile, per float dtype, written as codes for
 # the arguments: x1-x4 a C-ordered float array of that many dimensions, a2 a 2-D float array of
 # any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, q1 16-bit
-# column indices, u1 and u2 uint8 values and pixels, t2-t10 a tuple of that many x1 (the
-# parameters an optimizer updates in one call), i an integer, f a float, b a bool.
+# column indices, u1 and u2 uint8 values and pixels, w2 a 2-D C array of the other float dtype
+# (data given as float64 to a float32 model), t2-t10 a tuple of that many x1 (the parameters an
+# optimizer updates in one call), i an integer, f a float, b a bool.
 WARMUP_SIGNATURES = {
     ("softmax_serial", "softmax_parallel"): ["x2 x2 x1 i"],
     ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x1 x2 x1 i"],
@@ -636,11 +637,11 @@ WARMUP_SIGNATURES = {
     ("loss_head",): ["x2 i1 x1 x2 x1 i x1"],
     ("bias_add_inplace",): ["x2 x1"],
     ("relu_backward_colsum_inplace",): ["x2 x2 x1"],
-    ("take_batch",): ["x2 i1 i1 x2 i1"],
+    ("take_batch",): ["x2 i1 i1 x2 i1", "w2 i1 i1 x2 i1"],
     ("take_pixel_batch",): ["u2 i1 i1 u2 x2 i1"],
-    ("csr_row_counts",): ["x2 i1 i", "u2 i1 i"],
+    ("csr_row_counts",): ["x2 i1 i", "u2 i1 i", "w2 i1 i"],
     # the sparse first layer (cpu_step.SparseRows: 16-bit columns, the data's float or byte values)
-    ("csr_fill",): ["x2 i1 q1 x1 i", "u2 i1 q1 u1 i"],
+    ("csr_fill",): ["x2 i1 q1 x1 i", "u2 i1 q1 u1 i", "w2 i1 q1 x1 i"],
     ("sparse_linear_serial",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b" for v in ("x1", "u1")],
     ("sparse_linear_parallel",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b i" for v in ("x1", "u1")],
     ("sparse_linear_grad_serial", "sparse_linear_grad_parallel"): [f"i1 q1 {v} x1 i1 x2 x2 x3" for v in ("x1", "u1")],
@@ -668,7 +669,9 @@ def _argument_types(dtype, label_dtype) -> dict:
     f = from_dtype(dtype)
     codes = {f"x{n}": types.Array(f, n, "C") for n in (1, 2, 3, 4)}
     codes.update({f"t{n}": types.UniTuple(codes["x1"], n) for n in range(2, 11, 2)})
-    codes.update(a2=types.Array(f, 2, "A"), l1=types.Array(from_dtype(label_dtype), 1, "C"),
+    other = np.dtype(np.float64 if dtype == np.float32 else np.float32)  # data given in the other float dtype
+    codes.update(a2=types.Array(f, 2, "A"), w2=types.Array(from_dtype(other), 2, "C"),
+                 l1=types.Array(from_dtype(label_dtype), 1, "C"),
                  i1=types.Array(types.int64, 1, "C"), q1=types.Array(types.uint16, 1, "C"),
                  u1=types.Array(types.uint8, 1, "C"), u2=types.Array(types.uint8, 2, "C"),
                  i=types.int64, f=f, b=types.boolean)
