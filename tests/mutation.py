@@ -34,15 +34,17 @@ MODULES = {
     "model": ("xpnet/model.py", ["tests/test_model.py", "tests/test_inputs.py", "tests/test_io.py",
                                  "tests/test_layers.py"]),
     "optim": ("xpnet/optim.py", ["tests/test_optim.py", "tests/test_cpu_step.py"]),
-    "training": ("xpnet/training.py", ["tests/test_training.py", "tests/test_split_step.py"]),
+    "training": ("xpnet/training.py", ["tests/test_training.py", "tests/test_split_step.py",
+                                       "tests/test_sample_weight.py", "tests/test_inputs.py"]),
     "runs": ("xpnet/runs.py", ["tests/test_runs.py"]),
     "numba_cpu": (
         "xpnet/kernels/numba_cpu.py",
         ["tests/test_kernels.py", "tests/test_numba_parallel.py", "tests/test_conv_kernels.py",
          "tests/test_split_step.py"],
     ),
-    "split_step": ("xpnet/kernels/split_step.py", ["tests/test_split_step.py"]),
-    "cpu_step": ("xpnet/kernels/cpu_step.py", ["tests/test_cpu_step.py", "tests/test_sparse_layer.py"]),
+    "split_step": ("xpnet/kernels/split_step.py", ["tests/test_split_step.py", "tests/test_sample_weight.py"]),
+    "cpu_step": ("xpnet/kernels/cpu_step.py", ["tests/test_cpu_step.py", "tests/test_sparse_layer.py",
+                                               "tests/test_sample_weight.py", "tests/test_inputs.py"]),
     "sparse": ("xpnet/sparse.py", ["tests/test_sparse_input.py", "tests/test_sparse_layer.py"]),
     # ranks played by threads in test_training; the mpiexec jobs of test_distributed run the
     # installed package, not the mutant, so only its in-process tests count
