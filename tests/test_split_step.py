@@ -56,6 +56,41 @@ def test_a_split_step_gives_the_reference_steps_loss_count_and_gradients(split_s
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
+def test_each_part_weighs_its_own_rows(split_step, rng):
+    """Row factors (``fit``'s sample weights over their batch's mean) reach every part as its own
+    slice: three parts, a middle one included, give the reference step's weighted gradients."""
+    X, y = batch(rng, 131)
+    scales = rng.choice([0.0, 0.5, 1.0, 3.0], size=131)
+    reference, split = small_cnn(), small_cnn()
+    step = split_step.SplitStep(split, ReferenceStep, 3)
+    want_loss, _ = ReferenceStep(reference)(X, y, scales)
+    loss, _ = step(X, y, scales)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-13)
+    for got, want in zip(step.gradients(), reference.gradients(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_blas_gets_its_threads_back_after_a_step_and_after_a_held_run(split_step, rng):
+    """A step limits BLAS to one thread while its parts run and gives the limit back after;
+    inside ``held()`` (``fit``'s whole run) the limit stays until the run ends."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():  # NumPy's BLAS, which the parts' products run on
+        return [lib["num_threads"] for lib in threadpool_info()
+                if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
+
+    before = blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip(f"BLAS runs on one thread here ({before})")
+    step = split_step.SplitStep(small_cnn(), ReferenceStep, 2)
+    step(*batch(rng, 64))
+    assert blas_threads() == before
+    with step._blas.held():
+        step(*batch(rng, 64))
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
+
+
 def test_fit_with_the_split_step_trains_as_the_reference_does(split_step, rng, monkeypatch):
     X, y = batch(rng, 300)
     models = {}
