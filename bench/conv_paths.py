@@ -12,9 +12,9 @@ machine, and compare numbers from one run only.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from cnn_step_profile import median_ms  # (bench/ is on the path of a script run from it)
 from threadpoolctl import threadpool_limits
 
 from xpnet.kernels import numba_cpu
@@ -30,16 +30,6 @@ SHAPES = [
     ((64, 14, 14, 64), (3, 3, 64, 64), "same"),
     ((64, 8, 8, 128), (3, 3, 128, 128), "same"),
 ]
-
-
-def median_ms(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """Shared fixtures: a ``backend`` fixture over every namespace xpnet runs on, CUDA gating, MNIST,
-two data-parallel ranks played by threads (``thread_ranks``); and shared helpers
+the default kernels and the reference (``kernels``), two data-parallel ranks played by threads
+(``thread_ranks``); and shared helpers
 (``central_differences``, ``InterruptAfter``)."""
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def drawing_model(mnist):
 
     X_train, y_train, _, _ = mnist
     return train_quick_model(X_train, y_train)
+
+
+@pytest.fixture(params=["fast", "xp"])
+def kernels(request, monkeypatch):
+    """The default path (Numba kernels and the fused CPU step) and the reference (XPNET_KERNELS=xp)."""
+    if request.param == "xp":
+        monkeypatch.setenv("XPNET_KERNELS", "xp")
+    else:
+        monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    return request.param
 
 
 # --- data-parallel ranks played by threads -----------------------------------------------------

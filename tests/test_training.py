@@ -97,16 +97,6 @@ class WeightsPerEpoch(Callback):
         self.snapshots.append(self.model.get_weights())
 
 
-@pytest.fixture(params=["fast", "xp"])
-def kernels(request, monkeypatch):
-    """The default path (Numba kernels and the fused CPU step) and the reference (XPNET_KERNELS=xp)."""
-    if request.param == "xp":
-        monkeypatch.setenv("XPNET_KERNELS", "xp")
-    else:
-        monkeypatch.delenv("XPNET_KERNELS", raising=False)
-    return request.param
-
-
 def integer_weights(rng, widths):
     """Small integer weights: every logit is computed exactly, so exact ties happen."""
     return [(rng.integers(-2, 3, size=(a, b)).astype(np.float64), rng.integers(-1, 2, size=b).astype(np.float64))

@@ -212,20 +212,21 @@ def _graph_trainer(model, opt, X, y, batch_size):
     return cuda_graph.trainer_for(model, opt, X, y, batch_size)
 
 
-def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum=None, scales=None):
+def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum=None, weighting=None):
     """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count.
 
     With ``gradient_sum`` (a ``distributed.GradientSum``) each batch is a global one: this rank
     trains on its shard of the rows, and the step's gradients are summed over the ranks, each
-    weighted by its share of the rows, before the update. ``scales``: ``_batch_scales``'s pair
-    for this epoch's order (sample weights), else None."""
+    weighted by its share of the rows, before the update. ``weighting``: ``_batch_scales``'s
+    row factors and batch weights for this epoch's order (sample weights), else None."""
     n = int(X.shape[0])
     loss_sum = correct = 0
     grads = row_scales = None
+    factors, batch_weights = weighting if weighting is not None else (None, None)
     for b, lo in enumerate(progress(range(0, n, batch_size))):
         hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
         rows = hi - lo
-        opt.start_batch(rows, rows if scales is None else scales[1][b])
+        opt.start_batch(rows, rows if batch_weights is None else batch_weights[b])
         if gradient_sum is not None:
             lo, hi = shard(lo, hi, gradient_sum.comm.rank, gradient_sum.comm.size)
         if hi > lo:  # a rank's shard of a short last batch may be empty
@@ -233,8 +234,8 @@ def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_su
                 xb, yb = step.take_batch(X, y, order[lo:hi])
             else:
                 xb, yb = X[lo:hi, ...], y[lo:hi]
-            if scales is not None:
-                row_scales = scales[0][lo:hi]
+            if factors is not None:
+                row_scales = factors[lo:hi]
             batch_loss, batch_correct = step(xb, yb, row_scales)
             grads = step.gradients()
             loss_sum = loss_sum + batch_loss  # device scalars: read once per epoch, not per step
@@ -246,7 +247,7 @@ def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_su
 
 
 def _check_sample_weight(sample_weight, rows: int) -> np.ndarray:
-    """``sample_weight`` as float64 NumPy, checked: one finite weight >= 0 per row, not all 0."""
+    """``sample_weight`` as float64 NumPy, checked: one finite weight >= 0 per row."""
     if array_library(sample_weight) == "cupy":
         sample_weight = sample_weight.get()  # the weights are read on the host
     try:
@@ -258,8 +259,6 @@ def _check_sample_weight(sample_weight, rows: int) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
     if bad.size:
         raise ValueError(f"sample_weight must be finite and >= 0: sample_weight[{bad[0]}] = {weights[bad[0]]}")
-    if not weights.any():
-        raise ValueError("sample_weight is 0 for every row: nothing to learn from")
     return weights
 
 
@@ -351,7 +350,8 @@ def fit(
             split_off = int(val[0].shape[0]) if validation_split else 0  # a validation split: the last rows
             weights = _check_sample_weight(sample_weight, int(X.shape[0]) + split_off)[: X.shape[0]]
             if not weights.any():
-                raise ValueError("sample_weight is 0 for every training row (those validation_split leaves)")
+                held_out = " (validation_split holds out the others)" if split_off else ""
+                raise ValueError(f"sample_weight is 0 for every row it trains on{held_out}: nothing to learn from")
         if on_divergence not in ON_DIVERGENCE:
             raise ValueError(f"on_divergence must be one of {ON_DIVERGENCE}, got {on_divergence!r}")
         callbacks = list(callbacks)
@@ -427,14 +427,14 @@ def fit(
                 order = model._rng.permutation(n) if shuffle else in_sequence
                 if comm is not None and shuffle:
                     comm.broadcast(order)  # rank 0's shuffle, whatever the others' seeds
-                scales = None if weights is None else _batch_scales(weights, order, batch_size, model.dtype, backend)
+                weighting = None if weights is None else _batch_scales(weights, order, batch_size, model.dtype, backend)
                 order = backend.asarray(order) if shuffle else order
                 if graphs is not None:
                     loss_sum, correct = graphs.run_epoch(order)
                 else:
                     progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
                     loss_sum, correct = _run_epoch(
-                        step, opt, params, X, y, order, batch_size, progress, gradient_sum, scales
+                        step, opt, params, X, y, order, batch_size, progress, gradient_sum, weighting
                     )
                 totals = np.array([float(loss_sum), float(correct)])
                 if comm is not None:

@@ -1461,8 +1461,8 @@ def conv2d_filter_vectors(x, kernel, bias, sh, sw, y):
         for r in range(oh):
             x_row = (b * h + r * sh) * row_step
             o_row = (b * oh + r) * ow * f
-            for s in range(0, ow, PIXELS_IN_REGISTERS):
-                s = min(s, ow - PIXELS_IN_REGISTERS)
+            for group in range(0, ow, PIXELS_IN_REGISTERS):
+                s = min(group, ow - PIXELS_IN_REGISTERS)  # the first output column of the group
                 for v in range(0, f, lanes):
                     _pixels_times_kernel(xf, x_row + s * x_step, x_step, row_step, kh, run, kf, v, f, bias, v,
                                          yf, o_row + s * f + v, f)

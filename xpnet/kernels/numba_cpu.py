@@ -476,9 +476,9 @@ FILTER_VECTORS_MAX_CHANNEL_FILTERS = 1024
 
 def _filter_vectors(x, kernel_shape, cols) -> bool:
     c, f = kernel_shape[2], kernel_shape[3]
-    lanes = _get_loops().VECTOR_BYTES // x.dtype.itemsize
-    return (f % lanes == 0 and c * f <= FILTER_VECTORS_MAX_CHANNEL_FILTERS
-            and cols[0] >= _get_loops().PIXELS_IN_REGISTERS)
+    loops = _get_loops()
+    return (f % (loops.VECTOR_BYTES // x.dtype.itemsize) == 0 and c * f <= FILTER_VECTORS_MAX_CHANNEL_FILTERS
+            and cols[0] >= loops.PIXELS_IN_REGISTERS)
 
 
 def _padded(x, rows, cols):
