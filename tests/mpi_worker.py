@@ -55,7 +55,7 @@ def equal(dtype, optimizer, n, batch_size, kind="mlp", epochs=1):
     row = {"rank": rank, "max_abs_diff": max(float(np.max(np.abs(a - b))) for a, b in pairs),
            "max_weight": max(float(np.max(np.abs(b))) for _, b in pairs), "loss": history["loss"],
            "loss_alone": reference["loss"], "accuracy": history["accuracy"], "accuracy_alone": reference["accuracy"],
-           "step": type(_training_step(parallel, batch_size)).__name__}
+           "step": type(_training_step(parallel, batch_size, all_cores=False)).__name__}  # a rank's step
     rows = MPI.COMM_WORLD.gather(row, root=0)  # one line from rank 0: two ranks' prints could interleave
     if rank == 0:
         print(json.dumps(rows), flush=True)

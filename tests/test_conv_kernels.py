@@ -508,10 +508,10 @@ def test_scratch_up_to_the_limit_is_kept_and_larger_is_not(numba_cpu, monkeypatc
     assert numba_cpu._scratch_buffers.__dict__["k"].size == 100
 
 
-def test_the_direct_loops_scratch_holds_padded_rows_in_the_inputs_dtype(numba_cpu, rng):
+def test_the_direct_loops_scratch_holds_padded_rows_in_the_inputs_dtype_one_per_part(numba_cpu, rng):
     x = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
-    expanded = numba_cpu._expanded(x, (3, 2, 3, 4), (7, 1, 2))  # 4 filters; 1 padding column before, 2 after
-    assert expanded.shape == (5, 3, (7 + 1 + 2) * 4) and expanded.dtype == np.float32
+    expanded = numba_cpu._expanded(x, (3, 2, 3, 4), (7, 1, 2), 3)  # 4 filters; 1 padding column before, 2 after
+    assert expanded.shape == (3, 5, 3, (7 + 1 + 2) * 4) and expanded.dtype == np.float32
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -159,7 +159,7 @@ def _other_dtype_models():
 def test_floats_of_the_other_dtype_train_as_the_same_values_converted_first(rng, monkeypatch, name, density, kernels,
                                                                           model_dtype, data_dtype):
     """``X / 255`` is float64: a float32 model's training step converts each batch it gathers
-    (the Numba step, its sparse first layer, the reference and the split step) instead of a copy
+    (the Numba step, its sparse first layer, the reference and the images-on-cores step) instead of a copy
     of the whole set, to the very numbers the copy would hold; the held-out rows too."""
     monkeypatch.setenv("XPNET_KERNELS", kernels)
     make = _other_dtype_models()[name]

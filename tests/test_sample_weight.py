@@ -1,5 +1,5 @@
 """``fit(sample_weight=...)``: each batch's loss is the weighted mean of its rows' losses, on
-every training step (the reference, the Numba step, the split step, across ranks), with checked
+every training step (the reference, the Numba step, the images-on-cores step, across ranks), with checked
 input, a validation split, and run records that resume."""
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ def cnn(dtype="float32", seed=3):
     return xpnet.Sequential(layers, input_shape=(6, 6, 1), dtype=dtype, seed=seed)
 
 
-#: the models, each with the step ``fit`` takes for it on the CPU (with numba, 2 cores or more,
-#: batches of 64 or more: the split step needs 32 rows a part)
+#: the models, each with the step ``fit`` takes for it on the CPU (with numba and 2 cores or more)
 MODELS = {"relu-mlp (Numba step)": mlp, "tanh-mlp (reference step)": lambda **kw: mlp("tanh", **kw),
-          "cnn (split step)": cnn}
+          "cnn (images on cores)": cnn}
 STEPS = {"relu-mlp (Numba step)": "CpuTrainingStep", "tanh-mlp (reference step)": "ReferenceStep",
-         "cnn (split step)": "SplitStep"}
+         "cnn (images on cores)": "ImagesOnCoresStep"}
 
 
 def data(make, rng, n=70):
@@ -62,11 +61,11 @@ def test_equal_weights_train_bit_for_bit_as_none(make, kernels, rng):
 def test_every_step_weighs_rows_as_the_reference_does(name, monkeypatch, rng):
     """Uneven weights (some 0), shuffled batches with a short last one: the fast steps end where
     the reference does, and the weights mattered."""
-    from xpnet.kernels.split_step import cores
+    from xpnet.kernels.cores import cores
 
     make = MODELS[name]
     if name.startswith("cnn") and cores() < 2:
-        pytest.skip("the split step needs 2 cores")
+        pytest.skip("spreading the images over the cores needs 2 of them")
     monkeypatch.delenv("XPNET_KERNELS", raising=False)
     assert type(xpnet.training._training_step(make(), 64)).__name__ == STEPS[name]
     X, y = data(make, rng, n=150)

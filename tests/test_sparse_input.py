@@ -59,7 +59,7 @@ def test_fit_on_csr_equals_fit_on_the_dense_array(numba_cpu, rng, monkeypatch, w
 
 
 def test_a_cnn_trains_on_sparse_rows_as_on_the_images(numba_cpu, rng, monkeypatch):
-    """Flat sparse rows take the model's input shape, batch by batch (the split step's path)."""
+    """Flat sparse rows take the model's input shape, batch by batch (the images-on-cores step's path)."""
     images, y = _data(rng, 96, 8 * 8 * 2, 0.3, np.float64)
 
     def cnn():

@@ -235,9 +235,9 @@ def test_blas_runs_on_one_thread_while_sparse_steps_train_and_gets_its_threads_b
     fight them for the cores (a 15x slower epoch): one thread while ``fit`` trains sparse."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     from xpnet.callbacks import Callback
-    from xpnet.kernels import split_step
+    from xpnet.kernels.cores import cores
 
-    if split_step.cores() < 2:
+    if cores() < 2:
         pytest.skip("one core: the sparse kernels run serially and BLAS keeps its threads")
     blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
     if not blas.lib_controllers:
@@ -272,5 +272,5 @@ def test_a_distributed_rank_runs_the_sparse_kernels_on_one_core(numba_cpu):
 
     model = xpnet.MLP([30, 20, 4], seed=0)
     model.build((30,))
-    assert _training_step(model, 16, split=False)._parts == 1
+    assert _training_step(model, 16, all_cores=False)._parts == 1
     assert _training_step(model, 16)._parts >= 1

@@ -1150,14 +1150,15 @@ def test_an_unbuilt_model_is_built_for_the_rows_of_X(rng):
 
 
 def test_distributed_fit_never_splits_a_ranks_batch_and_takes_one_row_per_rank(thread_ranks, monkeypatch):
-    """Each rank is already one core's work: ``fit`` asks for no split step; and two rows are
-    enough for two ranks."""
+    """Each rank is already one core's work: ``fit`` asks for no step that spreads over the
+    cores; and two rows are enough for two ranks."""
     from xpnet import training
 
     asked = []
     step_for = training._training_step
     monkeypatch.setattr(training, "_training_step",
-                        lambda model, batch, *, split=True: asked.append(split) or step_for(model, batch, split=split))
+                        lambda model, batch, *, all_cores=True: asked.append(all_cores) or step_for(
+                            model, batch, all_cores=all_cores))
     X, y = small_problem(np.random.default_rng(23), n=2)
 
     def train(rank):
@@ -1172,19 +1173,19 @@ def test_distributed_fit_never_splits_a_ranks_batch_and_takes_one_row_per_rank(t
 def test_xpnet_kernels_numba_takes_the_fast_steps_as_auto_does(monkeypatch):
     from xpnet import kernels
     from xpnet.layers import Conv2D, Dense, Flatten
-    from xpnet.training import split_step_for, training_step_for
+    from xpnet.training import ImagesOnCoresStep, images_on_cores_step_for, training_step_for
 
     if kernels.kernel_module("numba").unavailable():
         pytest.skip(kernels.kernel_module("numba").unavailable())
-    from xpnet.kernels import split_step
+    from xpnet.kernels import cores
     from xpnet.kernels.cpu_step import CpuTrainingStep
 
-    monkeypatch.setattr(split_step, "cores", lambda: 2)
+    monkeypatch.setattr(cores, "cores", lambda: 2)
     mlp = xpnet.MLP([5, 6, 3], seed=0)
     cnn = xpnet.Sequential([Conv2D(2, 3), Flatten(), Dense(3)], input_shape=(6, 6, 1), seed=0)
     for impl in ("auto", "numba"):
         monkeypatch.setenv("XPNET_KERNELS", impl)
         assert type(training_step_for(mlp.layers, 64)) is CpuTrainingStep
-        assert type(split_step_for(cnn, 64)) is split_step.SplitStep
+        assert type(images_on_cores_step_for(cnn)) is ImagesOnCoresStep
     monkeypatch.setenv("XPNET_KERNELS", "xp")
-    assert training_step_for(mlp.layers, 64) is None and split_step_for(cnn, 64) is None
+    assert training_step_for(mlp.layers, 64) is None and images_on_cores_step_for(cnn) is None

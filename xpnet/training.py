@@ -6,12 +6,12 @@ on the device and read once per epoch: no host synchronisation per step.
 
 A step runs one of four ways, all computing the same math: ``ReferenceStep`` (the layers and
 ``xpnet.functional``, on any namespace, any model), the buffered Numba step on NumPy
-(``kernels.cpu_step``), on NumPy with several cores the reference step on row slices of each
-batch at once, one per core (``kernels.split_step``), or, on CUDA, whole epochs replayed from
-one captured graph of xpnet's own kernels (``kernels.cuda_graph``). The Numba step and the CUDA
-graphs cover exactly one kind of model, a ReLU MLP of ``Dense`` layers (``relu_mlp``); the
-split step, convolutional models of ``ROW_WISE_LAYERS``. Each checks layer types exactly, so a
-subclass or a layer it has never seen gets the reference, and each is tested against it.
+(``kernels.cpu_step``), on NumPy with several cores the reference step with the convolution and
+pooling kernels spreading each batch's images over the cores (``ImagesOnCoresStep``), or, on
+CUDA, whole epochs replayed from one captured graph of xpnet's own kernels
+(``kernels.cuda_graph``). The Numba step and the CUDA graphs cover exactly one kind of model, a
+ReLU MLP of ``Dense`` layers (``relu_mlp``); they check layer types exactly, so a subclass or a
+layer they have never seen gets the reference, and each is tested against it.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from .backend import array_library
 from .callbacks import Callback, DivergenceMonitor, DivergenceWarning, History, keeping_state
 from .distributed import GradientSum, failure_ends_the_job, shard, share_start
 from .distributed import for_fit as distributed_for_fit
-from .layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, _Seeded
+from .layers import AvgPool2D, Conv2D, Dense, MaxPool2D, _Seeded
 from .optim import make_optimizer
 from .sparse import SparseRows
 
 __all__ = [
-    "fit", "relu_mlp", "training_step_for", "split_step_for", "ReferenceStep", "ROW_WISE_LAYERS",
-    "SINGLE_CORE_LAYERS", "rng_states", "set_rng_states",
+    "fit", "relu_mlp", "training_step_for", "images_on_cores_step_for", "ReferenceStep", "ImagesOnCoresStep",
+    "IMAGE_LAYERS", "rng_states", "set_rng_states",
 ]
 
 
@@ -159,44 +159,69 @@ def training_step_for(layers, batch_size: int, cores: int | None = None):
     return CpuTrainingStep(layers, batch_size, cores)
 
 
-#: the layers whose output rows depend on their input rows alone, with no random draws: what a
-#: batch split into row slices (``kernels.split_step``) computes exactly as the whole batch
-ROW_WISE_LAYERS = (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten)
-#: the layers whose Numba kernels run on one core (``numba_cpu``): a split gives the others work.
-#: A model of Dense layers alone gains nothing: OpenBLAS already runs its products on every core
-#: (784-50-25-10 with tanh, batch 128, on 2 cores: an epoch of 30,000 images took 0.30 s split,
-#: 0.17 s not; 784-256-128-10: 0.49 s against 0.50 s).
-SINGLE_CORE_LAYERS = (Conv2D, MaxPool2D, AvgPool2D)
+#: the layers whose Numba kernels spread a batch's images over the cores (``ImagesOnCoresStep``)
+IMAGE_LAYERS = (Conv2D, MaxPool2D, AvgPool2D)
 
 
-def split_step_for(model, batch_size: int):
-    """The reference step over one row slice of each batch per core (``kernels.split_step``),
-    or ``None`` where it does not apply: another layer type than ``ROW_WISE_LAYERS`` (exactly),
-    none of ``SINGLE_CORE_LAYERS``, not float32/float64 NumPy parameters, numba missing,
-    ``XPNET_KERNELS=xp``, one core, or fewer than ``MIN_ROWS_PER_PART`` rows a part."""
+class ImagesOnCoresStep(ReferenceStep):
+    """The reference step on the whole batch, its convolution and pooling kernels splitting the
+    images among ``cores`` cores (``numba_cpu.images_on_cores``), BLAS on one thread beside them.
+
+    The same math as the reference step: each image's activations bit for bit, the kernel
+    gradients summed per slice of images and then added (up to rounding). One Python thread
+    drives it; a step split into row slices run by threads of their own, tried before, lost a
+    fifth of its time to the slices waiting for each other's Python (the GIL)."""
+
+    def __init__(self, model, cores: int):
+        from .kernels.cores import OneBlasThread
+
+        super().__init__(model)
+        self.cores = int(cores)
+        self._blas = OneBlasThread()
+
+    def running(self):
+        """A context ``fit`` holds while it trains with this step: BLAS on one thread from the
+        first step on, given back at the end."""
+        return self._blas.held()
+
+    def __call__(self, xb, yb, scales=None):
+        from .kernels import numba_cpu
+
+        self._blas.take()
+        try:
+            with numba_cpu.images_on_cores(self.cores):
+                return super().__call__(xb, yb, scales)
+        finally:
+            self._blas.give_back()
+
+
+def images_on_cores_step_for(model):
+    """``ImagesOnCoresStep`` for a NumPy model with a layer of ``IMAGE_LAYERS`` (exactly) on a
+    CPU of several cores, or ``None``: no such layer (a model of Dense layers gains nothing:
+    OpenBLAS already runs its products on every core), not float32/float64 NumPy parameters,
+    numba missing, ``XPNET_KERNELS=xp``, or one core."""
     from .kernels import default_impl, numba_cpu
 
     if default_impl() not in ("auto", "numba") or numba_cpu.unavailable():
         return None
-    types = {type(layer) for layer in model.layers}
-    if not types <= set(ROW_WISE_LAYERS) or not types & set(SINGLE_CORE_LAYERS):
+    if not any(type(layer) in IMAGE_LAYERS for layer in model.layers):
         return None
     if not all(type(p) is np.ndarray and p.dtype in (np.float32, np.float64) for p in model.parameters()):
         return None
-    from .kernels import split_step
+    from .kernels.cores import cores
 
-    parts = min(split_step.cores(), batch_size // split_step.MIN_ROWS_PER_PART)
-    return split_step.SplitStep(model, ReferenceStep, parts) if parts > 1 else None
+    return ImagesOnCoresStep(model, cores()) if cores() > 1 else None
 
 
-def _training_step(model, batch_size, *, split=True):
+def _training_step(model, batch_size, *, all_cores=True):
     """The fastest step that applies: on NumPy the buffered Numba step where it covers the
-    model, else (with ``split``) the reference step split across the cores, else the reference.
-    Without ``split`` (processes already share the cores) no step spreads over them."""
+    model, else (with ``all_cores``) the reference step with its images on every core, else
+    the reference. Without ``all_cores`` (processes already share the cores) no step spreads
+    over them."""
     if model.backend.name == "cpu":
-        step = training_step_for(model.layers, batch_size, None if split else 1)
-        if step is None and split:
-            step = split_step_for(model, batch_size)
+        step = training_step_for(model.layers, batch_size, None if all_cores else 1)
+        if step is None and all_cores:
+            step = images_on_cores_step_for(model)
         if step is not None:
             return step
     return ReferenceStep(model)
@@ -341,7 +366,7 @@ def fit(
             model.build(model._shape_from_data(X))
         rows = getattr(X, "shape", (None,))[0]
         step = _training_step(model, min(batch_size, rows) if isinstance(rows, int) and rows > 0 else batch_size,
-                              split=comm is None)  # ranks already share the cores
+                              all_cores=comm is None)  # ranks already share the cores
         X, y, val = _split_validation(
             model, X, y, validation_data, validation_split, keep_pixels=step.takes_pixels
         )

@@ -878,8 +878,8 @@ def adam_step(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2
 # --- convolution and pooling: channels-last images (N, H, W, C), C-contiguous ------------------
 # Compiled exactly (``_EXACT``): these loops copy, compare and add in the reference's order, so
 # pooling is bit for bit ``xpnet.functional``'s and im2col/col2im feed BLAS the same matrices.
-# Each driver loops over the images serially: on 2 cores numba's threads would compete with
-# OpenBLAS's for the same cores, and every loop here moves only a few MB (see ``numba_cpu``).
+# Each driver loops over the images serially; the parallel drivers further down run it on a
+# slice of the images per core (inside a training step that holds BLAS on one thread).
 
 
 @njit(**_EXACT)
@@ -1497,6 +1497,99 @@ def conv2d_filter_vectors_grad(x, dy, sh, sw, dkernel):
                             _taps_gradient_2(*args)
                         else:
                             _taps_gradient_1(*args)
+
+
+# --- convolution and pooling with the images split among the cores -------------------------------
+# Inside a training step that owns the cores (``numba_cpu.images_on_cores``), each driver above
+# runs once per part, a part a contiguous slice of the batch's images, all parts at once. An
+# image's outputs are computed as the serial driver computes them, bit for bit; a kernel
+# gradient sums over the images, so each part sums its own into ``partials[t]`` and the caller
+# adds the parts up.
+
+
+@njit(**_INLINE)
+def _part(n, t, parts):
+    """Images ``[lo, hi)`` of part ``t`` of ``parts``."""
+    return n * t // parts, n * (t + 1) // parts
+
+
+@njit(parallel=True, **_EXACT)
+def im2col_parallel(x, kh, kw, sh, sw, top, left, oh, ow, cols, parts):
+    per_image = oh * ow
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        im2col(x[lo:hi], kh, kw, sh, sw, top, left, oh, ow, cols[lo * per_image : hi * per_image])
+
+
+@njit(parallel=True, **_EXACT)
+def col2im_parallel(dcols, kh, kw, sh, sw, top, left, oh, ow, dx, parts):
+    per_image = oh * ow
+    for t in prange(parts):
+        lo, hi = _part(dx.shape[0], t, parts)
+        col2im(dcols[lo * per_image : hi * per_image], kh, kw, sh, sw, top, left, oh, ow, dx[lo:hi])
+
+
+@njit(parallel=True, **_EXACT)
+def max_pool_parallel(x, kh, kw, sh, sw, y, parts):
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        max_pool(x[lo:hi], kh, kw, sh, sw, y[lo:hi])
+
+
+@njit(parallel=True, **_EXACT)
+def avg_pool_parallel(x, kh, kw, sh, sw, y, parts):
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        avg_pool(x[lo:hi], kh, kw, sh, sw, y[lo:hi])
+
+
+@njit(parallel=True, **_EXACT)
+def max_pool_backward_parallel(dy, x, y, kh, kw, sh, sw, dx, parts):
+    for t in prange(parts):
+        lo, hi = _part(dx.shape[0], t, parts)
+        max_pool_backward(dy[lo:hi], x[lo:hi], y[lo:hi], kh, kw, sh, sw, dx[lo:hi])
+
+
+@njit(parallel=True, **_EXACT)
+def avg_pool_backward_parallel(dy, kh, kw, sh, sw, dx, parts):
+    for t in prange(parts):
+        lo, hi = _part(dx.shape[0], t, parts)
+        avg_pool_backward(dy[lo:hi], kh, kw, sh, sw, dx[lo:hi])
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_rows_parallel(x, tiled, bias_row, sh, top, left, expanded, y):
+    """``conv2d_rows`` with one part per ``expanded[t]`` (each part's scratch)."""
+    parts = expanded.shape[0]
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        conv2d_rows(x[lo:hi], tiled, bias_row, sh, top, left, expanded[t], y[lo:hi])
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_rows_grads_parallel(dy, x, sh, top, left, expanded, dtiled, dbias_row):
+    """``conv2d_rows_grads`` with one part per ``expanded[t]``; part ``t``'s sums in
+    ``dtiled[t]`` and ``dbias_row[t]``."""
+    parts = expanded.shape[0]
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        conv2d_rows_grads(dy[lo:hi], x[lo:hi], sh, top, left, expanded[t], dtiled[t], dbias_row[t])
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_filter_vectors_parallel(x, kernel, bias, sh, sw, y, parts):
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        conv2d_filter_vectors(x[lo:hi], kernel, bias, sh, sw, y[lo:hi])
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_filter_vectors_grad_parallel(x, dy, sh, sw, dkernel):
+    """``conv2d_filter_vectors_grad`` with one part per ``dkernel[t]``, its sums."""
+    parts = dkernel.shape[0]
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        conv2d_filter_vectors_grad(x[lo:hi], dy[lo:hi], sh, sw, dkernel[t])
 
 
 # --- a sparse first layer: rows of a CSR matrix times a dense kernel (used by ``cpu_step``) ----

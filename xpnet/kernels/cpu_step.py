@@ -65,7 +65,7 @@ class CpuTrainingStep:
         The largest batch a call will get (smaller ones use the front of each buffer).
     cores : int, optional
         The cores the sparse first layer's kernels share a batch among (default: all this
-        process may use, ``split_step.cores()``; 1 where processes already share them).
+        process may use, ``cores.cores()``; 1 where processes already share them).
 
     After a call each layer's ``dW``/``db`` refer to this object's gradient buffers (valid until
     the next call), so ``model.gradients()`` and any optimizer work unchanged.
@@ -88,8 +88,8 @@ class CpuTrainingStep:
         self.db = [np.empty(w, dtype) for w in widths[1:]]
         self._rows = self._loops.block_rows(widths[-1])
         self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
-        from .split_step import OneBlasThread
-        from .split_step import cores as usable_cores
+        from .cores import OneBlasThread
+        from .cores import cores as usable_cores
 
         self._parts = max(1, int(cores)) if cores is not None else usable_cores()
         self._partials = np.empty((self._parts - 1, *self.dW[0].shape), dtype)

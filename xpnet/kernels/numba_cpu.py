@@ -7,8 +7,7 @@ neither ``import xpnet`` nor importing this module imports numba.
 - float32 and float64, any strides (a transposed or sliced input is read in place);
 - each op runs serially below a size threshold and on all numba threads above it: thread
   start-up costs more than a (128, 10) softmax (thresholds measured on a 2-core AMD EPYC, see
-  ``PARALLEL_MIN_ELEMENTS``), and always serially inside ``serial_kernels()`` (a training step
-  split over the cores); ReLU backward of an output larger than the cache writes with
+  ``PARALLEL_MIN_ELEMENTS``); ReLU backward of an output larger than the cache writes with
   streaming stores (``STREAM_MIN_BYTES``), so it moves memory at the rate of a copy;
 - compiled with ``cache=True``; ``NUMBA_CACHE_DIR`` is pointed at a writable user cache when
   unset, so a read-only install still caches (numba otherwise fails with "no locator
@@ -18,11 +17,13 @@ neither ``import xpnet`` nor importing this module imports numba.
 - ``warmup()`` compiles (or loads from the cache) every kernel for float32 and float64 up front,
   from a table of the signatures in use (``WARMUP_SIGNATURES``), so a first training epoch is
   not a compile;
-- convolution and pooling (channels-last images) copy a strided input to C order first and run
-  serially; a convolution is im2col + one BLAS product, or, for few channels x filters, a
-  direct loop along image rows (``DIRECT_MAX_CHANNEL_FILTERS``), or, where the filters fill
-  whole vectors, a direct loop over output pixels (``FILTER_VECTORS_MAX_CHANNEL_FILTERS``);
-  pooling is bit for bit the reference. A few work arrays are kept per thread and reused (``_scratch``).
+- convolution and pooling (channels-last images) copy a strided input to C order first; a
+  convolution is im2col + one BLAS product, or, for few channels x filters, a direct loop
+  along image rows (``DIRECT_MAX_CHANNEL_FILTERS``), or, where the filters fill whole vectors,
+  a direct loop over output pixels (``FILTER_VECTORS_MAX_CHANNEL_FILTERS``); pooling is bit for
+  bit the reference. They run serially, except inside ``images_on_cores()`` (a training step
+  that holds BLAS on one thread), where each batch's images are split among the cores. A few
+  work arrays are kept per thread and reused (``_scratch``).
 """
 
 from __future__ import annotations
@@ -54,31 +55,35 @@ __all__ = [
     "worth_it",
     "warmup",
     "release_kept_buffers",
-    "serial_kernels",
+    "images_on_cores",
 ]
 
 # Elements (rows x columns) from which the parallel driver beats the serial one. Measured with
 # bench/test_kernels_bench.py on 2 cores: below ~64k elements waking the second thread costs
-# more than it saves. ReLU backward and bias + ReLU stay serial up to 8 MB of float32: inside a
-# training step their parallel drivers compete with OpenBLAS's threads, and LeNet-5's first
-# layer (519,168 values) trained at 23.9 ms a step with them against 11.3 ms without
-# (100 steps of bench/test_cnn_bench.py's setting under cProfile, 2-core EPYC).
+# more than it saves. ReLU backward and bias + ReLU stay serial up to 8 MB of float32 where
+# OpenBLAS's threads may be busy beside them: LeNet-5's first layer (519,168 values) trained at
+# 23.9 ms a step with them against 11.3 ms without (100 steps under cProfile, 2-core EPYC).
+# Convolution and pooling run serially: their matrix products run on OpenBLAS's threads,
+# which numba's would compete with. Inside ``images_on_cores`` (a training step that holds
+# BLAS on one thread) ``ON_CORES_PARALLEL_MIN_ELEMENTS`` applies instead.
 PARALLEL_MIN_ELEMENTS = {
     "relu_backward": 1 << 21,
     "bias_relu": 1 << 21,
     "softmax": 1 << 16,
     "softmax_cross_entropy": 1 << 16,
-    # Convolution and pooling run serially at every size: their loops move a few MB per call
-    # and the matrix products already run on OpenBLAS's threads, which numba's would compete
-    # with (see ``take_batch``). Measured on the shared 2-core EPYC at LeNet's first layer
-    # (519,168 values, load ~5): the parallel bias + ReLU and ReLU backward drivers took
-    # 4.8 / 7.9 ms at best (median 12) against 0.23 / 0.13 ms serially.
-    "conv2d": math.inf,
-    "conv2d_backward": math.inf,
-    "max_pool2d": math.inf,
-    "max_pool2d_backward": math.inf,
-    "avg_pool2d": math.inf,
-    "avg_pool2d_backward": math.inf,
+}
+
+# Inside ``images_on_cores``: convolution and pooling split any batch of two or more images
+# (counted here in images), and the elementwise kernels go parallel from a few hundred KB.
+ON_CORES_PARALLEL_MIN_ELEMENTS = {
+    "relu_backward": 1 << 15,
+    "bias_relu": 1 << 15,
+    "conv2d": 2,
+    "conv2d_backward": 2,
+    "max_pool2d": 2,
+    "max_pool2d_backward": 2,
+    "avg_pool2d": 2,
+    "avg_pool2d_backward": 2,
 }
 
 # Output bytes from which ReLU backward writes with streaming (non-temporal) stores. Measured on
@@ -212,23 +217,35 @@ def worth_it(op: str, *arrays) -> bool:
 # --- kernels -------------------------------------------------------------------------------------
 
 
-_this_thread = threading.local()  # .serial: set by serial_kernels()
+_this_thread = threading.local()  # .parts: set by images_on_cores()
 
 
 @contextlib.contextmanager
-def serial_kernels():
-    """Run every kernel serially in this thread (a split training step's parts: each core
-    already runs one, and numba's workqueue layer cannot run two parallel regions at once)."""
-    before = getattr(_this_thread, "serial", False)
-    _this_thread.serial = True
+def images_on_cores(parts: int):
+    """In this thread, split each batch's images into ``parts`` slices that convolution and
+    pooling run at once, one per core, and let the elementwise kernels go parallel from
+    ``ON_CORES_PARALLEL_MIN_ELEMENTS``: for a training step that owns the cores. Hold BLAS on
+    one thread alongside (``cores.OneBlasThread``): OpenBLAS's idle threads spin, and beside
+    numba's a LeNet-5 step took 22-58 ms instead of 3.5 ms (2-core Intel Xeon)."""
+    before = getattr(_this_thread, "parts", 1)
+    _this_thread.parts = max(1, int(parts))
     try:
         yield
     finally:
-        _this_thread.serial = before
+        _this_thread.parts = before
 
 
 def _parallel(op: str, size: int) -> bool:
-    return size >= PARALLEL_MIN_ELEMENTS[op] and not getattr(_this_thread, "serial", False)
+    """Whether an elementwise or softmax op of ``size`` elements runs its parallel driver."""
+    on_cores = getattr(_this_thread, "parts", 1) > 1
+    limit = ON_CORES_PARALLEL_MIN_ELEMENTS.get(op) if on_cores else None
+    return size >= (PARALLEL_MIN_ELEMENTS[op] if limit is None else limit)
+
+
+def _image_parts(op: str, images: int) -> int:
+    """The slices of a batch of ``images`` a convolution or pooling op runs at once (1: serially)."""
+    parts = getattr(_this_thread, "parts", 1)
+    return min(parts, images) if parts > 1 and images >= ON_CORES_PARALLEL_MIN_ELEMENTS[op] else 1
 
 
 def _check_out(out, shape, dtype, name="out"):
@@ -445,13 +462,14 @@ def _functional():
     return functional
 
 
-def _columns(loops, x, kernel_shape, strides, rows, cols, bias_column):
+def _columns(loops, x, kernel_shape, strides, rows, cols, bias_column, parts):
     """im2col of ``x`` into a scratch (N * OH * OW, kh * kw * C [+ 1]) matrix; with
     ``bias_column`` a last column of ones, so that one product also adds (or sums for) the bias."""
     kh, kw, c, _ = kernel_shape
     (oh, top, _), (ow, left, _) = rows, cols
     columns = _scratch("columns", (x.shape[0] * oh * ow, kh * kw * c + bias_column), x.dtype)
-    loops.im2col(x, kh, kw, strides[0], strides[1], top, left, oh, ow, columns)
+    args = (x, kh, kw, strides[0], strides[1], top, left, oh, ow, columns)
+    loops.im2col_parallel(*args, parts) if parts > 1 else loops.im2col(*args)
     return columns
 
 
@@ -493,10 +511,11 @@ def _padded(x, rows, cols):
     return padded
 
 
-def _expanded(x, kernel_shape, cols):
-    """Scratch for ``conv2d_rows``: each (padded) image row with every value repeated F times."""
+def _expanded(x, kernel_shape, cols, parts):
+    """Scratch for ``conv2d_rows``, one per part: each (padded) image row with every value
+    repeated F times."""
     (_, left, right), f = cols, kernel_shape[3]
-    return _scratch("expanded", (x.shape[1], x.shape[3], (x.shape[2] + left + right) * f), x.dtype)
+    return _scratch("expanded", (parts, x.shape[1], x.shape[3], (x.shape[2] + left + right) * f), x.dtype)
 
 
 def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
@@ -511,18 +530,24 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
     k = kh * kw * c
     n, oh, ow = x.shape[0], rows[0], cols[0]
     y = np.empty((n, oh, ow, f), x.dtype)
+    parts = _image_parts("conv2d", n)
     if _direct(kernel.shape, strides):
         tiled = np.ascontiguousarray(np.broadcast_to(kernel[:, :, :, None, :], (kh, kw, c, ow, f)))
         bias_row = np.zeros(ow * f, x.dtype) if bias is None else np.tile(bias, ow)
-        expanded = _expanded(x, kernel.shape, cols)
-        loops.conv2d_rows(x, tiled.reshape(kh, kw, c, ow * f), bias_row, strides[0], rows[1], cols[1], expanded, y)
+        expanded = _expanded(x, kernel.shape, cols, parts)
+        args = (x, tiled.reshape(kh, kw, c, ow * f), bias_row, strides[0], rows[1], cols[1])
+        if parts > 1:
+            loops.conv2d_rows_parallel(*args, expanded, y)
+        else:
+            loops.conv2d_rows(*args, expanded[0], y)
         return y
     if _filter_vectors(x, kernel.shape, cols):
         bias = np.zeros(f, x.dtype) if bias is None else np.ascontiguousarray(bias)
-        loops.conv2d_filter_vectors(_padded(x, rows, cols), kernel, bias, strides[0], strides[1], y)
+        args = (_padded(x, rows, cols), kernel, bias, strides[0], strides[1], y)
+        loops.conv2d_filter_vectors_parallel(*args, parts) if parts > 1 else loops.conv2d_filter_vectors(*args)
         return y
     has_bias = bias is not None
-    columns = _columns(loops, x, kernel.shape, strides, rows, cols, has_bias)
+    columns = _columns(loops, x, kernel.shape, strides, rows, cols, has_bias, parts)
     weights = kernel.reshape(k, f)
     if has_bias:
         weights = np.concatenate((weights, bias.reshape(1, f)))
@@ -544,20 +569,31 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
     x, kernel, dy = np.ascontiguousarray(x), np.ascontiguousarray(kernel), np.ascontiguousarray(dy)
     k = kh * kw * c
     dy2 = dy.reshape(n * oh * ow, f)
-    if _direct(kernel.shape, strides):
-        dtiled = _scratch("dtiled", (kh, kw, c, ow * f), x.dtype)
-        dbias_row = _scratch("dbias_row", (ow * f,), x.dtype)
-        expanded = _expanded(x, kernel.shape, cols)
-        loops.conv2d_rows_grads(dy, x, strides[0], rows[1], cols[1], expanded, dtiled, dbias_row)
-        dkernel = dtiled.reshape(kh, kw, c, ow, f).sum(axis=3)
-        dbias = dbias_row.reshape(ow, f).sum(axis=0)
+    parts = _image_parts("conv2d_backward", n)
+    if _direct(kernel.shape, strides):  # each part's sums per output column, added up here
+        dtiled = _scratch("dtiled", (parts, kh, kw, c, ow * f), x.dtype)
+        dbias_row = _scratch("dbias_row", (parts, ow * f), x.dtype)
+        expanded = _expanded(x, kernel.shape, cols, parts)
+        args = (dy, x, strides[0], rows[1], cols[1])
+        if parts > 1:
+            loops.conv2d_rows_grads_parallel(*args, expanded, dtiled, dbias_row)
+        else:
+            loops.conv2d_rows_grads(*args, expanded[0], dtiled[0], dbias_row[0])
+        dkernel = dtiled.reshape(parts, kh, kw, c, ow, f).sum(axis=(0, 4))
+        dbias = dbias_row.reshape(parts * ow, f).sum(axis=0)
     elif _filter_vectors(x, kernel.shape, cols):
-        dkernel = np.empty(kernel.shape, x.dtype)
-        loops.conv2d_filter_vectors_grad(_padded(x, rows, cols), dy, strides[0], strides[1], dkernel)
+        args = (_padded(x, rows, cols), dy, strides[0], strides[1])
+        if parts > 1:
+            partials = _scratch("dkernel_parts", (parts, *kernel.shape), x.dtype)
+            loops.conv2d_filter_vectors_grad_parallel(*args, partials)
+            dkernel = partials.sum(axis=0)
+        else:
+            dkernel = np.empty(kernel.shape, x.dtype)
+            loops.conv2d_filter_vectors_grad(*args, dkernel)
         dbias = np.empty(f, dy.dtype)
         loops.column_sums(dy2, dbias)  # (np.sum(axis=0) here: 0.16 ms for LeNet's 64 images)
     else:
-        columns = _columns(loops, x, kernel.shape, strides, rows, cols, True)
+        columns = _columns(loops, x, kernel.shape, strides, rows, cols, True, parts)
         grads = columns.T @ dy2
         dkernel, dbias = grads[:k].reshape(kernel.shape), grads[k]
     if not need_dx:
@@ -565,8 +601,19 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
     dcols = _scratch("dcols", (n * oh * ow, k), dy.dtype)
     np.matmul(dy2, kernel.reshape(k, f).T, out=dcols)
     dx = np.empty(x.shape, dy.dtype)
-    loops.col2im(dcols, kh, kw, strides[0], strides[1], rows[1], cols[1], oh, ow, dx)
+    args = (dcols, kh, kw, strides[0], strides[1], rows[1], cols[1], oh, ow, dx)
+    loops.col2im_parallel(*args, parts) if parts > 1 else loops.col2im(*args)
     return dx, dkernel, dbias
+
+
+def _run(loop, op, args):
+    """Pooling loop ``loop`` on ``args`` (the images first): its parallel driver over the
+    image slices ``_image_parts`` gives, or the serial one."""
+    loops, parts = _get_loops(), _image_parts(op, args[0].shape[0])
+    if parts > 1:
+        getattr(loops, loop + "_parallel")(*args, parts)
+    else:
+        getattr(loops, loop)(*args)
 
 
 def _pool_geometry(x, pool_size, strides):
@@ -583,7 +630,7 @@ def max_pool2d(x, /, *, pool_size=2, strides=None):
     """Window maxima in one pass (NaN propagates); see ``xpnet.functional.max_pool2d``."""
     (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
     y = np.empty(shape, x.dtype)
-    _get_loops().max_pool(np.ascontiguousarray(x), kh, kw, sh, sw, y)
+    _run("max_pool", "max_pool2d", (np.ascontiguousarray(x), kh, kw, sh, sw, y))
     return y
 
 
@@ -596,7 +643,7 @@ def max_pool2d_backward(dy, x, y, /, *, pool_size=2, strides=None):
     _check_pooled("y", y, shape)
     dx = np.empty(x.shape, x.dtype)
     c = np.ascontiguousarray
-    _get_loops().max_pool_backward(c(dy), c(x), c(y), kh, kw, sh, sw, dx)
+    _run("max_pool_backward", "max_pool2d_backward", (c(dy), c(x), c(y), kh, kw, sh, sw, dx))
     return dx
 
 
@@ -604,7 +651,7 @@ def avg_pool2d(x, /, *, pool_size=2, strides=None):
     """Window means in one pass; see ``xpnet.functional.avg_pool2d``."""
     (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
     y = np.empty(shape, x.dtype)
-    _get_loops().avg_pool(np.ascontiguousarray(x), kh, kw, sh, sw, y)
+    _run("avg_pool", "avg_pool2d", (np.ascontiguousarray(x), kh, kw, sh, sw, y))
     return y
 
 
@@ -613,7 +660,7 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
     (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
     _check_pooled("dy", dy, shape)
     dx = np.empty(x.shape, dy.dtype)
-    _get_loops().avg_pool_backward(np.ascontiguousarray(dy), kh, kw, sh, sw, dx)
+    _run("avg_pool_backward", "avg_pool2d_backward", (np.ascontiguousarray(dy), kh, kw, sh, sw, dx))
     return dx
 
 
@@ -621,7 +668,7 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
 
 
 # Every signature that training and the kernels compile, per float dtype, written as codes for
-# the arguments: x1-x4 a C-ordered float array of that many dimensions, a2 a 2-D float array of
+# the arguments: x1-x5 a C-ordered float array of that many dimensions, a2 a 2-D float array of
 # any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, q1 16-bit
 # column indices, u1 and u2 uint8 values and pixels, w2 a 2-D C array of the other float dtype
 # (data given as float64 to a float32 model), t2-t10 a tuple of that many x1 (the parameters an
@@ -649,15 +696,25 @@ WARMUP_SIGNATURES = {
     ("sgd_step",): [f"t{k} t{k} x1 x2 f b" for k in range(2, 11, 2)],
     ("adam_step",): [f"t{k} t{k} x1 x1 x2 f f f f" for k in range(2, 11, 2)],
     # convolution and pooling
+    # (each with its parallel driver for images_on_cores: the parts last, or a scratch per part)
     ("im2col",): ["x4 i i i i i i i i x2"],
+    ("im2col_parallel",): ["x4 i i i i i i i i x2 i"],
     ("col2im",): ["x2 i i i i i i i i x4"],
+    ("col2im_parallel",): ["x2 i i i i i i i i x4 i"],
     ("max_pool", "avg_pool"): ["x4 i i i i x4"],
+    ("max_pool_parallel", "avg_pool_parallel"): ["x4 i i i i x4 i"],
     ("max_pool_backward",): ["x4 x4 x4 i i i i x4"],
+    ("max_pool_backward_parallel",): ["x4 x4 x4 i i i i x4 i"],
     ("avg_pool_backward",): ["x4 i i i i x4"],
+    ("avg_pool_backward_parallel",): ["x4 i i i i x4 i"],
     ("conv2d_rows",): ["x4 x4 x1 i i i x3 x4"],
+    ("conv2d_rows_parallel",): ["x4 x4 x1 i i i x4 x4"],
     ("conv2d_rows_grads",): ["x4 x4 i i i x3 x4 x1"],
+    ("conv2d_rows_grads_parallel",): ["x4 x4 i i i x4 x5 x2"],
     ("conv2d_filter_vectors",): ["x4 x4 x1 i i x4"],
+    ("conv2d_filter_vectors_parallel",): ["x4 x4 x1 i i x4 i"],
     ("conv2d_filter_vectors_grad",): ["x4 x4 i i x4"],
+    ("conv2d_filter_vectors_grad_parallel",): ["x4 x4 i i x5"],
     ("column_sums",): ["x2 x1"],
 }
 
@@ -667,7 +724,7 @@ def _argument_types(dtype, label_dtype) -> dict:
     from numba import from_dtype, types
 
     f = from_dtype(dtype)
-    codes = {f"x{n}": types.Array(f, n, "C") for n in (1, 2, 3, 4)}
+    codes = {f"x{n}": types.Array(f, n, "C") for n in (1, 2, 3, 4, 5)}
     codes.update({f"t{n}": types.UniTuple(codes["x1"], n) for n in range(2, 11, 2)})
     other = np.dtype(np.float64 if dtype == np.float32 else np.float32)  # data given in the other float dtype
     codes.update(a2=types.Array(f, 2, "A"), w2=types.Array(from_dtype(other), 2, "C"),
