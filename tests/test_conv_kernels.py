@@ -356,6 +356,21 @@ def test_avg_pool2d_and_backward_equal_reference_bit_for_bit(poisoned_numpy, cas
     np.testing.assert_array_equal(dx, F.avg_pool2d_backward(dy, x, impl="xp", **geometry))
 
 
+@pytest.mark.parametrize("shape, window, strides", [((3, 8, 6, 5), 2, None), ((2, 9, 7, 3), 2, None),
+                                                     ((2, 9, 9, 4), (2, 3), 3), ((1, 7, 7, 2), 3, 1)])
+def test_max_pool_backward_keeps_the_references_bits_zeros_signs_included(poisoned_numpy, rng, shape, window, strides):
+    """Windows that tile the image, leave a row and a column out, leave gaps, and overlap; ``dy``
+    holds -0: the reference adds it into zeros (+0), so must the kernel."""
+    x = rng.integers(-2, 3, shape).astype(np.float32)  # ties
+    geometry = dict(pool_size=window, strides=strides)
+    y = F.max_pool2d(x, impl="xp", **geometry)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dy.reshape(-1)[::3] = -0.0
+    got = F.max_pool2d_backward(dy, x, y, impl="numba", **geometry)
+    want = F.max_pool2d_backward(dy, x, y, impl="xp", **geometry)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_max_pool_ties_go_to_the_first_maximum(numba_cpu):
     x = np.array([[1.0, 3.0, 3.0], [3.0, 0.0, 3.0], [np.nan, 1.0, 2.0]]).reshape(1, 3, 3, 1)
     y = F.max_pool2d(x, pool_size=2, strides=1, impl="numba")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import xpnet
+from xpnet import functional as F
 from xpnet import training
 from xpnet.layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, RandomShift
 from xpnet.training import ImagesOnCoresStep, ReferenceStep, images_on_cores_step_for
@@ -31,45 +32,42 @@ PARALLEL_DRIVERS = {
 }
 
 
+class _Guarded:
+    """The compiled-loops module as ``numba_cpu`` sees it, with every serial conv/pool driver
+    failing while ``on`` and every parallel one counting its calls (the module itself is left
+    alone: the parallel drivers call the serial ones inside numba)."""
+
+    def __init__(self, loops):
+        self._loops, self.on, self.calls = loops, False, {}
+
+    def __getattr__(self, name):
+        kernel = getattr(self._loops, name)
+        if name in PARALLEL_DRIVERS and self.on:
+            raise AssertionError(f"the serial driver {name} ran inside images_on_cores")
+        if name in PARALLEL_DRIVERS.values():
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return kernel
+
+
 @pytest.fixture
 def spread(numba_cpu, monkeypatch):
-    """Inside ``images_on_cores``, serial drivers called from Python fail; parallel ones count
-    their calls. Returns ``(run, calls)``: ``run(parts, fn)`` calls ``fn`` in the context, NaN
-    in every scratch buffer of this thread first."""
-    loops = numba_cpu._get_loops()
-    calls = {}
-    inside = threading.local()
-
-    def guarded(name, kernel):
-        def serial(*args):
-            if getattr(inside, "on", False):
-                raise AssertionError(f"the serial driver {name} ran inside images_on_cores")
-            return kernel(*args)
-
-        return serial
-
-    def counted(name, kernel):
-        def parallel(*args):
-            calls[name] = calls.get(name, 0) + 1
-            return kernel(*args)
-
-        return parallel
-
-    for serial, parallel in PARALLEL_DRIVERS.items():
-        monkeypatch.setattr(loops, serial, guarded(serial, getattr(loops, serial)))
-        monkeypatch.setattr(loops, parallel, counted(parallel, getattr(loops, parallel)))
+    """Returns ``(run, calls)``: ``run(parts, fn)`` calls ``fn`` inside ``images_on_cores``,
+    NaN in every scratch buffer of this thread first, the serial drivers refused; ``calls``
+    counts the parallel drivers' calls."""
+    guarded = _Guarded(numba_cpu._get_loops())
+    monkeypatch.setattr(numba_cpu, "_get_loops", lambda: guarded)
 
     def run(parts, fn):
         for buffer in vars(numba_cpu._scratch_buffers).values():
             buffer.fill(np.nan)
-        inside.on = True
+        guarded.on = True
         try:
             with numba_cpu.images_on_cores(parts):
                 return fn()
         finally:
-            inside.on = False
+            guarded.on = False
 
-    return run, calls
+    return run, guarded.calls
 
 
 TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-5), "float64": dict(rtol=1e-12, atol=1e-12)}
@@ -109,6 +107,28 @@ def test_a_convolution_spread_over_parts_equals_its_serial_run(spread, numba_cpu
     assert calls, "no parallel driver ran"
 
 
+def test_filters_that_fill_vectors_take_the_loop_on_the_cores_at_any_width(spread, numba_cpu, rng):
+    """Above ``FILTER_VECTORS_MAX_CHANNEL_FILTERS`` a serial convolution takes im2col + BLAS; on
+    the cores (BLAS on one of them) the filter-vector loop, whatever the width."""
+    run, calls = spread
+    x = rng.standard_normal((5, 7, 8, 72)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 72, 16)).astype(np.float32)  # 72 x 16 = 1152 channels x filters
+    assert 72 * 16 > numba_cpu.FILTER_VECTORS_MAX_CHANNEL_FILTERS
+    want = F.conv2d(x.astype(np.float64), kernel.astype(np.float64), impl="xp")
+    dy = rng.standard_normal(want.shape)
+    want_grads = F.conv2d_backward(dy, x.astype(np.float64), kernel.astype(np.float64), impl="xp")
+    got = run(2, lambda: numba_cpu.conv2d(x, kernel))
+    got_grads = run(2, lambda: numba_cpu.conv2d_backward(dy.astype(np.float32), x, kernel))
+    assert calls == {"conv2d_filter_vectors_parallel": 1, "conv2d_filter_vectors_grad_parallel": 1,
+                     "col2im_parallel": 1}
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
+    calls.clear()
+    numba_cpu.conv2d(x, kernel)  # serially: im2col + BLAS
+    assert "conv2d_filter_vectors_parallel" not in calls
+
+
 @pytest.mark.parametrize("pool", ["max", "avg"])
 @pytest.mark.parametrize("window, strides", [((2, 2), None), ((3, 2), (2, 1)), ((3, 3), (1, 2))])
 @pytest.mark.parametrize("n, parts", [(2, 2), (7, 3), (3, 4)])
@@ -128,12 +148,13 @@ def test_pooling_spread_over_parts_equals_its_serial_run_bit_for_bit(spread, num
 
 
 def test_a_part_per_image_at_most_and_one_image_runs_serially(numba_cpu, rng, monkeypatch):
-    loops = numba_cpu._get_loops()
-    monkeypatch.setattr(loops, "avg_pool_parallel", lambda *args: pytest.fail("one image ran in parts"))
+    guarded = _Guarded(numba_cpu._get_loops())
+    monkeypatch.setattr(numba_cpu, "_get_loops", lambda: guarded)
     x = rng.standard_normal((1, 6, 6, 2))
     with numba_cpu.images_on_cores(4):
         assert [numba_cpu._image_parts("avg_pool2d", n) for n in (1, 2, 3, 9)] == [1, 2, 3, 4]
         got = numba_cpu.avg_pool2d(x)
+    assert guarded.calls == {}
     np.testing.assert_array_equal(got, numba_cpu.avg_pool2d(x))
     assert numba_cpu._image_parts("avg_pool2d", 9) == 1  # outside: serial
 
@@ -201,13 +222,18 @@ def test_the_step_runs_the_parallel_kernels_on_one_blas_thread(two_cores, numba_
     from threadpoolctl import threadpool_info
 
     seen = []
-    loops = numba_cpu._get_loops()
-    for name in ("conv2d_rows_parallel", "max_pool_parallel", "avg_pool_backward_parallel"):
-        monkeypatch.setattr(loops, name, lambda *args, name=name, kernel=getattr(loops, name): (
-            seen.append((name, [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]))
-            or kernel(*args)))
+
+    class Recording(_Guarded):
+        def __getattr__(self, name):
+            if name.endswith("_parallel"):
+                seen.append((name, [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]))
+            return super().__getattr__(name)
+
+    recording = Recording(numba_cpu._get_loops())
+    monkeypatch.setattr(numba_cpu, "_get_loops", lambda: recording)
+    recording.on = True  # no serial convolution or pooling driver
     images_on_cores_step_for(small_cnn())(*batch(rng, 64))
-    assert {name for name, _ in seen} == {"conv2d_rows_parallel", "max_pool_parallel", "avg_pool_backward_parallel"}
+    assert {"conv2d_rows_parallel", "max_pool_parallel", "avg_pool_backward_parallel"} <= {name for name, _ in seen}
     assert all(set(blas) <= {1} for _, blas in seen)
     assert numba_cpu._image_parts("conv2d", 64) == 1  # and only inside the step
 

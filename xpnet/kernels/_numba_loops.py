@@ -1036,15 +1036,49 @@ def avg_pool(x, kh, kw, sh, sw, y):
 
 
 @njit(**_EXACT)
+def _max_pool_backward_apart(dy, x, y, kh, kw, sh, sw, dx):
+    """``max_pool_backward`` for windows that do not overlap (strides >= the window): each
+    window's pixels written once, a pixel's channels side by side (vector selects, no branch),
+    ``0 + dy`` at the pick (as the reference adds into zeros: -0 becomes +0) and 0 elsewhere."""
+    oh, ow, c = dy.shape[1], dy.shape[2], dy.shape[3]
+    zero = dx.dtype.type(0)
+    pick = np.empty(c, dtype=np.int64)  # the offset i * kw + j of each channel's first maximum
+    for b in range(dy.shape[0]):
+        for p in range(oh):
+            for q in range(ow):
+                target, g = y[b, p, q], dy[b, p, q]
+                for ch in range(c):
+                    pick[ch] = -1
+                for i in range(kh):
+                    for j in range(kw):
+                        k, src = i * kw + j, x[b, p * sh + i, q * sw + j]
+                        for ch in range(c):
+                            pick[ch] = k if pick[ch] < 0 and src[ch] == target[ch] else pick[ch]
+                for i in range(kh):
+                    for j in range(kw):
+                        k, out = i * kw + j, dx[b, p * sh + i, q * sw + j]
+                        for ch in range(c):
+                            out[ch] = zero + g[ch] if pick[ch] == k else zero
+
+
+@njit(**_EXACT)
 def max_pool_backward(dy, x, y, kh, kw, sh, sw, dx):
     """``dx`` (zeroed here) gets each window's ``dy`` at the first pixel, in row-major window
     order, equal to ``y`` (none if ``y`` is NaN); overlapping windows add, in the reference's
     order (window offset by window offset)."""
+    h, w = dx.shape[1], dx.shape[2]
     oh, ow, c = dy.shape[1], dy.shape[2], dy.shape[3]
-    first = np.empty((oh, ow, c), dtype=np.int64)  # offset i * kw + j of each window's pick
     flat = dx.reshape(-1)
+    if not (sh == kh and sw == kw and oh * sh == h and ow * sw == w):  # pixels no window covers
+        for k in range(flat.shape[0]):
+            flat[k] = 0
+    if sh >= kh and sw >= kw:  # cnn_shift's first pooling, 128 images, serially: 1.3 ms, against
+        # 7.7 ms for the general loops below (2-core Intel Xeon)
+        _max_pool_backward_apart(dy, x, y, kh, kw, sh, sw, dx)
+        return
     for k in range(flat.shape[0]):
         flat[k] = 0
+    first = np.empty((oh, ow, c), dtype=np.int64)  # offset i * kw + j of each window's pick
     for b in range(dy.shape[0]):
         xb, yb, dyb, dxb = x[b], y[b], dy[b], dx[b]
         for p in range(oh):
