@@ -372,3 +372,48 @@ def test_cores_is_the_affinity_at_most_numbas_threads(numba_cpu, monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert cores.cores() == 1
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+
+def test_predict_and_evaluate_spread_the_images_too_and_give_blas_back(two_cores, numba_cpu, rng, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    model = small_cnn()
+    X, y = batch(rng, 40)
+    want_proba, want_eval = model.predict_proba(X), model.evaluate(X, y)
+    monkeypatch.setattr(xpnet.model, "_PREDICT_CHUNK", 16)  # three chunks, the last of 8 images
+    seen = []
+
+    class Recording(_Guarded):
+        def __getattr__(self, name):
+            if name.endswith("_parallel"):
+                seen.append((name, blas_threads()))
+            return super().__getattr__(name)
+
+    recording = Recording(numba_cpu._get_loops())
+    monkeypatch.setattr(numba_cpu, "_get_loops", lambda: recording)
+    recording.on = True  # no serial convolution or pooling driver
+    before = blas_threads()
+    np.testing.assert_allclose(model.predict_proba(X), want_proba, rtol=1e-12, atol=1e-15)
+    assert model.evaluate(X, y) == pytest.approx(want_eval, rel=1e-12)
+    np.testing.assert_array_equal(model.predict(X), want_proba.argmax(axis=1))
+    assert sum(name == "conv2d_rows_parallel" for name, _ in seen) == 3 * 3 * 2  # 3 chunks, 3 calls, 2 convolutions
+    assert all(set(blas) <= {1} for _, blas in seen) and blas_threads() == before
+
+
+def test_inference_runs_serially_where_images_do_not_spread(two_cores, numba_cpu, rng, monkeypatch):
+    guarded = _Guarded(numba_cpu._get_loops())
+    monkeypatch.setattr(numba_cpu, "_get_loops", lambda: guarded)
+    mlp = xpnet.MLP([12, 8, 3], activation="tanh", seed=0)
+    mlp.predict(rng.standard_normal((5, 12)))
+    monkeypatch.setattr(two_cores, "cores", lambda: 1)
+    small_cnn().predict(batch(rng, 9)[0])
+    monkeypatch.setattr(two_cores, "cores", lambda: 2)
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    small_cnn().predict(batch(rng, 9)[0])
+    assert guarded.calls == {}

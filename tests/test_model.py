@@ -518,6 +518,22 @@ def test_predict_and_evaluate_over_several_chunks_equal_the_pieces(rng):
     assert model.predict(X).shape == (8200,)
 
 
+def test_a_chunk_holds_as_many_images_as_its_widest_layer_output_allows(rng, monkeypatch):
+    """A convolution's output is large per image: chunks shrink so that the widest layer output
+    of a chunk stays within ``_CHUNK_OUTPUT_BYTES``, and the chunks still add up to the whole."""
+    monkeypatch.setattr(xpnet.model, "_CHUNK_OUTPUT_BYTES", 6 * 6 * 4 * 8 * 10 + 7)  # 10 images of float64
+    model = xpnet.Sequential([Conv2D(4, 3, padding="same"), Flatten(), Dense(3)], input_shape=(6, 6, 2),
+                             dtype="float64", seed=0)
+    X, y = rng.normal(size=(25, 6, 6, 2)), rng.integers(0, 3, 25)
+    assert model._chunks(X) == [(0, 10), (10, 20), (20, 25)]
+    forward = model.forward(X)
+    np.testing.assert_allclose(model.predict_proba(X), xpnet.functional.softmax(forward), rtol=1e-12)
+    assert model.evaluate(X, y)["accuracy"] == pytest.approx(np.mean(forward.argmax(axis=1) == y))
+    monkeypatch.undo()
+    mlp = xpnet.MLP([3, 4], dtype="float64", seed=0)
+    assert mlp._chunks(np.zeros((9000, 3))) == [(0, 8192), (8192, 9000)]  # narrow rows: the row cap
+
+
 def test_an_entry_without_a_type_is_an_unknown_layer_naming_the_known_ones():
     config = {"layers": [{"units": 3}], "input_shape": [4], "dtype": "float32", "seed": 0}
     with pytest.raises(ValueError, match=r"^layer 0 has unknown type None \(known: AvgPool2D, Conv2D, Dense, .*\); "

@@ -34,8 +34,8 @@ from .optim import make_optimizer
 from .sparse import SparseRows
 
 __all__ = [
-    "fit", "relu_mlp", "training_step_for", "images_on_cores_step_for", "ReferenceStep", "ImagesOnCoresStep",
-    "IMAGE_LAYERS", "rng_states", "set_rng_states",
+    "fit", "relu_mlp", "training_step_for", "images_on_cores_step_for", "image_cores", "on_cores", "ReferenceStep",
+    "ImagesOnCoresStep", "IMAGE_LAYERS", "rng_states", "set_rng_states",
 ]
 
 
@@ -163,9 +163,42 @@ def training_step_for(layers, batch_size: int, cores: int | None = None):
 IMAGE_LAYERS = (Conv2D, MaxPool2D, AvgPool2D)
 
 
+def image_cores(model) -> int:
+    """The cores a NumPy model's convolution and pooling kernels spread each batch's images
+    over (``numba_cpu.images_on_cores``): all this process may use for a model with a layer of
+    ``IMAGE_LAYERS`` (exactly) and float32/float64 NumPy parameters; 1 (serially) for any other
+    model (Dense layers alone gain nothing: OpenBLAS already runs their products on every core),
+    where numba is missing, with ``XPNET_KERNELS=xp``, or on one core."""
+    from .kernels import default_impl, numba_cpu
+
+    if default_impl() not in ("auto", "numba") or numba_cpu.unavailable():
+        return 1
+    if not any(type(layer) in IMAGE_LAYERS for layer in model.layers):
+        return 1
+    if not all(type(p) is np.ndarray and p.dtype in (np.float32, np.float64) for p in model.parameters()):
+        return 1
+    from .kernels.cores import cores
+
+    return cores()
+
+
+@contextlib.contextmanager
+def on_cores(cores: int, blas):
+    """Inside: BLAS (``blas``, a ``kernels.cores.OneBlasThread``) on one thread, and the
+    convolution and pooling kernels spreading each batch's images over ``cores`` cores."""
+    from .kernels import numba_cpu
+
+    blas.take()
+    try:
+        with numba_cpu.images_on_cores(cores):
+            yield
+    finally:
+        blas.give_back()
+
+
 class ImagesOnCoresStep(ReferenceStep):
     """The reference step on the whole batch, its convolution and pooling kernels splitting the
-    images among ``cores`` cores (``numba_cpu.images_on_cores``), BLAS on one thread beside them.
+    images among ``cores`` cores (``on_cores``), BLAS on one thread beside them.
 
     The same math as the reference step: each image's activations bit for bit, the kernel
     gradients summed per slice of images and then added (up to rounding). One Python thread
@@ -185,32 +218,14 @@ class ImagesOnCoresStep(ReferenceStep):
         return self._blas.held()
 
     def __call__(self, xb, yb, scales=None):
-        from .kernels import numba_cpu
-
-        self._blas.take()
-        try:
-            with numba_cpu.images_on_cores(self.cores):
-                return super().__call__(xb, yb, scales)
-        finally:
-            self._blas.give_back()
+        with on_cores(self.cores, self._blas):
+            return super().__call__(xb, yb, scales)
 
 
 def images_on_cores_step_for(model):
-    """``ImagesOnCoresStep`` for a NumPy model with a layer of ``IMAGE_LAYERS`` (exactly) on a
-    CPU of several cores, or ``None``: no such layer (a model of Dense layers gains nothing:
-    OpenBLAS already runs its products on every core), not float32/float64 NumPy parameters,
-    numba missing, ``XPNET_KERNELS=xp``, or one core."""
-    from .kernels import default_impl, numba_cpu
-
-    if default_impl() not in ("auto", "numba") or numba_cpu.unavailable():
-        return None
-    if not any(type(layer) in IMAGE_LAYERS for layer in model.layers):
-        return None
-    if not all(type(p) is np.ndarray and p.dtype in (np.float32, np.float64) for p in model.parameters()):
-        return None
-    from .kernels.cores import cores
-
-    return ImagesOnCoresStep(model, cores()) if cores() > 1 else None
+    """``ImagesOnCoresStep`` where ``image_cores`` gives the model several cores, else ``None``."""
+    cores = image_cores(model)
+    return ImagesOnCoresStep(model, cores) if cores > 1 else None
 
 
 def _training_step(model, batch_size, *, all_cores=True):
