@@ -64,8 +64,8 @@ __all__ = [
 # OpenBLAS's threads may be busy beside them: LeNet-5's first layer (519,168 values) trained at
 # 23.9 ms a step with them against 11.3 ms without (100 steps under cProfile, 2-core EPYC).
 # Convolution and pooling run serially: their matrix products run on OpenBLAS's threads,
-# which numba's would compete with. Inside ``images_on_cores`` (a training step that holds
-# BLAS on one thread) ``ON_CORES_PARALLEL_MIN_ELEMENTS`` applies instead.
+# which numba's would compete with. Inside ``images_on_cores`` (a step or forward pass that
+# holds BLAS on one thread) ``ON_CORES_PARALLEL_MIN_ELEMENTS`` applies instead.
 PARALLEL_MIN_ELEMENTS = {
     "relu_backward": 1 << 21,
     "bias_relu": 1 << 21,
@@ -74,10 +74,13 @@ PARALLEL_MIN_ELEMENTS = {
 }
 
 # Inside ``images_on_cores``: convolution and pooling split any batch of two or more images
-# (counted here in images), and the elementwise kernels go parallel from a few hundred KB.
+# (counted here in images), and the elementwise kernels go parallel where that stopped losing
+# (float32, back to back, 2-core Intel Xeon, serial / parallel us: ReLU backward 3.0 / 4.8 at
+# 16k elements, 5.1 / 4.8 at 32k, 95 / 20 at 256k; bias + ReLU 3.1 / 4.3 at 32k, 6.5 / 7.0 at
+# 64k, 21 / 13 at 256k).
 ON_CORES_PARALLEL_MIN_ELEMENTS = {
     "relu_backward": 1 << 15,
-    "bias_relu": 1 << 15,
+    "bias_relu": 1 << 17,
     "conv2d": 2,
     "conv2d_backward": 2,
     "max_pool2d": 2,
@@ -224,7 +227,8 @@ _this_thread = threading.local()  # .parts: set by images_on_cores()
 def images_on_cores(parts: int):
     """In this thread, split each batch's images into ``parts`` slices that convolution and
     pooling run at once, one per core, and let the elementwise kernels go parallel from
-    ``ON_CORES_PARALLEL_MIN_ELEMENTS``: for a training step that owns the cores. Hold BLAS on
+    ``ON_CORES_PARALLEL_MIN_ELEMENTS``: for a training step or a forward pass that owns the
+    cores (``training.on_cores``). Hold BLAS on
     one thread alongside (``cores.OneBlasThread``): OpenBLAS's idle threads spin, and beside
     numba's a LeNet-5 step took 22-58 ms instead of 3.5 ms (2-core Intel Xeon)."""
     before = getattr(_this_thread, "parts", 1)
