@@ -1,5 +1,6 @@
 """Convolution and pooling with each batch's images spread over the cores
-(``numba_cpu.images_on_cores``), and the training step built on it (``ImagesOnCoresStep``).
+(``numba_cpu.images_on_cores``), the training step built on it (``ImagesOnCoresStep``) and
+inference (``predict``/``evaluate``) in the same setting.
 
 Every kernel inside the context must give what its serial driver gives: each image's outputs
 and input gradients bit for bit, kernel gradients (summed per slice of images, then added) to
