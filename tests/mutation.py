@@ -35,7 +35,8 @@ MODULES = {
                                  "tests/test_layers.py"]),
     "optim": ("xpnet/optim.py", ["tests/test_optim.py", "tests/test_cpu_step.py"]),
     "training": ("xpnet/training.py", ["tests/test_training.py", "tests/test_images_on_cores.py",
-                                       "tests/test_sample_weight.py", "tests/test_inputs.py"]),
+                                       "tests/test_sample_weight.py", "tests/test_inputs.py",
+                                       "tests/test_sparse_layer.py", "tests/test_sparse_input.py"]),
     "runs": ("xpnet/runs.py", ["tests/test_runs.py"]),
     "numba_cpu": (
         "xpnet/kernels/numba_cpu.py",

@@ -286,17 +286,18 @@ def test_fit_with_the_step_trains_as_the_reference_does(two_cores, rng, monkeypa
         np.testing.assert_allclose(models["auto", "history"][key], models["xp", "history"][key], rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kernels", ["auto", "xp"])
-def test_uint8_images_train_as_the_same_images_scaled_up_front(two_cores, rng, monkeypatch, kernels):
-    """fit keeps uint8 images as they are and the step scales each batch: the same weights, bit
-    for bit, as training on the scaled floats, shuffled or in order, with a validation split
-    taken from the pixels."""
+def test_uint8_images_train_as_the_same_images_scaled_up_front(two_cores, rng, monkeypatch, kernels, dtype):
+    """fit keeps uint8 images as they are and the step scales each batch to the model's dtype:
+    the same weights, bit for bit, as training on the scaled floats, shuffled or in order, with
+    a validation split taken from the pixels."""
     monkeypatch.setenv("XPNET_KERNELS", kernels)
     pixels = rng.integers(0, 256, size=(130, 9, 9, 2), dtype=np.uint8)
     y = rng.integers(0, 5, 130)
-    floats = xpnet.functional.scale_pixels(pixels, np.dtype(np.float64))
+    floats = xpnet.functional.scale_pixels(pixels, np.dtype(dtype))
     for shuffle in (True, False):
-        got, want = small_cnn(seed=1), small_cnn(seed=1)
+        got, want = small_cnn(dtype, seed=1), small_cnn(dtype, seed=1)
         steps = []
         monkeypatch.setattr(training, "_training_step", lambda *a, original=training._training_step, **k: (
             steps.append(original(*a, **k)) or steps[-1]))

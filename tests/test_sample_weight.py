@@ -94,6 +94,35 @@ def test_integer_weights_train_as_repeated_rows_and_zero_as_removed(make, kernel
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
+def test_each_row_keeps_its_weight_through_the_shuffle(make, kernels, rng):
+    """Shuffled batches: relabelling the rows of weight 0 changes no bit of the trained weights
+    (a weight applied to whichever row the shuffle put in its place would let the new labels
+    in), while relabelling the others does."""
+    X, y = data(make, rng, n=150)
+    weights = rng.choice([0.0, 0.5, 1.0, 3.0], size=len(y))
+    zero = weights == 0
+    settings = dict(epochs=2, batch_size=32, optimizer="adam", lr=0.01, shuffle=True, sample_weight=weights)
+    trained = weights_after(make, X, y, **dict(settings))
+    assert same(weights_after(make, X, np.where(zero, (y + 1) % 3, y), **dict(settings)), trained)
+    assert not same(weights_after(make, X, np.where(zero, y, (y + 1) % 3), **dict(settings)), trained)
+
+
+def test_the_batch_factors_follow_the_epochs_order():
+    """Each row's factor is its weight over its batch's mean weight, batch by batch in the
+    epoch's order (no order: the data's own)."""
+    from xpnet.training import _batch_scales
+
+    cpu = xpnet.get_backend("cpu")
+    w = np.array([1.0, 2.0, 0.0, 4.0, 3.0])
+    factors, sums = _batch_scales(w, np.array([3, 0, 4, 2, 1]), 2, "float64", cpu)
+    np.testing.assert_allclose(factors, [4 / 2.5, 1 / 2.5, 3 / 1.5, 0.0, 1.0], rtol=1e-15)
+    assert sums == [5.0, 3.0, 2.0]
+    in_order, in_order_sums = _batch_scales(w, None, 2, "float32", cpu)
+    np.testing.assert_allclose(in_order, [2 / 3, 4 / 3, 0.0, 2.0, 1.0], rtol=1e-7)
+    assert in_order.dtype == np.float32 and in_order_sums == [3.0, 4.0, 3.0]
+
+
 def test_a_batch_whose_weights_are_all_zero_moves_nothing(rng):
     """Plain SGD, in order: a first batch of weight 0 leaves the weights as they were, so the
     run ends where one on the second batch alone does."""
