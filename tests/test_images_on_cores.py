@@ -153,11 +153,11 @@ def test_a_part_per_image_at_most_and_one_image_runs_serially(numba_cpu, rng, mo
     monkeypatch.setattr(numba_cpu, "_get_loops", lambda: guarded)
     x = rng.standard_normal((1, 6, 6, 2))
     with numba_cpu.images_on_cores(4):
-        assert [numba_cpu._image_parts("avg_pool2d", n) for n in (1, 2, 3, 9)] == [1, 2, 3, 4]
+        assert [numba_cpu._image_parts(n) for n in (0, 1, 2, 3, 9)] == [1, 1, 2, 3, 4]
         got = numba_cpu.avg_pool2d(x)
     assert guarded.calls == {}
     np.testing.assert_array_equal(got, numba_cpu.avg_pool2d(x))
-    assert numba_cpu._image_parts("avg_pool2d", 9) == 1  # outside: serial
+    assert numba_cpu._image_parts(9) == 1  # outside: serial
 
 
 def test_images_on_cores_holds_in_its_thread_only_and_ends_with_the_block(numba_cpu):
@@ -166,17 +166,17 @@ def test_images_on_cores_holds_in_its_thread_only_and_ends_with_the_block(numba_
     seen = []
     with numba_cpu.images_on_cores(2):
         with numba_cpu.images_on_cores(3):
-            seen.append(numba_cpu._image_parts("conv2d", 8))
-        seen.append(numba_cpu._image_parts("conv2d", 8))  # the outer block's parts again
+            seen.append(numba_cpu._image_parts(8))
+        seen.append(numba_cpu._image_parts(8))  # the outer block's parts again
         seen.append(numba_cpu._parallel("relu_backward", limit))
-        other = threading.Thread(target=lambda: seen.append(numba_cpu._image_parts("conv2d", 8)))
+        other = threading.Thread(target=lambda: seen.append(numba_cpu._image_parts(8)))
         other.start()
         other.join()
     assert seen == [3, 2, True, 1]
-    assert not numba_cpu._parallel("relu_backward", limit) and numba_cpu._image_parts("conv2d", 8) == 1
+    assert not numba_cpu._parallel("relu_backward", limit) and numba_cpu._image_parts(8) == 1
     with pytest.raises(KeyError), numba_cpu.images_on_cores(2):
         raise KeyError("a failed step")
-    assert numba_cpu._image_parts("conv2d", 8) == 1
+    assert numba_cpu._image_parts(8) == 1
 
 
 # --- the training step -------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_the_step_runs_the_parallel_kernels_on_one_blas_thread(two_cores, numba_
     images_on_cores_step_for(small_cnn())(*batch(rng, 64))
     assert {"conv2d_rows_parallel", "max_pool_parallel", "avg_pool_backward_parallel"} <= {name for name, _ in seen}
     assert all(set(blas) <= {1} for _, blas in seen)
-    assert numba_cpu._image_parts("conv2d", 64) == 1  # and only inside the step
+    assert numba_cpu._image_parts(64) == 1  # and only inside the step
 
 
 def test_blas_gets_its_threads_back_after_a_step_and_after_a_held_run(two_cores, rng):
@@ -265,7 +265,7 @@ def test_a_failing_step_gives_blas_and_the_kernels_back(two_cores, numba_cpu, rn
     X, y = batch(rng, 8)
     with pytest.raises(ValueError):
         step(X[:, :5], y)  # the wrong image size
-    assert step._blas._limit is None and numba_cpu._image_parts("conv2d", 8) == 1
+    assert step._blas._limit is None and numba_cpu._image_parts(8) == 1
 
 
 def test_fit_with_the_step_trains_as_the_reference_does(two_cores, rng, monkeypatch):

@@ -73,20 +73,13 @@ PARALLEL_MIN_ELEMENTS = {
     "softmax_cross_entropy": 1 << 16,
 }
 
-# Inside ``images_on_cores``: convolution and pooling split any batch of two or more images
-# (counted here in images), and the elementwise kernels go parallel where that stopped losing
-# (float32, back to back, 2-core Intel Xeon, serial / parallel us: ReLU backward 3.0 / 4.8 at
-# 16k elements, 5.1 / 4.8 at 32k, 95 / 20 at 256k; bias + ReLU 3.1 / 4.3 at 32k, 6.5 / 7.0 at
-# 64k, 21 / 13 at 256k).
+# Inside ``images_on_cores`` (where convolution and pooling split any batch of two images or
+# more) the elementwise kernels go parallel where that stopped losing (float32, back to back,
+# 2-core Intel Xeon, serial / parallel us: ReLU backward 3.0 / 4.8 at 16k elements, 5.1 / 4.8
+# at 32k, 95 / 20 at 256k; bias + ReLU 3.1 / 4.3 at 32k, 6.5 / 7.0 at 64k, 21 / 13 at 256k).
 ON_CORES_PARALLEL_MIN_ELEMENTS = {
     "relu_backward": 1 << 15,
     "bias_relu": 1 << 17,
-    "conv2d": 2,
-    "conv2d_backward": 2,
-    "max_pool2d": 2,
-    "max_pool2d_backward": 2,
-    "avg_pool2d": 2,
-    "avg_pool2d_backward": 2,
 }
 
 # Output bytes from which ReLU backward writes with streaming (non-temporal) stores. Measured on
@@ -246,10 +239,10 @@ def _parallel(op: str, size: int) -> bool:
     return size >= (PARALLEL_MIN_ELEMENTS[op] if limit is None else limit)
 
 
-def _image_parts(op: str, images: int) -> int:
-    """The slices of a batch of ``images`` a convolution or pooling op runs at once (1: serially)."""
-    parts = getattr(_this_thread, "parts", 1)
-    return min(parts, images) if parts > 1 and images >= ON_CORES_PARALLEL_MIN_ELEMENTS[op] else 1
+def _image_parts(images: int) -> int:
+    """The slices of a batch of ``images`` a convolution or pooling op runs at once (1:
+    serially): one per core inside ``images_on_cores``, at most one per image."""
+    return max(1, min(getattr(_this_thread, "parts", 1), images))
 
 
 def _check_out(out, shape, dtype, name="out"):
@@ -538,7 +531,7 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
     k = kh * kw * c
     n, oh, ow = x.shape[0], rows[0], cols[0]
     y = np.empty((n, oh, ow, f), x.dtype)
-    parts = _image_parts("conv2d", n)
+    parts = _image_parts(n)
     if _direct(kernel.shape, strides):
         tiled = np.ascontiguousarray(np.broadcast_to(kernel[:, :, :, None, :], (kh, kw, c, ow, f)))
         bias_row = np.zeros(ow * f, x.dtype) if bias is None else np.tile(bias, ow)
@@ -577,7 +570,7 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
     x, kernel, dy = np.ascontiguousarray(x), np.ascontiguousarray(kernel), np.ascontiguousarray(dy)
     k = kh * kw * c
     dy2 = dy.reshape(n * oh * ow, f)
-    parts = _image_parts("conv2d_backward", n)
+    parts = _image_parts(n)
     if _direct(kernel.shape, strides):  # each part's sums per output column, added up here
         dtiled = _scratch("dtiled", (parts, kh, kw, c, ow * f), x.dtype)
         dbias_row = _scratch("dbias_row", (parts, ow * f), x.dtype)
@@ -614,10 +607,10 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
     return dx, dkernel, dbias
 
 
-def _run(loop, op, args):
+def _run(loop, args):
     """Pooling loop ``loop`` on ``args`` (the images first): its parallel driver over the
     image slices ``_image_parts`` gives, or the serial one."""
-    loops, parts = _get_loops(), _image_parts(op, args[0].shape[0])
+    loops, parts = _get_loops(), _image_parts(args[0].shape[0])
     if parts > 1:
         getattr(loops, loop + "_parallel")(*args, parts)
     else:
@@ -638,7 +631,7 @@ def max_pool2d(x, /, *, pool_size=2, strides=None):
     """Window maxima in one pass (NaN propagates); see ``xpnet.functional.max_pool2d``."""
     (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
     y = np.empty(shape, x.dtype)
-    _run("max_pool", "max_pool2d", (np.ascontiguousarray(x), kh, kw, sh, sw, y))
+    _run("max_pool", (np.ascontiguousarray(x), kh, kw, sh, sw, y))
     return y
 
 
@@ -651,7 +644,7 @@ def max_pool2d_backward(dy, x, y, /, *, pool_size=2, strides=None):
     _check_pooled("y", y, shape)
     dx = np.empty(x.shape, x.dtype)
     c = np.ascontiguousarray
-    _run("max_pool_backward", "max_pool2d_backward", (c(dy), c(x), c(y), kh, kw, sh, sw, dx))
+    _run("max_pool_backward", (c(dy), c(x), c(y), kh, kw, sh, sw, dx))
     return dx
 
 
@@ -659,7 +652,7 @@ def avg_pool2d(x, /, *, pool_size=2, strides=None):
     """Window means in one pass; see ``xpnet.functional.avg_pool2d``."""
     (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
     y = np.empty(shape, x.dtype)
-    _run("avg_pool", "avg_pool2d", (np.ascontiguousarray(x), kh, kw, sh, sw, y))
+    _run("avg_pool", (np.ascontiguousarray(x), kh, kw, sh, sw, y))
     return y
 
 
@@ -668,7 +661,7 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
     (kh, kw), (sh, sw), shape = _pool_geometry(x, pool_size, strides)
     _check_pooled("dy", dy, shape)
     dx = np.empty(x.shape, dy.dtype)
-    _run("avg_pool_backward", "avg_pool2d_backward", (np.ascontiguousarray(dy), kh, kw, sh, sw, dx))
+    _run("avg_pool_backward", (np.ascontiguousarray(dy), kh, kw, sh, sw, dx))
     return dx
 
 
