@@ -1,5 +1,5 @@
-"""Who runs on the CPU's cores during a training step: numba's parallel kernels or OpenBLAS's
-threads, one at a time.
+"""Who runs on the CPU's cores during a training step or a forward pass: numba's parallel
+kernels or OpenBLAS's threads, one at a time.
 
 OpenBLAS's idle threads spin for a while after each product, and so do numba's (OpenMP) after
 each parallel kernel: the two sets on the same cores slow each other by far more than either

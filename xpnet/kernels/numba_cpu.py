@@ -22,7 +22,8 @@ neither ``import xpnet`` nor importing this module imports numba.
   along image rows (``DIRECT_MAX_CHANNEL_FILTERS``), or, where the filters fill whole vectors,
   a direct loop over output pixels (``FILTER_VECTORS_MAX_CHANNEL_FILTERS``); pooling is bit for
   bit the reference. They run serially, except inside ``images_on_cores()`` (a training step
-  that holds BLAS on one thread), where each batch's images are split among the cores. A few
+  or forward pass that holds BLAS on one thread), where each batch's images are split among
+  the cores. A few
   work arrays are kept per thread and reused (``_scratch``).
 """
 
