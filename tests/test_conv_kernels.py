@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -206,9 +207,9 @@ def test_forced_numba_runs_the_compiled_loops(numba_cpu, monkeypatch, rng):
 
 def test_lenet_layers_take_the_measured_algorithms(numba_cpu, monkeypatch, rng):
     """Few channels x filters with column stride 1: the row-wise loop; filters filling whole
-    vectors: the filter-vector loop (im2col's BLAS product only for dx); else im2col + BLAS."""
+    vectors: the filter-vector loops (dx too, at stride 1); else im2col + BLAS."""
     names = ["im2col", "col2im", "conv2d_rows", "conv2d_rows_grads", "conv2d_filter_vectors",
-             "conv2d_filter_vectors_grad"]
+             "conv2d_filter_vectors_grad", "conv2d_filter_vectors_input_grad"]
     calls = _spy_on_loops(numba_cpu, monkeypatch, names)
     x1, x2 = rng.random((2, 28, 28, 1)), rng.random((2, 13, 13, 6))
     k1, k2 = rng.standard_normal((3, 3, 1, 6)), rng.standard_normal((3, 3, 6, 16))
@@ -216,7 +217,10 @@ def test_lenet_layers_take_the_measured_algorithms(numba_cpu, monkeypatch, rng):
     assert calls == ["conv2d_rows", "conv2d_rows_grads", "col2im"]
     calls.clear()
     F.conv2d_backward(F.conv2d(x2, k2, impl="numba"), x2, k2, impl="numba")
-    assert calls == ["conv2d_filter_vectors", "conv2d_filter_vectors_grad", "col2im"]
+    assert calls == ["conv2d_filter_vectors", "conv2d_filter_vectors_grad", "conv2d_filter_vectors_input_grad"]
+    calls.clear()
+    F.conv2d_backward(F.conv2d(x2, k2, strides=2, impl="numba"), x2, k2, strides=2, impl="numba")
+    assert calls[-1] == "col2im"  # dx of a strided convolution: BLAS and col2im
     calls.clear()
     F.conv2d(x1, k1, strides=(1, 2), impl="numba")  # a column stride: not the row-wise loop
     F.conv2d(x2, rng.standard_normal((3, 3, 6, 12)), impl="numba")  # 12 filters: not whole vectors
@@ -328,6 +332,72 @@ def test_conv2d_with_filter_vectors_equals_reference(poisoned_numpy, filter_vect
     assert filter_vectors[-2:] == ["conv2d_filter_vectors", "conv2d_filter_vectors_grad"]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("f", [1, 5, 6, 8, 16, 17, 24, 40])
+@pytest.mark.parametrize("width, left, right", [(7, 0, 0), (7, 1, 2), (28, 0, 0)])
+def test_the_row_loop_repeats_each_value_f_times(numba_cpu, rng, dtype, f, width, left, right):
+    """The row-wise loop's expanded rows (vector stores, each overwriting the last one's excess
+    lanes; plain stores where a vector would pass the row's end), padding as zeros."""
+    x = rng.standard_normal((3, width, 2)).astype(dtype)
+    expanded = np.full((3, 2, (width + left + right) * f), np.nan, dtype)
+    numba_cpu._get_loops()._expand_rows(x, left, f, expanded)
+    padded = np.pad(x, ((0, 0), (left, right), (0, 0)))
+    np.testing.assert_array_equal(expanded, np.repeat(padded.transpose(0, 2, 1), f, axis=2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel_shape", [(3, 3, 1, 6), (3, 3, 1, 2), (1, 3, 3, 5), (3, 1, 3, 16), (3, 3, 1, 24)])
+@pytest.mark.parametrize("strides", [1, (2, 1)])
+def test_the_row_loop_with_nine_taps_in_registers_equals_reference(poisoned_numpy, numba_cpu, monkeypatch, rng,
+                                                                   dtype, kernel_shape, strides):
+    """Nine taps (LeNet-5's first layer) without padding: the forward pass and the kernel
+    gradient keep the taps' sums in registers; output rows that end in a vector overlapping
+    the one before (9 columns x 6 filters = 54 values), and ones that are whole vectors."""
+    monkeypatch.setattr(numba_cpu, "DIRECT_MAX_CHANNEL_FILTERS", 10**9)
+    assert math.prod(kernel_shape[:3]) == numba_cpu._get_loops().TAPS_IN_REGISTERS
+    x = rng.standard_normal((3, 12, 11, kernel_shape[2])).astype(dtype)
+    kernel = rng.standard_normal(kernel_shape).astype(dtype)
+    bias = rng.standard_normal(kernel_shape[3]).astype(dtype)
+    got = F.conv2d(x, kernel, bias, strides=strides, impl="numba")
+    _assert_norm_close(got, F.conv2d(x, kernel, bias, strides=strides, impl="xp"),
+                       F.conv2d(np.abs(x), np.abs(kernel), np.abs(bias), strides=strides, impl="xp"))
+    dy = rng.standard_normal(got.shape).astype(dtype)
+    got = F.conv2d_backward(dy, x, kernel, strides=strides, need_dx=False, impl="numba")
+    want = F.conv2d_backward(dy, x, kernel, strides=strides, impl="xp")
+    scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), strides=strides, impl="xp")
+    _assert_norm_close(got[1], want[1], scale[1])
+    _assert_norm_close(got[2], want[2], scale[2])
+
+
+#: stride-1 cases for the input gradient summed over filter vectors: channels for every block
+#: of one call (1-8) and above it (blocks of 8, the last overlapping the one before: 12, 17)
+input_grad_cases = conv_cases(filters=st.sampled_from([16, 32, 48]),
+                              channels=st.sampled_from([1, 2, 3, 5, 6, 7, 8, 12, 17]))
+
+
+@pytest.fixture
+def input_grad_calls(numba_cpu, monkeypatch):
+    return _spy_on_loops(numba_cpu, monkeypatch, ["conv2d_filter_vectors_input_grad", "col2im"])
+
+
+@SETTINGS
+@given(case=input_grad_cases)
+def test_conv2d_input_gradient_over_filter_vectors_equals_reference(poisoned_numpy, input_grad_calls, case):
+    """``dx`` at stride 1 with F a multiple of the vector: rows of 4 pixels and up (a row's last
+    group overlapping the one before), both paddings, even kernels ("same" pads them unevenly),
+    1x1 kernels, a strided ``dy``; never col2im."""
+    x, kernel, _, geometry, layout, rng = case
+    assume(x.shape[2] >= 4)
+    geometry["strides"] = 1
+    dy = rng.standard_normal(F.conv2d(x, kernel, impl="xp", **geometry).shape).astype(x.dtype)
+    input_grad_calls.clear()
+    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, impl="numba", **geometry)[0]
+    want = F.conv2d_backward(dy, x, kernel, impl="xp", **geometry)[0]
+    scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), impl="xp", **geometry)[0]
+    _assert_norm_close(got, want, scale)
+    assert input_grad_calls == ["conv2d_filter_vectors_input_grad"]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 @SETTINGS
 @given(case=pool_cases())
@@ -342,6 +412,35 @@ def test_max_pool2d_and_backward_equal_reference_bit_for_bit(poisoned_numpy, cas
     dy = rng.standard_normal(want.shape).astype(x.dtype)
     dx = F.max_pool2d_backward(_layout(dy, layout), _layout(x, layout), _layout(want, layout), impl="numba", **geometry)
     np.testing.assert_array_equal(dx, F.max_pool2d_backward(dy, x, want, impl="xp", **geometry))
+
+
+#: stride-1 cases for the input gradient summed over filter vectors: channels for every block
+#: of one call (1-8) and above it (blocks of 8, the last overlapping the one before: 12, 17)
+input_grad_cases = conv_cases(filters=st.sampled_from([16, 32, 48]),
+                              channels=st.sampled_from([1, 2, 3, 5, 6, 7, 8, 12, 17]))
+
+
+@pytest.fixture
+def input_grad_calls(numba_cpu, monkeypatch):
+    return _spy_on_loops(numba_cpu, monkeypatch, ["conv2d_filter_vectors_input_grad", "col2im"])
+
+
+@SETTINGS
+@given(case=input_grad_cases)
+def test_conv2d_input_gradient_over_filter_vectors_equals_reference(poisoned_numpy, input_grad_calls, case):
+    """``dx`` at stride 1 with F a multiple of the vector: rows of 4 pixels and up (a row's last
+    group overlapping the one before), both paddings, even kernels ("same" pads them unevenly),
+    1x1 kernels, a strided ``dy``; never col2im."""
+    x, kernel, _, geometry, layout, rng = case
+    assume(x.shape[2] >= 4)
+    geometry["strides"] = 1
+    dy = rng.standard_normal(F.conv2d(x, kernel, impl="xp", **geometry).shape).astype(x.dtype)
+    input_grad_calls.clear()
+    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, impl="numba", **geometry)[0]
+    want = F.conv2d_backward(dy, x, kernel, impl="xp", **geometry)[0]
+    scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), impl="xp", **geometry)[0]
+    _assert_norm_close(got, want, scale)
+    assert input_grad_calls == ["conv2d_filter_vectors_input_grad"]
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")

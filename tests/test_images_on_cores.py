@@ -27,6 +27,7 @@ PARALLEL_DRIVERS = {
     "conv2d_rows": "conv2d_rows_parallel", "conv2d_rows_grads": "conv2d_rows_grads_parallel",
     "conv2d_filter_vectors": "conv2d_filter_vectors_parallel",
     "conv2d_filter_vectors_grad": "conv2d_filter_vectors_grad_parallel",
+    "conv2d_filter_vectors_input_grad": "conv2d_filter_vectors_input_grad_parallel",
     "im2col": "im2col_parallel", "col2im": "col2im_parallel", "max_pool": "max_pool_parallel",
     "avg_pool": "avg_pool_parallel", "max_pool_backward": "max_pool_backward_parallel",
     "avg_pool_backward": "avg_pool_backward_parallel",
@@ -79,6 +80,7 @@ CONVOLUTIONS = {
     "row loop, same, row stride 2": ((3, 2, 2, 5), (2, 1), "same", (8, 7, 2)),
     "filter vectors": ((3, 3, 3, 16), 1, "valid", (9, 10, 3)),
     "filter vectors, same, strided": ((2, 3, 2, 16), 2, "same", (9, 11, 2)),
+    "filter vectors, same, 12 channels": ((2, 2, 12, 16), 1, "same", (6, 5, 12)),
     "im2col": ((3, 3, 4, 7), (1, 2), "valid", (8, 9, 4)),
 }
 
@@ -121,7 +123,7 @@ def test_filters_that_fill_vectors_take_the_loop_on_the_cores_at_any_width(sprea
     got = run(2, lambda: numba_cpu.conv2d(x, kernel))
     got_grads = run(2, lambda: numba_cpu.conv2d_backward(dy.astype(np.float32), x, kernel))
     assert calls == {"conv2d_filter_vectors_parallel": 1, "conv2d_filter_vectors_grad_parallel": 1,
-                     "col2im_parallel": 1}
+                     "conv2d_filter_vectors_input_grad_parallel": 1}
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
@@ -419,3 +421,22 @@ def test_inference_runs_serially_where_images_do_not_spread(two_cores, numba_cpu
     monkeypatch.setenv("XPNET_KERNELS", "xp")
     small_cnn().predict(batch(rng, 9)[0])
     assert guarded.calls == {}
+
+
+def test_the_step_gathers_pixels_as_the_reference_does(numba_cpu, rng):
+    """uint8 rows gathered and scaled by the Numba kernel: bit for bit the reference's batch,
+    in the model's input shape and dtype; float rows (and other label dtypes) as the reference."""
+    for dtype in ("float32", "float64"):
+        model = xpnet.Sequential([Conv2D(2, 3), Flatten(), Dense(3)], input_shape=(5, 4, 1), dtype=dtype, seed=0)
+        step, reference = ImagesOnCoresStep(model, 2), ReferenceStep(model)
+        X = rng.integers(0, 256, (9, 20), dtype=np.uint8)
+        X[0] = np.arange(20) + 236  # bytes up to 255
+        y, idx = rng.integers(0, 3, 9), rng.permutation(9)[:7]
+        got, want = step.take_batch(X, y, idx), reference.take_batch(X, y, idx)
+        assert got[0].shape == (7, 5, 4, 1) and got[0].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        floats = X.astype(np.float64) / 255
+        np.testing.assert_array_equal(step.take_batch(floats, y, idx)[0], reference.take_batch(floats, y, idx)[0])
+        small = y.astype(np.uint8)
+        np.testing.assert_array_equal(step.take_batch(X, small, idx)[1], reference.take_batch(X, small, idx)[1])

@@ -237,21 +237,18 @@ class Optimizer:
         if _defined_in(type(self), "_update") is not _defined_in(type(self), "_fused_step"):
             return None  # a subclass changed the formula but not the kernel: the formula wins
         fused = self._fused
-        if fused is None or not fused.holds(params, grads):
+        if fused is None or not fused.holds(params):
             if not params or type(params[0]) is not np.ndarray or params[0].dtype not in (np.float32, np.float64):
                 return None
             dtype = params[0].dtype
-            for p, g in zip(params, grads):
-                for a in (p, g):
-                    if not (type(a) is np.ndarray and a.dtype == dtype and a.flags.c_contiguous):
-                        return None
-                if g.shape != p.shape:
+            for p in params:
+                if not (type(p) is np.ndarray and p.dtype == dtype and p.flags.c_contiguous):
                     return None
             numba_cpu = kernels.kernel_module("numba")
             if numba_cpu.unavailable():
                 return None
-            fused = self._fused = _FusedParameters(params, grads, numba_cpu._get_loops())
-        return fused
+            fused = self._fused = _FusedParameters(params, numba_cpu._get_loops())
+        return fused if fused.take_gradients(grads) else None
 
 
 class _FusedParameters:
@@ -264,21 +261,34 @@ class _FusedParameters:
     ``(parameters, columns)`` array for each parameter's scalars, in the parameters' dtype.
     """
 
-    def __init__(self, params, grads, loops):
-        self.params, self.grads, self.loops = list(params), list(grads), loops
+    def __init__(self, params, loops):
+        self.params, self.grads, self.loops = list(params), [], loops
         self.p = tuple(p.reshape(-1) for p in self.params)
-        self.g = tuple(g.reshape(-1) for g in self.grads)
+        self.g = ()
         self.dtype = self.params[0].dtype
         self.offsets = np.cumsum([0] + [p.size for p in self.params]).tolist()
         self.empty = np.empty(0, self.dtype)
         self._coef = None
         self._buffers = {}  # key -> the flat buffer and the slices the state holds
 
-    def holds(self, params, grads) -> bool:
+    def holds(self, params) -> bool:
         """Whether these are the very arrays this was made for (checked at every step: a model's
         arrays may be replaced, and a view of a replaced array would update nothing)."""
-        return (len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and len(grads) == len(self.grads) and all(map(operator.is_, grads, self.grads)))
+        return len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+
+    def take_gradients(self, grads) -> bool:
+        """Point ``g`` at ``grads`` (the reference step returns new arrays every step; a fast
+        step, the same ones); ``False`` where one is not a C-contiguous NumPy array of its
+        parameter's dtype and shape."""
+        if len(grads) == len(self.grads) and all(map(operator.is_, grads, self.grads)):
+            return True
+        if len(grads) != len(self.params):
+            return False
+        for p, g in zip(self.params, grads):
+            if not (type(g) is np.ndarray and g.dtype == self.dtype and g.flags.c_contiguous and g.shape == p.shape):
+                return False
+        self.grads, self.g = list(grads), tuple(g.reshape(-1) for g in grads)
+        return True
 
     def scalars(self, columns: int):
         if self._coef is None or self._coef.shape[1] != columns:

@@ -217,6 +217,21 @@ class ImagesOnCoresStep(ReferenceStep):
         first step on, given back at the end."""
         return self._blas.held()
 
+    def take_batch(self, X, y, idx):
+        """Kept uint8 pixels gathered and scaled by the Numba kernel the MLP step uses
+        (``take_pixel_batch``, bit for bit ``F.scale_pixels``: a LeNet-5 epoch's batches took 66
+        us each, against 107 us for ``np.take`` and the scaling). Anything else as the reference
+        takes it."""
+        if not (type(X) is np.ndarray and X.dtype == np.uint8 and X.ndim == 2
+                and y.dtype == np.int64 and idx.dtype == np.int64):
+            return super().take_batch(X, y, idx)
+        from .kernels import numba_cpu
+
+        n, model = idx.shape[0], self.model
+        xb, yb = np.empty((n, *model._input_shape), model.dtype), np.empty(n, np.int64)
+        numba_cpu._get_loops().take_pixel_batch(X, y, idx, np.empty((n, X.shape[1]), np.uint8), xb.reshape(n, -1), yb)
+        return xb, yb
+
     def __call__(self, xb, yb, scales=None):
         with on_cores(self.cores, self._blas):
             return super().__call__(xb, yb, scales)

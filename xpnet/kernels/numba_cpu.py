@@ -501,6 +501,20 @@ def _filter_vectors(x, kernel_shape, cols, parts) -> bool:
             and (c * f <= FILTER_VECTORS_MAX_CHANNEL_FILTERS or parts > 1))
 
 
+def _input_grad_vectors(x, kernel_shape, strides, parts) -> bool:
+    """Whether ``conv2d_backward`` sums ``dx`` over the filters as vectors
+    (``_numba_loops.conv2d_filter_vectors_input_grad``) instead of ``dy @ kernel.T`` (BLAS) and
+    col2im: stride 1, F a multiple of the vector, and the filter-vector loop's width limit
+    (serially, wider products are BLAS's: 64 images, 8x8 pixels, 128 x 128 channels x filters,
+    backward 28.8 ms against 23.5; below it, and on the cores at any width, the vectors win:
+    ``python bench/conv_paths.py``, bench/README.md)."""
+    c, f = kernel_shape[2], kernel_shape[3]
+    loops = _get_loops()
+    return (tuple(strides) == (1, 1) and f % (loops.VECTOR_BYTES // x.dtype.itemsize) == 0
+            and x.shape[2] >= loops.INPUT_GRAD_MIN_WIDTH
+            and (c * f <= FILTER_VECTORS_MAX_CHANNEL_FILTERS or parts > 1))
+
+
 def _padded(x, rows, cols):
     """``x`` with its zero padding (a scratch; ``x`` itself where there is none)."""
     (_, top, bottom), (_, left, right) = rows, cols
@@ -600,9 +614,19 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
         dkernel, dbias = grads[:k].reshape(kernel.shape), grads[k]
     if not need_dx:
         return None, dkernel, dbias
+    dx = np.empty(x.shape, dy.dtype)
+    if _input_grad_vectors(x, kernel.shape, strides, parts):
+        (_, top, _), (_, left, _) = rows, cols
+        flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 2, 1, 3))
+        padded = _scratch("dy_padded", (parts, oh + 2 * (kh - 1), ow + 2 * (kw - 1), f), dy.dtype)
+        args = (dy, flipped, top, left)
+        if parts > 1:
+            loops.conv2d_filter_vectors_input_grad_parallel(*args, padded, dx)
+        else:
+            loops.conv2d_filter_vectors_input_grad(*args, padded[0], dx)
+        return dx, dkernel, dbias
     dcols = _scratch("dcols", (n * oh * ow, k), dy.dtype)
     np.matmul(dy2, kernel.reshape(k, f).T, out=dcols)
-    dx = np.empty(x.shape, dy.dtype)
     args = (dcols, kh, kw, strides[0], strides[1], rows[1], cols[1], oh, ow, dx)
     loops.col2im_parallel(*args, parts) if parts > 1 else loops.col2im(*args)
     return dx, dkernel, dbias
@@ -717,6 +741,8 @@ WARMUP_SIGNATURES = {
     ("conv2d_filter_vectors_parallel",): ["x4 x4 x1 i i x4 i"],
     ("conv2d_filter_vectors_grad",): ["x4 x4 i i x4"],
     ("conv2d_filter_vectors_grad_parallel",): ["x4 x4 i i x5"],
+    ("conv2d_filter_vectors_input_grad",): ["x4 x4 i i x3 x4"],
+    ("conv2d_filter_vectors_input_grad_parallel",): ["x4 x4 i i x4 x4"],
     ("column_sums",): ["x2 x1"],
 }
 
