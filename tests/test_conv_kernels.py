@@ -285,13 +285,18 @@ def test_wrong_gradient_shapes_are_refused(numba_cpu):
 
 
 @SETTINGS
-@given(case=conv_cases())
-def test_conv2d_equals_reference(poisoned_numpy, conv_path, case):
+@given(case=conv_cases(), relu=st.booleans())
+def test_conv2d_equals_reference(poisoned_numpy, conv_path, case, relu):
+    """With ``relu`` too: the loops apply it to each image as they finish it, after BLAS a pass."""
     x, kernel, bias, geometry, layout, _ = case
-    got = F.conv2d(_layout(x, layout), _layout(kernel, layout), bias, impl="numba", **geometry)
-    want = F.conv2d(x, kernel, bias, impl="xp", **geometry)
+    got = F.conv2d(_layout(x, layout), _layout(kernel, layout), bias, impl="numba", relu=relu, **geometry)
+    want = F.conv2d(x, kernel, bias, impl="xp", relu=relu, **geometry)
     scale = F.conv2d(np.abs(x), np.abs(kernel), None if bias is None else np.abs(bias), impl="xp", **geometry)
     _assert_norm_close(got, want, scale)
+    if relu:
+        plain = F.conv2d(x, kernel, bias, impl="xp", **geometry)
+        np.testing.assert_array_equal(want, np.where(plain > 0, plain, 0))
+        assert (got >= 0).all()
 
 
 @SETTINGS
@@ -312,6 +317,57 @@ def test_conv2d_backward_equals_reference(poisoned_numpy, conv_path, case, need_
 
 
 @SETTINGS
+@given(case=conv_cases(), need_dx=st.booleans(), nan=st.booleans())
+def test_conv2d_backward_through_a_relu_equals_reference(poisoned_numpy, conv_path, case, need_dx, nan):
+    """``relu_output`` given: the gradient taken through the ReLU (zeros, and NaN, pass none of
+    it), whether the kernel does it as it goes (the row loop without dx) or first."""
+    x, kernel, _, geometry, layout, rng = case
+    y = np.maximum(F.conv2d(x, kernel, impl="xp", **geometry), 0)
+    if nan:
+        y.reshape(-1)[rng.integers(0, y.size)] = np.nan
+    dy = rng.standard_normal(y.shape).astype(x.dtype)
+    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, need_dx=need_dx,
+                            relu_output=_layout(y, layout), impl="numba", **geometry)
+    dz = F.relu_backward(dy, y, impl="xp")
+    want = F.conv2d_backward(dz, x, kernel, impl="xp", **geometry)
+    scale = F.conv2d_backward(np.abs(dz), np.abs(x), np.abs(kernel), impl="xp", **geometry)
+    for i in range(3) if need_dx else (1, 2):
+        _assert_norm_close(got[i], want[i], scale[i])
+    assert need_dx or got[0] is None
+    np.testing.assert_array_equal(F.conv2d_backward(dy, x, kernel, relu_output=y, impl="xp", **geometry)[1],
+                                  F.conv2d_backward(dz, x, kernel, impl="xp", **geometry)[1])
+
+
+@pytest.mark.parametrize("kernel_shape", [(3, 3, 1, 6), (3, 3, 2, 16), (2, 2, 5, 7)])  # rows, vectors, im2col
+def test_a_fused_relu_gives_0_for_nan_as_the_reference(numba_cpu, rng, kernel_shape):
+    x = rng.standard_normal((2, 9, 10, kernel_shape[2]))
+    x[0, 2, 3, 0], x[1, 4, 4, 0] = np.nan, np.inf
+    kernel = rng.standard_normal(kernel_shape)
+    got = F.conv2d(x, kernel, relu=True, impl="numba")
+    want = F.conv2d(x, kernel, relu=True, impl="xp")
+    assert np.isnan(F.conv2d(x, kernel, impl="xp")).any() and not np.isnan(want).any()
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_the_row_loop_takes_the_gradient_through_the_relu_itself(numba_cpu, monkeypatch, rng):
+    """Without dx, LeNet-5's first layer never runs the separate ReLU pass; with dx it must."""
+    calls = []
+    real = numba_cpu.relu_backward
+    monkeypatch.setattr(numba_cpu, "relu_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, kernel = rng.random((2, 28, 28, 1)), rng.standard_normal((3, 3, 1, 6))
+    y = np.maximum(F.conv2d(x, kernel, impl="numba"), 0)
+    F.conv2d_backward(np.ones_like(y), x, kernel, need_dx=False, relu_output=y, impl="numba")
+    assert calls == []
+    F.conv2d_backward(np.ones_like(y), x, kernel, relu_output=y, impl="numba")
+    assert calls == [1]
+    with pytest.raises(ValueError, match="relu_output .* must have the same shape"):
+        F.conv2d_backward(np.ones_like(y), x, kernel, relu_output=y[:1], impl="numba")
+    with pytest.raises(ValueError, match="relu_output .* must have the same shape"):
+        F.conv2d_backward(np.ones_like(y), x, kernel, relu_output=y[:1], impl="xp")
+
+
+@SETTINGS
 @given(case=vector_conv_cases, need_dx=st.booleans())
 def test_conv2d_with_filter_vectors_equals_reference(poisoned_numpy, filter_vectors, case, need_dx):
     """Forward and backward through the filter-vector loop (where it has the 4 output columns
@@ -319,8 +375,9 @@ def test_conv2d_with_filter_vectors_equals_reference(poisoned_numpy, filter_vect
     padding, channel counts for every gradient block, a strided input."""
     x, kernel, bias, geometry, layout, rng = case
     assume(_output_width(x, kernel, geometry) >= 4)
-    got = F.conv2d(_layout(x, layout), _layout(kernel, layout), bias, impl="numba", **geometry)
-    want = F.conv2d(x, kernel, bias, impl="xp", **geometry)
+    relu = bool(rng.integers(0, 2))
+    got = F.conv2d(_layout(x, layout), _layout(kernel, layout), bias, impl="numba", relu=relu, **geometry)
+    want = F.conv2d(x, kernel, bias, impl="xp", relu=relu, **geometry)
     scale = F.conv2d(np.abs(x), np.abs(kernel), None if bias is None else np.abs(bias), impl="xp", **geometry)
     _assert_norm_close(got, want, scale)
     dy = rng.standard_normal(want.shape).astype(x.dtype)

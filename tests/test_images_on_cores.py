@@ -110,6 +110,20 @@ def test_a_convolution_spread_over_parts_equals_its_serial_run(spread, numba_cpu
     assert calls, "no parallel driver ran"
 
 
+@pytest.mark.parametrize("n, parts", [(2, 2), (5, 2), (7, 3)])
+def test_the_row_loop_through_a_relu_spread_over_parts_equals_its_serial_run(spread, numba_cpu, rng, n, parts):
+    run, calls = spread
+    x = rng.standard_normal((n, 11, 9, 1)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 1, 6)).astype(np.float32)
+    y = np.maximum(numba_cpu.conv2d(x, kernel), 0)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    want = numba_cpu.conv2d_backward(dy, x, kernel, need_dx=False, relu_output=y)
+    got = run(parts, lambda: numba_cpu.conv2d_backward(dy, x, kernel, need_dx=False, relu_output=y))
+    assert calls == {"conv2d_rows_grads_parallel": 1}
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_allclose(g, w, **TOLERANCE["float32"])
+
+
 def test_filters_that_fill_vectors_take_the_loop_on_the_cores_at_any_width(spread, numba_cpu, rng):
     """Above ``FILTER_VECTORS_MAX_CHANNEL_FILTERS`` a serial convolution takes im2col + BLAS; on
     the cores (BLAS on one of them) the filter-vector loop, whatever the width."""

@@ -357,7 +357,7 @@ def _columns(x, kernel, strides, rows, cols):
     return xp.reshape(stacked, (x.shape[0] * rows[0] * cols[0], kh * kw * c))
 
 
-def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid", impl="auto"):
+def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid", relu=False, impl="auto"):
     """2-D convolution (cross-correlation, as in Keras and PyTorch) of channels-last images.
 
     ``y[n, p, q, f] = bias[f] + sum_{i, j, c} xpad[n, p*sh + i, q*sw + j, c] * kernel[i, j, c, f]``
@@ -366,32 +366,45 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid", impl="auto"):
     ----------
     x : (N, H, W, C) images; kernel : (kh, kw, C, F); bias : (F,) or None
     strides : int or (sh, sw); padding : "valid" or "same" (zeros; see ``conv_output_size``)
+    relu : ``relu(y)`` instead (a convolution with a ReLU after it; a kernel may apply it as it
+        writes ``y`` instead of in a pass of its own)
 
     Returns (N, OH, OW, F), computed as one matrix product of the im2col matrix and the kernel.
     """
     strides, rows, cols = _conv_geometry(x, kernel, strides, padding)
     kernel_fn = kernels.select("conv2d", impl, *((x, kernel) if bias is None else (x, kernel, bias)))
     if kernel_fn is not None:
-        return kernel_fn(x, kernel, bias, strides=strides, padding=padding)
+        return kernel_fn(x, kernel, bias, strides=strides, padding=padding, relu=relu)
     xp = _namespace(x)
     kh, kw, c, f = kernel.shape
     y = _columns(x, kernel, strides, rows, cols) @ xp.reshape(kernel, (kh * kw * c, f))
     if bias is not None:
         y = y + bias
+    if relu:
+        y = ACTIVATIONS["relu"](y)  # (the parameter hides the function)
     return xp.reshape(y, (x.shape[0], rows[0], cols[0], f))
 
 
-def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=True, impl="auto"):
+def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=True, relu_output=None, impl="auto"):
     """Gradients of ``conv2d(x, kernel, bias)`` given ``dy = dL/dy``: ``(dx, dkernel, dbias)``.
 
     ``dkernel = columns(x).T @ dy``, ``dbias = sum(dy)`` over N, OH, OW, and ``dx`` scatters
     ``dy @ kernel.T`` back onto the pixels each window read (col2im); ``dx`` is ``None`` when
     ``need_dx`` is false (a first layer needs no input gradient).
+
+    ``relu_output``: for a convolution followed by a ReLU, the ReLU's output, ``dy`` then being
+    the gradient there: it is taken back through the ReLU first (``relu_backward``), which a
+    kernel may do as it goes instead of in a pass of its own.
     """
     strides, rows, cols = _conv_geometry(x, kernel, strides, padding)
-    kernel_fn = kernels.select("conv2d_backward", impl, dy, x, kernel)
+    if relu_output is not None and tuple(relu_output.shape) != tuple(dy.shape):
+        raise ValueError(f"relu_output {tuple(relu_output.shape)} and dy {tuple(dy.shape)} must have the same shape")
+    arrays = (dy, x, kernel) if relu_output is None else (dy, x, kernel, relu_output)
+    kernel_fn = kernels.select("conv2d_backward", impl, *arrays)
     if kernel_fn is not None:
-        return kernel_fn(dy, x, kernel, strides=strides, padding=padding, need_dx=need_dx)
+        return kernel_fn(dy, x, kernel, strides=strides, padding=padding, need_dx=need_dx, relu_output=relu_output)
+    if relu_output is not None:
+        dy = relu_backward(dy, relu_output, impl=impl)
     xp = _namespace(x)
     kh, kw, c, f = kernel.shape
     n, oh, ow = x.shape[0], rows[0], cols[0]

@@ -242,21 +242,22 @@ class Conv2D(Layer):
         return (rows, cols, self.filters)
 
     def forward(self, x, *, training=False):
-        if self.activation == "relu":  # bias and ReLU in one pass over the output, as Dense does
-            z = F.conv2d(x, self.W, strides=self.strides, padding=self.padding)
-            rows = namespace_of(z).reshape(z, (-1, self.filters))
-            y = namespace_of(z).reshape(F.bias_relu(rows, self.b, out=rows), z.shape)
-        else:
-            z = F.conv2d(x, self.W, self.b, strides=self.strides, padding=self.padding)
-            y = z if self.activation is None else F.ACTIVATIONS[self.activation](z)
+        relu = self.activation == "relu"  # applied by the convolution's kernel as it writes, where it can
+        y = F.conv2d(x, self.W, self.b, strides=self.strides, padding=self.padding, relu=relu)
+        if not (relu or self.activation is None):
+            y = F.ACTIVATIONS[self.activation](y)
         if training:
             self._x, self._y = x, y
         return y
 
     def backward(self, dy, *, need_dx=True):
-        x, dz = self._through_activation(dy)
+        if self.activation == "relu":  # through the ReLU inside the convolution's gradient where it can
+            x, y = self._saved_for_backward(self._x, self._y)
+            dz, relu_output = dy, y
+        else:
+            (x, dz), relu_output = self._through_activation(dy), None
         dx, self.dW, self.db = F.conv2d_backward(
-            dz, x, self.W, strides=self.strides, padding=self.padding, need_dx=need_dx
+            dz, x, self.W, strides=self.strides, padding=self.padding, need_dx=need_dx, relu_output=relu_output
         )
         return dx
 

@@ -534,11 +534,12 @@ def _expanded(x, kernel_shape, cols, parts):
     return _scratch("expanded", (parts, x.shape[1], x.shape[3], (x.shape[2] + left + right) * f), x.dtype)
 
 
-def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
+def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid", relu=False):
     """A direct row-wise loop for few channels and filters (see ``DIRECT_MAX_CHANNEL_FILTERS``),
     else im2col (numba) and one BLAS product, the bias riding the product as a column of ones
     in the im2col matrix and a last row of the weights (cheaper than a pass over the output
-    when there are few filters). See ``xpnet.functional.conv2d``."""
+    when there are few filters). The loops apply ``relu`` to each image's output as they finish
+    it; after the BLAS product it is a pass of its own. See ``xpnet.functional.conv2d``."""
     strides, rows, cols = _functional()._conv_geometry(x, kernel, strides, padding)
     loops = _get_loops()
     x, kernel = np.ascontiguousarray(x), np.ascontiguousarray(kernel)
@@ -551,7 +552,7 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
         tiled = np.ascontiguousarray(np.broadcast_to(kernel[:, :, :, None, :], (kh, kw, c, ow, f)))
         bias_row = np.zeros(ow * f, x.dtype) if bias is None else np.tile(bias, ow)
         expanded = _expanded(x, kernel.shape, cols, parts)
-        args = (x, tiled.reshape(kh, kw, c, ow * f), bias_row, strides[0], rows[1], cols[1])
+        args = (x, tiled.reshape(kh, kw, c, ow * f), bias_row, bool(relu), strides[0], rows[1], cols[1])
         if parts > 1:
             loops.conv2d_rows_parallel(*args, expanded, y)
         else:
@@ -559,7 +560,7 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
         return y
     if _filter_vectors(x, kernel.shape, cols, parts):
         bias = np.zeros(f, x.dtype) if bias is None else np.ascontiguousarray(bias)
-        args = (_padded(x, rows, cols), kernel, bias, strides[0], strides[1], y)
+        args = (_padded(x, rows, cols), kernel, bias, bool(relu), strides[0], strides[1], y)
         loops.conv2d_filter_vectors_parallel(*args, parts) if parts > 1 else loops.conv2d_filter_vectors(*args)
         return y
     has_bias = bias is not None
@@ -568,14 +569,19 @@ def conv2d(x, kernel, bias=None, /, *, strides=1, padding="valid"):
     if has_bias:
         weights = np.concatenate((weights, bias.reshape(1, f)))
     np.matmul(columns, weights, out=y.reshape(n * oh * ow, f))
+    if relu:
+        y2 = y.reshape(n * oh * ow, f)
+        bias_relu(y2, np.zeros(f, x.dtype), out=y2)
     return y
 
 
-def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=True):
+def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=True, relu_output=None):
     """``(dx, dkernel, dbias)``. ``dkernel`` and ``dbias`` from the direct row-wise loop for few
     channels and filters, else as ``[columns(x), 1].T @ dy`` in one BLAS product (the ones
     column gives the bias's column sums); ``dx`` = col2im (numba) of ``dy @ kernel.T`` (BLAS),
-    skipped when ``need_dx`` is false. See ``xpnet.functional.conv2d_backward``."""
+    skipped when ``need_dx`` is false. ``relu_output``: the row-wise loop without ``dx`` takes
+    ``dy`` through the ReLU an image at a time; elsewhere ``relu_backward`` runs first. See
+    ``xpnet.functional.conv2d_backward``."""
     strides, rows, cols = _functional()._conv_geometry(x, kernel, strides, padding)
     kh, kw, c, f = kernel.shape
     n, oh, ow = x.shape[0], rows[0], cols[0]
@@ -583,14 +589,22 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
         raise ValueError(f"dy has shape {tuple(dy.shape)}; conv2d's output here is {(n, oh, ow, f)}")
     loops = _get_loops()
     x, kernel, dy = np.ascontiguousarray(x), np.ascontiguousarray(kernel), np.ascontiguousarray(dy)
+    direct = _direct(kernel.shape, strides)
+    if relu_output is not None:
+        if tuple(relu_output.shape) != tuple(dy.shape):
+            raise ValueError(f"relu_output {tuple(relu_output.shape)} and dy {tuple(dy.shape)} must have the same shape")
+        relu_output = np.ascontiguousarray(relu_output)
+        if need_dx or not direct:  # dx needs the whole gradient through the ReLU
+            dy, relu_output = relu_backward(dy, relu_output), None
     k = kh * kw * c
     dy2 = dy.reshape(n * oh * ow, f)
     parts = _image_parts(n)
-    if _direct(kernel.shape, strides):  # each part's sums per output column, added up here
+    if direct:  # each part's sums per output column, added up here
         dtiled = _scratch("dtiled", (parts, kh, kw, c, ow * f), x.dtype)
         dbias_row = _scratch("dbias_row", (parts, ow * f), x.dtype)
         expanded = _expanded(x, kernel.shape, cols, parts)
-        args = (dy, x, strides[0], rows[1], cols[1])
+        relu_y = np.empty((0, 1, 1, 1), x.dtype) if relu_output is None else relu_output
+        args = (dy, relu_y, x, strides[0], rows[1], cols[1])
         if parts > 1:
             loops.conv2d_rows_grads_parallel(*args, expanded, dtiled, dbias_row)
         else:
@@ -601,13 +615,12 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
         args = (_padded(x, rows, cols), dy, strides[0], strides[1])
         if parts > 1:
             partials = _scratch("dkernel_parts", (parts, *kernel.shape), x.dtype)
-            loops.conv2d_filter_vectors_grad_parallel(*args, partials)
-            dkernel = partials.sum(axis=0)
+            bias_partials = _scratch("dbias_parts", (parts, f), x.dtype)
+            loops.conv2d_filter_vectors_grad_parallel(*args, partials, bias_partials)
+            dkernel, dbias = partials.sum(axis=0), bias_partials.sum(axis=0)
         else:
-            dkernel = np.empty(kernel.shape, x.dtype)
-            loops.conv2d_filter_vectors_grad(*args, dkernel)
-        dbias = np.empty(f, dy.dtype)
-        loops.column_sums(dy2, dbias)  # (np.sum(axis=0) here: 0.16 ms for LeNet's 64 images)
+            dkernel, dbias = np.empty(kernel.shape, x.dtype), np.empty(f, x.dtype)
+            loops.conv2d_filter_vectors_grad(*args, dkernel, dbias)
     else:
         columns = _columns(loops, x, kernel.shape, strides, rows, cols, True, parts)
         grads = columns.T @ dy2
@@ -733,17 +746,16 @@ WARMUP_SIGNATURES = {
     ("max_pool_backward_parallel",): ["x4 x4 x4 i i i i x4 i"],
     ("avg_pool_backward",): ["x4 i i i i x4"],
     ("avg_pool_backward_parallel",): ["x4 i i i i x4 i"],
-    ("conv2d_rows",): ["x4 x4 x1 i i i x3 x4"],
-    ("conv2d_rows_parallel",): ["x4 x4 x1 i i i x4 x4"],
-    ("conv2d_rows_grads",): ["x4 x4 i i i x3 x4 x1"],
-    ("conv2d_rows_grads_parallel",): ["x4 x4 i i i x4 x5 x2"],
-    ("conv2d_filter_vectors",): ["x4 x4 x1 i i x4"],
-    ("conv2d_filter_vectors_parallel",): ["x4 x4 x1 i i x4 i"],
-    ("conv2d_filter_vectors_grad",): ["x4 x4 i i x4"],
-    ("conv2d_filter_vectors_grad_parallel",): ["x4 x4 i i x5"],
+    ("conv2d_rows",): ["x4 x4 x1 b i i i x3 x4"],
+    ("conv2d_rows_parallel",): ["x4 x4 x1 b i i i x4 x4"],
+    ("conv2d_rows_grads",): ["x4 x4 x4 i i i x3 x4 x1"],
+    ("conv2d_rows_grads_parallel",): ["x4 x4 x4 i i i x4 x5 x2"],
+    ("conv2d_filter_vectors",): ["x4 x4 x1 b i i x4"],
+    ("conv2d_filter_vectors_parallel",): ["x4 x4 x1 b i i x4 i"],
+    ("conv2d_filter_vectors_grad",): ["x4 x4 i i x4 x1"],
+    ("conv2d_filter_vectors_grad_parallel",): ["x4 x4 i i x5 x2"],
     ("conv2d_filter_vectors_input_grad",): ["x4 x4 i i x3 x4"],
     ("conv2d_filter_vectors_input_grad_parallel",): ["x4 x4 i i x4 x4"],
-    ("column_sums",): ["x2 x1"],
 }
 
 
