@@ -4,7 +4,8 @@
 
 For LeNet-5's second convolution and wider ones (64 images, float32, OpenBLAS on one thread),
 prints the median ms of ``numba_cpu.conv2d`` and ``conv2d_backward`` with the filter-vector
-loop allowed for any width, and with im2col + BLAS only. The row-wise direct loop is off in
+loops (forward, kernel gradient and, at stride 1, input gradient) allowed for any width, and
+with im2col + BLAS only. The row-wise direct loop is off in
 both (it takes few channels x filters only). Timings, not a benchmark: run it on a quiet
 machine, and compare numbers from one run only.
 """

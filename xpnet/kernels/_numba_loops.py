@@ -1235,8 +1235,8 @@ def _rows_taps_gradient(taps):
     + s]`` with its lanes below ``first`` zeroed (a row's last vector overlaps the one before:
     those lanes are summed there). The ``taps + 1`` sums stay in registers over the rows, each
     row's gradient vector loaded once for all of them (one MNIST image through LeNet-5's first
-    layer: 2.3 us against 2.9 us loading both operands of every multiply-add, the same sums in
-    the same order)."""
+    layer, cache warm: 2.9 us against 3.3 us loading both operands of every multiply-add, the
+    same sums in the same order)."""
 
     @intrinsic
     def rows_taps_gradient(typingctx, e, e_at, e_step, g, g_at, g_step, s, first, rows, dt, dt_at, dbias):
@@ -1332,12 +1332,12 @@ def _expand_rows(x, left, f, expanded):
     """``expanded[r, c, t] = x[r, t // f - left, c]``, or 0 where that column is padding: each
     input value repeated F times, as one store of a vector of it per value (half a vector for
     F up to half its lanes: fewer stores across two cache lines), each store's excess lanes
-    overwritten by the next value's. One MNIST image with F = 6: 0.58 us, against 1.1 us as a
-    gather that LLVM vectorizes and 1.2 us with a loop over each value's vectors."""
+    overwritten by the next value's. One MNIST image with F = 6: 0.38 us, against 1.1 us as a
+    gather that LLVM vectorized and 1.2 us with a loop over each value's vectors."""
     h, w, c = x.shape
     width = expanded.shape[2]
     columns, lanes = width // f, VECTOR_BYTES // expanded.itemsize
-    stores = (f + lanes - 1) // lanes  # vectors per value (beyond one vector)
+    stores = (f + lanes - 1) // lanes  # vectors per value (more than one for F above the lanes)
     span = lanes // 2 if 2 * f <= lanes else stores * lanes  # what a value's stores cover
     whole = min(columns, max(0, (width - span) // f + 1))  # the columns whose stores fit the row
     zero = expanded.dtype.type(0)
@@ -1671,7 +1671,8 @@ def conv2d_filter_vectors_grad(x, dy, sh, sw, dkernel, dbias):
 # channels keeps one vector of partial sums each in registers over all taps, and adds its lanes up
 # once at the end (``_lane_sums``); every ``dx`` value is written once. im2col's way, ``dy @
 # kernel.T`` (BLAS) then col2im, adds each value's nine terms into memory one window at a time
-# (LeNet-5's second layer, 128 images, two cores, Intel Xeon: 0.19 ms against 0.70).
+# (LeNet-5's second layer, 128 images, two cores, Intel Xeon: 0.19-0.28 ms, the machine's spread,
+# against 0.63-0.74 ms).
 
 
 def _lane_sums(builder, vector, sums):
