@@ -350,6 +350,43 @@ def test_a_fused_relu_gives_0_for_nan_as_the_reference(numba_cpu, rng, kernel_sh
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+@SETTINGS
+@given(case=vector_conv_cases, need_dx=st.booleans())
+def test_the_filter_vector_loops_through_a_relu_equal_reference(poisoned_numpy, filter_vectors, case, need_dx):
+    """The kernel gradient and (at stride 1) dx of the filter-vector loops, each taking ``dy``
+    through the ReLU an image at a time: zeros and a NaN in the ReLU's output pass nothing."""
+    x, kernel, _, geometry, layout, rng = case
+    assume(_output_width(x, kernel, geometry) >= 4)
+    y = np.maximum(F.conv2d(x, kernel, impl="xp", **geometry), 0)
+    y.reshape(-1)[rng.integers(0, y.size)] = np.nan
+    dy = rng.standard_normal(y.shape).astype(x.dtype)
+    filter_vectors.clear()
+    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, need_dx=need_dx,
+                            relu_output=_layout(y, layout), impl="numba", **geometry)
+    dz = F.relu_backward(dy, y, impl="xp")
+    want = F.conv2d_backward(dz, x, kernel, impl="xp", **geometry)
+    scale = F.conv2d_backward(np.abs(dz), np.abs(x), np.abs(kernel), impl="xp", **geometry)
+    for i in range(3) if need_dx else (1, 2):
+        _assert_norm_close(got[i], want[i], scale[i])
+    assert filter_vectors == ["conv2d_filter_vectors_grad"]
+
+
+def test_the_loops_take_the_gradient_through_the_relu_themselves(numba_cpu, monkeypatch, rng):
+    """LeNet-5's second layer (filter vectors, dx at stride 1) never runs the separate ReLU pass;
+    a strided one, whose dx is BLAS and col2im, does."""
+    calls = []
+    real = numba_cpu.relu_backward
+    monkeypatch.setattr(numba_cpu, "relu_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, kernel = rng.random((2, 13, 13, 6)), rng.standard_normal((3, 3, 6, 16))
+    for need_dx in (False, True):
+        y = np.maximum(F.conv2d(x, kernel, impl="numba"), 0)
+        F.conv2d_backward(np.ones_like(y), x, kernel, need_dx=need_dx, relu_output=y, impl="numba")
+    assert calls == []
+    y = np.maximum(F.conv2d(x, kernel, strides=2, impl="numba"), 0)
+    F.conv2d_backward(np.ones_like(y), x, kernel, strides=2, relu_output=y, impl="numba")
+    assert calls == [1]
+
+
 def test_the_row_loop_takes_the_gradient_through_the_relu_itself(numba_cpu, monkeypatch, rng):
     """Without dx, LeNet-5's first layer never runs the separate ReLU pass; with dx it must."""
     calls = []

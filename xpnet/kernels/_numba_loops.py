@@ -1376,6 +1376,15 @@ def _relu_inplace(values):
         values[k] = v if v > 0 else zero
 
 
+@njit(**_INLINE)
+def _through_relu(dy, kept, out):
+    """``out = dy`` where ``kept > 0``, else 0, as ``xpnet.functional.relu_backward`` (flat
+    arrays): one image's gradient through the ReLU, into a scratch that stays in cache."""
+    zero = out.dtype.type(0)
+    for k in range(out.shape[0]):
+        out[k] = dy[k] if kept[k] > 0 else zero
+
+
 @njit(**_JIT)
 def conv2d_rows(x, tiled, bias_row, relu, sh, top, left, expanded, y):
     """``y`` (N, OH, OW, F) = the convolution of ``x`` (N, H, W, C) at column stride 1 and row
@@ -1451,7 +1460,6 @@ def conv2d_rows_grads(dy, relu_y, x, sh, top, left, expanded, dtiled, dbias_row)
     dbias_row[:] = 0
     relu = relu_y.shape[0] > 0
     through_relu = np.empty(oh * run if relu else 0, dy.dtype)
-    zero = dy.dtype.type(0)
     a_at, b_at = np.empty(max(oh, kh * kw * c), np.int64), np.empty(max(oh, kh * kw * c), np.int64)
     # as in conv2d_rows: every output row sees every tap, whose sums then stay in registers
     whole = in_registers and kh * kw * c == TAPS_IN_REGISTERS and top == 0 and (oh - 1) * sh + kh <= h
@@ -1465,9 +1473,7 @@ def conv2d_rows_grads(dy, relu_y, x, sh, top, left, expanded, dtiled, dbias_row)
         _expand_rows(x[b], left, f, expanded)
         grads, at = flat_dy, b * oh * run  # this image's gradient rows: grads[at + p * run :][:run]
         if relu:
-            image, kept = dy[b].reshape(-1), relu_y[b].reshape(-1)
-            for k in range(oh * run):
-                through_relu[k] = image[k] if kept[k] > 0 else zero
+            _through_relu(dy[b].reshape(-1), relu_y[b].reshape(-1), through_relu)
             grads, at = through_relu, 0
         if whole:
             for m in range(count):
@@ -1627,10 +1633,11 @@ def conv2d_filter_vectors(x, kernel, bias, relu, sh, sw, y):
 
 
 @njit(**_JIT)
-def conv2d_filter_vectors_grad(x, dy, sh, sw, dkernel, dbias):
+def conv2d_filter_vectors_grad(x, dy, relu_y, sh, sw, dkernel, dbias):
     """``dkernel`` and ``dbias`` of ``conv2d_filter_vectors`` (its ``dy`` C-contiguous), summed
     over images; the bias's sums while each image's ``dy`` is in cache (a pass of its own over
-    the batch took 0.04 ms of LeNet-5's second layer on 128 images)."""
+    the batch took 0.04 ms of LeNet-5's second layer on 128 images). With ``relu_y`` (no images:
+    none), ``dy`` is taken through that ReLU an image at a time, as ``conv2d_rows_grads`` does."""
     n, h, w, c = x.shape
     kh, kw, _, f = dkernel.shape
     oh, ow = dy.shape[1], dy.shape[2]
@@ -1638,17 +1645,23 @@ def conv2d_filter_vectors_grad(x, dy, sh, sw, dkernel, dbias):
     xf, dyf, dkf = x.reshape(-1), dy.reshape(-1), dkernel.reshape(-1)
     dkf[:] = 0
     dbias[:] = 0
+    relu = relu_y.shape[0] > 0
+    through_relu = np.empty(oh * ow * f if relu else 0, dy.dtype)
     block = _channel_block(c)
     for b in range(n):
-        for pixel in dy[b].reshape(oh * ow, f):
+        grads, at = dyf, b * oh * ow * f  # this image's gradient: grads[at:][:oh * ow * f]
+        if relu:
+            _through_relu(dy[b].reshape(-1), relu_y[b].reshape(-1), through_relu)
+            grads, at = through_relu, 0
+        for pixel in range(oh * ow):
             for k in range(f):
-                dbias[k] += pixel[k]
+                dbias[k] += grads[at + pixel * f + k]
         for i in range(kh):
             for j in range(kw):
                 for c0 in range(0, c, block):
                     x_at, k_at = ((b * h + i) * w + j) * c + c0, ((i * kw + j) * c + c0) * f
                     for v in range(0, f, lanes):
-                        args = (xf, x_at, sh * w * c, sw * c, oh, ow, dyf, b * oh * ow * f + v, f, dkf, k_at + v, f)
+                        args = (xf, x_at, sh * w * c, sw * c, oh, ow, grads, at + v, f, dkf, k_at + v, f)
                         if block == 8:
                             _taps_gradient_8(*args)
                         elif block == 6:
@@ -1789,11 +1802,12 @@ def _input_dot(block, d, d_at, d_pixel, d_row, k, k_at, k_c, k_row, rows, run, o
 
 
 @njit(**_JIT)
-def conv2d_filter_vectors_input_grad(dy, flipped, top, left, padded, dx):
+def conv2d_filter_vectors_input_grad(dy, relu_y, flipped, top, left, padded, dx):
     """``dx`` (N, H, W, C) of a stride-1 convolution with ``top``/``left`` padding, from ``dy``
     (N, OH, OW, F; F a multiple of the vector; W at least ``INPUT_GRAD_MIN_WIDTH``): ``flipped``
     (kh, C, kw, F) is the kernel flipped, ``flipped[i, c, j] = kernel[kh - 1 - i, kw - 1 - j, c]``,
-    ``padded`` (OH + 2 (kh - 1), OW + 2 (kw - 1), F) scratch for one image of ``dy`` and its zeros."""
+    ``padded`` (OH + 2 (kh - 1), OW + 2 (kw - 1), F) scratch for one image of ``dy`` and its
+    zeros. With ``relu_y`` (no images: none), ``dy`` goes through that ReLU as it is copied there."""
     n, oh, ow, f = dy.shape
     h, w, c = dx.shape[1], dx.shape[2], dx.shape[3]
     kh, kw, wp = flipped.shape[0], flipped.shape[2], padded.shape[1]
@@ -1801,9 +1815,14 @@ def conv2d_filter_vectors_input_grad(dy, flipped, top, left, padded, dx):
     pf[:] = 0
     block = min(c, INPUT_GRAD_CHANNEL_BLOCK)
     group = 4 if block <= 6 else 3  # the pixels of one call (see ``_input_dots``)
+    relu = relu_y.shape[0] > 0
     for b in range(n):
         for p in range(oh):
-            padded[p + kh - 1, kw - 1 : kw - 1 + ow] = dy[b, p]
+            row = pf[((p + kh - 1) * wp + kw - 1) * f : ((p + kh - 1) * wp + kw - 1 + ow) * f]
+            if relu:
+                _through_relu(dy[b, p].reshape(-1), relu_y[b, p].reshape(-1), row)
+            else:
+                row[:] = dy[b, p].reshape(-1)
         for r in range(h):
             for s0 in range(0, w, group):
                 s = min(s0, w - group)  # a row's last group overlaps the one before: written twice alike
@@ -1900,21 +1919,25 @@ def conv2d_filter_vectors_parallel(x, kernel, bias, relu, sh, sw, y, parts):
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_filter_vectors_grad_parallel(x, dy, sh, sw, dkernel, dbias):
+def conv2d_filter_vectors_grad_parallel(x, dy, relu_y, sh, sw, dkernel, dbias):
     """``conv2d_filter_vectors_grad`` with one part per ``dkernel[t]`` and ``dbias[t]``, its sums."""
     parts = dkernel.shape[0]
+    relu = relu_y.shape[0] > 0
     for t in prange(parts):
         lo, hi = _part(x.shape[0], t, parts)
-        conv2d_filter_vectors_grad(x[lo:hi], dy[lo:hi], sh, sw, dkernel[t], dbias[t])
+        conv2d_filter_vectors_grad(x[lo:hi], dy[lo:hi], relu_y[lo:hi] if relu else relu_y, sh, sw, dkernel[t],
+                                   dbias[t])
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_filter_vectors_input_grad_parallel(dy, flipped, top, left, padded, dx):
+def conv2d_filter_vectors_input_grad_parallel(dy, relu_y, flipped, top, left, padded, dx):
     """``conv2d_filter_vectors_input_grad`` with one part per ``padded[t]`` (each part's scratch)."""
     parts = padded.shape[0]
+    relu = relu_y.shape[0] > 0
     for t in prange(parts):
         lo, hi = _part(dy.shape[0], t, parts)
-        conv2d_filter_vectors_input_grad(dy[lo:hi], flipped, top, left, padded[t], dx[lo:hi])
+        conv2d_filter_vectors_input_grad(dy[lo:hi], relu_y[lo:hi] if relu else relu_y, flipped, top, left, padded[t],
+                                         dx[lo:hi])
 
 
 # --- a sparse first layer: rows of a CSR matrix times a dense kernel (used by ``cpu_step``) ----

@@ -579,9 +579,9 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
     """``(dx, dkernel, dbias)``. ``dkernel`` and ``dbias`` from the direct row-wise loop for few
     channels and filters, else as ``[columns(x), 1].T @ dy`` in one BLAS product (the ones
     column gives the bias's column sums); ``dx`` = col2im (numba) of ``dy @ kernel.T`` (BLAS),
-    skipped when ``need_dx`` is false. ``relu_output``: the row-wise loop without ``dx`` takes
-    ``dy`` through the ReLU an image at a time; elsewhere ``relu_backward`` runs first. See
-    ``xpnet.functional.conv2d_backward``."""
+    skipped when ``need_dx`` is false. ``relu_output``: the row-wise loop without ``dx`` and the
+    filter-vector loops take ``dy`` through the ReLU an image at a time; elsewhere
+    ``relu_backward`` runs first. See ``xpnet.functional.conv2d_backward``."""
     strides, rows, cols = _functional()._conv_geometry(x, kernel, strides, padding)
     kh, kw, c, f = kernel.shape
     n, oh, ow = x.shape[0], rows[0], cols[0]
@@ -589,21 +589,24 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
         raise ValueError(f"dy has shape {tuple(dy.shape)}; conv2d's output here is {(n, oh, ow, f)}")
     loops = _get_loops()
     x, kernel, dy = np.ascontiguousarray(x), np.ascontiguousarray(kernel), np.ascontiguousarray(dy)
+    k = kh * kw * c
+    parts = _image_parts(n)
     direct = _direct(kernel.shape, strides)
+    vectors = not direct and _filter_vectors(x, kernel.shape, cols, parts)
+    dx_vectors = need_dx and _input_grad_vectors(x, kernel.shape, strides, parts)
     if relu_output is not None:
         if tuple(relu_output.shape) != tuple(dy.shape):
             raise ValueError(f"relu_output {tuple(relu_output.shape)} and dy {tuple(dy.shape)} must have the same shape")
         relu_output = np.ascontiguousarray(relu_output)
-        if need_dx or not direct:  # dx needs the whole gradient through the ReLU
+        # the loops take dy through the ReLU an image at a time; BLAS and col2im need it whole
+        if not (direct and not need_dx or vectors and (dx_vectors or not need_dx)):
             dy, relu_output = relu_backward(dy, relu_output), None
-    k = kh * kw * c
+    relu_y = np.empty((0, 1, 1, 1), x.dtype) if relu_output is None else relu_output
     dy2 = dy.reshape(n * oh * ow, f)
-    parts = _image_parts(n)
     if direct:  # each part's sums per output column, added up here
         dtiled = _scratch("dtiled", (parts, kh, kw, c, ow * f), x.dtype)
         dbias_row = _scratch("dbias_row", (parts, ow * f), x.dtype)
         expanded = _expanded(x, kernel.shape, cols, parts)
-        relu_y = np.empty((0, 1, 1, 1), x.dtype) if relu_output is None else relu_output
         args = (dy, relu_y, x, strides[0], rows[1], cols[1])
         if parts > 1:
             loops.conv2d_rows_grads_parallel(*args, expanded, dtiled, dbias_row)
@@ -611,8 +614,8 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
             loops.conv2d_rows_grads(*args, expanded[0], dtiled[0], dbias_row[0])
         dkernel = dtiled.reshape(parts, kh, kw, c, ow, f).sum(axis=(0, 4))
         dbias = dbias_row.reshape(parts * ow, f).sum(axis=0)
-    elif _filter_vectors(x, kernel.shape, cols, parts):
-        args = (_padded(x, rows, cols), dy, strides[0], strides[1])
+    elif vectors:
+        args = (_padded(x, rows, cols), dy, relu_y, strides[0], strides[1])
         if parts > 1:
             partials = _scratch("dkernel_parts", (parts, *kernel.shape), x.dtype)
             bias_partials = _scratch("dbias_parts", (parts, f), x.dtype)
@@ -628,11 +631,11 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
     if not need_dx:
         return None, dkernel, dbias
     dx = np.empty(x.shape, dy.dtype)
-    if _input_grad_vectors(x, kernel.shape, strides, parts):
+    if dx_vectors:
         (_, top, _), (_, left, _) = rows, cols
         flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 2, 1, 3))
         padded = _scratch("dy_padded", (parts, oh + 2 * (kh - 1), ow + 2 * (kw - 1), f), dy.dtype)
-        args = (dy, flipped, top, left)
+        args = (dy, relu_y, flipped, top, left)
         if parts > 1:
             loops.conv2d_filter_vectors_input_grad_parallel(*args, padded, dx)
         else:
@@ -752,10 +755,10 @@ WARMUP_SIGNATURES = {
     ("conv2d_rows_grads_parallel",): ["x4 x4 x4 i i i x4 x5 x2"],
     ("conv2d_filter_vectors",): ["x4 x4 x1 b i i x4"],
     ("conv2d_filter_vectors_parallel",): ["x4 x4 x1 b i i x4 i"],
-    ("conv2d_filter_vectors_grad",): ["x4 x4 i i x4 x1"],
-    ("conv2d_filter_vectors_grad_parallel",): ["x4 x4 i i x5 x2"],
-    ("conv2d_filter_vectors_input_grad",): ["x4 x4 i i x3 x4"],
-    ("conv2d_filter_vectors_input_grad_parallel",): ["x4 x4 i i x4 x4"],
+    ("conv2d_filter_vectors_grad",): ["x4 x4 x4 i i x4 x1"],
+    ("conv2d_filter_vectors_grad_parallel",): ["x4 x4 x4 i i x5 x2"],
+    ("conv2d_filter_vectors_input_grad",): ["x4 x4 x4 i i x3 x4"],
+    ("conv2d_filter_vectors_input_grad_parallel",): ["x4 x4 x4 i i x4 x4"],
 }
 
 
