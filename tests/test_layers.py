@@ -129,6 +129,7 @@ def test_random_shift_is_seeded_by_the_model_and_the_identity_at_inference(rng):
     for layer, training in [(_built(RandomShift(2), (6, 6, 1)), False), (_built(RandomShift(0), (6, 6, 1)), True)]:
         assert layer.forward(x, training=training) is x  # inference, or pixels=0: the identity
         assert layer.backward(dy) is dy and layer.backward(dy, need_dx=False) is None
+    assert _built(RandomShift(2), (6, 6, 1)).forward(x) is x  # forward's default: inference
     assert RandomShift().pixels == 2 and RandomShift(np.int64(3)).get_config() == {"pixels": 3}
 
 

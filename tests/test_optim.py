@@ -527,3 +527,14 @@ def test_a_new_optimizer_is_one_subclass_and_its_subclasses_keep_its_formula():
     p = np.array([1.0, 2.0, 3.0])
     Deeper(lr=0.1).step([p], [np.array([0.5, -4.0, 0.0])])
     np.testing.assert_array_equal(p, [0.9, 2.1, 3.0])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_step_refuses_a_gradient_list_that_does_not_match_the_parameters(name, rng):
+    params = [rng.standard_normal((3, 2)).astype(np.float32), rng.standard_normal(2).astype(np.float32)]
+    opt = make_optimizer(name, lr=0.1)
+    with pytest.raises(ValueError, match="one gradient per parameter: got 1 gradients for 2"):
+        opt.step(params, [np.ones_like(params[0])])
+    before = [p.copy() for p in params]
+    opt.step(params, [np.ones_like(p) for p in params])  # then a proper step still works
+    assert not np.array_equal(params[0], before[0])

@@ -135,6 +135,9 @@ class Optimizer:
         return {"lr": self.lr, "weight_decay": self.weight_decay}
 
     def step(self, params, grads) -> None:
+        """Update ``params`` in place from ``grads`` (one gradient per parameter, in order)."""
+        if len(grads) != len(params):
+            raise ValueError(f"step needs one gradient per parameter: got {len(grads)} gradients for {len(params)}")
         if self.state is None:
             self.state = [{} for _ in params]
         fused = self._fused_for(params, grads)
@@ -282,9 +285,7 @@ class _FusedParameters:
         parameter's dtype and shape."""
         if len(grads) == len(self.grads) and all(map(operator.is_, grads, self.grads)):
             return True
-        if len(grads) != len(self.params):
-            return False
-        for p, g in zip(self.params, grads):
+        for p, g in zip(self.params, grads):  # as many of each: step checked
             if not (type(g) is np.ndarray and g.dtype == self.dtype and g.flags.c_contiguous and g.shape == p.shape):
                 return False
         self.grads, self.g = list(grads), tuple(g.reshape(-1) for g in grads)
