@@ -402,6 +402,11 @@ def test_the_row_loop_takes_the_gradient_through_the_relu_itself(numba_cpu, monk
         F.conv2d_backward(np.ones_like(y), x, kernel, relu_output=y[:1], impl="numba")
     with pytest.raises(ValueError, match="relu_output .* must have the same shape"):
         F.conv2d_backward(np.ones_like(y), x, kernel, relu_output=y[:1], impl="xp")
+    with pytest.raises(ValueError, match="operands of different dtypes"):  # relu_output is an operand too
+        F.conv2d_backward(np.ones_like(y), x, kernel, relu_output=y.astype(np.float32), impl="numba")
+    calls.clear()  # the reference, asked for, takes dy through the ReLU with the reference too
+    F.conv2d_backward(np.ones_like(y), x, kernel, relu_output=y, impl="xp")
+    assert calls == []
 
 
 @SETTINGS
