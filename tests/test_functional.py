@@ -422,6 +422,14 @@ def test_shift_images_moves_each_image_by_its_own_offsets_and_fills_zeros(backen
         assert F.shift_images(xd, backend.asarray(down), backend.asarray(right)).dtype == xd.dtype
 
 
+def test_shift_images_far_past_the_edge_leave_zeros(backend, rng):
+    """Offsets many times the image's size: only zeros, in every direction (no index wraps)."""
+    x = rng.uniform(1, 2, size=(4, 5, 6, 2))
+    down, right = np.array([50, -50, 0, 3]), np.array([0, 3, 60, -60])
+    got = backend.to_numpy(F.shift_images(backend.asarray(x), backend.asarray(down), backend.asarray(right)))
+    assert (got == 0).all()
+
+
 def test_shift_images_backward_is_the_adjoint_of_the_shift(backend, rng):
     """The shift is linear, so its backward must be its adjoint: ``<S x, g> == <x, S* g>``."""
     x, g = rng.normal(size=(4, 6, 5, 3)), rng.normal(size=(4, 6, 5, 3))
@@ -442,8 +450,31 @@ def test_shift_images_backward_is_the_adjoint_of_the_shift(backend, rng):
      "right must be a 1-D integer array of 2 offsets (one per image), got shape (2,) and dtype float64"),
     (lambda: F.shift_images(np.ones((1, 4, 4, 1)), np.zeros(1, int), np.zeros(1, int), impl="numba"),
      "impl='numba' has no kernel for this call; use impl='auto' or 'xp'"),
+    (lambda: F.shift_images_backward(np.ones((1, 4, 4, 1)), np.zeros(1, int), np.zeros(1, int), impl="numba"),
+     "impl='numba' has no kernel for this call; use impl='auto' or 'xp'"),
 ])
 def test_shift_images_refusals_say_what_is_wrong(call, message):
     with pytest.raises(ValueError) as info:
         call()
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("impl", ["xp", "auto"])
+def test_softmax_cross_entropy_weighs_each_row_in_every_implementation(rng, impl):
+    """``weights``: each row's loss and gradient times its weight, over N; into ``grad_out``
+    when given. ``auto`` runs the Numba kernel on NumPy (the weights passed to it)."""
+    logits = rng.standard_normal((7, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 7)
+    w = rng.uniform(0, 2, 7).astype(np.float32)
+    rows = F.cross_entropy(logits, labels, reduction="none", impl="xp").astype(np.float64)
+    _, plain = F.softmax_cross_entropy(logits, labels, impl="xp")
+    loss, grad = F.softmax_cross_entropy(logits, labels, weights=w, impl=impl)
+    np.testing.assert_allclose(loss, np.sum(w * rows) / 7, rtol=1e-6)
+    np.testing.assert_allclose(grad, plain * w[:, None], rtol=1e-6, atol=1e-8)
+    out = np.full((7, 5), np.nan, np.float32)
+    assert F.softmax_cross_entropy(logits, labels, weights=w, grad_out=out, impl=impl)[1] is out
+    np.testing.assert_allclose(out, grad, rtol=1e-6, atol=1e-8)
+    for bad in (w.astype(np.float64), w[:6]):
+        with pytest.raises(ValueError, match=r"weights must have shape \(7,\) and dtype float32 to match the logits, "
+                                             rf"got shape \({bad.shape[0]},\) and dtype {bad.dtype}"):
+            F.softmax_cross_entropy(logits, labels, weights=bad, impl=impl)
