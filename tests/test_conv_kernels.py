@@ -513,35 +513,6 @@ def test_max_pool2d_and_backward_equal_reference_bit_for_bit(poisoned_numpy, cas
     np.testing.assert_array_equal(dx, F.max_pool2d_backward(dy, x, want, impl="xp", **geometry))
 
 
-#: stride-1 cases for the input gradient summed over filter vectors: channels for every block
-#: of one call (1-8) and above it (blocks of 8, the last overlapping the one before: 12, 17)
-input_grad_cases = conv_cases(filters=st.sampled_from([16, 32, 48]),
-                              channels=st.sampled_from([1, 2, 3, 5, 6, 7, 8, 12, 17]))
-
-
-@pytest.fixture
-def input_grad_calls(numba_cpu, monkeypatch):
-    return _spy_on_loops(numba_cpu, monkeypatch, ["conv2d_filter_vectors_input_grad", "col2im"])
-
-
-@SETTINGS
-@given(case=input_grad_cases)
-def test_conv2d_input_gradient_over_filter_vectors_equals_reference(poisoned_numpy, input_grad_calls, case):
-    """``dx`` at stride 1 with F a multiple of the vector: rows of 4 pixels and up (a row's last
-    group overlapping the one before), both paddings, even kernels ("same" pads them unevenly),
-    1x1 kernels, a strided ``dy``; never col2im."""
-    x, kernel, _, geometry, layout, rng = case
-    assume(x.shape[2] >= 4)
-    geometry["strides"] = 1
-    dy = rng.standard_normal(F.conv2d(x, kernel, impl="xp", **geometry).shape).astype(x.dtype)
-    input_grad_calls.clear()
-    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, impl="numba", **geometry)[0]
-    want = F.conv2d_backward(dy, x, kernel, impl="xp", **geometry)[0]
-    scale = F.conv2d_backward(np.abs(dy), np.abs(x), np.abs(kernel), impl="xp", **geometry)[0]
-    _assert_norm_close(got, want, scale)
-    assert input_grad_calls == ["conv2d_filter_vectors_input_grad"]
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 @SETTINGS
 @given(case=pool_cases())

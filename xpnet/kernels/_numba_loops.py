@@ -1183,8 +1183,7 @@ _pairs_dot_1, _pairs_dot_2, _pairs_dot_3, _pairs_dot_4 = (_pairs_dot(count) for 
 # compiled code) in registers and walks the rows, each row loading only its input vectors: half
 # the loads of ``_pairs_dot``, which reads both operands of every multiply-add. The sums are
 # the same multiply-adds in the same order, so the results are ``_pairs_dot``'s, bit for bit.
-# (The same for the kernel gradient, nine sums over the rows in registers, gained nothing
-# measurable: 0.33 ms for LeNet-5's first layer on 64 images either way.)
+# The kernel gradient keeps its nine sums in registers likewise (``_rows_taps_gradient``).
 
 def _rows_times_taps(taps):
     """An intrinsic: for ``p < rows``, ``out[o + p * o_step + s] = init[i + s] + sum over t of
@@ -1369,20 +1368,9 @@ def _expand_rows(x, left, f, expanded):
 @njit(**_INLINE)
 def _relu_inplace(values):
     """``max(v, 0)`` as ``xpnet.functional.relu`` (NaN gives 0), on one image's output while it
-    is in cache: the ReLU after a convolution without a pass over the batch of its own."""
-    zero = values.dtype.type(0)
-    for k in range(values.shape[0]):
-        v = values[k]
-        values[k] = v if v > 0 else zero
-
-
-@njit(**_INLINE)
-def _through_relu(dy, kept, out):
-    """``out = dy`` where ``kept > 0``, else 0, as ``xpnet.functional.relu_backward`` (flat
-    arrays): one image's gradient through the ReLU, into a scratch that stays in cache."""
-    zero = out.dtype.type(0)
-    for k in range(out.shape[0]):
-        out[k] = dy[k] if kept[k] > 0 else zero
+    is in cache: the ReLU after a convolution without a pass over the batch of its own. (``v``
+    where ``v > 0``: ReLU's backward taken through itself.)"""
+    _relu_backward_row(values, values, values, True)
 
 
 @njit(**_JIT)
@@ -1473,7 +1461,7 @@ def conv2d_rows_grads(dy, relu_y, x, sh, top, left, expanded, dtiled, dbias_row)
         _expand_rows(x[b], left, f, expanded)
         grads, at = flat_dy, b * oh * run  # this image's gradient rows: grads[at + p * run :][:run]
         if relu:
-            _through_relu(dy[b].reshape(-1), relu_y[b].reshape(-1), through_relu)
+            _relu_backward_row(dy[b].reshape(-1), relu_y[b].reshape(-1), through_relu, False)
             grads, at = through_relu, 0
         if whole:
             for m in range(count):
@@ -1651,7 +1639,7 @@ def conv2d_filter_vectors_grad(x, dy, relu_y, sh, sw, dkernel, dbias):
     for b in range(n):
         grads, at = dyf, b * oh * ow * f  # this image's gradient: grads[at:][:oh * ow * f]
         if relu:
-            _through_relu(dy[b].reshape(-1), relu_y[b].reshape(-1), through_relu)
+            _relu_backward_row(dy[b].reshape(-1), relu_y[b].reshape(-1), through_relu, False)
             grads, at = through_relu, 0
         for pixel in range(oh * ow):
             for k in range(f):
@@ -1820,7 +1808,7 @@ def conv2d_filter_vectors_input_grad(dy, relu_y, flipped, top, left, padded, dx)
         for p in range(oh):
             row = pf[((p + kh - 1) * wp + kw - 1) * f : ((p + kh - 1) * wp + kw - 1 + ow) * f]
             if relu:
-                _through_relu(dy[b, p].reshape(-1), relu_y[b, p].reshape(-1), row)
+                _relu_backward_row(dy[b, p].reshape(-1), relu_y[b, p].reshape(-1), row, False)
             else:
                 row[:] = dy[b, p].reshape(-1)
         for r in range(h):
@@ -1904,11 +1892,9 @@ def conv2d_rows_grads_parallel(dy, relu_y, x, sh, top, left, expanded, dtiled, d
     """``conv2d_rows_grads`` with one part per ``expanded[t]``; part ``t``'s sums in
     ``dtiled[t]`` and ``dbias_row[t]``."""
     parts = expanded.shape[0]
-    relu = relu_y.shape[0] > 0
-    for t in prange(parts):
+    for t in prange(parts):  # (an empty relu_y, sliced, stays empty: no ReLU)
         lo, hi = _part(x.shape[0], t, parts)
-        conv2d_rows_grads(dy[lo:hi], relu_y[lo:hi] if relu else relu_y, x[lo:hi], sh, top, left, expanded[t],
-                          dtiled[t], dbias_row[t])
+        conv2d_rows_grads(dy[lo:hi], relu_y[lo:hi], x[lo:hi], sh, top, left, expanded[t], dtiled[t], dbias_row[t])
 
 
 @njit(parallel=True, **_JIT)
@@ -1922,22 +1908,18 @@ def conv2d_filter_vectors_parallel(x, kernel, bias, relu, sh, sw, y, parts):
 def conv2d_filter_vectors_grad_parallel(x, dy, relu_y, sh, sw, dkernel, dbias):
     """``conv2d_filter_vectors_grad`` with one part per ``dkernel[t]`` and ``dbias[t]``, its sums."""
     parts = dkernel.shape[0]
-    relu = relu_y.shape[0] > 0
     for t in prange(parts):
         lo, hi = _part(x.shape[0], t, parts)
-        conv2d_filter_vectors_grad(x[lo:hi], dy[lo:hi], relu_y[lo:hi] if relu else relu_y, sh, sw, dkernel[t],
-                                   dbias[t])
+        conv2d_filter_vectors_grad(x[lo:hi], dy[lo:hi], relu_y[lo:hi], sh, sw, dkernel[t], dbias[t])
 
 
 @njit(parallel=True, **_JIT)
 def conv2d_filter_vectors_input_grad_parallel(dy, relu_y, flipped, top, left, padded, dx):
     """``conv2d_filter_vectors_input_grad`` with one part per ``padded[t]`` (each part's scratch)."""
     parts = padded.shape[0]
-    relu = relu_y.shape[0] > 0
     for t in prange(parts):
         lo, hi = _part(dy.shape[0], t, parts)
-        conv2d_filter_vectors_input_grad(dy[lo:hi], relu_y[lo:hi] if relu else relu_y, flipped, top, left, padded[t],
-                                         dx[lo:hi])
+        conv2d_filter_vectors_input_grad(dy[lo:hi], relu_y[lo:hi], flipped, top, left, padded[t], dx[lo:hi])
 
 
 # --- a sparse first layer: rows of a CSR matrix times a dense kernel (used by ``cpu_step``) ----

@@ -599,7 +599,8 @@ def conv2d_backward(dy, x, kernel, /, *, strides=1, padding="valid", need_dx=Tru
             raise ValueError(f"relu_output {tuple(relu_output.shape)} and dy {tuple(dy.shape)} must have the same shape")
         relu_output = np.ascontiguousarray(relu_output)
         # the loops take dy through the ReLU an image at a time; BLAS and col2im need it whole
-        if not (direct and not need_dx or vectors and (dx_vectors or not need_dx)):
+        loops_only = (direct or vectors) and (not need_dx or vectors and dx_vectors)
+        if not loops_only:
             dy, relu_output = relu_backward(dy, relu_output), None
     relu_y = np.empty((0, 1, 1, 1), x.dtype) if relu_output is None else relu_output
     dy2 = dy.reshape(n * oh * ow, f)
