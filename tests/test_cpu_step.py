@@ -220,6 +220,44 @@ def test_the_fused_kernels_refuse_state_buffers_of_the_wrong_size(numba_cpu):
         loops.adam_step(ps, ps, np.zeros(5), np.zeros(4), coef, 0.9, 0.1, 0.99, 0.01)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_fused_updates_flush_subnormals_and_give_the_mode_back(name, dtype, rng, monkeypatch):
+    """Inside a fused update a subnormal state value or gradient counts as zero and a result
+    that would be subnormal is stored as zero; every other value is the reference's, bit for
+    bit. Afterwards the thread's floating-point mode is the caller's: NumPy makes subnormals."""
+    import platform
+
+    from xpnet.optim import make_optimizer
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the fused updates flush subnormals on x86 only")
+    got_opt, want_opt, got, want = _twin_optimizers_after_a_step(name, rng, monkeypatch)
+    got, want = [p.astype(dtype) for p in got], [p.astype(dtype) for p in want]
+    tiny = np.finfo(dtype).tiny
+    keys = ("m", "v") if name == "adam" else ("v",)
+    for opt, params in ((got_opt, got), (want_opt, want)):  # the state in the parameters' dtype
+        opt.load_state_dict(opt.state_dict(), params)
+    for key in keys:
+        got_opt.state[0][key].flat[:4] = [tiny / 2, -tiny / 16, tiny / 2**20, tiny]  # 3 subnormal, then normal
+        want_opt.state[0][key].flat[:4] = [0, 0, 0, tiny]  # as the update sees them
+    grads = [rng.standard_normal(p.shape).astype(dtype) for p in got]
+    grads[0].flat[:4] = [tiny / 4, 0, 0, 0]  # a subnormal gradient; the normal state entry decays alone
+    want_grads = [g.copy() for g in grads]
+    want_grads[0].flat[0] = 0
+    got_opt.step(got, grads)
+    assert got_opt._fused_for(got, grads) is not None
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    want_opt.step(want, want_grads)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    for key in keys:
+        reference = want_opt.state[0][key]
+        assert 0 < abs(reference.flat[3]) < tiny  # the decayed normal entry: subnormal in the reference
+        flushed = np.where(np.abs(reference) < tiny, 0, reference)
+        assert np.array_equal(got_opt.state[0][key], flushed) and np.array_equal(got_opt.state[1][key], want_opt.state[1][key])
+    assert np.array([tiny], dtype)[0] / 4 != 0 and dtype(tiny) * dtype(0.5) != 0
+
+
 def test_an_optimizer_pickles_after_a_fused_step(rng):
     import pickle
 
