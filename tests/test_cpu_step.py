@@ -258,6 +258,76 @@ def test_fused_updates_flush_subnormals_and_give_the_mode_back(name, dtype, rng,
     assert np.array([tiny], dtype)[0] / 4 != 0 and dtype(tiny) * dtype(0.5) != 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parts", [2, 3, 5])
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", "adam"])
+def test_the_parallel_updates_equal_the_serial_ones(kind, parts, dtype, numba_cpu, rng):
+    """Each parameter split into ``parts`` slices (some shorter than ``parts``: empty slices):
+    every value and every state entry bit for bit the serial update's, over three steps."""
+    loops = numba_cpu._get_loops()
+    shapes = [37 * 5, 1, 3, 64, 7]
+    params = [rng.standard_normal(n).astype(dtype) for n in shapes]
+    total = sum(shapes)
+    coef = np.column_stack([rng.uniform(0, 1e-2, len(shapes)), rng.uniform(0.9, 1, len(shapes)),
+                            rng.uniform(1e-3, 1e-1, (len(shapes), 3))]).astype(dtype)
+    start = {"adam": [rng.random(total).astype(dtype) for _ in range(2)], "sgd": [np.zeros(0, dtype)]}.get(
+        kind, [rng.random(total).astype(dtype)])  # Adam's moments, a velocity, or none
+    runs = []
+    for parallel in (False, True):
+        ps = tuple(p.copy() for p in params)
+        state = [s.copy() for s in start]
+        for step in range(3):
+            gs = tuple(np.random.default_rng(step).standard_normal(n).astype(dtype) for n in shapes)
+            if kind == "adam":
+                args = (ps, gs, *state, coef[:, :5], *(dtype(c) for c in (0.9, 0.1, 0.999, 0.001)))
+                name = "adam_step"
+            else:
+                args = (ps, gs, state[0], coef[:, :3], dtype(0.9), kind == "nesterov")
+                name = "sgd_step"
+            if parallel:
+                getattr(loops, name + "_parallel")(*args, parts)
+            else:
+                getattr(loops, name)(*args)
+        runs.append((ps, state))
+    (serial, serial_state), (split, split_state) = runs
+    assert all(np.array_equal(a, b) for a, b in zip(serial, split))
+    assert all(np.array_equal(a, b) for a, b in zip(serial_state, split_state))
+    assert not np.array_equal(serial[0], params[0])
+
+
+def test_a_fused_update_splits_among_the_cores_only_while_numba_owns_them(numba_cpu, rng, monkeypatch):
+    """Serial, unless a step holds BLAS on one thread (``OneBlasThread``) and there are at least
+    ``PARALLEL_UPDATE_MIN_ELEMENTS`` values; serial again once the limit is given back."""
+    from xpnet import optim
+    from xpnet.kernels.cores import OneBlasThread, cores, numba_owns_cores
+
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    if cores() < 2:
+        pytest.skip("one core: every update is serial")
+    loops = numba_cpu._get_loops()
+    calls = []
+    for name in ("adam_step", "adam_step_parallel"):
+        kernel = getattr(loops, name)
+        monkeypatch.setattr(loops, name, lambda *a, _k=kernel, _n=name: (calls.append((_n, a[-1])), _k(*a)))
+    large = [rng.standard_normal(optim.PARALLEL_UPDATE_MIN_ELEMENTS)]
+    small = [rng.standard_normal(optim.PARALLEL_UPDATE_MIN_ELEMENTS - 1)]
+    opt, small_opt = optim.Adam(1e-3), optim.Adam(1e-3)
+    opt.step(large, [np.ones_like(large[0])])
+    blas = OneBlasThread()
+    assert not numba_owns_cores()
+    blas.take()
+    try:
+        assert numba_owns_cores()
+        opt.step(large, [np.ones_like(large[0])])
+        small_opt.step(small, [np.ones_like(small[0])])
+    finally:
+        blas.give_back()
+    assert not numba_owns_cores()
+    opt.step(large, [np.ones_like(large[0])])
+    assert [name for name, _ in calls] == ["adam_step", "adam_step_parallel", "adam_step", "adam_step"]
+    assert calls[1][1] == cores()
+
+
 def test_an_optimizer_pickles_after_a_fused_step(rng):
     import pickle
 

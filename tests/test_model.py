@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -352,6 +353,25 @@ def test_images_of_several_channels_given_channels_first_are_refused_not_misread
     with pytest.raises(ValueError, match=r"^X has rows of shape \(3, 2\), but the model takes rows of shape "
                                          r"\(2, 3\) or flat rows of 6 values$"):
         flat_input.predict(np.zeros((2, 3, 2)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finite_values_whose_sum_overflows_are_taken_and_a_bad_value_after_them_is_named(dtype):
+    """The finiteness check sums each block first: a sum that overflows must send it to the
+    element-wise look, which passes finite data and names the first bad value."""
+    from xpnet.model import _check_finite
+
+    big = np.finfo(dtype).max
+    X = np.full((5000, 3), big, dtype)
+    X[::2] = -big / 3  # sums to inf in any order
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(X.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no overflow warning from the sum
+        _check_finite(X)
+    X[4500, 2] = np.nan
+    with pytest.raises(ValueError, match=r"first at row 4500, column 2: nan"):
+        _check_finite(X)
 
 
 def test_flat_models_name_the_bad_value_by_row_and_column():

@@ -356,6 +356,24 @@ def test_sparse_input_gives_what_dense_input_gives():
     np.testing.assert_array_equal(sparse.predict_proba(scipy.sparse.csc_matrix(X)), dense.predict_proba(X))
 
 
+@pytest.mark.parametrize("layout", ["dense", "csr", "csc"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_x_is_refused_by_the_model_naming_where(layout, bad):
+    """scikit-learn's own finiteness pass is off (the model checks): fit and predict still
+    refuse NaN and inf, dense or sparse, naming the row and column."""
+    X, y = blobs()
+    X[X < 0] = 0
+    X[7, 1] = bad
+    as_layout = {"dense": np.asarray, "csr": scipy.sparse.csr_matrix, "csc": scipy.sparse.csc_matrix}[layout]
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at row 7, column 1"):
+        MLPClassifier((8,), max_iter=2).fit(as_layout(X), y)
+    good = X.copy()
+    good[7, 1] = 1.0
+    clf = MLPClassifier((8,), max_iter=2).fit(as_layout(good), y)
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at row 7, column 1"):
+        clf.predict(as_layout(X))
+
+
 def test_a_fitted_estimator_pickles_and_predicts_the_same():
     X, y = blobs()
     clf = MLPClassifier((8,), max_iter=5, random_state=0).fit(X, y)

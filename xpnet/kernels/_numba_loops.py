@@ -877,45 +877,66 @@ def _parameter_count(ps):
 
 
 @njit(**_EXACT)
-def sgd_step(ps, gs, v, coef, momentum, nesterov):
-    """``coef[i] = (l2, keep, lr)``. Without momentum (``v`` empty) ``p -= lr * g``; with it
-    ``v = momentum * v + g`` and ``p -= lr * (g + momentum * v if nesterov else v)``."""
-    if v.shape[0] != 0 and v.shape[0] != _parameter_count(ps):
-        raise ValueError("the velocity buffer must hold every parameter, or nothing")
-    mode = _flush_subnormals()
+def _sgd_part(ps, gs, v, coef, momentum, nesterov, t, parts):
+    """SGD on part ``t`` of ``parts`` of every parameter (a contiguous slice of each)."""
     at = 0
     for i in range(len(ps)):
-        p, g = ps[i], gs[i]
+        n = ps[i].shape[0]
+        lo, hi = _part(n, t, parts)
+        p, g = ps[i][lo:hi], gs[i][lo:hi]
         l2, keep, lr = coef[i, 0], coef[i, 1], coef[i, 2]
         if v.shape[0] == 0:
             for k in range(p.shape[0]):
                 gk, pk = _decayed(p, g, k, l2, keep)
                 p[k] = pk - lr * gk
             continue
-        vf = v[at:at + p.shape[0]]
+        vf = v[at + lo:at + hi]
         for k in range(p.shape[0]):
             gk, pk = _decayed(p, g, k, l2, keep)
             vk = vf[k] * momentum
             vk += gk
             vf[k] = vk
             p[k] = pk - lr * (gk + momentum * vk if nesterov else vk)
-        at += p.shape[0]
-    _restore_fp_mode(mode)
+        at += n
 
 
 @njit(**_EXACT)
-def adam_step(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2):
-    """``coef[i] = (l2, keep, step, bias2, eps)``: ``m = b1 m + (1 - b1) g``,
-    ``v = b2 v + (1 - b2) g**2``, ``p -= step m / (sqrt(v / bias2) + eps)`` with
-    ``step = lr / (1 - b1**t)`` and ``bias2 = 1 - b2**t``."""
-    if m.shape[0] != _parameter_count(ps) or v.shape[0] != m.shape[0]:
-        raise ValueError("the moment buffers must hold every parameter")
+def _check_velocity(ps, v):
+    if v.shape[0] != 0 and v.shape[0] != _parameter_count(ps):
+        raise ValueError("the velocity buffer must hold every parameter, or nothing")
+
+
+@njit(**_EXACT)
+def sgd_step(ps, gs, v, coef, momentum, nesterov):
+    """``coef[i] = (l2, keep, lr)``. Without momentum (``v`` empty) ``p -= lr * g``; with it
+    ``v = momentum * v + g`` and ``p -= lr * (g + momentum * v if nesterov else v)``."""
+    _check_velocity(ps, v)
     mode = _flush_subnormals()
+    _sgd_part(ps, gs, v, coef, momentum, nesterov, 0, 1)
+    _restore_fp_mode(mode)
+
+
+@njit(parallel=True, **_EXACT)
+def sgd_step_parallel(ps, gs, v, coef, momentum, nesterov, parts):
+    """``sgd_step`` with every parameter split into ``parts`` slices, one per core (the same
+    values: each element's update is its own)."""
+    _check_velocity(ps, v)
+    for t in prange(parts):
+        mode = _flush_subnormals()  # (the mode is each thread's own)
+        _sgd_part(ps, gs, v, coef, momentum, nesterov, t, parts)
+        _restore_fp_mode(mode)
+
+
+@njit(**_EXACT)
+def _adam_part(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, t, parts):
+    """Adam on part ``t`` of ``parts`` of every parameter (a contiguous slice of each)."""
     at = 0
     for i in range(len(ps)):
-        p, g = ps[i], gs[i]
+        n = ps[i].shape[0]
+        lo, hi = _part(n, t, parts)
+        p, g = ps[i][lo:hi], gs[i][lo:hi]
         l2, keep, step, bias2, eps = coef[i, 0], coef[i, 1], coef[i, 2], coef[i, 3], coef[i, 4]
-        mf, vf = m[at:at + p.shape[0]], v[at:at + p.shape[0]]
+        mf, vf = m[at + lo:at + hi], v[at + lo:at + hi]
         for k in range(p.shape[0]):
             gk, pk = _decayed(p, g, k, l2, keep)
             mk = mf[k] * beta1
@@ -925,8 +946,34 @@ def adam_step(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2
             vk += one_minus_beta2 * (gk * gk)
             vf[k] = vk
             p[k] = pk - step * mk / (np.sqrt(vk / bias2) + eps)
-        at += p.shape[0]
+        at += n
+
+
+@njit(**_EXACT)
+def _check_moments(ps, m, v):
+    if m.shape[0] != _parameter_count(ps) or v.shape[0] != m.shape[0]:
+        raise ValueError("the moment buffers must hold every parameter")
+
+
+@njit(**_EXACT)
+def adam_step(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """``coef[i] = (l2, keep, step, bias2, eps)``: ``m = b1 m + (1 - b1) g``,
+    ``v = b2 v + (1 - b2) g**2``, ``p -= step m / (sqrt(v / bias2) + eps)`` with
+    ``step = lr / (1 - b1**t)`` and ``bias2 = 1 - b2**t``."""
+    _check_moments(ps, m, v)
+    mode = _flush_subnormals()
+    _adam_part(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, 0, 1)
     _restore_fp_mode(mode)
+
+
+@njit(parallel=True, **_EXACT)
+def adam_step_parallel(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, parts):
+    """``adam_step`` with every parameter split into ``parts`` slices, one per core."""
+    _check_moments(ps, m, v)
+    for t in prange(parts):
+        mode = _flush_subnormals()
+        _adam_part(ps, gs, m, v, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, t, parts)
+        _restore_fp_mode(mode)
 
 
 # --- convolution and pooling: channels-last images (N, H, W, C), C-contiguous ------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["cores", "OneBlasThread"]
+__all__ = ["cores", "numba_owns_cores", "OneBlasThread"]
 
 
 def cores() -> int:
@@ -27,10 +27,18 @@ def cores() -> int:
     return max(1, min(usable, numba.config.NUMBA_NUM_THREADS))
 
 
+def numba_owns_cores() -> bool:
+    """Whether a step holds BLAS on one thread now (``OneBlasThread``): numba's threads own the
+    cores, so other numba kernels may go parallel too (the optimizers' fused updates do)."""
+    return OneBlasThread._taken > 0
+
+
 class OneBlasThread:
     """BLAS on one thread while numba's threads use the cores. ``take()`` limits it;
     ``give_back()`` restores it, except inside ``held()``, which keeps any limit taken until it
     ends: a training loop pays for it once instead of every step (~20 us a step)."""
+
+    _taken = 0  # limits taken in this process and not yet given back (``numba_owns_cores``)
 
     def __init__(self):
         self._blas = self._limit = None  # threadpoolctl's handle on the BLAS libraries, the limit
@@ -43,11 +51,13 @@ class OneBlasThread:
 
                 self._blas = ThreadpoolController().select(user_api="blas")
             self._limit = self._blas.limit(limits=1)
+            OneBlasThread._taken += 1
 
     def give_back(self):
         if self._limit is not None and not self._held:
             self._limit.restore_original_limits()
             self._limit = None
+            OneBlasThread._taken -= 1
 
     @contextlib.contextmanager
     def held(self):

@@ -736,8 +736,11 @@ WARMUP_SIGNATURES = {
     ("sparse_linear_parallel",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b i" for v in ("x1", "u1")],
     ("sparse_linear_grad_serial", "sparse_linear_grad_parallel"): [f"i1 q1 {v} x1 i1 x2 x2 x3" for v in ("x1", "u1")],
     # the optimizers' updates, for models of 1-5 layers with parameters (LeNet-5: 10 arrays)
+    # (each with its parallel driver, the parameters split among the cores: the parts last)
     ("sgd_step",): [f"t{k} t{k} x1 x2 f b" for k in range(2, 11, 2)],
+    ("sgd_step_parallel",): [f"t{k} t{k} x1 x2 f b i" for k in range(2, 11, 2)],
     ("adam_step",): [f"t{k} t{k} x1 x1 x2 f f f f" for k in range(2, 11, 2)],
+    ("adam_step_parallel",): [f"t{k} t{k} x1 x1 x2 f f f f i" for k in range(2, 11, 2)],
     # convolution and pooling
     # (each with its parallel driver for images_on_cores: the parts last, or a scratch per part)
     ("im2col",): ["x4 i i i i i i i i x2"],
