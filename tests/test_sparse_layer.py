@@ -48,6 +48,43 @@ def test_sparse_rows_are_scipys_csr_matrix(numba_cpu, rng, dtype, parts):
     np.testing.assert_array_equal(np.nan_to_num(rows.values, nan=7.0), want.data)
 
 
+@pytest.mark.parametrize("width", [16, 31, 32, 50, 784])
+@pytest.mark.parametrize("data", [np.float32, np.float64, np.uint8])
+def test_sparse_rows_of_each_width_and_dtype_hold_each_nonzero_in_order(numba_cpu, rng, data, width):
+    """Rows gathered 16 values at a time (compressing stores) and the rest one by one: each
+    nonzero once, in column order, converted as NumPy converts (float64 data, float32 rows);
+    rows all nonzero, all zero, and a run of nonzeros across a boundary of 16."""
+    X = (_sparse(rng, (23, width), np.float64) * 300).astype(data)
+    X[0] = 1
+    X[1] = 0
+    X[2, 10:min(width, 40)] = 7
+    X[3, -1] = 5
+    rows = _rows(X, np.float32, parts=2)
+    dense = np.zeros(X.shape, np.float32)
+    for i in range(X.shape[0]):
+        span = slice(rows.indptr[i], rows.indptr[i + 1])
+        assert (np.diff(rows.indices[span].astype(np.int64)) > 0).all()
+        values = rows.table[rows.values[span]] if data == np.uint8 else rows.values[span]
+        dense[i, rows.indices[span]] = values
+        assert (values != 0).all()
+    want = scale_pixels(X, np.dtype(np.float32)) if data == np.uint8 else X.astype(np.float32)
+    np.testing.assert_array_equal(dense, want)
+
+
+@pytest.mark.parametrize("off", [-1, 1])
+def test_csr_fill_refuses_an_indptr_that_miscounts_the_nonzeros_and_writes_nothing_past(loops, rng, off):
+    X = _sparse(rng, (9, 40), np.float32, density=0.5)
+    counts = np.count_nonzero(X, axis=1)
+    counts[4] += off
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    guard = 5
+    indices, values = np.full(indptr[-1] + guard, 999, np.uint16), np.full(indptr[-1] + guard, -1.0, np.float32)
+    with pytest.raises(ValueError, match="indptr does not count the nonzeros"):
+        loops.csr_fill(X, indptr, indices[:-guard], values[:-guard], 2)
+    assert (indices[-guard:] == 999).all() and (values[-guard:] == -1).all()
+    assert (indices[indptr[4]:indptr[5]] == 999).all()  # the miscounted row: left as it was
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sparse_rows_of_pixels_are_scaled_as_scale_pixels(numba_cpu, rng, dtype):
     X = np.where(rng.random((41, 33)) < 0.3, rng.integers(1, 256, (41, 33)), 0).astype(np.uint8)
