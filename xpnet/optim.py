@@ -13,6 +13,7 @@ kernel).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -20,6 +21,7 @@ import operator
 import numpy as np
 
 from . import kernels
+from .kernels.cores import cores, numba_owns_cores
 from .kernels import namespace_of
 
 __all__ = [
@@ -93,6 +95,13 @@ def _check_rate(name, value, *, upper=None):
 
 def _defined_in(cls, name):
     return next(c for c in cls.__mro__ if name in c.__dict__)
+
+
+@functools.cache
+def _kernel_follows_formula(cls) -> bool:
+    """Whether ``cls``'s fused kernel comes from where its formula (``_update``) does: a subclass
+    that changes the formula but not the kernel gets the formula."""
+    return _defined_in(cls, "_update") is _defined_in(cls, "_fused_step")
 
 
 class Optimizer:
@@ -242,8 +251,8 @@ class Optimizer:
         dtype; else ``None``."""
         if self._fused_step is None or kernels.default_impl() not in ("auto", "numba"):
             return None
-        if _defined_in(type(self), "_update") is not _defined_in(type(self), "_fused_step"):
-            return None  # a subclass changed the formula but not the kernel: the formula wins
+        if not _kernel_follows_formula(type(self)):
+            return None
         fused = self._fused
         if fused is None or not fused.holds(params):
             if not params or type(params[0]) is not np.ndarray or params[0].dtype not in (np.float32, np.float64):
@@ -301,8 +310,6 @@ class _FusedParameters:
         parameter split among the cores, while numba's threads own them (a training step holds
         BLAS on one thread: ``kernels.cores.numba_owns_cores``) and there are enough parameters
         to split (``PARALLEL_UPDATE_MIN_ELEMENTS``). The same values either way."""
-        from .kernels.cores import cores, numba_owns_cores
-
         if self.offsets[-1] >= PARALLEL_UPDATE_MIN_ELEMENTS and numba_owns_cores():
             if self._cores is None:
                 self._cores = cores()
