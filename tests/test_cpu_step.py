@@ -309,22 +309,26 @@ def test_a_fused_update_splits_among_the_cores_only_while_numba_owns_them(numba_
     for name in ("adam_step", "adam_step_parallel"):
         kernel = getattr(loops, name)
         monkeypatch.setattr(loops, name, lambda *a, _k=kernel, _n=name: (calls.append((_n, a[-1])), _k(*a)))
-    large = [rng.standard_normal(optim.PARALLEL_UPDATE_MIN_ELEMENTS)]
-    small = [rng.standard_normal(optim.PARALLEL_UPDATE_MIN_ELEMENTS - 1)]
-    opt, small_opt = optim.Adam(1e-3), optim.Adam(1e-3)
-    opt.step(large, [np.ones_like(large[0])])
+    least = optim.PARALLEL_UPDATE_MIN_ELEMENTS
+    large = [rng.standard_normal(10), rng.standard_normal(least - 10)]  # counted over all parameters
+    small = [rng.standard_normal(10), rng.standard_normal(least - 11)]
+    opt, small_opt, one_core_opt = optim.Adam(1e-3), optim.Adam(1e-3), optim.Adam(1e-3)
+    ones = lambda params: [np.ones_like(p) for p in params]  # noqa: E731
+    opt.step(large, ones(large))
     blas = OneBlasThread()
     assert not numba_owns_cores()
     blas.take()
     try:
         assert numba_owns_cores()
-        opt.step(large, [np.ones_like(large[0])])
-        small_opt.step(small, [np.ones_like(small[0])])
+        opt.step(large, ones(large))
+        small_opt.step(small, ones(small))
+        monkeypatch.setattr(optim, "cores", lambda: 1)  # a process allowed one core
+        one_core_opt.step(large, ones(large))
     finally:
         blas.give_back()
     assert not numba_owns_cores()
-    opt.step(large, [np.ones_like(large[0])])
-    assert [name for name, _ in calls] == ["adam_step", "adam_step_parallel", "adam_step", "adam_step"]
+    opt.step(large, ones(large))
+    assert [name for name, _ in calls] == ["adam_step", "adam_step_parallel", "adam_step", "adam_step", "adam_step"]
     assert calls[1][1] == cores()
 
 
