@@ -525,6 +525,54 @@ def test_avg_pool2d_and_backward_equal_reference_bit_for_bit(poisoned_numpy, cas
     np.testing.assert_array_equal(dx, F.avg_pool2d_backward(dy, x, impl="xp", **geometry))
 
 
+@st.composite
+def shift_cases(draw):
+    """Images of odd sizes (1 pixel to wider than a vector of channels), offsets from 0 to past
+    either edge, special values or not, C-ordered or a strided view."""
+    n, h, w = draw(st.integers(1, 9)), draw(st.integers(1, 30)), draw(st.integers(1, 30))
+    c = draw(st.sampled_from([1, 2, 3, 16, 24]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    far = max(h, w) + 3
+    down, right = (rng.integers(-far, far + 1, n).astype(draw(st.sampled_from([np.int64, np.int32])))
+                   for _ in range(2))
+    if draw(st.booleans()):
+        x = rng.choice([np.nan, np.inf, -np.inf, -0.0, 1.5, -2.0], size=(n, h, w, c))
+    else:
+        x = rng.standard_normal((n, h, w, c))
+    return x.astype(dtype), down, right, draw(st.sampled_from(["C", "strided"]))
+
+
+@SETTINGS
+@given(case=shift_cases())
+def test_shift_images_and_backward_equal_reference_bit_for_bit(poisoned_numpy, numba_cpu, case):
+    """Every output element written (NaN-poisoned results), each a copy of the reference's bits
+    (NaN, -0.0 and inf included), serially and with the images spread over 3 cores."""
+    x, down, right, layout = case
+    want = F.shift_images(x, down, right, impl="xp")
+    want_back = F.shift_images_backward(x, down, right, impl="xp")
+    for parts in (1, 3):
+        with numba_cpu.images_on_cores(parts):
+            got = F.shift_images(_layout(x, layout), down, right, impl="numba")
+            back = F.shift_images_backward(_layout(x, layout), down, right, impl="numba")
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+        assert np.array_equal(back.view(np.uint8), want_back.view(np.uint8))
+
+
+def test_random_shift_trains_through_the_kernel(numba_cpu, monkeypatch, rng):
+    """``RandomShift`` in training takes the Numba kernel (auto), forward only as the first layer."""
+    import xpnet
+    from xpnet.layers import Dense, Flatten, RandomShift
+
+    monkeypatch.delenv("XPNET_KERNELS", raising=False)
+    calls = _spy_on_loops(numba_cpu, monkeypatch, ["shift_images", "shift_images_parallel"])
+    model = xpnet.Sequential([RandomShift(2), Flatten(), Dense(3)], input_shape=(6, 6, 1), seed=0)
+    model.fit(rng.standard_normal((8, 6, 6, 1)).astype(np.float32), rng.integers(0, 3, 8), epochs=1, batch_size=4,
+              verbose=0)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("shape, window, strides", [((3, 8, 6, 5), 2, None), ((2, 9, 7, 3), 2, None),
                                                      ((2, 9, 9, 4), (2, 3), 3), ((1, 7, 7, 2), 3, 1)])
 def test_max_pool_backward_keeps_the_references_bits_zeros_signs_included(poisoned_numpy, rng, shape, window, strides):

@@ -448,10 +448,11 @@ def test_shift_images_backward_is_the_adjoint_of_the_shift(backend, rng):
      "down must be a 1-D integer array of 2 offsets (one per image), got shape (3,) and dtype int64"),
     (lambda: F.shift_images_backward(np.ones((2, 4, 4, 1)), np.zeros(2, int), np.zeros(2)),
      "right must be a 1-D integer array of 2 offsets (one per image), got shape (2,) and dtype float64"),
-    (lambda: F.shift_images(np.ones((1, 4, 4, 1)), np.zeros(1, int), np.zeros(1, int), impl="numba"),
-     "impl='numba' has no kernel for this call; use impl='auto' or 'xp'"),
-    (lambda: F.shift_images_backward(np.ones((1, 4, 4, 1)), np.zeros(1, int), np.zeros(1, int), impl="numba"),
-     "impl='numba' has no kernel for this call; use impl='auto' or 'xp'"),
+    (lambda: F.shift_images(np.ones((1, 4, 4, 1), np.float16), np.zeros(1, int), np.zeros(1, int), impl="numba"),
+     "impl='numba' cannot run shift_images: the numba kernels take float32 or float64, got float16"),
+    (lambda: F.shift_images_backward(np.ones((1, 4, 4, 1), np.float16), np.zeros(1, int), np.zeros(1, int),
+                                     impl="numba"),
+     "impl='numba' cannot run shift_images: the numba kernels take float32 or float64, got float16"),
 ])
 def test_shift_images_refusals_say_what_is_wrong(call, message):
     with pytest.raises(ValueError) as info:

@@ -755,7 +755,7 @@ def test_after_warmup_training_compiles_nothing_more(numba_cpu, rng, monkeypatch
 
     from xpnet import optim
     from xpnet.kernels import cores
-    from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D
+    from xpnet.layers import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, RandomShift
 
     for dtype in (np.float32, np.float64):
         x = rng.standard_normal((8, 6)).astype(dtype)
@@ -780,8 +780,8 @@ def test_after_warmup_training_compiles_nothing_more(numba_cpu, rng, monkeypatch
         monkeypatch.setattr(cores, "cores", lambda: 2)  # the images spread over the cores in training
         monkeypatch.setattr(optim, "PARALLEL_UPDATE_MIN_ELEMENTS", 0)  # and so do the updates
         for optimizer, extra in (("sgd", {}), ("sgd", {"momentum": 0.9, "nesterov": True}), ("adam", {})):
-            cnn = xpnet.Sequential([Conv2D(4, 3, activation="relu"), MaxPool2D(2), Conv2D(8, 2, activation="relu"),
-                                    AvgPool2D(2), Flatten(), Dense(3)],
+            cnn = xpnet.Sequential([RandomShift(1), Conv2D(4, 3, activation="relu"), MaxPool2D(2),
+                                    Conv2D(8, 2, activation="relu"), AvgPool2D(2), Flatten(), Dense(3)],
                                    input_shape=(8, 8, 1), dtype=np.dtype(dtype).name, seed=0)
             cnn.fit(images, labels[:16], epochs=1, batch_size=8, optimizer=optimizer, verbose=0, **extra)
             cnn.predict(images)  # serially

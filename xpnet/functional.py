@@ -536,7 +536,9 @@ def shift_images(x, down, right, /, *, impl="auto"):
     The map is linear; its adjoint is ``shift_images_backward``.
     """
     _check_offsets(x, down, right)
-    _no_kernel(impl, x)
+    kernel = kernels.select("shift_images", impl, x)
+    if kernel is not None:
+        return kernel(x, down, right)
     xp = _namespace(x)
     n, h, w, c = x.shape
     index = xp.int64

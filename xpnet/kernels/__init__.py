@@ -27,6 +27,7 @@ OPS_OF_IMPL = {
     "numba": (
         "relu_backward", "bias_relu", "softmax", "softmax_cross_entropy",
         "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+        "shift_images",
     ),
     "cuda": ("relu_backward", "bias_relu", "softmax", "softmax_cross_entropy"),
 }

@@ -1379,6 +1379,37 @@ def _rows_taps_gradient(taps):
 _rows_9_taps_gradient = _rows_taps_gradient(TAPS_IN_REGISTERS)
 
 
+
+@njit(**_EXACT)
+def shift_images(x, down, right, y):
+    """``y[k, i, j] = x[k, i - down[k], j - right[k]]`` where that pixel exists, else 0
+    (``xpnet.functional.shift_images``): each output row is a run of one input row, copied in
+    whole vectors (``_copy_run``), between zeros. An offset past the image's size is clipped to
+    it (all zeros either way; no sum below can overflow)."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    flat_x, flat_y = x.reshape(-1), y.reshape(-1)
+    zero, lanes, row_size = y.dtype.type(0), VECTOR_BYTES // y.itemsize, w * c
+    for k in range(x.shape[0]):
+        rows, cols = min(max(down[k], -h), h), min(max(right[k], -w), w)
+        lo, hi = max(cols, 0), min(w + cols, w)  # the output columns that have a source pixel
+        for i in range(h):
+            o, source = (k * h + i) * row_size, i - rows
+            if source < 0 or source >= h or lo >= hi:
+                for j in range(o, o + row_size):
+                    flat_y[j] = zero
+                continue
+            start, n = (k * h + source) * row_size + (lo - cols) * c, (hi - lo) * c
+            for j in range(o, o + lo * c):
+                flat_y[j] = zero
+            if n >= lanes:
+                _copy_run(flat_x, start, flat_y, o + lo * c, n, lanes)
+            else:
+                for j in range(n):
+                    flat_y[o + lo * c + j] = flat_x[start + j]
+            for j in range(o + hi * c, o + row_size):
+                flat_y[j] = zero
+
+
 @njit(**_INLINE)
 def _vector_group(count, m):
     """How many vectors from ``m`` on one call takes: at most 4, and never the overlapping last
@@ -1977,6 +2008,13 @@ def avg_pool_backward_parallel(dy, kh, kw, sh, sw, dx, parts):
     for t in prange(parts):
         lo, hi = _part(dx.shape[0], t, parts)
         avg_pool_backward(dy[lo:hi], kh, kw, sh, sw, dx[lo:hi])
+
+
+@njit(parallel=True, **_EXACT)
+def shift_images_parallel(x, down, right, y, parts):
+    for t in prange(parts):
+        lo, hi = _part(x.shape[0], t, parts)
+        shift_images(x[lo:hi], down[lo:hi], right[lo:hi], y[lo:hi])
 
 
 @njit(parallel=True, **_JIT)

@@ -51,6 +51,7 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "shift_images",
     "unavailable",
     "unsupported",
     "worth_it",
@@ -162,7 +163,8 @@ def unavailable() -> str | None:
 
 
 _IMAGE_OPS = frozenset(
-    ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward")
+    ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+     "shift_images")
 )
 
 
@@ -707,6 +709,16 @@ def avg_pool2d_backward(dy, x, /, *, pool_size=2, strides=None):
     return dx
 
 
+def shift_images(x, down, right, /):
+    """Each image moved by its own offsets, the uncovered pixels 0: a copy of a run of each
+    input row (bit for bit the reference; ~0.03 ms against ~1 ms for its gather of 128 MNIST
+    images); see ``xpnet.functional.shift_images``."""
+    down, right = np.ascontiguousarray(down, np.int64), np.ascontiguousarray(right, np.int64)
+    y = np.empty(x.shape, x.dtype)
+    _run("shift_images", (np.ascontiguousarray(x), down, right, y))
+    return y
+
+
 # --- eager compilation ---------------------------------------------------------------------------
 
 
@@ -753,6 +765,8 @@ WARMUP_SIGNATURES = {
     ("max_pool_backward_parallel",): ["x4 x4 x4 i i i i x4 i"],
     ("avg_pool_backward",): ["x4 i i i i x4"],
     ("avg_pool_backward_parallel",): ["x4 i i i i x4 i"],
+    ("shift_images",): ["x4 i1 i1 x4"],
+    ("shift_images_parallel",): ["x4 i1 i1 x4 i"],
     ("conv2d_rows",): ["x4 x4 x1 b i i i x3 x4"],
     ("conv2d_rows_parallel",): ["x4 x4 x1 b i i i x4 x4"],
     ("conv2d_rows_grads",): ["x4 x4 x4 i i i x3 x4 x1"],
