@@ -21,8 +21,8 @@ import operator
 import numpy as np
 
 from . import kernels
-from .kernels.cores import cores, numba_owns_cores
 from .kernels import namespace_of
+from .kernels.cores import cores, numba_owns_cores
 
 __all__ = [
     "Optimizer", "SGD", "Adam", "AdamW", "StepLR", "CosineLR", "make_optimizer", "make_schedule", "DEFAULT_LR",
