@@ -228,6 +228,36 @@ def test_lenet_layers_take_the_measured_algorithms(numba_cpu, monkeypatch, rng):
     assert calls == ["im2col", "im2col", "im2col"]
 
 
+def test_the_input_gradient_over_filter_vectors_has_a_width_limit_only_when_serial(numba_cpu, monkeypatch, rng):
+    """dx over filter vectors up to ``FILTER_VECTORS_MAX_CHANNEL_FILTERS`` channels x filters
+    (the limit included) when serial, at any width on the cores; BLAS and col2im past it."""
+    # (the serial loop is not spied on: the parallel driver calls it by name; neither of the
+    # other two routes running means it ran)
+    calls = _spy_on_loops(numba_cpu, monkeypatch, ["col2im", "conv2d_filter_vectors_input_grad_parallel"])
+    x, kernel = rng.random((2, 6, 6, 4)), rng.standard_normal((3, 3, 4, 16))
+    dy = np.ones((2, 4, 4, 16))
+    for limit, parts, want in ((64, 1, []), (63, 1, ["col2im"]), (63, 2, ["conv2d_filter_vectors_input_grad_parallel"])):
+        monkeypatch.setattr(numba_cpu, "FILTER_VECTORS_MAX_CHANNEL_FILTERS", limit)  # 4 x 16 = 64
+        calls.clear()
+        with numba_cpu.images_on_cores(parts):
+            F.conv2d_backward(dy, x, kernel, impl="numba")
+        assert calls == want, (limit, parts)
+
+
+def test_shift_images_hands_the_loops_int64_offsets(numba_cpu, monkeypatch, rng):
+    """Offsets of any integer dtype reach the loop as int64, the signature ``warmup`` compiled."""
+    seen = []
+    loops = numba_cpu._get_loops()
+    real = loops.shift_images
+    monkeypatch.setattr(loops, "shift_images", lambda x, d, r, y: (seen.append((d.dtype, r.dtype)), real(x, d, r, y)))
+    x = rng.random((3, 4, 5, 2))
+    for dtype in (np.int32, np.uint8, np.int64):
+        offsets = np.array([1, 0, 2], dtype)
+        np.testing.assert_array_equal(F.shift_images(x, offsets, offsets, impl="numba"),
+                                      F.shift_images(x, offsets, offsets, impl="xp"))
+    assert seen == [(np.dtype(np.int64), np.dtype(np.int64))] * 3
+
+
 def test_first_layer_skips_dx(numba_cpu, monkeypatch, rng):
     calls = _spy_on_loops(numba_cpu, monkeypatch, ["col2im"])
     x, kernel = rng.standard_normal((2, 5, 5, 1)), rng.standard_normal((3, 3, 1, 2))
@@ -586,6 +616,15 @@ def test_max_pool_backward_keeps_the_references_bits_zeros_signs_included(poison
     got = F.max_pool2d_backward(dy, x, y, impl="numba", **geometry)
     want = F.max_pool2d_backward(dy, x, y, impl="xp", **geometry)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
+def test_pooling_of_images_that_are_not_square(numba_cpu, rng, op):
+    """(9, 5) images pool to (4, 2): each output axis from its own input axis."""
+    x = rng.standard_normal((2, 9, 5, 3))
+    got = getattr(F, op)(x, impl="numba")
+    assert got.shape == (2, 4, 2, 3)
+    np.testing.assert_array_equal(got, getattr(F, op)(x, impl="xp"))
 
 
 def test_max_pool_ties_go_to_the_first_maximum(numba_cpu):

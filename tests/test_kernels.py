@@ -772,10 +772,14 @@ def test_after_warmup_training_compiles_nothing_more(numba_cpu, rng, monkeypatch
         monkeypatch.undo()
         pixels = rng.integers(0, 256, (64, 12), dtype=np.uint8)
         labels = rng.integers(0, 3, 64)
+        sparse = np.where(rng.random(pixels.shape) < 0.2, pixels, 0).astype(np.uint8)  # rows for the sparse layer
+        other = np.float64 if dtype == np.float32 else np.float32  # data in the other float dtype (X / 255)
+        data = (pixels, pixels.astype(dtype) / 255, pixels.astype(other) / 255, sparse, sparse.astype(other) / 255)
         for optimizer, extra in (("sgd", {}), ("sgd", {"momentum": 0.9}), ("adam", {})):
-            for X in (pixels, pixels.astype(dtype) / 255):  # pixels are gathered and scaled per batch
-                xpnet.MLP([12, 8, 3], dtype=np.dtype(dtype).name, seed=0).fit(
-                    X, labels, epochs=1, batch_size=16, optimizer=optimizer, verbose=0, **extra)
+            for X in data:  # pixels are gathered and scaled per batch, other floats converted
+                for widths in ([12, 8, 3], [12, 16, 3]):  # (16 units: a vector wide, the sparse layer's least)
+                    xpnet.MLP(widths, dtype=np.dtype(dtype).name, seed=0).fit(
+                        X, labels, epochs=1, batch_size=16, optimizer=optimizer, verbose=0, **extra)
         images = rng.standard_normal((16, 8, 8, 1)).astype(dtype)
         monkeypatch.setattr(cores, "cores", lambda: 2)  # the images spread over the cores in training
         monkeypatch.setattr(optim, "PARALLEL_UPDATE_MIN_ELEMENTS", 0)  # and so do the updates
