@@ -346,6 +346,21 @@ def test_conv2d_backward_equals_reference(poisoned_numpy, conv_path, case, need_
     _assert_norm_close(got[2], want[2], scale[2])
 
 
+def _backward_through_relu(x, kernel, y, geometry, layout, rng, need_dx):
+    """The Numba gradients through the ReLU whose output is ``y``, for a random ``dy``, checked
+    against the reference's gradients of ``relu_backward(dy, y)``; returns ``dy``, that ``dz``
+    and the Numba gradients."""
+    dy = rng.standard_normal(y.shape).astype(x.dtype)
+    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, need_dx=need_dx,
+                            relu_output=_layout(y, layout), impl="numba", **geometry)
+    dz = F.relu_backward(dy, y, impl="xp")
+    want = F.conv2d_backward(dz, x, kernel, impl="xp", **geometry)
+    scale = F.conv2d_backward(np.abs(dz), np.abs(x), np.abs(kernel), impl="xp", **geometry)
+    for i in range(3) if need_dx else (1, 2):
+        _assert_norm_close(got[i], want[i], scale[i])
+    return dy, dz, got
+
+
 @SETTINGS
 @given(case=conv_cases(), need_dx=st.booleans(), nan=st.booleans())
 def test_conv2d_backward_through_a_relu_equals_reference(poisoned_numpy, conv_path, case, need_dx, nan):
@@ -355,14 +370,7 @@ def test_conv2d_backward_through_a_relu_equals_reference(poisoned_numpy, conv_pa
     y = np.maximum(F.conv2d(x, kernel, impl="xp", **geometry), 0)
     if nan:
         y.reshape(-1)[rng.integers(0, y.size)] = np.nan
-    dy = rng.standard_normal(y.shape).astype(x.dtype)
-    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, need_dx=need_dx,
-                            relu_output=_layout(y, layout), impl="numba", **geometry)
-    dz = F.relu_backward(dy, y, impl="xp")
-    want = F.conv2d_backward(dz, x, kernel, impl="xp", **geometry)
-    scale = F.conv2d_backward(np.abs(dz), np.abs(x), np.abs(kernel), impl="xp", **geometry)
-    for i in range(3) if need_dx else (1, 2):
-        _assert_norm_close(got[i], want[i], scale[i])
+    dy, dz, got = _backward_through_relu(x, kernel, y, geometry, layout, rng, need_dx)
     assert need_dx or got[0] is None
     np.testing.assert_array_equal(F.conv2d_backward(dy, x, kernel, relu_output=y, impl="xp", **geometry)[1],
                                   F.conv2d_backward(dz, x, kernel, impl="xp", **geometry)[1])
@@ -389,15 +397,8 @@ def test_the_filter_vector_loops_through_a_relu_equal_reference(poisoned_numpy, 
     assume(_output_width(x, kernel, geometry) >= 4)
     y = np.maximum(F.conv2d(x, kernel, impl="xp", **geometry), 0)
     y.reshape(-1)[rng.integers(0, y.size)] = np.nan
-    dy = rng.standard_normal(y.shape).astype(x.dtype)
     filter_vectors.clear()
-    got = F.conv2d_backward(_layout(dy, layout), _layout(x, layout), kernel, need_dx=need_dx,
-                            relu_output=_layout(y, layout), impl="numba", **geometry)
-    dz = F.relu_backward(dy, y, impl="xp")
-    want = F.conv2d_backward(dz, x, kernel, impl="xp", **geometry)
-    scale = F.conv2d_backward(np.abs(dz), np.abs(x), np.abs(kernel), impl="xp", **geometry)
-    for i in range(3) if need_dx else (1, 2):
-        _assert_norm_close(got[i], want[i], scale[i])
+    _backward_through_relu(x, kernel, y, geometry, layout, rng, need_dx)
     assert filter_vectors == ["conv2d_filter_vectors_grad"]
 
 

@@ -379,11 +379,18 @@ def _splat(builder, vector, value):
     return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
 
 
+def _vector_suffix(element):
+    """LLVM's name for a vector element type in an intrinsic's name: f32, f64, i16, ..."""
+    if isinstance(element, ir.FloatType):
+        return "f32"
+    if isinstance(element, ir.DoubleType):
+        return "f64"
+    return f"i{element.width}"
+
+
 def _vector_fma(builder, vector, a, b, c):
-    kind = "f32" if isinstance(vector.element, ir.FloatType) else "f64"
-    fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{vector.count}{kind}"
-    )
+    name = f"llvm.fma.v{vector.count}{_vector_suffix(vector.element)}"
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3), name)
     return builder.call(fma, [a, b, c])
 
 
@@ -2361,15 +2368,6 @@ def _compress_nonzeros(typingctx, row, j, columns, values, at):
         return builder.zext(builder.call(popcount, [bits]), _I64)
 
     return types.int64(row, j, columns, values, at), codegen
-
-
-def _vector_suffix(element):
-    """LLVM's name for a vector element type in an intrinsic's name: f32, f64, i16, ..."""
-    if isinstance(element, ir.FloatType):
-        return "f32"
-    if isinstance(element, ir.DoubleType):
-        return "f64"
-    return f"i{element.width}"
 
 
 @njit(parallel=True, **_JIT)
