@@ -180,22 +180,23 @@ def test_sparse_linear_grad_equals_the_dense_product(loops, rng, dtype, pixels):
                                        err_msg=f"width {width}, parts {parts}")
 
 
-def _mlp_and_step(widths, dtype, batch):
+def _mlp_and_step(widths, dtype, batch, cores=None):
+    from xpnet.kernels.cpu_step import CpuTrainingStep
     from xpnet.training import training_step_for
 
     model = xpnet.MLP(widths, dtype=dtype, seed=5)
     if not model.built:
         model.build((widths[0],))
+    if cores is not None:
+        return model, CpuTrainingStep(model.layers, batch, cores=cores)
     return model, training_step_for(model.layers, batch)
 
 
-@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_step_on_sparse_rows_equals_the_step_on_dense_rows(numba_cpu, rng, dtype, parts):
     widths = [61, 50, 23, 7]
-    model, step = _mlp_and_step(widths, dtype, 40)
-    step._parts = parts
-    step._partials = np.empty((parts - 1, *step.dW[0].shape), dtype)
+    model, step = _mlp_and_step(widths, dtype, 40, cores=parts)
     X = _sparse(rng, (300, widths[0]), dtype)
     y = rng.integers(0, widths[-1], 300)
     idx = np.concatenate([rng.permutation(300)[:35], [-3, 310]])  # out of range: clipped, as np.take's "clip"
@@ -214,6 +215,81 @@ def test_the_step_on_sparse_rows_equals_the_step_on_dense_rows(numba_cpu, rng, d
     assert abs(loss - want_loss) <= rtol * abs(want_loss)
     for got, want in zip(sparse_grads, step.gradients()):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def _layer_by_layer(monkeypatch, *args, **kwargs):
+    """A model and its step that runs a sparse batch layer by layer (as where scipy is missing)."""
+    from xpnet.kernels import numba_cpu
+
+    with monkeypatch.context() as m:
+        m.setattr(numba_cpu, "blas_in_kernels", lambda: False)
+        model, step = _mlp_and_step(*args, **kwargs)
+    assert step._whole_step is None
+    return model, step
+
+
+@pytest.mark.parametrize("pixels", [False, True], ids=["floats", "pixels"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_whole_step_kernel_equals_the_step_layer_by_layer(numba_cpu, rng, monkeypatch, dtype, pixels):
+    """``sparse_mlp_step`` (one kernel, each core a share of the rows) against the step that runs
+    the same sparse first layer and BLAS products one layer at a time: every depth it takes,
+    1 to 3 parts, batches smaller than the parts, rows weighted or not, gradients poisoned."""
+    from xpnet.kernels.cpu_step import CpuTrainingStep
+
+    lanes = numba_cpu._get_loops().vector_lanes(dtype)
+    rtol = RTOL[np.dtype(dtype).type]
+    for widths in ([37, lanes + 3], [37, 50, 11], [37, 2 * lanes, 23, 9], [37, lanes, 13, 40, 6, 5]):
+        X, Xf = _data(rng, (90, widths[0]), dtype, pixels)
+        y = rng.integers(0, widths[-1], 90)
+        model, by_layer = _layer_by_layer(monkeypatch, widths, dtype, 24, cores=1)
+        for parts in (1, 2, 3):
+            step = CpuTrainingStep(model.layers, 24, cores=parts)
+            assert step._whole_step is not None and len(step._whole_step[0]) == step._loops.MAX_FUSED_LAYERS
+            for n, weighted in ((24, False), (17, True), (2, False), (1, True)):
+                idx = rng.integers(0, 90, n)
+                scales = rng.uniform(0.1, 3.0, n).astype(dtype) if weighted else None
+                want = by_layer(*by_layer.take_batch(X, y, idx), scales)
+                want_grads = [g.copy() for g in by_layer.gradients()]
+                for buffer in step._whole_step[2][:len(widths) - 1] + step._whole_step[3][:len(widths) - 1]:
+                    buffer.fill(np.nan)  # every part written or zeroed
+                got = step(*step.take_batch(X, y, idx), scales)
+                where = f"widths {widths}, parts {parts}, {n} rows"
+                assert got[1] == want[1], where
+                assert abs(got[0] - want[0]) <= rtol * abs(want[0]) * 10, where
+                grads = step.gradients()
+                assert [g.shape for g in grads] == [g.shape for g in want_grads]
+                assert all(a is b for a, b in zip(grads, model.gradients())), where  # the layers point at them
+                for g, w in zip(grads, want_grads):
+                    np.testing.assert_allclose(g, w, rtol=rtol * 10, atol=rtol * np.abs(w).max(), err_msg=where)
+
+
+def test_the_whole_step_refuses_labels_out_of_range_and_deep_models_run_layer_by_layer(numba_cpu, rng):
+    X = _sparse(rng, (30, 20), np.float32)
+    model, step = _mlp_and_step([20, 16, 4], "float32", 8, cores=2)
+    assert step._whole_step is not None
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\); got 7"):
+        step(*step.take_batch(X, np.array([0, 1, 7, 2] * 8), np.arange(8)))
+    deep = [20, 16] + [5] * step._loops.MAX_FUSED_LAYERS
+    model, step = _mlp_and_step(deep, "float32", 8, cores=2)
+    assert step._whole_step is None
+    xb, yb = step.take_batch(X, rng.integers(0, 5, 30), np.arange(8))
+    assert type(xb).__name__ == "_SparseBatch"
+    loss, correct = step(xb, yb)
+    assert np.isfinite(loss) and all(np.isfinite(g).all() for g in step.gradients())
+
+
+def test_blas_in_kernels_says_whether_scipy_is_there(numba_cpu, monkeypatch):
+    import sys
+
+    numba_cpu.blas_in_kernels.cache_clear()
+    try:
+        assert numba_cpu.blas_in_kernels() is (pytest.importorskip("scipy.linalg.cython_blas") is not None)
+        numba_cpu.blas_in_kernels.cache_clear()
+        monkeypatch.setitem(sys.modules, "scipy.linalg.cython_blas", None)  # import fails
+        assert numba_cpu.blas_in_kernels() is False
+    finally:
+        monkeypatch.undo()
+        numba_cpu.blas_in_kernels.cache_clear()
 
 
 def test_the_step_takes_sparse_rows_only_where_they_pay(numba_cpu, rng):

@@ -14,6 +14,7 @@ kernel).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 import operator
@@ -241,8 +242,8 @@ class Optimizer:
         """``fused``'s scalars array for a kernel that takes ``columns`` scalars per parameter,
         each parameter's ``(l2, keep)`` in the first two."""
         coef = fused.scalars(columns)
-        for i, p in enumerate(fused.params):
-            coef[i, 0], coef[i, 1] = self._coupled_decay(p), 1 - self._decoupled_decay(p)
+        coef[:, 0] = [self._coupled_decay(p) for p in fused.params]
+        coef[:, 1] = [1 - self._decoupled_decay(p) for p in fused.params]
         return coef
 
     def _fused_for(self, params, grads):
@@ -327,7 +328,7 @@ class _FusedParameters:
         """The flat buffer behind every ``state[i][key]``: made (zeros, or a copy of the arrays
         there, e.g. loaded from a checkpoint) where the state does not hold its slices yet."""
         buffer, views = self._buffers.get(key, (None, ()))
-        if len(views) != len(state) or not all(map(operator.is_, (entry.get(key) for entry in state), views)):
+        if len(views) != len(state) or not all(map(operator.is_, map(dict.get, state, itertools.repeat(key)), views)):
             buffer = np.zeros(self.offsets[-1], self.dtype)
             views = [buffer[lo:hi].reshape(p.shape) for lo, hi, p in zip(self.offsets, self.offsets[1:], self.params)]
             for entry, view in zip(state, views):
@@ -417,11 +418,11 @@ class Adam(Optimizer):
     def _fused_step(self, fused):
         m, v = fused.state_buffer(self.state, "m"), fused.state_buffer(self.state, "v")
         coef, corrections = self._decays(fused, 5), {}
-        for i, entry in enumerate(self.state):
+        for entry in self.state:  # (every parameter's count is the same, unless a state was loaded so)
             entry["t"] = t = entry.get("t", 0) + 1
             if t not in corrections:
                 corrections[t] = self._corrections(t)
-            coef[i, 2:] = corrections[t]
+        coef[:, 2:] = corrections[t] if len(corrections) == 1 else [corrections[e["t"]] for e in self.state]
         b1, b2, scalar = self.beta1, self.beta2, fused.dtype.type
         fused.run("adam_step", fused.p, fused.g, m, v, coef, scalar(b1), scalar(1 - b1), scalar(b2), scalar(1 - b2))
 

@@ -2312,6 +2312,103 @@ def sparse_linear_grad_parallel(indptr, indices, values, table, idx, dz, dW, par
                     out[j] += partial[j]
 
 
+# --- a whole training step of a ReLU MLP whose first layer runs sparse, in one call ---------------
+# (used by ``cpu_step`` where scipy is importable: numba's ``np.dot`` calls BLAS through it)
+# Each core takes a share of the batch's rows through every layer, forward and back: all of a
+# step is row by row except the weight gradients, which each core sums over its own rows into
+# its own part of ``dW_parts``/``db_parts``; the parts are then added into the first, which is the
+# step's gradient. One call and one start of the threads a step, where a Python loop over the
+# layers starts them three times and calls ~15 kernels. The per-layer arrays come as tuples of
+# ``MAX_FUSED_LAYERS`` (the unused ones empty), so that one compiled kernel serves every depth.
+
+MAX_FUSED_LAYERS = 5
+
+
+@njit(**_INLINE)
+def _dot_rows(a, b, out):
+    """``out = a @ b``, also where ``a`` has no rows or columns (numba's dot writes nothing then)."""
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        out[...] = 0
+    else:
+        np.dot(a, b, out)
+
+
+@njit(**_INLINE)
+def _sparse_mlp_rows(indptr, indices, values, table, idx, Ws, bs, zs, dzs, dW_parts, db_parts, labels, weights,
+                     rows, depth, inv_n, t, lo, hi):
+    """Rows ``lo:hi`` of the batch forward and back; their weight gradients into part ``t``.
+    Returns their summed loss and correct count."""
+    _sparse_rows_times_kernel(indptr, indices, values, table, idx, Ws[0], bs[0], zs[0], depth > 1, lo, hi)
+    for k in range(1, depth):
+        z = zs[k][lo:hi]
+        _dot_rows(zs[k - 1][lo:hi], Ws[k], z)
+        if k < depth - 1:
+            bias_relu_serial(z, bs[k], z)
+        else:
+            bias_add_inplace(z, bs[k])
+    last = depth - 1
+    logits, dz, y = zs[last][lo:hi], dzs[last][lo:hi], labels[lo:hi]
+    hits = count_argmax_hits(logits, y)
+    row_weights = weights[lo:hi]  # (empty where there are none)
+    loss = 0.0
+    for i0 in range(0, hi - lo, rows):
+        i1 = min(i0 + rows, hi - lo)
+        loss += _softmax_xent_block(logits[i0:i1], y[i0:i1], row_weights[i0:i1], dz[i0:i1],
+                                    dzs[last][lo + i0:lo + i1].reshape(-1), inv_n)
+    column_sums(dz, db_parts[last][t])
+    for k in range(last, 0, -1):
+        dz, h = dzs[k][lo:hi], zs[k - 1][lo:hi]
+        _dot_rows(h.T, dz, dW_parts[k][t])
+        dh = dzs[k - 1][lo:hi]
+        _dot_rows(dz, Ws[k].T, dh)
+        relu_backward_colsum_inplace(dh, h, db_parts[k - 1][t])
+    dW = dW_parts[0][t]
+    count, starts, firsts = _vectors(dW.shape[1], VECTOR_BYTES // dW.itemsize)
+    dW[...] = 0
+    _sparse_rows_into_gradient(indptr, indices, values, table, idx, dzs[0], dW, starts, firsts, 0, count, lo, hi)
+    return loss, hits
+
+
+@njit(parallel=True, **_JIT)
+def sparse_mlp_step(indptr, indices, values, table, idx, Ws, bs, zs, dzs, dW_parts, db_parts, labels, weights, rows,
+                    depth, stats):
+    """One step of a ``depth``-layer ReLU MLP (linear output, mean softmax cross-entropy) on rows
+    ``idx`` of a CSR matrix (as ``sparse_linear_serial`` takes it): outputs into ``zs``, the
+    gradient of the loss by each layer's output into ``dzs``, each layer's weight gradients into
+    ``dW_parts[k][0]``/``db_parts[k][0]``, the batch's rows split among ``stats.shape[0]``
+    parts (each part's sums in its own ``dW_parts[k][t]``, added into the first at the end).
+    ``labels`` hold the batch's ``len(idx)`` labels, ``weights`` each row's factor (or nothing);
+    ``rows`` is the loss head's block (``block_rows``). Returns the index of the first label
+    outside ``[0, classes)`` (nothing is computed then), or -1: ``stats[t]`` then holds part
+    ``t``'s summed loss and correct count.
+    """
+    n, parts = idx.shape[0], stats.shape[0]
+    bad = labels_out_of_range(labels, Ws[depth - 1].shape[1])
+    if bad >= 0:
+        return bad
+    inv_n = Ws[0].dtype.type(1 / n)
+    for t in prange(parts):
+        loss, hits = _sparse_mlp_rows(indptr, indices, values, table, idx, Ws, bs, zs, dzs, dW_parts, db_parts,
+                                      labels, weights, rows, depth, inv_n, t, n * t // parts, n * (t + 1) // parts)
+        stats[t, 0], stats[t, 1] = loss, hits
+    for t in prange(parts if parts > 1 else 0):  # each part adds up a share of every gradient's rows
+        for k in range(depth):
+            sums = dW_parts[k]
+            for r in range(sums.shape[1] * t // parts, sums.shape[1] * (t + 1) // parts):
+                out = sums[0, r]
+                for p in range(1, parts):
+                    partial = sums[p, r]
+                    for j in range(out.shape[0]):
+                        out[j] += partial[j]
+            if t == 0:
+                out = db_parts[k][0]
+                for p in range(1, parts):
+                    partial = db_parts[k][p]
+                    for j in range(out.shape[0]):
+                        out[j] += partial[j]
+    return -1
+
+
 @njit(parallel=True, **_JIT)
 def csr_row_counts(X, counts, parts):
     """``counts[i]`` = the nonzeros of row ``i`` of ``X``."""

@@ -30,6 +30,7 @@ neither ``import xpnet`` nor importing this module imports numba.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -160,6 +161,17 @@ def unavailable() -> str | None:
                 reason = f"numba failed to load: {type(error).__name__}: {error}"
         _unavailable_reason.append(reason)
     return _unavailable_reason[0]
+
+
+@functools.cache
+def blas_in_kernels() -> bool:
+    """Whether the kernels can call BLAS (numba's ``np.dot`` reaches it through scipy): the
+    whole-step kernel of the training step needs it, and the step runs layer by layer without."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loaded now, so that threadpoolctl sees its BLAS)
+    except ImportError:
+        return False
+    return True
 
 
 _IMAGE_OPS = frozenset(
@@ -727,7 +739,8 @@ def shift_images(x, down, right, /):
 # any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, q1 16-bit
 # column indices, u1 and u2 uint8 values and pixels, w2 a 2-D C array of the other float dtype
 # (data given as float64 to a float32 model), t2-t10 a tuple of that many x1 (the parameters an
-# optimizer updates in one call), i an integer, f a float, b a bool.
+# optimizer updates in one call), p1-p3 a tuple of MAX_FUSED_LAYERS x1-x3 (one per layer), d2 a
+# 2-D float64 array, i an integer, f a float, b a bool.
 WARMUP_SIGNATURES = {
     ("softmax_serial", "softmax_parallel"): ["x2 x2 x1 i"],
     ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x1 x2 x1 i"],
@@ -747,6 +760,8 @@ WARMUP_SIGNATURES = {
     ("sparse_linear_serial",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b" for v in ("x1", "u1")],
     ("sparse_linear_parallel",): [f"i1 q1 {v} x1 i1 x2 x1 x2 b i" for v in ("x1", "u1")],
     ("sparse_linear_grad_serial", "sparse_linear_grad_parallel"): [f"i1 q1 {v} x1 i1 x2 x2 x3" for v in ("x1", "u1")],
+    # the whole step over a sparse first layer (where the kernels can call BLAS: blas_in_kernels)
+    ("sparse_mlp_step",): [f"i1 q1 {v} x1 i1 p2 p1 p2 p2 p3 p2 i1 x1 i i d2" for v in ("x1", "u1")],
     # the optimizers' updates, for models of 1-5 layers with parameters (LeNet-5: 10 arrays)
     # (each with its parallel driver, the parameters split among the cores: the parts last)
     ("sgd_step",): [f"t{k} t{k} x1 x2 f b" for k in range(2, 11, 2)],
@@ -779,6 +794,9 @@ WARMUP_SIGNATURES = {
     ("conv2d_filter_vectors_input_grad_parallel",): ["x4 x4 x4 i i x4 x4"],
 }
 
+# the kernels that call BLAS: compiled only where they can (``blas_in_kernels``)
+_BLAS_KERNELS = frozenset({"sparse_mlp_step"})
+
 
 def _argument_types(dtype, label_dtype) -> dict:
     """The numba type of each code in ``WARMUP_SIGNATURES``."""
@@ -787,12 +805,13 @@ def _argument_types(dtype, label_dtype) -> dict:
     f = from_dtype(dtype)
     codes = {f"x{n}": types.Array(f, n, "C") for n in (1, 2, 3, 4, 5)}
     codes.update({f"t{n}": types.UniTuple(codes["x1"], n) for n in range(2, 11, 2)})
+    codes.update({f"p{n}": types.UniTuple(codes[f"x{n}"], _get_loops().MAX_FUSED_LAYERS) for n in (1, 2, 3)})
     other = np.dtype(np.float64 if dtype == np.float32 else np.float32)  # data given in the other float dtype
     codes.update(a2=types.Array(f, 2, "A"), w2=types.Array(from_dtype(other), 2, "C"),
                  l1=types.Array(from_dtype(label_dtype), 1, "C"),
                  i1=types.Array(types.int64, 1, "C"), q1=types.Array(types.uint16, 1, "C"),
                  u1=types.Array(types.uint8, 1, "C"), u2=types.Array(types.uint8, 2, "C"),
-                 i=types.int64, f=f, b=types.boolean)
+                 d2=types.Array(types.float64, 2, "C"), i=types.int64, f=f, b=types.boolean)
     return codes
 
 
@@ -814,6 +833,8 @@ def warmup(dtypes=("float32", "float64"), label_dtypes=("int64", "uint8")) -> di
             codes = _argument_types(np.dtype(name), np.dtype(label_dtype))
             for kernels, signatures in WARMUP_SIGNATURES.items():
                 for kernel in kernels:
+                    if kernel in _BLAS_KERNELS and not blas_in_kernels():
+                        continue
                     for signature in signatures:
                         getattr(loops, kernel).compile(tuple(codes[code] for code in signature.split()))
         seconds[name] = time.perf_counter() - start
