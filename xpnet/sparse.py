@@ -95,8 +95,10 @@ class SparseRows:
         """From a dense 2-D NumPy array of floats (their values converted to ``dtype``) or uint8,
         or None where more than ``max_density`` of its values are nonzero. ``parts`` threads
         count and copy the rows. Building it is mostly the page faults of new memory (~40 ms for
-        MNIST on the 2-core EPYC). (A float64 value so small that it is 0 in float32 is kept,
-        as a stored 0.)"""
+        MNIST on the 2-core EPYC): the columns and values take memory that earlier rows (and
+        results of the Numba kernels) gave back where there is some of their size
+        (``numba_cpu.release_kept_buffers`` frees it). (A float64 value so small that it is 0
+        in float32 is kept, as a stored 0.)"""
         if X.dtype not in (np.float32, np.float64, np.uint8):
             raise TypeError(f"sparse rows take float32, float64 or uint8 data, got {X.dtype}")
         from .kernels import numba_cpu
@@ -112,8 +114,9 @@ class SparseRows:
         if nnz > max_density * X.size:
             return None
         table = _pixel_table(dtype) if X.dtype == np.uint8 else np.empty(0, dtype)
-        indices = np.empty(nnz, cls._column_dtype(d))
-        values = np.empty(nnz, np.uint8 if X.dtype == np.uint8 else dtype)
+        # (memory that earlier rows gave back where there is some: fresh pages fault on first write)
+        indices = numba_cpu._fresh((nnz,), cls._column_dtype(d))
+        values = numba_cpu._fresh((nnz,), np.uint8 if X.dtype == np.uint8 else dtype)
         loops.csr_fill(X, indptr, indices, values, parts)
         return cls(X.shape, indptr, indices, values, table)
 
