@@ -45,7 +45,8 @@ MODULES = {
     ),
     "cores": ("xpnet/kernels/cores.py", ["tests/test_images_on_cores.py", "tests/test_sparse_layer.py"]),
     "cpu_step": ("xpnet/kernels/cpu_step.py", ["tests/test_cpu_step.py", "tests/test_sparse_layer.py",
-                                               "tests/test_sample_weight.py", "tests/test_inputs.py"]),
+                                               "tests/test_sample_weight.py", "tests/test_inputs.py",
+                                               "tests/test_sparse_input.py"]),
     "sparse": ("xpnet/sparse.py", ["tests/test_sparse_input.py", "tests/test_sparse_layer.py"]),
     # ranks played by threads in test_training; the mpiexec jobs of test_distributed run the
     # installed package, not the mutant, so only its in-process tests count

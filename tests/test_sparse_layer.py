@@ -212,11 +212,27 @@ def _mlp_and_step(widths, dtype, batch, cores=None):
     return model, training_step_for(model.layers, batch)
 
 
+def _layer_by_layer(monkeypatch, *args, **kwargs):
+    """A model and its step that runs a sparse batch layer by layer (as where scipy is missing)."""
+    from xpnet.kernels import numba_cpu
+
+    with monkeypatch.context() as m:
+        m.setattr(numba_cpu, "blas_in_kernels", lambda: False)
+        model, step = _mlp_and_step(*args, **kwargs)
+    assert step._whole_step is None
+    return model, step
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["one-kernel", "layer-by-layer"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_the_step_on_sparse_rows_equals_the_step_on_dense_rows(numba_cpu, rng, dtype, parts):
+def test_the_step_on_sparse_rows_equals_the_step_on_dense_rows(numba_cpu, rng, monkeypatch, dtype, parts, whole):
     widths = [61, 50, 23, 7]
-    model, step = _mlp_and_step(widths, dtype, 40, cores=parts)
+    if whole:
+        model, step = _mlp_and_step(widths, dtype, 40, cores=parts)
+        assert step._whole_step is not None
+    else:
+        model, step = _layer_by_layer(monkeypatch, widths, dtype, 40, cores=parts)
     X = _sparse(rng, (300, widths[0]), dtype)
     y = rng.integers(0, widths[-1], 300)
     idx = np.concatenate([rng.permutation(300)[:35], [-3, 310]])  # out of range: clipped, as np.take's "clip"
@@ -235,17 +251,6 @@ def test_the_step_on_sparse_rows_equals_the_step_on_dense_rows(numba_cpu, rng, d
     assert abs(loss - want_loss) <= rtol * abs(want_loss)
     for got, want in zip(sparse_grads, step.gradients()):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
-
-
-def _layer_by_layer(monkeypatch, *args, **kwargs):
-    """A model and its step that runs a sparse batch layer by layer (as where scipy is missing)."""
-    from xpnet.kernels import numba_cpu
-
-    with monkeypatch.context() as m:
-        m.setattr(numba_cpu, "blas_in_kernels", lambda: False)
-        model, step = _mlp_and_step(*args, **kwargs)
-    assert step._whole_step is None
-    return model, step
 
 
 @pytest.mark.parametrize("pixels", [False, True], ids=["floats", "pixels"])
@@ -285,10 +290,11 @@ def test_the_whole_step_kernel_equals_the_step_layer_by_layer(numba_cpu, rng, mo
 
 def test_the_whole_step_refuses_labels_out_of_range_and_deep_models_run_layer_by_layer(numba_cpu, rng):
     X = _sparse(rng, (30, 20), np.float32)
-    model, step = _mlp_and_step([20, 16, 4], "float32", 8, cores=2)
+    model, step = _mlp_and_step([20, 16, 8, 4], "float32", 8, cores=2)
     assert step._whole_step is not None
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\); got 7"):
-        step(*step.take_batch(X, np.array([0, 1, 7, 2] * 8), np.arange(8)))
+    for labels, bad in (([0, 1, 7, 2] * 8, 7), ([-1, 1, 2, 3] * 8, -1)):  # (the first row's label too)
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 4\); got {bad}$"):
+            step(*step.take_batch(X, np.array(labels), np.arange(8)))
     deep = [20, 16] + [5] * step._loops.MAX_FUSED_LAYERS
     model, step = _mlp_and_step(deep, "float32", 8, cores=2)
     assert step._whole_step is None

@@ -98,10 +98,11 @@ class CpuTrainingStep:
         from .cores import cores as usable_cores
 
         self._parts = parts = max(1, int(cores)) if cores is not None else usable_cores()
-        self._partials = np.empty((parts - 1, *self.dW[0].shape), dtype)
         self._whole_step = None  # sparse_mlp_step's arguments that never change, where it runs
         if len(self.layers) <= self._loops.MAX_FUSED_LAYERS and numba_cpu.blas_in_kernels():
             self._whole_step = self._whole_step_buffers(widths, parts, dtype)
+        else:
+            self._partials = np.empty((parts - 1, *self.dW[0].shape), dtype)  # (sparse_linear_grad's)
         self._sparse_source = self._sparse = None  # the data set last asked for, and its CSR rows
         self._blas = OneBlasThread()
 
@@ -114,12 +115,11 @@ class CpuTrainingStep:
         db_parts = [np.empty((parts, w), dtype) for w in widths[1:]]
         self.dW, self.db = [g[0] for g in dW_parts], [g[0] for g in db_parts]
         self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
-        self._partials = dW_parts[0][1:]  # (the layer-by-layer step's, where a batch comes dense)
         self._part_stats = np.empty((parts, 2))
         unused = self._loops.MAX_FUSED_LAYERS - len(self.layers)
-        self._no_bs, self._no_Ws, no_parts = [(np.empty((0,) * ndim, dtype),) * unused for ndim in (1, 2, 3)]
-        return (tuple(self._z) + self._no_Ws, tuple(self._dz) + self._no_Ws, tuple(dW_parts) + no_parts,
-                tuple(db_parts) + self._no_Ws)
+        self._filler = {ndim: (np.empty((0,) * ndim, dtype),) * unused for ndim in (1, 2, 3)}  # by dimensions
+        per_layer = (self._z, self._dz, dW_parts, db_parts)
+        return tuple(tuple(arrays) + self._filler[arrays[0].ndim] for arrays in per_layer)
 
     # take_batch scales uint8 rows itself, so fit can keep a uint8 data set as it is (a quarter
     # of the memory, and no float copy of the whole set before the first step)
@@ -237,7 +237,7 @@ class CpuTrainingStep:
     def _step(self, xb, yb, scales, n, sparse):
         loops, layers = self._loops, self.layers
         if sparse and self._whole_step is not None:
-            return self._sparse_mlp_step(xb, yb, scales, n)
+            return self._sparse_mlp_step(xb, yb, scales)
         h = xb
         outputs = []
         for i, (layer, z_buffer) in enumerate(zip(layers, self._z)):
@@ -278,11 +278,11 @@ class CpuTrainingStep:
                 dz = dh
         return loss_sum, correct
 
-    def _sparse_mlp_step(self, xb, yb, scales, n):
+    def _sparse_mlp_step(self, xb, yb, scales):
         """The whole step in one kernel (``_numba_loops.sparse_mlp_step``), each core a share of the rows."""
         layers, rows = self.layers, xb.rows
-        Ws = tuple([np.ascontiguousarray(layer.W) for layer in layers]) + self._no_Ws
-        bs = tuple([np.ascontiguousarray(layer.b) for layer in layers]) + self._no_bs
+        Ws = tuple([np.ascontiguousarray(layer.W) for layer in layers]) + self._filler[2]
+        bs = tuple([np.ascontiguousarray(layer.b) for layer in layers]) + self._filler[1]
         zs, dzs, dW_parts, db_parts = self._whole_step
         bad = self._loops.sparse_mlp_step(rows.indptr, rows.indices, rows.values, rows.table, xb.idx, Ws, bs, zs, dzs,
                                           dW_parts, db_parts, yb, np.ascontiguousarray(scales), self._rows,
