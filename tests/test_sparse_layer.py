@@ -289,16 +289,18 @@ def test_the_whole_step_kernel_equals_the_step_layer_by_layer(numba_cpu, rng, mo
 
 
 def test_the_whole_step_refuses_labels_out_of_range_and_deep_models_run_layer_by_layer(numba_cpu, rng):
-    X = _sparse(rng, (30, 20), np.float32)
+    X = _sparse(rng, (32, 20), np.float32)
     model, step = _mlp_and_step([20, 16, 8, 4], "float32", 8, cores=2)
     assert step._whole_step is not None
     for labels, bad in (([0, 1, 7, 2] * 8, 7), ([-1, 1, 2, 3] * 8, -1)):  # (the first row's label too)
+        xb, yb = step.take_batch(X, np.array(labels), np.arange(8))
+        assert type(xb).__name__ == "_SparseBatch"
         with pytest.raises(ValueError, match=rf"labels must lie in \[0, 4\); got {bad}$"):
-            step(*step.take_batch(X, np.array(labels), np.arange(8)))
+            step(xb, yb)
     deep = [20, 16] + [5] * step._loops.MAX_FUSED_LAYERS
     model, step = _mlp_and_step(deep, "float32", 8, cores=2)
     assert step._whole_step is None
-    xb, yb = step.take_batch(X, rng.integers(0, 5, 30), np.arange(8))
+    xb, yb = step.take_batch(X, rng.integers(0, 5, 32), np.arange(8))
     assert type(xb).__name__ == "_SparseBatch"
     loss, correct = step(xb, yb)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in step.gradients())
