@@ -306,6 +306,22 @@ def test_the_whole_step_refuses_labels_out_of_range_and_deep_models_run_layer_by
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in step.gradients())
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_the_step_refuses_a_batch_larger_than_its_buffers_and_bad_row_factors(numba_cpu, rng, sparse):
+    X = _sparse(rng, (32, 20), np.float32, density=0.2 if sparse else 0.9)
+    y = rng.integers(0, 4, 32)
+    _, step = _mlp_and_step([20, 16, 4], "float32", 8, cores=2)
+    xb, yb = step.take_batch(X, y, np.arange(8))
+    assert (type(xb).__name__ == "_SparseBatch") is sparse
+    with pytest.raises(ValueError, match=r"^a batch of 9 rows does not fit buffers for 8$"):
+        step(X[:9], y[:9])
+    good = np.ones(8, np.float32)
+    for scales in (good[:7], good.astype(np.float64), list(good)):  # shape, dtype, not NumPy
+        with pytest.raises(ValueError, match=r"^scales must be a NumPy array of shape \(8,\) and dtype float32$"):
+            step(xb, yb, scales)
+    assert np.isfinite(step(xb, yb, good)[0])
+
+
 def test_blas_in_kernels_says_whether_scipy_is_there(numba_cpu, monkeypatch):
     import sys
 

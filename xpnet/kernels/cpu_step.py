@@ -223,7 +223,7 @@ class CpuTrainingStep:
             raise ValueError(f"a batch of {n} rows does not fit buffers for {self.batch_size}")
         if scales is None:
             scales = self._no_scales
-        elif scales.shape != (n,) or scales.dtype != self._dtype or type(scales) is not np.ndarray:
+        elif type(scales) is not np.ndarray or scales.shape != (n,) or scales.dtype != self._dtype:
             raise ValueError(f"scales must be a NumPy array of shape ({n},) and dtype {self._dtype}")
         sparse = isinstance(xb, _SparseBatch)
         if not sparse or self._parts == 1:  # no numba threads: nothing to keep BLAS's from
