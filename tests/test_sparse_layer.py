@@ -263,7 +263,8 @@ def test_the_whole_step_kernel_equals_the_step_layer_by_layer(numba_cpu, rng, mo
 
     lanes = numba_cpu._get_loops().vector_lanes(dtype)
     rtol = RTOL[np.dtype(dtype).type]
-    for widths in ([37, lanes + 3], [37, 50, 11], [37, 2 * lanes, 23, 9], [37, lanes, 13, 40, 6, 5]):
+    # (70 classes: the loss head's wide rows)
+    for widths in ([37, lanes + 3], [37, 50, 11], [37, 2 * lanes, 23, 9], [37, lanes, 13, 40, 6, 5], [37, lanes, 70]):
         X, Xf = _data(rng, (90, widths[0]), dtype, pixels)
         y = rng.integers(0, widths[-1], 90)
         model, by_layer = _layer_by_layer(monkeypatch, widths, dtype, 24, cores=1)

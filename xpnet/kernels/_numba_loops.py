@@ -2353,8 +2353,8 @@ def _sparse_mlp_rows(indptr, indices, values, table, idx, Ws, bs, zs, dzs, dW_pa
     loss = 0.0
     for i0 in range(0, hi - lo, rows):
         i1 = min(i0 + rows, hi - lo)
-        loss += _softmax_xent_block(logits[i0:i1], y[i0:i1], row_weights[i0:i1], dz[i0:i1],
-                                    dzs[last][lo + i0:lo + i1].reshape(-1), inv_n)
+        loss += _softmax_xent_block(logits[i0:i1], y[i0:i1], row_weights[i0:i1], dz[i0:i1], dz[i0:i1].reshape(-1),
+                                    inv_n)
     column_sums(dz, db_parts[last][t])
     for k in range(last, 0, -1):
         dz, h = dzs[k][lo:hi], zs[k - 1][lo:hi]
