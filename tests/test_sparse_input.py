@@ -200,12 +200,17 @@ def test_a_wide_sparse_set_trains_without_being_made_dense(numba_cpu, rng):
     """200,000 features over 3,000 rows would be 2.4 GB dense (float32); trained and evaluated
     sparse, the peak of new memory stays below 6% of that (the first layer's weights, their
     gradient and Adam's moments are 51 MB; inference makes 16 MB of rows dense at a time), and
-    the model learns the classes (each class lights its own block of columns)."""
+    the model learns the classes (each class lights its own block of columns). The kernels are
+    compiled before the count starts (numba's compiler takes tens of MB once, whatever the data)."""
     n, d, per_row = 3000, 200_000, 12
     y = rng.integers(0, 2, n)
     columns = (rng.integers(0, d // 2, (n, per_row)) + y[:, None] * (d // 2)).ravel()
     matrix = sp.csr_matrix((np.ones(n * per_row, np.float32), (np.repeat(np.arange(n), per_row), columns)),
                            shape=(n, d))
+    warm = xpnet.MLP([d, 16, 2], seed=1)
+    warm.fit(matrix[:200], y[:200], epochs=1, batch_size=100, optimizer="adam", lr=1e-2, verbose=0)
+    warm.score(matrix[:200], y[:200])
+    del warm
     model = xpnet.MLP([d, 16, 2], seed=0)
     tracemalloc.start()
     try:

@@ -90,10 +90,7 @@ class CpuTrainingStep:
         self._no_scales = np.empty(0, dtype)  # the loss head's "no row factors"
         self._z = [np.empty((n, w), dtype) for w in widths[1:]]  # each layer's output
         self._dz = [np.empty((n, w), dtype) for w in widths[1:]]  # dL/d(pre-activation)
-        self.dW = [np.empty((a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
-        self.db = [np.empty(w, dtype) for w in widths[1:]]
         self._rows = self._loops.block_rows(widths[-1])
-        self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
         from .cores import OneBlasThread
         from .cores import cores as usable_cores
 
@@ -102,7 +99,10 @@ class CpuTrainingStep:
         if len(self.layers) <= self._loops.MAX_FUSED_LAYERS and numba_cpu.blas_in_kernels():
             self._whole_step = self._whole_step_buffers(widths, parts, dtype)
         else:
+            self.dW = [np.empty((a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
+            self.db = [np.empty(w, dtype) for w in widths[1:]]
             self._partials = np.empty((parts - 1, *self.dW[0].shape), dtype)  # (sparse_linear_grad's)
+        self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
         self._sparse_source = self._sparse = None  # the data set last asked for, and its CSR rows
         self._blas = OneBlasThread()
 
@@ -114,7 +114,6 @@ class CpuTrainingStep:
         dW_parts = [np.empty((parts, a, b), dtype) for a, b in zip(widths[:-1], widths[1:])]
         db_parts = [np.empty((parts, w), dtype) for w in widths[1:]]
         self.dW, self.db = [g[0] for g in dW_parts], [g[0] for g in db_parts]
-        self._grads = [g for pair in zip(self.dW, self.db) for g in pair]
         self._part_stats = np.empty((parts, 2))
         unused = self._loops.MAX_FUSED_LAYERS - len(self.layers)
         self._filler = {ndim: (np.empty((0,) * ndim, dtype),) * unused for ndim in (1, 2, 3)}  # by dimensions
