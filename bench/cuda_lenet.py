@@ -15,7 +15,13 @@ Each seed trains ``--epochs`` epochs after one untimed warm-up epoch (compilatio
 of algorithms); the test accuracy after the last epoch is recorded so a run that stopped learning
 shows. ``--smoke`` runs the same code on the CPU on 1,024 images (it checks the script, not speed).
 
+``--profile`` instead trains xpnet one epoch (after a warm-up epoch) twice: under CUPTI (through
+``torch.profiler``: the kernels per step, their summed time against the wall time, the largest)
+and under cProfile (the host: the functions that take the most time of their own, CuPy's
+included), to show where a step's time goes.
+
     python bench/cuda_lenet.py [--epochs 2] [--seeds 0 1 2] [--out bench/results/cuda-H100-lenet.json]
+    python bench/cuda_lenet.py --profile [--out PATH]
 """
 
 from __future__ import annotations
@@ -155,6 +161,45 @@ class XpnetLeNet:
         return time.perf_counter() - start, model.score(self.Xte, self.yte)
 
 
+def profile(runner, device):
+    """Where xpnet's LeNet-5 epoch goes: kernels (CUDA only) and host functions."""
+    import cProfile
+    import io
+    import pstats
+
+    runner.run(0, 1)  # warm-up: compilation, the memory pool
+    report = {}
+    if device == "cuda":
+        import torch
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as cupti
+
+        from cuda_step_profile import kernel_times
+
+        steps = -(-runner.Xtr.shape[0] // BATCH)
+        with cupti(activities=[ProfilerActivity.CUDA]) as prof:
+            seconds, _ = runner.run(0, 1)
+        events = list(prof.events())
+        per_kernel, kernel_us = kernel_times(events, steps)
+        launches = sum(1 for e in events if e.device_type.name == "CUDA") / steps
+        report["kernels"] = {"wall_us_per_step": seconds / steps * 1e6, "kernel_us_per_step": kernel_us,
+                             "kernels_per_step": launches, "largest_us_per_step": dict(list(per_kernel.items())[:25])}
+        print(json.dumps(report["kernels"], indent=1), flush=True)
+        torch.cuda.synchronize()
+    host = cProfile.Profile()
+    host.enable()
+    runner.run(0, 1)
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(40)
+    report["host_tottime"] = text.getvalue()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(40)
+    report["host_cumulative"] = text.getvalue()
+    print(report["host_tottime"], report["host_cumulative"], sep="\n", flush=True)
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2)
@@ -162,12 +207,17 @@ def main(argv=None):
     parser.add_argument("--only", default="", help="comma-separated implementations (default: all)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--smoke", action="store_true", help="CPU, 1,024 images: the script runs")
+    parser.add_argument("--profile", action="store_true", help="where xpnet's epoch goes, instead of the timings")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     host = load_host(1024 if args.smoke else None)
     report = {"environment": environment(), "command": " ".join(sys.argv), "batch_size": BATCH, "lr": LR,
               "epochs": args.epochs, "results": {}}
     print(json.dumps(report["environment"]), flush=True)
+    if args.profile:
+        report["profile"] = profile(XpnetLeNet(host, device), device)
+        _write(report, args.out)
+        return report
     makers = {"xpnet": lambda: XpnetLeNet(host, device),
               "torch-eager": lambda: TorchLeNet(host, device, graph=False),
               "torch-graph": lambda: TorchLeNet(host, device, graph=True)}
@@ -197,10 +247,7 @@ def main(argv=None):
         per_epoch = [r["seconds_per_epoch"] for r in rows]
         report["results"][name] = {"runs": rows, "seconds_per_epoch_median": statistics.median(per_epoch),
                                    "test_accuracy_mean": statistics.mean(r["test_accuracy"] for r in rows)}
-        if args.out:  # after each implementation, so a run cut short keeps what it measured
-            tmp = Path(args.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(report, indent=1))
-            os.replace(tmp, args.out)
+        _write(report, args.out)  # after each implementation, so a run cut short keeps what it measured
     results = report["results"]
     if "xpnet" in results:
         for peer in ("torch-eager", "torch-graph"):
@@ -208,6 +255,13 @@ def main(argv=None):
                 ratio = results[peer]["seconds_per_epoch_median"] / results["xpnet"]["seconds_per_epoch_median"]
                 print(f"xpnet vs {peer}: {ratio:.2f}x", flush=True)
     return report
+
+
+def _write(report, path):
+    if path:
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU round on a lent machine (see bench/README.md, GPU section): environment, the CUDA tests with
 # skips turned into failures (tests/test_cuda.py alone, or every test whose id names cuda, spread over
-# 8 processes), the whole test suite, the benchmark report, the compiled peers, LeNet-5. Logs go to $OUT.
-# Usage: bash bench/cuda_round.sh [tests|cuda|suite|bench|peers|lenet ...]   (default: tests suite bench peers)
+# 8 processes), the whole test suite, the benchmark report, the compiled peers, LeNet-5 and where
+# its step goes. Logs go to $OUT.
+# Usage: bash bench/cuda_round.sh [tests|cuda|suite|bench|peers|lenet|lenetprof ...]   (default: tests suite bench peers)
 set -u
 OUT=${OUT:-/tmp/xpnet_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XPNET_DATA=${XPNET_DATA:-$PWD/.data}
@@ -16,6 +17,7 @@ for step in $steps; do
     bench) timeout ${T_BENCH:-330} python3 bench/test_cuda_bench.py --out "$OUT/cuda-H100.json" > "$OUT/bench.log" 2>&1 ;;
     peers) timeout ${T_PEERS:-150} python3 bench/peers.py --seeds 3 ${PEERS_ARGS:-} --out "$OUT/cuda-peers.json" > "$OUT/peers.log" 2>&1 ;;
     lenet) timeout ${T_LENET:-170} python3 bench/cuda_lenet.py --out "$OUT/cuda-lenet.json" > "$OUT/lenet.log" 2>&1 ;;
+    lenetprof) timeout ${T_LENETPROF:-120} python3 bench/cuda_lenet.py --profile --out "$OUT/cuda-lenet-profile.json" > "$OUT/lenet-profile.log" 2>&1 ;;
   esac
   echo "== $step done ($SECONDS s)"
 done

@@ -52,3 +52,5 @@ def test_the_lenet_peers_start_from_xpnets_weights_and_learn(host):
     report = cuda_lenet.main(["--smoke", "--epochs", "1", "--seeds", "0"])
     for name in ("xpnet", "torch-eager"):
         assert report["results"][name]["test_accuracy_mean"] > 0.3, report["results"][name]
+    profiled = cuda_lenet.main(["--smoke", "--profile"])["profile"]
+    assert "conv2d" in profiled["host_tottime"] and "kernels" not in profiled  # (no GPU: the host only)
