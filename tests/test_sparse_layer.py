@@ -434,3 +434,165 @@ def test_a_distributed_rank_runs_the_sparse_kernels_on_one_core(numba_cpu):
 
     assert _training_step(model, 16, all_cores=False)._parts == 1
     assert _training_step(model, 16)._parts == cores()
+
+
+# --- a whole epoch in one kernel (CpuTrainingStep.run_epoch) -------------------------------------
+
+
+def _pixels(rng, rows, features, density=0.2):
+    return np.where(rng.random((rows, features)) < density, rng.integers(1, 256, (rows, features)), 0).astype(np.uint8)
+
+
+def _epochs_both_ways(monkeypatch, train):
+    """``train()``'s result with whole epochs in one kernel, and with ``fit``'s loop over the
+    batches; and, per epoch of the first, whether the kernel ran it."""
+    from xpnet.kernels.cpu_step import CpuTrainingStep
+
+    run_epoch, ran, results = CpuTrainingStep.run_epoch, [], []
+
+    def counted(self, *args, **kwargs):
+        result = run_epoch(self, *args, **kwargs)
+        ran.append(result is not None)
+        return result
+
+    for whole in (True, False):
+        monkeypatch.setattr(CpuTrainingStep, "run_epoch", counted if whole else lambda *args, **kwargs: None)
+        results.append(train())
+    return results, ran
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "nesterov"])
+def test_a_whole_epoch_in_one_kernel_trains_what_the_loop_over_batches_trains(numba_cpu, rng, monkeypatch, optimizer,
+                                                                              dtype, parts):
+    """Bit for bit: the weights, the epochs' metrics and the optimizer's state, on uint8 pixels
+    with a short last batch and with sample weights (row factors and batch weights), on 1 and 3
+    cores with the updates split among them (a threshold of 0 elements)."""
+    from xpnet import optim
+    from xpnet.kernels import cores
+
+    monkeypatch.setattr(cores, "cores", lambda: parts)
+    monkeypatch.setattr(optim, "cores", lambda: parts)
+    monkeypatch.setattr(optim, "PARALLEL_UPDATE_MIN_ELEMENTS", 0)
+    X, y = _pixels(rng, 203, 49), rng.integers(0, 5, 203)
+    weights = rng.uniform(0.0, 3.0, 203)
+    make = {"adam": lambda: optim.Adam(1e-2), "adamw": lambda: optim.AdamW(1e-2, weight_decay=0.1),
+            "sgd": lambda: optim.SGD(0.1), "nesterov": lambda: optim.SGD(0.1, momentum=0.9, nesterov=True)}[optimizer]
+
+    def train():
+        model, opt = xpnet.MLP([49, 33, 18, 5], dtype=dtype, seed=1), make()
+        history = model.fit(X, y, epochs=2, batch_size=32, optimizer=opt, sample_weight=weights, verbose=0)
+        return model.get_weights(), history.history, opt.state_dict()
+
+    (got, want), ran = _epochs_both_ways(monkeypatch, train)
+    assert ran == [True, True]
+    for (W, b), (W0, b0) in zip(got[0], want[0]):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
+    assert {k: v for k, v in got[1].items() if k != "seconds"} == {k: v for k, v in want[1].items() if k != "seconds"}
+    assert got[2].keys() == want[2].keys() and (len(got[2]) > 0 or optimizer == "sgd")  # (plain SGD keeps none)
+    for key, value in got[2].items():
+        np.testing.assert_array_equal(value, want[2][key], err_msg=key)
+
+
+def test_the_estimator_trains_the_same_with_whole_epochs_in_one_kernel(numba_cpu, rng, monkeypatch):
+    """scikit-learn's penalty (``alpha`` over each batch's weight, told by ``start_batch``) and
+    its epsilon correction, with sample weights: the same model and loss curve."""
+    pytest.importorskip("sklearn")
+    from xpnet.sklearn import MLPClassifier
+
+    X, y = _pixels(rng, 203, 49), rng.integers(0, 5, 203)
+    weights = rng.uniform(0.0, 3.0, 203)
+
+    def train():
+        estimator = MLPClassifier(hidden_layer_sizes=(33,), alpha=1e-2, batch_size=32, max_iter=3, random_state=0)
+        estimator.fit(X, y, sample_weight=weights)
+        return estimator.predict_proba(X), estimator.loss_curve_
+
+    (got, want), ran = _epochs_both_ways(monkeypatch, train)
+    assert ran and all(ran)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1]
+
+
+def test_a_whole_epoch_steps_aside_where_it_does_not_apply(numba_cpu, rng, monkeypatch):
+    """A label out of range (the loop names it), an optimizer without a fused update, data too
+    dense to run sparse, a progress bar: the loop over batches trains, the whole epoch's try
+    having changed nothing."""
+    from xpnet import optim
+    from xpnet.kernels.cpu_step import CpuTrainingStep
+
+    class Plain(optim.SGD):  # its own update: no fused kernel
+        def _update(self, p, g, state):
+            p -= self.lr * g
+
+    run_epoch, ran = CpuTrainingStep.run_epoch, []
+    monkeypatch.setattr(CpuTrainingStep, "run_epoch",
+                        lambda self, *a, **k: ran.append(run_epoch(self, *a, **k)) or ran[-1])
+    X, y = _pixels(rng, 64, 49), rng.integers(0, 5, 64)
+    bad = y.copy()
+    bad[37] = 9
+    model, step = _mlp_and_step([49, 33, 5], "float32", 16)
+    opt, before = optim.Adam(1e-2), model.get_weights()
+    with step.running():
+        assert step.run_epoch(opt, model.parameters(), X, bad, rng.permutation(64), 16) is None
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\); got 9$"):  # (the loop's refusal)
+            step(*step.take_batch(X, bad, np.arange(32, 48)))
+    assert opt.state is None
+    for (W, b), (W0, b0) in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
+    ran.clear()
+    opt = Plain(0.1)
+    xpnet.MLP([49, 33, 5], seed=1).fit(X, y, epochs=1, batch_size=16, optimizer=opt, verbose=0)
+    assert ran == [None] and opt.state == [{} for _ in range(4)]
+    ran.clear()
+    xpnet.MLP([49, 33, 5], seed=1).fit(_pixels(rng, 64, 49, density=0.6), y, epochs=1, batch_size=16, verbose=0)
+    assert ran == [None]
+    ran.clear()
+    xpnet.MLP([49, 33, 5], seed=1).fit(X, y, epochs=1, batch_size=16, verbose=1)
+    assert ran == []  # (a progress bar moves between the steps)
+
+
+def test_fused_updates_are_the_next_steps_scalars_and_advance_the_state(numba_cpu, rng, monkeypatch):
+    """Adam's plan for three batches: ``start_batch`` told each batch in order, every step count
+    advanced by 3 and row ``k`` of the scalars those of step ``k + 1``; no plan, and nothing
+    changed, without a fused update (``XPNET_KERNELS=xp``); a refusal where the update's other
+    arguments change from step to step."""
+    from xpnet import optim
+
+    params = [rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
+    grads = [np.ones_like(p) for p in params]
+
+    class Told(optim.Adam):
+        def start_batch(self, rows, weight):
+            told.append((rows, weight))
+
+    told = []
+    opt = Told(1e-2, betas=(0.8, 0.9))
+    kernel, parts, args = opt.fused_updates(params, grads, [(32, 32.0), (32, 20.5), (7, 7.0)])
+    assert (kernel, parts) == ("adam_step", 1) and told == [(32, 32.0), (32, 20.5), (7, 7.0)]
+    assert [entry["t"] for entry in opt.state] == [3, 3]
+    coefs = next(a for a in args if isinstance(a, np.ndarray) and a.ndim == 3)
+    assert coefs.shape == (3, 2, 5)
+    for k in range(3):
+        t = k + 1
+        want = [0, 1, 1e-2 / (1 - 0.8**t), 1 - 0.9**t, 1e-8]
+        np.testing.assert_allclose(coefs[k], np.tile(np.float32(want), (2, 1)), rtol=1e-7)
+    m = next(a for a in args if isinstance(a, np.ndarray) and a.ndim == 1)
+    assert m is opt.state[0]["m"].base or np.shares_memory(m, opt.state[0]["m"])  # the state's own buffers
+
+    monkeypatch.setenv("XPNET_KERNELS", "xp")
+    told.clear()
+    fresh = Told(1e-2)
+    assert fresh.fused_updates(params, grads, [(32, 32.0)]) is None
+    assert told == [] and fresh.state == [{}, {}]
+    monkeypatch.delenv("XPNET_KERNELS")
+
+    class Drifting(optim.SGD):  # a setting the kernel takes as an argument changes between steps
+        def start_batch(self, rows, weight):
+            self.momentum = rows / 100
+
+    with pytest.raises(RuntimeError, match="fused update changed within the steps"):
+        Drifting(0.1, momentum=0.5).fused_updates(params, grads, [(32, 32.0), (7, 7.0)])

@@ -167,6 +167,38 @@ class Optimizer:
                 p *= 1 - shrink
             self._update(p, g, state)
 
+    def fused_updates(self, params, grads, batches):
+        """The fused updates of the next ``len(batches)`` steps, for a caller that runs the steps
+        and their updates itself (``kernels.cpu_step``'s whole epoch in one kernel), or ``None``
+        where this optimizer has no fused update for these arrays (nothing is changed then).
+
+        ``batches``: each step's ``(rows, weight)``, as ``start_batch`` takes them. Returns
+        ``(kernel, parts, args)``: step ``k``'s update is ``_numba_loops`` function ``kernel``
+        (its ``_parallel`` driver with ``parts`` last where ``parts > 1``) on ``args``, where
+        ``args`` hold every step's scalars, one row per step, and the kernel takes row ``k``. A fused update's
+        scalars depend on the step count and the batch, never on the values, so they are all
+        known now: this tells ``start_batch`` of every batch and advances the state's step
+        counts, as those steps would; the caller must then take them all.
+        """
+        if self.state is None:
+            self.state = [{} for _ in params]
+        fused = self._fused_for(params, grads)
+        if fused is None or not batches:
+            return None
+        calls = fused.recording = []
+        try:
+            for rows, weight in batches:
+                self.start_batch(rows, weight)
+                self._fused_step(fused)
+        finally:
+            fused.recording = None
+        kernel, parts, args, _ = calls[0]
+        for call in calls[1:]:  # every step the same kernel on the same arrays and settings
+            if call[:2] != (kernel, parts) or not all(map(_same_argument, call[2], args)):
+                raise RuntimeError(f"{self!r}'s fused update changed within the steps: {call[0]} on other arguments")
+        coefs = np.stack([call[3] for call in calls])
+        return kernel, parts, tuple(coefs if a is fused._coef else a for a in args)
+
     #: the names of each parameter's state once it has taken a step
     state_keys: tuple = ()
 
@@ -269,6 +301,11 @@ class Optimizer:
         return fused if fused.take_gradients(grads) else None
 
 
+def _same_argument(a, b) -> bool:
+    """Whether two update calls' arguments are the same: the same array, or equal scalars."""
+    return a is b or (not isinstance(a, np.ndarray) and not isinstance(a, tuple) and a == b)
+
+
 class _FusedParameters:
     """What one fused kernel call takes for a list of parameters and their gradients.
 
@@ -288,6 +325,7 @@ class _FusedParameters:
         self.empty = np.empty(0, self.dtype)
         self._coef = self._cores = None
         self._buffers = {}  # key -> the flat buffer and the slices the state holds
+        self.recording = None  # a list while ``Optimizer.fused_updates`` collects the calls
 
     def holds(self, params) -> bool:
         """Whether these are the very arrays this was made for (checked at every step: a model's
@@ -310,14 +348,19 @@ class _FusedParameters:
         """The update kernel ``kernel`` of ``loops`` on ``args``; its parallel driver, each
         parameter split among the cores, while numba's threads own them (a training step holds
         BLAS on one thread: ``kernels.cores.numba_owns_cores``) and there are enough parameters
-        to split (``PARALLEL_UPDATE_MIN_ELEMENTS``). The same values either way."""
+        to split (``PARALLEL_UPDATE_MIN_ELEMENTS``). The same values either way. While
+        ``recording`` is a list, the call is appended to it instead (with a copy of the scalars)."""
+        parts = 1
         if self.offsets[-1] >= PARALLEL_UPDATE_MIN_ELEMENTS and numba_owns_cores():
             if self._cores is None:
                 self._cores = cores()
-            if self._cores > 1:
-                getattr(self.loops, kernel + "_parallel")(*args, self._cores)
-                return
-        getattr(self.loops, kernel)(*args)
+            parts = self._cores
+        if self.recording is not None:
+            self.recording.append((kernel, parts, args, self._coef.copy()))
+        elif parts > 1:
+            getattr(self.loops, kernel + "_parallel")(*args, parts)
+        else:
+            getattr(self.loops, kernel)(*args)
 
     def scalars(self, columns: int):
         if self._coef is None or self._coef.shape[1] != columns:

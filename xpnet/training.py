@@ -269,6 +269,7 @@ def _graph_trainer(model, opt, X, y, batch_size):
 
 def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_sum=None, weighting=None):
     """Mini-batches in ``order`` (or in sequence): returns the summed loss and correct count.
+    Without a ``progress`` bar (None) a step that runs whole epochs (``run_epoch``) may take it.
 
     With ``gradient_sum`` (a ``distributed.GradientSum``) each batch is a global one: this rank
     trains on its shard of the rows, and the step's gradients are summed over the ranks, each
@@ -278,7 +279,12 @@ def _run_epoch(step, opt, params, X, y, order, batch_size, progress, gradient_su
     loss_sum = correct = 0
     grads = row_scales = None
     factors, batch_weights = weighting if weighting is not None else (None, None)
-    for b, lo in enumerate(progress(range(0, n, batch_size))):
+    whole_epoch = getattr(step, "run_epoch", None)  # (no progress bar: nothing returns between the steps)
+    if whole_epoch is not None and progress is None and gradient_sum is None and order is not None:
+        done = whole_epoch(opt, params, X, y, order, batch_size, factors, batch_weights)
+        if done is not None:
+            return done
+    for b, lo in enumerate((progress or iter)(range(0, n, batch_size))):
         hi = min(lo + batch_size, n)  # the standard leaves out-of-bounds slices unspecified
         rows = hi - lo
         opt.start_batch(rows, rows if batch_weights is None else batch_weights[b])
@@ -487,7 +493,7 @@ def fit(
                 if graphs is not None:
                     loss_sum, correct = graphs.run_epoch(order)
                 else:
-                    progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else iter
+                    progress = _progress_bar(f"epoch {epoch + 1}/{epochs}") if verbose else None
                     loss_sum, correct = _run_epoch(
                         step, opt, params, X, y, order, batch_size, progress, gradient_sum, weighting
                     )

@@ -2409,6 +2409,75 @@ def sparse_mlp_step(indptr, indices, values, table, idx, Ws, bs, zs, dzs, dW_par
     return -1
 
 
+# --- a whole epoch of such steps, each followed by the optimizer's fused update, in one call --------
+# (``CpuTrainingStep.run_epoch``: no Python between the steps.) The update's scalars of every step
+# come computed beforehand in ``coefs`` (``Optimizer.fused_updates``: they depend on the step count
+# and the batch, not on the values); each step is then exactly ``sparse_mlp_step`` and the update
+# kernel as the Python loop calls them, and the epoch's sums are added in the loop's order.
+
+
+@njit(**_EXACT)
+def _epoch_batch(indptr, indices, values, table, order, lo, hi, y, labels, factors, Ws, bs, zs, dzs, dW_parts,
+                 db_parts, rows, depth, stats, totals):
+    """The step on rows ``order[lo:hi]`` (their labels gathered into ``labels``; their factors
+    ``factors[lo:hi]``, none where ``factors`` is empty); its summed loss and correct count added
+    to ``totals``. Returns False, having added nothing, where a label is out of range."""
+    idx = order[lo:hi]
+    yb = labels[: hi - lo]
+    for i in range(hi - lo):
+        yb[i] = y[idx[i]]
+    weights = factors[lo:hi] if factors.shape[0] != 0 else factors
+    if sparse_mlp_step(indptr, indices, values, table, idx, Ws, bs, zs, dzs, dW_parts, db_parts, yb, weights, rows,
+                       depth, stats) >= 0:
+        return False
+    loss, hits = 0.0, 0.0
+    for t in range(stats.shape[0]):
+        loss += stats[t, 0]
+        hits += stats[t, 1]
+    totals[0] += loss
+    totals[1] += hits
+    return True
+
+
+@njit(**_EXACT)
+def sparse_mlp_epoch_adam(indptr, indices, values, table, order, batch, y, labels, factors, Ws, bs, zs, dzs,
+                          dW_parts, db_parts, rows, depth, stats, totals, ps, gs, m, v, coefs, beta1, one_minus_beta1,
+                          beta2, one_minus_beta2, parts):
+    """``coefs.shape[0]`` steps over ``order`` in batches of ``batch`` rows (the last may be
+    shorter), each ``sparse_mlp_step`` then ``adam_step`` with the scalars ``coefs[k]`` (split
+    into ``parts`` slices where ``parts > 1``); the epoch's summed loss and correct count added to
+    ``totals``. Returns the steps taken: fewer where a batch has a label out of range (that
+    batch changes nothing)."""
+    n = order.shape[0]
+    for k in range(coefs.shape[0]):
+        lo = k * batch
+        if not _epoch_batch(indptr, indices, values, table, order, lo, min(lo + batch, n), y, labels, factors, Ws,
+                            bs, zs, dzs, dW_parts, db_parts, rows, depth, stats, totals):
+            return k
+        if parts > 1:
+            adam_step_parallel(ps, gs, m, v, coefs[k], beta1, one_minus_beta1, beta2, one_minus_beta2, parts)
+        else:
+            adam_step(ps, gs, m, v, coefs[k], beta1, one_minus_beta1, beta2, one_minus_beta2)
+    return coefs.shape[0]
+
+
+@njit(**_EXACT)
+def sparse_mlp_epoch_sgd(indptr, indices, values, table, order, batch, y, labels, factors, Ws, bs, zs, dzs,
+                         dW_parts, db_parts, rows, depth, stats, totals, ps, gs, v, coefs, momentum, nesterov, parts):
+    """``sparse_mlp_epoch_adam`` with ``sgd_step`` as the update."""
+    n = order.shape[0]
+    for k in range(coefs.shape[0]):
+        lo = k * batch
+        if not _epoch_batch(indptr, indices, values, table, order, lo, min(lo + batch, n), y, labels, factors, Ws,
+                            bs, zs, dzs, dW_parts, db_parts, rows, depth, stats, totals):
+            return k
+        if parts > 1:
+            sgd_step_parallel(ps, gs, v, coefs[k], momentum, nesterov, parts)
+        else:
+            sgd_step(ps, gs, v, coefs[k], momentum, nesterov)
+    return coefs.shape[0]
+
+
 @njit(parallel=True, **_JIT)
 def csr_row_counts(X, counts, parts):
     """``counts[i]`` = the nonzeros of row ``i`` of ``X``."""

@@ -739,8 +739,8 @@ def shift_images(x, down, right, /):
 # any strides (a view), l1 labels (once per label dtype), i1 int64 indices or labels, q1 16-bit
 # column indices, u1 and u2 uint8 values and pixels, w2 a 2-D C array of the other float dtype
 # (data given as float64 to a float32 model), t2-t10 a tuple of that many x1 (the parameters an
-# optimizer updates in one call), p1-p3 a tuple of MAX_FUSED_LAYERS x1-x3 (one per layer), d2 a
-# 2-D float64 array, i an integer, f a float, b a bool.
+# optimizer updates in one call), p1-p3 a tuple of MAX_FUSED_LAYERS x1-x3 (one per layer), d1 and
+# d2 a 1-D and 2-D float64 array, i an integer, f a float, b a bool.
 WARMUP_SIGNATURES = {
     ("softmax_serial", "softmax_parallel"): ["x2 x2 x1 i"],
     ("softmax_xent_serial", "softmax_xent_parallel"): ["x2 l1 x1 x2 x1 i"],
@@ -762,6 +762,11 @@ WARMUP_SIGNATURES = {
     ("sparse_linear_grad_serial", "sparse_linear_grad_parallel"): [f"i1 q1 {v} x1 i1 x2 x2 x3" for v in ("x1", "u1")],
     # the whole step over a sparse first layer (where the kernels can call BLAS: blas_in_kernels)
     ("sparse_mlp_step",): [f"i1 q1 {v} x1 i1 p2 p1 p2 p2 p3 p2 i1 x1 i i d2" for v in ("x1", "u1")],
+    # and a whole epoch of those steps, each followed by the optimizer's update (of 1-5 layers)
+    ("sparse_mlp_epoch_adam",): [f"i1 q1 {v} x1 i1 i i1 i1 x1 p2 p1 p2 p2 p3 p2 i i d2 d1 t{k} t{k} x1 x1 x3 f f f f i"
+                                 for v in ("x1", "u1") for k in range(2, 11, 2)],
+    ("sparse_mlp_epoch_sgd",): [f"i1 q1 {v} x1 i1 i i1 i1 x1 p2 p1 p2 p2 p3 p2 i i d2 d1 t{k} t{k} x1 x3 f b i"
+                                for v in ("x1", "u1") for k in range(2, 11, 2)],
     # the optimizers' updates, for models of 1-5 layers with parameters (LeNet-5: 10 arrays)
     # (each with its parallel driver, the parameters split among the cores: the parts last)
     ("sgd_step",): [f"t{k} t{k} x1 x2 f b" for k in range(2, 11, 2)],
@@ -795,7 +800,7 @@ WARMUP_SIGNATURES = {
 }
 
 # the kernels that call BLAS: compiled only where they can (``blas_in_kernels``)
-_BLAS_KERNELS = frozenset({"sparse_mlp_step"})
+_BLAS_KERNELS = frozenset({"sparse_mlp_step", "sparse_mlp_epoch_adam", "sparse_mlp_epoch_sgd"})
 
 
 def _argument_types(dtype, label_dtype) -> dict:
@@ -811,7 +816,8 @@ def _argument_types(dtype, label_dtype) -> dict:
                  l1=types.Array(from_dtype(label_dtype), 1, "C"),
                  i1=types.Array(types.int64, 1, "C"), q1=types.Array(types.uint16, 1, "C"),
                  u1=types.Array(types.uint8, 1, "C"), u2=types.Array(types.uint8, 2, "C"),
-                 d2=types.Array(types.float64, 2, "C"), i=types.int64, f=f, b=types.boolean)
+                 d1=types.Array(types.float64, 1, "C"), d2=types.Array(types.float64, 2, "C"),
+                 i=types.int64, f=f, b=types.boolean)
     return codes
 
 
