@@ -174,17 +174,17 @@ class Optimizer:
 
         ``batches``: each step's ``(rows, weight)``, as ``start_batch`` takes them. Returns
         ``(kernel, parts, args)``: step ``k``'s update is ``_numba_loops`` function ``kernel``
-        (its ``_parallel`` driver with ``parts`` last where ``parts > 1``) on ``args``, where
-        ``args`` hold every step's scalars, one row per step, and the kernel takes row ``k``. A fused update's
-        scalars depend on the step count and the batch, never on the values, so they are all
-        known now: this tells ``start_batch`` of every batch and advances the state's step
-        counts, as those steps would; the caller must then take them all.
+        (its ``_parallel`` driver with ``parts`` last where ``parts > 1``) on ``args``, whose
+        scalars array holds a row per step: the step takes row ``k``. A fused update's scalars
+        depend on the step count and the batch, never on the values, so they are all known
+        now: this tells ``start_batch`` of every batch and advances the state's step counts,
+        as those steps would; the caller must then take them all.
         """
-        if self.state is None:
-            self.state = [{} for _ in params]
         fused = self._fused_for(params, grads)
         if fused is None or not batches:
             return None
+        if self.state is None:
+            self.state = [{} for _ in params]
         calls = fused.recording = []
         try:
             for rows, weight in batches:

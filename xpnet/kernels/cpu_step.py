@@ -287,8 +287,8 @@ class CpuTrainingStep:
         """A whole epoch in one kernel call where it can run so: ``fit``'s loop over the batches
         of ``order`` (valid row numbers, e.g. a permutation: ``take_batch``, the step,
         ``opt.start_batch`` and ``opt.step`` on ``params``; ``factors``/``batch_weights``:
-        ``training._batch_scales``'s, or None), with
-        the same results, bit for bit. Returns ``(loss_sum, correct)``, or ``None`` where it
+        ``training._batch_scales``'s, or None), with the same results, bit for bit.
+        Returns ``(loss_sum, correct)``, or ``None`` where it
         does not apply (nothing is changed then): it needs the whole step in one kernel on
         sparse rows, the optimizer's fused update (``Optimizer.fused_updates``) and every label
         in range (else the loop runs, and names the bad one)."""
@@ -322,8 +322,8 @@ class CpuTrainingStep:
                 zs, dzs, dW_parts, db_parts, self._rows, len(layers), self._part_stats, totals, *update_args, parts)
         finally:
             self._blas.give_back()
-        if taken != len(batches):  # (the labels were checked: only a label changed meanwhile gets here)
-            raise ValueError(f"labels must lie in [0, {layers[-1].W.shape[1]}); a batch of the epoch has another")
+        if taken != len(batches):  # (the labels were checked: only labels changed meanwhile get here)
+            raise ValueError(f"labels must lie in [0, {layers[-1].W.shape[1]}); one changed during the epoch")
         for layer, dW, db in zip(layers, self.dW, self.db):
             layer.dW, layer.db = dW, db
         return float(totals[0]), int(totals[1])
