@@ -33,7 +33,7 @@ MODULES = {
     # save/load and summary live in model.py; their tests sit with the file format and the layers
     "model": ("xpnet/model.py", ["tests/test_model.py", "tests/test_inputs.py", "tests/test_io.py",
                                  "tests/test_layers.py"]),
-    "optim": ("xpnet/optim.py", ["tests/test_optim.py", "tests/test_cpu_step.py"]),
+    "optim": ("xpnet/optim.py", ["tests/test_optim.py", "tests/test_cpu_step.py", "tests/test_sparse_layer.py"]),
     "training": ("xpnet/training.py", ["tests/test_training.py", "tests/test_images_on_cores.py",
                                        "tests/test_sample_weight.py", "tests/test_inputs.py",
                                        "tests/test_sparse_layer.py", "tests/test_sparse_input.py"]),
