@@ -468,13 +468,15 @@ def test_a_whole_epoch_in_one_kernel_trains_what_the_loop_over_batches_trains(nu
                                                                               dtype, parts):
     """Bit for bit: the weights, the epochs' metrics and the optimizer's state, on uint8 pixels
     with a short last batch and with sample weights (row factors and batch weights), on 1 and 3
-    cores with the updates split among them (a threshold of 0 elements)."""
+    cores with the updates split among them (a threshold of 0 elements); on 3 cores each epoch's
+    7 steps in kernel calls of 3, 3 and 1."""
     from xpnet import optim
-    from xpnet.kernels import cores
+    from xpnet.kernels import cores, cpu_step
 
     monkeypatch.setattr(cores, "cores", lambda: parts)
     monkeypatch.setattr(optim, "cores", lambda: parts)
     monkeypatch.setattr(optim, "PARALLEL_UPDATE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu_step, "EPOCH_CHUNK_STEPS", 3 if parts == 3 else 64)
     X, y = _pixels(rng, 203, 49), rng.integers(0, 5, 203)
     weights = rng.uniform(0.0, 3.0, 203)
     make = {"adam": lambda: optim.Adam(1e-2), "adamw": lambda: optim.AdamW(1e-2, weight_decay=0.1),

@@ -28,9 +28,10 @@ summed apart and added at the end (one start of numba's threads and no Python be
 layers: a 784-50-25-10 step at batch 200 on MNIST, median inside ``fit``, 164-166 us against
 182-193 us layer by layer on the 2-core Intel Xeon). Elsewhere the layers run one by one as
 above, the sparse kernels split across the cores. Where the optimizer has a fused update
-(``Optimizer.fused_updates``), ``fit`` hands such a step whole epochs (``run_epoch``): one kernel
-call runs every batch's step and update, with no Python between them (a fit of the sklearn
-benchmark's recipe 0.53 s against 0.60 s), bit for bit what the loop over the batches computes.
+(``Optimizer.fused_updates``), ``fit`` hands such a step whole epochs (``run_epoch``): a kernel
+call runs up to ``EPOCH_CHUNK_STEPS`` batches' steps and updates with no Python between them
+(a fit of the sklearn benchmark's recipe 0.53 s against 0.60 s), bit for bit what the loop over
+the batches computes.
 
 It runs only for what it covers (NumPy arrays, float32/float64, exactly ``Dense`` layers with
 ReLU hidden activations and a linear output, numba importable, ``XPNET_KERNELS`` not ``xp``):
@@ -46,13 +47,18 @@ import numpy as np
 from ..sparse import SparseRows
 from . import numba_cpu
 
-__all__ = ["CpuTrainingStep", "SparseRows", "SPARSE_MAX_DENSITY"]
+__all__ = ["CpuTrainingStep", "SparseRows", "SPARSE_MAX_DENSITY", "EPOCH_CHUNK_STEPS"]
 
 #: The largest share of nonzero training inputs for which the first layer runs sparse. The
 #: sparse kernels' time grows with the nonzeros, the dense product's does not: a 784-50-25-10
 #: step (batch 200, Adam) on the 2-core AMD EPYC took 0.69x the dense step's time on MNIST (19%
 #: nonzero), 0.96x on 30% nonzero, 1.12x on 45% (``python bench/sparse_layer_density.py``).
 SPARSE_MAX_DENSITY = 0.3
+
+#: The most steps one call of a whole-epoch kernel takes (``CpuTrainingStep.run_epoch``): Python
+#: runs between the calls, so Ctrl-C stops training within that many steps (64 MNIST steps of a
+#: 784-50-25-10 take ~10 ms) rather than at the end of an epoch of any length.
+EPOCH_CHUNK_STEPS = 64
 
 
 class _SparseBatch:
@@ -284,11 +290,11 @@ class CpuTrainingStep:
     _EPOCH_KERNELS = {"adam_step": "sparse_mlp_epoch_adam", "sgd_step": "sparse_mlp_epoch_sgd"}
 
     def run_epoch(self, opt, params, X, y, order, batch_size, factors=None, batch_weights=None):
-        """A whole epoch in one kernel call where it can run so: ``fit``'s loop over the batches
-        of ``order`` (valid row numbers, e.g. a permutation: ``take_batch``, the step,
-        ``opt.start_batch`` and ``opt.step`` on ``params``; ``factors``/``batch_weights``:
-        ``training._batch_scales``'s, or None), with the same results, bit for bit.
-        Returns ``(loss_sum, correct)``, or ``None`` where it
+        """A whole epoch in kernel calls of up to ``EPOCH_CHUNK_STEPS`` steps each, where it can
+        run so: ``fit``'s loop over the batches of ``order`` (valid row numbers, e.g. a
+        permutation: ``take_batch``, the step, ``opt.start_batch`` and ``opt.step`` on
+        ``params``; ``factors``/``batch_weights``: ``training._batch_scales``'s, or None), with
+        the same results, bit for bit. Returns ``(loss_sum, correct)``, or ``None`` where it
         does not apply (nothing is changed then): it needs the whole step in one kernel on
         sparse rows, the optimizer's fused update (``Optimizer.fused_updates``) and every label
         in range (else the loop runs, and names the bad one)."""
@@ -305,25 +311,31 @@ class CpuTrainingStep:
         batches = [(min(batch_size, n - lo),) * 2 for lo in range(0, n, batch_size)]
         if batch_weights is not None:
             batches = [(count, weight) for (count, _), weight in zip(batches, batch_weights)]
+        layers = self.layers
+        Ws = tuple([np.ascontiguousarray(layer.W) for layer in layers]) + self._filler[2]
+        bs = tuple([np.ascontiguousarray(layer.b) for layer in layers]) + self._filler[1]
+        zs, dzs, dW_parts, db_parts = self._whole_step
+        totals = np.zeros(2)
         if self._parts > 1:  # before the plan: the update splits among the cores while numba owns them
             self._blas.take()
         try:
-            plan = opt.fused_updates(params, self._grads, batches)
-            if plan is None:
-                return None
-            kernel, parts, update_args = plan
-            layers = self.layers
-            Ws = tuple([np.ascontiguousarray(layer.W) for layer in layers]) + self._filler[2]
-            bs = tuple([np.ascontiguousarray(layer.b) for layer in layers]) + self._filler[1]
-            zs, dzs, dW_parts, db_parts = self._whole_step
-            totals = np.zeros(2)
-            taken = getattr(self._loops, self._EPOCH_KERNELS[kernel])(
-                rows.indptr, rows.indices, rows.values, rows.table, order, batch_size, y, self._y, factors, Ws, bs,
-                zs, dzs, dW_parts, db_parts, self._rows, len(layers), self._part_stats, totals, *update_args, parts)
+            for first in range(0, len(batches), EPOCH_CHUNK_STEPS):
+                chunk = batches[first:first + EPOCH_CHUNK_STEPS]
+                plan = opt.fused_updates(params, self._grads, chunk)
+                if plan is None:
+                    if first == 0:
+                        return None
+                    raise RuntimeError(f"{opt!r} stopped offering its fused update within an epoch")
+                kernel, parts, update_args = plan
+                lo, hi = first * batch_size, min((first + len(chunk)) * batch_size, n)
+                taken = getattr(self._loops, self._EPOCH_KERNELS[kernel])(
+                    rows.indptr, rows.indices, rows.values, rows.table, order[lo:hi], batch_size, y, self._y,
+                    factors[lo:hi] if factors.shape[0] else factors, Ws, bs, zs, dzs, dW_parts, db_parts, self._rows,
+                    len(layers), self._part_stats, totals, *update_args, parts)
+                if taken != len(chunk):  # (the labels were checked: only labels changed meanwhile get here)
+                    raise ValueError(f"labels must lie in [0, {layers[-1].W.shape[1]}); one changed during the epoch")
         finally:
             self._blas.give_back()
-        if taken != len(batches):  # (the labels were checked: only labels changed meanwhile get here)
-            raise ValueError(f"labels must lie in [0, {layers[-1].W.shape[1]}); one changed during the epoch")
         for layer, dW, db in zip(layers, self.dW, self.db):
             layer.dW, layer.db = dW, db
         return float(totals[0]), int(totals[1])
