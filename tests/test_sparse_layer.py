@@ -561,7 +561,7 @@ def test_fused_updates_are_the_next_steps_scalars_and_advance_the_state(numba_cp
     """Adam's plan for three batches: ``start_batch`` told each batch in order, every step count
     advanced by 3 and row ``k`` of the scalars those of step ``k + 1``; no plan, and nothing
     changed, without a fused update (``XPNET_KERNELS=xp``); a refusal where the update's other
-    arguments change from step to step."""
+    arguments change from step to step; a step taken after a plan updates the parameters."""
     from xpnet import optim
 
     params = [rng.standard_normal((7, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
@@ -584,6 +584,10 @@ def test_fused_updates_are_the_next_steps_scalars_and_advance_the_state(numba_cp
         np.testing.assert_allclose(coefs[k], np.tile(np.float32(want), (2, 1)), rtol=1e-7)
     m = next(a for a in args if isinstance(a, np.ndarray) and a.ndim == 1)
     assert m is opt.state[0]["m"].base or np.shares_memory(m, opt.state[0]["m"])  # the state's own buffers
+    before = [p.copy() for p in params]
+    opt.step(params, grads)  # and a step after the plan updates again, as the fourth step
+    assert [entry["t"] for entry in opt.state] == [4, 4]
+    assert not any(np.array_equal(p, q) for p, q in zip(params, before))
 
     monkeypatch.setenv("XPNET_KERNELS", "xp")
     told.clear()
@@ -596,5 +600,5 @@ def test_fused_updates_are_the_next_steps_scalars_and_advance_the_state(numba_cp
         def start_batch(self, rows, weight):
             self.momentum = rows / 100
 
-    with pytest.raises(RuntimeError, match="fused update changed within the steps"):
+    with pytest.raises(RuntimeError, match="fused update changed within the steps: sgd_step on other arguments$"):
         Drifting(0.1, momentum=0.5).fused_updates(params, grads, [(32, 32.0), (7, 7.0)])
