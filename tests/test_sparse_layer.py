@@ -602,3 +602,58 @@ def test_fused_updates_are_the_next_steps_scalars_and_advance_the_state(numba_cp
 
     with pytest.raises(RuntimeError, match="fused update changed within the steps: sgd_step on other arguments$"):
         Drifting(0.1, momentum=0.5).fused_updates(params, grads, [(32, 32.0), (7, 7.0)])
+
+
+def test_a_whole_epoch_on_a_scipy_sparse_data_set_trains_what_the_loop_trains(numba_cpu, rng, monkeypatch):
+    sp = pytest.importorskip("scipy.sparse")
+    from xpnet import optim
+
+    X, y = sp.csr_matrix(_pixels(rng, 203, 49).astype(np.float32) / 255), rng.integers(0, 5, 203)
+
+    def train():
+        model = xpnet.MLP([49, 33, 5], seed=1)
+        model.fit(X, y, epochs=2, batch_size=32, optimizer=optim.Adam(1e-2), verbose=0)
+        return model.get_weights()
+
+    (got, want), ran = _epochs_both_ways(monkeypatch, train)
+    assert ran == [True, True]
+    for (W, b), (W0, b0) in zip(got, want):
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(b, b0)
+
+
+def test_run_epoch_takes_only_what_its_kernel_takes(numba_cpu, rng, monkeypatch):
+    """Called directly: ``None`` (nothing changed) for a batch larger than the buffers, an order
+    that is not C-contiguous int64, row factors of another dtype, shape or type, a label equal
+    to the number of classes; labels all alike run. Where a call's steps fall short (a label
+    changed meanwhile) or the optimizer's plan goes away within an epoch, it says so."""
+    from xpnet import optim
+    from xpnet.kernels import cpu_step
+
+    X, y = _pixels(rng, 64, 49), rng.integers(0, 5, 64)
+    model, step = _mlp_and_step([49, 33, 18, 5], "float32", 16)
+    params, order = model.parameters(), rng.permutation(64)
+    good = np.ones(64, np.float32)
+    with step.running():
+        opt = optim.Adam(1e-2)
+        for args in ((X, y, order, 32), (X, y, order.astype(np.int32), 16), (X, y, order[::-1][::2], 16),
+                     (X, y, order, 16, good.astype(np.float64)), (X, y, order, 16, good[:63]),
+                     (X, y, order, 16, list(good)), (X, np.where(y == 4, 5, y), order, 16)):
+            assert step.run_epoch(opt, params, *args) is None
+        assert opt.state is None
+        assert step.run_epoch(opt, params, X, np.full(64, 4), order, 16, good, [16.0] * 4) is not None
+        assert [entry["t"] for entry in opt.state] == [4] * 6
+
+        monkeypatch.setattr(step._loops, "sparse_mlp_epoch_adam", lambda *args: 1)  # one step of a call's four
+        with pytest.raises(ValueError, match=r"^labels must lie in \[0, 5\); one changed during the epoch$"):
+            step.run_epoch(opt, params, X, y, order, 16)
+        monkeypatch.undo()
+
+        class Fickle(optim.Adam):  # a fused update for the first call's steps only
+            def fused_updates(self, *args):
+                self.calls = getattr(self, "calls", 0) + 1
+                return super().fused_updates(*args) if self.calls == 1 else None
+
+        monkeypatch.setattr(cpu_step, "EPOCH_CHUNK_STEPS", 2)
+        with pytest.raises(RuntimeError, match=r"stopped offering its fused update within an epoch$"):
+            step.run_epoch(Fickle(1e-2), params, X, y, order, 16)
