@@ -2461,6 +2461,8 @@ def sparse_mlp_epoch_adam(indptr, indices, values, table, order, batch, y, label
     return coefs.shape[0]
 
 
+# (One kernel per update rather than the update passed in: a function argument makes numba
+# compile the kernel anew in every process, out of reach of its cache.)
 @njit(**_EXACT)
 def sparse_mlp_epoch_sgd(indptr, indices, values, table, order, batch, y, labels, factors, Ws, bs, zs, dzs,
                          dW_parts, db_parts, rows, depth, stats, totals, ps, gs, v, coefs, momentum, nesterov, parts):

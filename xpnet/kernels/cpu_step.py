@@ -144,7 +144,7 @@ class CpuTrainingStep:
         if isinstance(X, SparseRows):
             idx = np.ascontiguousarray(idx, np.int64)
             yb = np.take(y, idx, out=yb, mode="clip")
-            if self._sparse_fits(X) and X.values.dtype in (self._dtype, np.uint8):
+            if self._sparse_fits(X):
                 return _SparseBatch(X, idx), yb
             return X.take(idx, out=self._input_buffer("x", self._dtype)[:n]), yb
         if self._gatherable(X, y, idx):
@@ -185,8 +185,9 @@ class CpuTrainingStep:
     def _sparse_fits(self, rows: SparseRows) -> bool:
         """Whether the first layer runs over the nonzeros of ``rows`` (given sparse): as for
         dense data, where it is at least one vector wide and at most ``SPARSE_MAX_DENSITY`` of
-        the values are nonzero."""
-        return self._first_layer_vector_wide() and rows.nnz <= SPARSE_MAX_DENSITY * rows.shape[0] * rows.shape[1]
+        the values are nonzero; and the values are the step's dtype or uint8 pixels."""
+        sparse_enough = rows.nnz <= SPARSE_MAX_DENSITY * rows.shape[0] * rows.shape[1]
+        return sparse_enough and self._first_layer_vector_wide() and rows.values.dtype in (self._dtype, np.uint8)
 
     def _first_layer_vector_wide(self) -> bool:
         """Whether the first layer has at least one vector of units (else the sparse loops idle lanes)."""
@@ -348,9 +349,8 @@ class CpuTrainingStep:
                 and order.flags.c_contiguous and order.shape[0] > 0):
             return None
         if isinstance(X, SparseRows):
-            fits = self._sparse_fits(X) and X.values.dtype in (self._dtype, np.uint8)
-            fits = fits and type(y) is np.ndarray and y.dtype == np.int64 and y.shape == (X.shape[0],)
-            return X if fits and y.flags.c_contiguous else None
+            fits = self._sparse_fits(X) and type(y) is np.ndarray and y.dtype == np.int64
+            return X if fits and y.shape == (X.shape[0],) and y.flags.c_contiguous else None
         return self._sparse_rows(X) if self._gatherable(X, y, order) else None
 
     def _sparse_mlp_step(self, xb, yb, scales):
